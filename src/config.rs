@@ -1,0 +1,193 @@
+//! Configuration: the TOML file and the command-line flags, resolved into one validated
+//! [`Config`] that the rest of lamina trusts.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+pub const DEFAULT_ROOT: &str = "/var/lib/lamina";
+pub const DEFAULT_ADDRESS: &str = "/run/lamina/lamina.sock";
+
+/// The file as the user wrote it: every key optional, unknown keys refused.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    root: Option<PathBuf>,
+    address: Option<PathBuf>,
+    sync_remove: Option<bool>,
+    upperdir_label: Option<bool>,
+    mount_options: Option<Vec<String>>,
+    log_level: Option<String>,
+    log_format: Option<LogFormat>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Values given on the command line; they win over the file.
+#[derive(Debug, Default, Clone)]
+pub struct Flags {
+    pub config: Option<PathBuf>,
+    pub root: Option<PathBuf>,
+    pub address: Option<PathBuf>,
+    pub log_level: Option<String>,
+    pub log_format: Option<LogFormat>,
+}
+
+/// The configuration in effect.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Config {
+    /// Where the store and the snapshot directories live.
+    pub root: PathBuf,
+    /// The unix socket lamina serves on.
+    pub address: PathBuf,
+    /// Delete a snapshot's directories before Remove answers, instead of at the next Cleanup.
+    pub sync_remove: bool,
+    /// Report `containerd.io/snapshot/overlay.upperdir` in Info labels.
+    pub upperdir_label: bool,
+    /// Extra options for every overlay mount (never for bind mounts).
+    pub mount_options: Vec<String>,
+    /// A tracing filter: a level (`info`) or directives (`lamina=debug`). `RUST_LOG` wins.
+    pub log_level: String,
+    pub log_format: LogFormat,
+}
+
+impl Config {
+    /// Reads the file named by `flags.config` (if any) and applies the flags over it.
+    pub fn load(flags: &Flags) -> Result<Config> {
+        let file = match &flags.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| Error::io("reading config file", path, e))?;
+                parse_file(&text)
+                    .map_err(|e| Error::Config(format!("config file {}: {e}", path.display())))?
+            }
+            None => File::default(),
+        };
+        resolve(file, flags)
+    }
+}
+
+fn parse_file(text: &str) -> std::result::Result<File, String> {
+    toml::from_str(text).map_err(|e| e.to_string().trim_end().replace('\n', " "))
+}
+
+fn resolve(file: File, flags: &Flags) -> Result<Config> {
+    let config = Config {
+        root: flags
+            .root
+            .clone()
+            .or(file.root)
+            .unwrap_or_else(|| DEFAULT_ROOT.into()),
+        address: flags
+            .address
+            .clone()
+            .or(file.address)
+            .unwrap_or_else(|| DEFAULT_ADDRESS.into()),
+        sync_remove: file.sync_remove.unwrap_or(false),
+        upperdir_label: file.upperdir_label.unwrap_or(false),
+        mount_options: file.mount_options.unwrap_or_default(),
+        log_level: flags
+            .log_level
+            .clone()
+            .or(file.log_level)
+            .unwrap_or_else(|| "info".into()),
+        log_format: flags
+            .log_format
+            .or(file.log_format)
+            .unwrap_or(LogFormat::Text),
+    };
+    validate(&config)?;
+    Ok(config)
+}
+
+fn validate(c: &Config) -> Result<()> {
+    absolute("root", &c.root)?;
+    absolute("address", &c.address)?;
+    for opt in &c.mount_options {
+        let name = opt.split('=').next().unwrap_or_default();
+        if opt.is_empty() || opt.contains(',') {
+            return Err(Error::Config(format!(
+                "mount_options: {opt:?} must be one non-empty option per entry (no commas)"
+            )));
+        }
+        if matches!(
+            name,
+            "lowerdir" | "upperdir" | "workdir" | "lowerdir+" | "datadir+"
+        ) {
+            return Err(Error::Config(format!(
+                "mount_options: {opt:?} is set by lamina for each snapshot and cannot be configured"
+            )));
+        }
+    }
+    tracing_subscriber::EnvFilter::try_new(&c.log_level).map_err(|e| {
+        Error::Config(format!(
+            "log_level: {:?} is not a level (error, warn, info, debug, trace) or filter: {e}",
+            c.log_level
+        ))
+    })?;
+    Ok(())
+}
+
+fn absolute(key: &str, path: &Path) -> Result<()> {
+    if path.is_absolute() {
+        Ok(())
+    } else {
+        Err(Error::Config(format!(
+            "{key}: {} must be an absolute path",
+            path.display()
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn from(text: &str, flags: &Flags) -> Result<Config> {
+        resolve(parse_file(text).map_err(Error::Config)?, flags)
+    }
+
+    #[test]
+    fn defaults() {
+        let c = from("", &Flags::default()).unwrap();
+        assert_eq!(c.root, PathBuf::from(DEFAULT_ROOT));
+        assert_eq!(c.address, PathBuf::from(DEFAULT_ADDRESS));
+        assert!(!c.sync_remove && !c.upperdir_label);
+        assert_eq!(c.log_format, LogFormat::Text);
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let flags = Flags {
+            root: Some("/flag".into()),
+            ..Flags::default()
+        };
+        let c = from(
+            "root = \"/file\"\naddress = \"/a.sock\"\nsync_remove = true",
+            &flags,
+        )
+        .unwrap();
+        assert_eq!(c.root, PathBuf::from("/flag"));
+        assert_eq!(c.address, PathBuf::from("/a.sock"));
+        assert!(c.sync_remove);
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let err = |t: &str| from(t, &Flags::default()).unwrap_err().to_string();
+        assert!(err("roots = \"/x\"").contains("roots"));
+        assert!(err("sync_remove = \"yes\"").contains("sync_remove"));
+        assert!(err("root = \"relative\"").contains("root"));
+        assert!(err("mount_options = [\"upperdir=/x\"]").contains("upperdir"));
+        assert!(err("mount_options = [\"a,b\"]").contains("mount_options"));
+        assert!(err("log_format = \"xml\"").contains("log_format"));
+        assert!(err("log_level = \"=[\"").contains("log_level"));
+    }
+}

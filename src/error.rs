@@ -1,0 +1,188 @@
+//! The domain error, and the one place it becomes a gRPC status.
+//!
+//! containerd turns status codes back into its `errdefs` errors and branches on them (the image
+//! unpacker retries on `AlreadyExists` after Prepare/Commit and treats `NotFound` after Stat as
+//! "not unpacked yet"), so every variant maps to a deliberate code.
+
+use std::{io, path::PathBuf};
+
+/// Everything that can go wrong while serving a snapshot request.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The message names what is missing, e.g. `snapshot "k" does not exist`.
+    #[error("{0}")]
+    NotFound(String),
+
+    #[error("{0}")]
+    AlreadyExists(String),
+
+    /// The request is well-formed but the snapshot is in the wrong state for it.
+    #[error("{0}")]
+    FailedPrecondition(String),
+
+    /// The request itself is malformed: bad key, label, filter or field path.
+    #[error("{0}")]
+    InvalidArgument(String),
+
+    /// The daemon is shutting down and takes no new work.
+    #[error("lamina is shutting down")]
+    ShuttingDown,
+
+    #[error("metadata store: {context}")]
+    Store {
+        context: String,
+        #[source]
+        source: Box<redb::Error>,
+    },
+
+    #[error("{context} {path:?}")]
+    Io {
+        context: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+
+    /// The kernel or the root's filesystem cannot do what lamina needs; says what to fix.
+    #[error("{0}")]
+    Unsupported(String),
+
+    /// A config file or flag that lamina cannot use; names the key and what is wrong.
+    #[error("{0}")]
+    Config(String),
+
+    /// Another process answers on the socket lamina was asked to serve on.
+    #[error(
+        "another process is already serving on {0:?}: stop it, or give lamina another --address"
+    )]
+    AddressInUse(PathBuf),
+
+    /// A fault inside lamina that no request could have caused.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub fn io(context: &'static str, path: impl Into<PathBuf>, source: io::Error) -> Self {
+        Error::Io {
+            context,
+            path: path.into(),
+            source,
+        }
+    }
+
+    pub fn store(context: impl Into<String>, source: impl Into<redb::Error>) -> Self {
+        Error::Store {
+            context: context.into(),
+            source: Box::new(source.into()),
+        }
+    }
+
+    pub fn not_found(key: &str) -> Self {
+        Error::NotFound(format!("snapshot {key:?} does not exist"))
+    }
+
+    pub fn already_exists(key: &str) -> Self {
+        Error::AlreadyExists(format!("snapshot {key:?} already exists"))
+    }
+
+    pub fn invalid(msg: impl Into<String>) -> Self {
+        Error::InvalidArgument(msg.into())
+    }
+
+    pub fn precondition(msg: impl Into<String>) -> Self {
+        Error::FailedPrecondition(msg.into())
+    }
+
+    /// Names the operation a store error happened in; other errors pass unchanged.
+    pub fn in_context(self, what: &str) -> Self {
+        match self {
+            Error::Store { source, .. } => Error::Store {
+                context: what.to_string(),
+                source,
+            },
+            other => other,
+        }
+    }
+
+    /// The gRPC code containerd expects for this error.
+    pub fn code(&self) -> tonic::Code {
+        use tonic::Code;
+        match self {
+            Error::NotFound(_) => Code::NotFound,
+            Error::AlreadyExists(_) => Code::AlreadyExists,
+            Error::FailedPrecondition(_) => Code::FailedPrecondition,
+            Error::InvalidArgument(_) => Code::InvalidArgument,
+            Error::ShuttingDown => Code::Unavailable,
+            // A full disk or a read-only root is something an operator can fix and retry.
+            Error::Io { source, .. } if is_resource_error(source) => Code::ResourceExhausted,
+            Error::Io { .. }
+            | Error::Store { .. }
+            | Error::Unsupported(_)
+            | Error::Config(_)
+            | Error::AddressInUse(_)
+            | Error::Internal(_) => Code::Internal,
+        }
+    }
+}
+
+macro_rules! from_redb {
+    ($($t:ty),*) => {$(
+        impl From<$t> for Error {
+            fn from(e: $t) -> Self {
+                Error::store("metadata store", e)
+            }
+        }
+    )*};
+}
+from_redb!(
+    redb::DatabaseError,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError
+);
+
+fn is_resource_error(err: &io::Error) -> bool {
+    matches!(
+        err.raw_os_error(),
+        Some(libc::ENOSPC) | Some(libc::EDQUOT) | Some(libc::EROFS)
+    )
+}
+
+/// Renders the error with its whole source chain, once, for a status message or a log line.
+pub fn chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = err.to_string();
+    let mut cur = err.source();
+    while let Some(source) = cur {
+        out.push_str(": ");
+        out.push_str(&source.to_string());
+        cur = source.source();
+    }
+    out
+}
+
+impl From<Error> for tonic::Status {
+    fn from(err: Error) -> Self {
+        tonic::Status::new(err.code(), chain(&err))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_containerd_branches_on() {
+        let nf = Error::NotFound("snapshot \"k\" does not exist".into());
+        assert_eq!(tonic::Status::from(nf).code(), tonic::Code::NotFound);
+        let ae = Error::AlreadyExists("snapshot \"k\" already exists".into());
+        assert_eq!(tonic::Status::from(ae).code(), tonic::Code::AlreadyExists);
+        let full = Error::io("creating", "/x", io::Error::from_raw_os_error(libc::ENOSPC));
+        let status = tonic::Status::from(full);
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+        assert!(status.message().contains("creating \"/x\": No space left"));
+    }
+}

@@ -1,0 +1,273 @@
+//! The only code that knows tonic and the wire types: request → domain call → response.
+//! It decides nothing; every rule lives in `snapshot/`.
+
+use std::{future::Future, pin::Pin, sync::Arc, time::SystemTime};
+
+use containerd_snapshots::api::{
+    snapshots::v1::{snapshots_server::Snapshots, *},
+    types,
+};
+use futures::Stream;
+use tonic::{Request, Response, Status};
+use tracing::{debug, error, info_span, Instrument, Span};
+
+use crate::{
+    error::{Error, Result},
+    overlay::Mount,
+    snapshot::{self, Snapshotter},
+    store::Kind,
+};
+
+pub use containerd_snapshots::api::snapshots::v1::snapshots_server::SnapshotsServer;
+
+/// Serves containerd's Snapshots API over a [`Snapshotter`].
+pub struct Service {
+    snapshotter: Arc<Snapshotter>,
+}
+
+/// containerd's largest message (it sends and accepts up to 16 MiB on proxy connections).
+pub const MAX_MESSAGE_BYTES: usize = 16 << 20;
+
+pub fn server(snapshotter: Arc<Snapshotter>) -> SnapshotsServer<Service> {
+    SnapshotsServer::new(Service { snapshotter })
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES)
+}
+
+/// Runs one request inside its span and logs how it ended; errors become statuses here only.
+async fn traced<T>(
+    span: Span,
+    fut: impl Future<Output = Result<T>>,
+) -> Result<Response<T>, Status> {
+    async move {
+        debug!("request");
+        match fut.await {
+            Ok(v) => Ok(Response::new(v)),
+            Err(err) => {
+                let status = Status::from(err);
+                if matches!(status.code(), tonic::Code::Internal | tonic::Code::Unknown) {
+                    error!(code = ?status.code(), "{}", status.message());
+                } else {
+                    debug!(code = ?status.code(), "{}", status.message());
+                }
+                Err(status)
+            }
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+fn namespace<T>(req: &Request<T>) -> String {
+    req.metadata()
+        .get("containerd-namespace")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string()
+}
+
+fn wire_mounts(mounts: Vec<Mount>) -> Vec<types::Mount> {
+    mounts
+        .into_iter()
+        .map(|m| types::Mount {
+            r#type: m.kind,
+            source: m.source,
+            target: String::new(),
+            options: m.options,
+        })
+        .collect()
+}
+
+fn wire_kind(kind: Kind) -> i32 {
+    match kind {
+        Kind::View => 1,
+        Kind::Active => 2,
+        Kind::Committed => 3,
+    }
+}
+
+fn wire_info(info: snapshot::Info) -> Info {
+    Info {
+        name: info.name,
+        parent: info.parent,
+        kind: wire_kind(info.kind),
+        created_at: Some(info.created.into()),
+        updated_at: Some(info.updated.into()),
+        labels: info.labels.into_iter().collect(),
+    }
+}
+
+/// Only the name and labels of an Update's info matter; the rest is ignored as containerd does.
+fn domain_info(info: Info) -> snapshot::Info {
+    snapshot::Info {
+        name: info.name,
+        parent: info.parent,
+        kind: Kind::Active,
+        labels: info.labels.into_iter().collect(),
+        created: SystemTime::UNIX_EPOCH,
+        updated: SystemTime::UNIX_EPOCH,
+    }
+}
+
+/// Batch size of List responses, as containerd's own server sends them.
+const LIST_BATCH: usize = 100;
+
+type ListStream = Pin<Box<dyn Stream<Item = Result<ListSnapshotsResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Snapshots for Service {
+    async fn prepare(
+        &self,
+        req: Request<PrepareSnapshotRequest>,
+    ) -> Result<Response<PrepareSnapshotResponse>, Status> {
+        let ns = namespace(&req);
+        let r = req.into_inner();
+        let span = info_span!("prepare", key = ?r.key, parent = ?r.parent, ns);
+        let s = &self.snapshotter;
+        traced(span, async {
+            let mounts = s.prepare(r.key, r.parent, r.labels).await?;
+            Ok(PrepareSnapshotResponse {
+                mounts: wire_mounts(mounts),
+            })
+        })
+        .await
+    }
+
+    async fn view(
+        &self,
+        req: Request<ViewSnapshotRequest>,
+    ) -> Result<Response<ViewSnapshotResponse>, Status> {
+        let ns = namespace(&req);
+        let r = req.into_inner();
+        let span = info_span!("view", key = ?r.key, parent = ?r.parent, ns);
+        let s = &self.snapshotter;
+        traced(span, async {
+            let mounts = s.view(r.key, r.parent, r.labels).await?;
+            Ok(ViewSnapshotResponse {
+                mounts: wire_mounts(mounts),
+            })
+        })
+        .await
+    }
+
+    async fn mounts(
+        &self,
+        req: Request<MountsRequest>,
+    ) -> Result<Response<MountsResponse>, Status> {
+        let ns = namespace(&req);
+        let r = req.into_inner();
+        let span = info_span!("mounts", key = ?r.key, ns);
+        let s = &self.snapshotter;
+        traced(span, async {
+            let mounts = s.mounts(r.key).await?;
+            Ok(MountsResponse {
+                mounts: wire_mounts(mounts),
+            })
+        })
+        .await
+    }
+
+    async fn commit(&self, req: Request<CommitSnapshotRequest>) -> Result<Response<()>, Status> {
+        let ns = namespace(&req);
+        let r = req.into_inner();
+        let span = info_span!("commit", key = ?r.key, name = ?r.name, ns);
+        let s = &self.snapshotter;
+        traced(span, s.commit(r.name, r.key, r.labels)).await
+    }
+
+    async fn remove(&self, req: Request<RemoveSnapshotRequest>) -> Result<Response<()>, Status> {
+        let ns = namespace(&req);
+        let r = req.into_inner();
+        let span = info_span!("remove", key = ?r.key, ns);
+        traced(span, self.snapshotter.remove(r.key)).await
+    }
+
+    async fn stat(
+        &self,
+        req: Request<StatSnapshotRequest>,
+    ) -> Result<Response<StatSnapshotResponse>, Status> {
+        let ns = namespace(&req);
+        let r = req.into_inner();
+        let span = info_span!("stat", key = ?r.key, ns);
+        let s = &self.snapshotter;
+        traced(span, async {
+            let info = s.stat(r.key).await?;
+            Ok(StatSnapshotResponse {
+                info: Some(wire_info(info)),
+            })
+        })
+        .await
+    }
+
+    async fn update(
+        &self,
+        req: Request<UpdateSnapshotRequest>,
+    ) -> Result<Response<UpdateSnapshotResponse>, Status> {
+        let ns = namespace(&req);
+        let r = req.into_inner();
+        let key = r.info.as_ref().map(|i| i.name.clone()).unwrap_or_default();
+        let span = info_span!("update", key = ?key, ns);
+        let s = &self.snapshotter;
+        traced(span, async {
+            let info = r.info.ok_or_else(|| {
+                Error::invalid("update needs the snapshot's info (name and labels)")
+            })?;
+            let paths = r.update_mask.map(|m| m.paths).unwrap_or_default();
+            let info = s.update(domain_info(info), paths).await?;
+            Ok(UpdateSnapshotResponse {
+                info: Some(wire_info(info)),
+            })
+        })
+        .await
+    }
+
+    type ListStream = ListStream;
+
+    async fn list(
+        &self,
+        req: Request<ListSnapshotsRequest>,
+    ) -> Result<Response<Self::ListStream>, Status> {
+        let ns = namespace(&req);
+        let r = req.into_inner();
+        let span = info_span!("list", filters = ?r.filters, ns);
+        let s = &self.snapshotter;
+        traced(span, async {
+            let infos = s.list(r.filters).await?;
+            let mut batches = Vec::with_capacity(infos.len() / LIST_BATCH + 1);
+            let mut infos = infos.into_iter().map(wire_info).peekable();
+            while infos.peek().is_some() {
+                let batch: Vec<Info> = infos.by_ref().take(LIST_BATCH).collect();
+                batches.push(Ok(ListSnapshotsResponse { info: batch }));
+            }
+            Ok(Box::pin(futures::stream::iter(batches)) as ListStream)
+        })
+        .await
+    }
+
+    async fn usage(&self, req: Request<UsageRequest>) -> Result<Response<UsageResponse>, Status> {
+        let ns = namespace(&req);
+        let r = req.into_inner();
+        let span = info_span!("usage", key = ?r.key, ns);
+        let s = &self.snapshotter;
+        traced(span, async {
+            let u = s.usage(r.key).await?;
+            Ok(UsageResponse {
+                size: u.size,
+                inodes: u.inodes,
+            })
+        })
+        .await
+    }
+
+    async fn cleanup(&self, req: Request<CleanupRequest>) -> Result<Response<()>, Status> {
+        let ns = namespace(&req);
+        let span = info_span!("cleanup", ns);
+        let s = &self.snapshotter;
+        traced(span, async {
+            let reclaimed = s.cleanup().await?;
+            tracing::info!(directories = reclaimed.directories, "cleanup done");
+            Ok(())
+        })
+        .await
+    }
+}

@@ -1,0 +1,11 @@
+//! lamina: an overlayfs snapshotter for containerd, served as a proxy plugin.
+//! ARCHITECTURE.md maps the modules and the rules between them.
+
+pub mod config;
+pub mod error;
+pub mod grpc;
+pub mod overlay;
+pub mod server;
+pub mod snapshot;
+pub mod store;
+pub mod sys;

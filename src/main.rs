@@ -1,0 +1,100 @@
+//! `lamina`: parse the command line, load the config, set up logging, run.
+
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::{Parser, Subcommand};
+use lamina::{
+    config::{Config, Flags, LogFormat},
+    error::{chain, Error},
+};
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "An overlayfs snapshotter for containerd, served as a proxy plugin"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve containerd's Snapshots API on a unix socket.
+    Serve {
+        /// TOML config file; flags given here override it.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Directory holding the store and the snapshots [default: /var/lib/lamina].
+        #[arg(long, value_name = "DIR")]
+        root: Option<PathBuf>,
+        /// Unix socket to serve on [default: /run/lamina/lamina.sock].
+        #[arg(long, value_name = "PATH")]
+        address: Option<PathBuf>,
+        /// Log level or tracing filter (RUST_LOG, when set, wins) [default: info].
+        #[arg(long, value_name = "LEVEL")]
+        log_level: Option<String>,
+        /// Log line format [default: text].
+        #[arg(long, value_enum)]
+        log_format: Option<Format>,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Format {
+    Text,
+    Json,
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("lamina: {}", chain(&err));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<(), Error> {
+    match cli.command {
+        Command::Serve {
+            config,
+            root,
+            address,
+            log_level,
+            log_format,
+        } => {
+            let flags = Flags {
+                config,
+                root,
+                address,
+                log_level,
+                log_format: log_format.map(|f| match f {
+                    Format::Text => LogFormat::Text,
+                    Format::Json => LogFormat::Json,
+                }),
+            };
+            let config = Config::load(&flags)?;
+            init_logging(&config);
+            let runtime = tokio::runtime::Runtime::new()
+                .map_err(|e| Error::Internal(format!("starting the async runtime: {e}")))?;
+            runtime.block_on(lamina::server::run(config))
+        }
+    }
+}
+
+fn init_logging(config: &Config) {
+    // Validated in Config::load, so the fallback only guards a RUST_LOG that does not parse.
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(&config.log_level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match config.log_format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}

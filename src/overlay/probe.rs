@@ -1,0 +1,170 @@
+//! What the kernel and the root's filesystem support, checked once at start-up, and the mount
+//! options that follow from it.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+};
+
+use nix::dir::{Dir, Type};
+use nix::fcntl::OFlag;
+use nix::sys::stat::Mode;
+
+use crate::{error::Error, sys};
+
+/// Facts about this host that change the mounts lamina hands out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Host {
+    /// `/sys/module/overlay/parameters/index` exists: the kernel knows the `index=` option.
+    pub has_index_param: bool,
+    /// lamina runs inside a user namespace.
+    pub in_user_namespace: bool,
+}
+
+impl Host {
+    pub fn detect() -> Host {
+        Host {
+            has_index_param: Path::new("/sys/module/overlay/parameters/index").exists(),
+            in_user_namespace: in_user_namespace(),
+        }
+    }
+}
+
+/// The options appended to every overlay mount: the configured ones, plus `index=off` when the
+/// kernel has the index feature and nothing configured it (with the index on, a lower layer
+/// shared by two overlays makes the second mount fail), plus `userxattr` inside a user namespace
+/// (where `trusted.*` xattrs are unavailable).
+pub fn overlay_options(configured: &[String], host: Host) -> Vec<String> {
+    let mut options = configured.to_vec();
+    if host.has_index_param && !configured.iter().any(|o| o.starts_with("index=")) {
+        options.push("index=off".into());
+    }
+    if host.in_user_namespace && !configured.iter().any(|o| o == "userxattr") {
+        options.push("userxattr".into());
+    }
+    options
+}
+
+fn in_user_namespace() -> bool {
+    // The initial namespace maps the whole 32-bit uid range onto itself.
+    match fs::read_to_string("/proc/self/uid_map") {
+        Ok(map) => {
+            let fields: Vec<&str> = map.split_whitespace().collect();
+            fields != ["0", "0", "4294967295"]
+        }
+        Err(_) => false,
+    }
+}
+
+/// Checks that overlayfs works on `root` by mounting a tiny overlay in a scratch directory
+/// under it, and that the root's filesystem reports file types in directory entries (overlayfs
+/// needs `d_type` to find whiteouts). The scratch directory is removed whatever happens.
+pub fn check(root: &Path, options: &[String]) -> Result<(), Error> {
+    let scratch = scratch_dir(root);
+    let _ = fs::remove_dir_all(&scratch);
+    let result = check_in(&scratch, options);
+    let _ = fs::remove_dir_all(&scratch);
+    result
+}
+
+/// The probe's scratch directory; start-up removes a leftover one before anything else.
+pub fn scratch_dir(root: &Path) -> PathBuf {
+    root.join(".probe")
+}
+
+fn check_in(scratch: &Path, options: &[String]) -> Result<(), Error> {
+    let unsupported = |what: String| Error::Unsupported(what);
+    for d in ["lower1", "lower2", "upper", "work", "merged"] {
+        let p = scratch.join(d);
+        fs::create_dir_all(&p).map_err(|e| Error::io("creating probe directory", &p, e))?;
+    }
+    fs::write(scratch.join("lower1/f"), b"").map_err(|e| Error::io("writing", scratch, e))?;
+    if !supports_d_type(&scratch.join("lower1"))? {
+        return Err(unsupported(format!(
+            "the filesystem of {} does not report d_type (xfs formatted with ftype=0?); \
+             overlayfs needs it: put the root on ext4, xfs with ftype=1 or btrfs",
+            scratch.parent().unwrap_or(scratch).display()
+        )));
+    }
+    let mut opts = vec![
+        format!(
+            "lowerdir={}:{}",
+            scratch.join("lower2").display(),
+            scratch.join("lower1").display()
+        ),
+        format!("upperdir={}", scratch.join("upper").display()),
+        format!("workdir={}", scratch.join("work").display()),
+    ];
+    opts.extend(options.iter().cloned());
+    let merged = scratch.join("merged");
+    sys::mount_overlay(&merged, &opts.join(",")).map_err(|e| {
+        unsupported(format!(
+            "overlayfs cannot be mounted on {} ({e}); load it with `modprobe overlay`, run \
+             lamina as root, and check the configured mount_options {:?}",
+            scratch.display(),
+            options
+        ))
+    })?;
+    let seen = merged.join("f").exists();
+    sys::unmount(&merged).map_err(|e| Error::io("unmounting probe", &merged, e))?;
+    if !seen {
+        return Err(unsupported(
+            "an overlayfs probe mount did not show its lower layer".into(),
+        ));
+    }
+    Ok(())
+}
+
+fn supports_d_type(dir: &Path) -> Result<bool, Error> {
+    let mut d = Dir::open(dir, OFlag::O_RDONLY | OFlag::O_DIRECTORY, Mode::empty())
+        .map_err(|e| Error::io("opening", dir, e.into()))?;
+    for entry in d.iter() {
+        let entry = entry.map_err(|e| Error::io("reading", dir, e.into()))?;
+        let name = entry.file_name().to_bytes();
+        if name == b"." || name == b".." {
+            continue;
+        }
+        return Ok(entry.file_type().is_some_and(|t| t == Type::File));
+    }
+    Ok(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PLAIN: Host = Host {
+        has_index_param: false,
+        in_user_namespace: false,
+    };
+
+    #[test]
+    fn index_off_only_when_the_kernel_has_it_and_nothing_configured_it() {
+        let with_index = Host {
+            has_index_param: true,
+            ..PLAIN
+        };
+        assert_eq!(overlay_options(&[], with_index), vec!["index=off"]);
+        assert_eq!(overlay_options(&[], PLAIN), Vec::<String>::new());
+        assert_eq!(
+            overlay_options(&["index=on".into()], with_index),
+            vec!["index=on"]
+        );
+    }
+
+    #[test]
+    fn userxattr_only_inside_a_user_namespace() {
+        let userns = Host {
+            in_user_namespace: true,
+            ..PLAIN
+        };
+        assert_eq!(
+            overlay_options(&["volatile".into()], userns),
+            vec!["volatile", "userxattr"]
+        );
+        assert_eq!(
+            overlay_options(&["volatile".into()], PLAIN),
+            vec!["volatile"]
+        );
+    }
+}

@@ -1,0 +1,470 @@
+//! The snapshotter's rules: what each request may do to which snapshot, and in what order the
+//! store and the directories change so that a crash at any instant leaves a state start-up
+//! recovery can finish.
+//!
+//! Ordering, the invariant behind crash safety: a snapshot's record (and with it the bump of the
+//! never-reused ID counter) is committed durably *before* its directory is created, and deleted
+//! *before* its directory is deleted. So a directory always has, or had, a record; a leftover
+//! directory's ID is never handed out again; and a record without its directories is a creation
+//! that never answered, which recovery completes.
+//!
+//! Blocking disk and store work runs on tokio's blocking pool, never on a runtime worker.
+
+pub mod filter;
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    path::PathBuf,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::SystemTime,
+};
+
+use tracing::{error, info, warn, Span};
+
+use crate::{
+    error::{chain, Error, Result},
+    overlay::{self, usage, Dirs, Mount},
+    store::{
+        layout::{DirEntry, Layout},
+        Kind, Record, Store, Usage,
+    },
+};
+use filter::{Fields, Filter};
+
+/// Longest key or name accepted. containerd's keys are `<namespace>/<n>/<chain id>`, far shorter.
+pub const MAX_KEY_BYTES: usize = 4096;
+/// containerd's own limit on one label's key plus value.
+pub const MAX_LABEL_BYTES: usize = 4096;
+/// The label that reports a snapshot's upper directory when `upperdir_label` is on.
+pub const UPPERDIR_LABEL: &str = "containerd.io/snapshot/overlay.upperdir";
+
+/// What Stat, Update and List report of a snapshot.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Info {
+    pub name: String,
+    pub parent: String,
+    pub kind: Kind,
+    pub labels: BTreeMap<String, String>,
+    pub created: SystemTime,
+    pub updated: SystemTime,
+}
+
+/// Settings the rules depend on.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Options appended to every overlay mount, already resolved against the host.
+    pub mount_options: Vec<String>,
+    pub sync_remove: bool,
+    pub upperdir_label: bool,
+}
+
+/// What Cleanup (or start-up recovery) did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Reclaimed {
+    pub directories: u64,
+}
+
+pub struct Snapshotter {
+    store: Store,
+    layout: Layout,
+    options: Options,
+    closing: AtomicBool,
+}
+
+impl Snapshotter {
+    /// Opens the store under the layout's root. Call [`Snapshotter::recover`] before serving.
+    pub fn open(layout: Layout, options: Options) -> Result<Arc<Snapshotter>> {
+        layout.init()?;
+        let store = Store::open(&layout.db_path())?;
+        Ok(Arc::new(Snapshotter {
+            store,
+            layout,
+            options,
+            closing: AtomicBool::new(false),
+        }))
+    }
+
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    /// Refuses new requests from now on (they get Unavailable); requests already running finish.
+    pub fn close(&self) {
+        self.closing.store(true, Ordering::SeqCst);
+    }
+
+    /// Runs `f` on the blocking pool inside the caller's span.
+    async fn blocking<T, F>(self: &Arc<Self>, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Snapshotter) -> Result<T> + Send + 'static,
+    {
+        if self.closing.load(Ordering::SeqCst) {
+            return Err(Error::ShuttingDown);
+        }
+        let this = Arc::clone(self);
+        let span = Span::current();
+        tokio::task::spawn_blocking(move || span.in_scope(|| f(&this)))
+            .await
+            .map_err(|e| Error::Internal(format!("request task failed: {e}")))?
+    }
+
+    pub async fn prepare(
+        self: &Arc<Self>,
+        key: String,
+        parent: String,
+        labels: HashMap<String, String>,
+    ) -> Result<Vec<Mount>> {
+        self.blocking(move |s| s.create(&key, &parent, labels, Kind::Active))
+            .await
+    }
+
+    pub async fn view(
+        self: &Arc<Self>,
+        key: String,
+        parent: String,
+        labels: HashMap<String, String>,
+    ) -> Result<Vec<Mount>> {
+        self.blocking(move |s| s.create(&key, &parent, labels, Kind::View))
+            .await
+    }
+
+    pub async fn mounts(self: &Arc<Self>, key: String) -> Result<Vec<Mount>> {
+        self.blocking(move |s| {
+            check_key("key", &key)?;
+            let record = s.store.get(&key)?;
+            if record.kind == Kind::Committed {
+                return Err(Error::precondition(format!(
+                    "cannot get mounts of committed snapshot {key:?}: prepare an active \
+                     snapshot or a view with it as parent"
+                )));
+            }
+            Ok(s.mounts_of(&record))
+        })
+        .await
+    }
+
+    pub async fn commit(
+        self: &Arc<Self>,
+        name: String,
+        key: String,
+        labels: HashMap<String, String>,
+    ) -> Result<()> {
+        self.blocking(move |s| {
+            check_key("key", &key)?;
+            check_key("name", &name)?;
+            let labels = check_labels(labels)?;
+            let record = s.store.get(&key)?;
+            // The walk runs outside any store transaction so that other requests go on; the
+            // store re-checks at commit that the snapshot is still the one measured.
+            let usage = if record.kind == Kind::Active {
+                let fs = s.layout.fs(record.id);
+                usage::walk(&fs).map_err(|e| Error::io("measuring disk usage of", fs, e))?
+            } else {
+                Usage::default()
+            };
+            let committed = s
+                .store
+                .commit(&key, record.id, &name, labels, usage, SystemTime::now())?;
+            info!(name = ?name, id = committed.id, size = usage.size, inodes = usage.inodes, "committed");
+            Ok(())
+        })
+        .await
+    }
+
+    pub async fn remove(self: &Arc<Self>, key: String) -> Result<()> {
+        self.blocking(move |s| {
+            check_key("key", &key)?;
+            let record = s.store.remove(&key)?;
+            if s.options.sync_remove {
+                // The record is gone, so the removal stands; a directory left behind here is
+                // an orphan that Cleanup or the next start-up deletes.
+                if let Err(e) = s.layout.remove_dirs(record.id) {
+                    warn!(id = record.id, error = %chain(&e), "removed, but its directory stays until Cleanup");
+                }
+            }
+            info!(id = record.id, "removed");
+            Ok(())
+        })
+        .await
+    }
+
+    pub async fn stat(self: &Arc<Self>, key: String) -> Result<Info> {
+        self.blocking(move |s| {
+            check_key("key", &key)?;
+            let record = s.store.get(&key)?;
+            Ok(s.info(key, record))
+        })
+        .await
+    }
+
+    /// Changes labels, the only mutable field. `paths` empty or `labels`: replace them all;
+    /// `labels.<k>`: set k from `info`, or delete it when absent or empty there.
+    pub async fn update(self: &Arc<Self>, info: Info, paths: Vec<String>) -> Result<Info> {
+        self.blocking(move |s| {
+            let key = info.name.clone();
+            check_key("info.name", &key)?;
+            let given = check_labels(info.labels.into_iter().collect())?;
+            enum Change {
+                All,
+                One(String),
+            }
+            let mut changes = Vec::new();
+            for path in &paths {
+                if path == "labels" {
+                    changes.push(Change::All);
+                } else if let Some(label) = path.strip_prefix("labels.") {
+                    changes.push(Change::One(label.to_string()));
+                } else {
+                    return Err(Error::invalid(format!(
+                        "cannot update field {path:?} of snapshot {key:?}: only \"labels\" and \
+                         \"labels.<key>\" can be updated"
+                    )));
+                }
+            }
+            if changes.is_empty() {
+                changes.push(Change::All);
+            }
+            let record = s.store.update_labels(&key, SystemTime::now(), |labels| {
+                for change in changes {
+                    match change {
+                        Change::All => labels.clone_from(&given),
+                        Change::One(k) => match given.get(&k) {
+                            Some(v) if !v.is_empty() => {
+                                labels.insert(k, v.clone());
+                            }
+                            _ => {
+                                labels.remove(&k);
+                            }
+                        },
+                    }
+                }
+                Ok(())
+            })?;
+            Ok(s.info(key, record))
+        })
+        .await
+    }
+
+    pub async fn usage(self: &Arc<Self>, key: String) -> Result<Usage> {
+        self.blocking(move |s| {
+            check_key("key", &key)?;
+            let record = s.store.get(&key)?;
+            match record.kind {
+                Kind::Active => {
+                    let fs = s.layout.fs(record.id);
+                    usage::walk(&fs).map_err(|e| Error::io("measuring disk usage of", fs, e))
+                }
+                Kind::Committed => Ok(record.usage),
+                Kind::View => Ok(Usage::default()),
+            }
+        })
+        .await
+    }
+
+    /// Every snapshot matching `filters`, from one consistent read of the store. Nothing is
+    /// held once this returns, so callers may Stat while they stream the result.
+    pub async fn list(self: &Arc<Self>, filters: Vec<String>) -> Result<Vec<Info>> {
+        let filter = Filter::parse_all(&filters).map_err(|e| Error::invalid(e.to_string()))?;
+        self.blocking(move |s| {
+            let mut out = Vec::new();
+            for (key, record) in s.store.list()? {
+                if filter.matches(&Fielded(&key, &record)) {
+                    out.push(s.info(key, record));
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// Deletes every directory under `<root>/snapshots` that no snapshot owns.
+    pub async fn cleanup(self: &Arc<Self>) -> Result<Reclaimed> {
+        self.blocking(|s| s.reclaim("not owned by any snapshot (Cleanup)"))
+            .await
+    }
+
+    /// Start-up recovery: finishes what a crash interrupted. Deletes directories that no
+    /// snapshot owns, recreates missing directories of active snapshots and views (a creation
+    /// that crashed before answering), and reports committed snapshots whose data is gone.
+    pub fn recover(&self) -> Result<Reclaimed> {
+        let reclaimed =
+            self.reclaim("left by an interrupted remove or create (start-up recovery)")?;
+        for (key, record) in self.store.list()? {
+            if self.layout.exists(record.id) && self.layout.fs(record.id).is_dir() {
+                if record.kind == Kind::Active && !self.layout.work(record.id).is_dir() {
+                    self.layout.create_dirs(record.id, true, None)?;
+                    warn!(key = ?key, id = record.id, "recreated missing work directory");
+                }
+                continue;
+            }
+            match record.kind {
+                Kind::Committed => error!(
+                    key = ?key,
+                    id = record.id,
+                    path = %self.layout.fs(record.id).display(),
+                    "committed snapshot has lost its data directory; its children cannot be \
+                     mounted. Remove it (and its children) and pull the image again"
+                ),
+                kind => {
+                    let owner = self.parent_owner(&record)?;
+                    self.layout
+                        .create_dirs(record.id, kind == Kind::Active, owner)?;
+                    warn!(key = ?key, id = record.id, "recreated the directories of a snapshot whose creation was interrupted");
+                }
+            }
+        }
+        Ok(reclaimed)
+    }
+
+    fn reclaim(&self, why: &str) -> Result<Reclaimed> {
+        // List the directories first, then read which IDs are owned: a directory is created
+        // only after its record commits, so any directory seen here that belongs to a snapshot
+        // being prepared right now is already in the store read below.
+        let entries = self.layout.list()?;
+        let owned = self.store.owned_ids()?;
+        let mut reclaimed = Reclaimed::default();
+        for entry in entries {
+            match entry {
+                DirEntry::Id(id) if !owned.contains(&id) => {
+                    self.layout.remove_dirs(id)?;
+                    info!(id, path = %self.layout.dir(id).display(), reason = why, "removed directory");
+                    reclaimed.directories += 1;
+                }
+                DirEntry::Id(_) => {}
+                DirEntry::Foreign(name) => warn!(
+                    path = %self.layout.snapshots_dir().join(&name).display(),
+                    "not created by lamina; left alone"
+                ),
+            }
+        }
+        Ok(reclaimed)
+    }
+
+    fn create(
+        &self,
+        key: &str,
+        parent: &str,
+        labels: HashMap<String, String>,
+        kind: Kind,
+    ) -> Result<Vec<Mount>> {
+        check_key("key", key)?;
+        if !parent.is_empty() {
+            check_key("parent", parent)?;
+        }
+        let labels = check_labels(labels)?;
+        let record = self
+            .store
+            .create(key, parent, kind, labels, SystemTime::now())?;
+        let made = self.parent_owner(&record).and_then(|owner| {
+            self.layout
+                .create_dirs(record.id, kind == Kind::Active, owner)
+        });
+        if let Err(err) = made {
+            // Undo, so that a failed Prepare leaves nothing behind (the key can be retried).
+            if let Err(e) = self.store.remove(key) {
+                error!(error = %chain(&e), "could not undo a failed create; recovery will finish it");
+            } else if let Err(e) = self.layout.remove_dirs(record.id) {
+                warn!(error = %chain(&e), "partial directory stays until Cleanup");
+            }
+            return Err(err);
+        }
+        info!(id = record.id, kind = kind.as_str(), "created");
+        Ok(self.mounts_of(&record))
+    }
+
+    /// A child's `fs` takes the owner of its parent's, so a layer unpacked by a non-root user
+    /// (or remapped) stays writable by it.
+    fn parent_owner(&self, record: &Record) -> Result<Option<(u32, u32)>> {
+        match record.parent_ids.first() {
+            Some(&parent) => self.layout.owner(parent).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    fn mounts_of(&self, record: &Record) -> Vec<Mount> {
+        let fs = self.layout.fs(record.id);
+        let work = self.layout.work(record.id);
+        let lowers: Vec<PathBuf> = record
+            .parent_ids
+            .iter()
+            .map(|&id| self.layout.fs(id))
+            .collect();
+        let dirs = Dirs {
+            fs: &fs,
+            work: &work,
+            lowers: &lowers,
+        };
+        match record.kind {
+            Kind::View => overlay::view_mounts(dirs, &self.options.mount_options),
+            _ => overlay::active_mounts(dirs, &self.options.mount_options),
+        }
+    }
+
+    fn info(&self, name: String, record: Record) -> Info {
+        let mut labels = record.labels;
+        if self.options.upperdir_label {
+            labels.insert(
+                UPPERDIR_LABEL.into(),
+                self.layout.fs(record.id).display().to_string(),
+            );
+        }
+        Info {
+            name,
+            parent: record.parent,
+            kind: record.kind,
+            labels,
+            created: record.created,
+            updated: record.updated,
+        }
+    }
+}
+
+/// The fields containerd's filters see on a snapshot.
+struct Fielded<'a>(&'a str, &'a Record);
+
+impl Fields for Fielded<'_> {
+    fn field(&self, path: &[String]) -> Option<String> {
+        let Fielded(name, record) = self;
+        match path.first()?.as_str() {
+            "name" => Some(name.to_string()),
+            "parent" => Some(record.parent.clone()),
+            "kind" => Some(record.kind.as_str().to_string()),
+            "labels" if path.len() > 1 => record.labels.get(&path[1..].join(".")).cloned(),
+            _ => None,
+        }
+    }
+}
+
+fn check_key(what: &str, key: &str) -> Result<()> {
+    if key.is_empty() {
+        return Err(Error::invalid(format!("{what} must not be empty")));
+    }
+    if key.len() > MAX_KEY_BYTES {
+        return Err(Error::invalid(format!(
+            "{what} is {} bytes long; at most {MAX_KEY_BYTES} are accepted",
+            key.len()
+        )));
+    }
+    Ok(())
+}
+
+fn check_labels(labels: HashMap<String, String>) -> Result<BTreeMap<String, String>> {
+    for (k, v) in &labels {
+        if k.is_empty() {
+            return Err(Error::invalid("label keys must not be empty"));
+        }
+        if k.len() + v.len() > MAX_LABEL_BYTES {
+            let shown: String = k.chars().take(64).collect();
+            return Err(Error::invalid(format!(
+                "label {shown:?}: key and value together are {} bytes; at most \
+                 {MAX_LABEL_BYTES} are accepted",
+                k.len() + v.len()
+            )));
+        }
+    }
+    Ok(labels.into_iter().collect())
+}

@@ -1,0 +1,183 @@
+//! Where things live under the root, and the only code that creates or deletes snapshot
+//! directories.
+//!
+//! ```text
+//! <root>/                    0700
+//! <root>/metadata.redb       the store
+//! <root>/snapshots/<id>/fs   0755, the snapshot's data (upperdir, or a lower for children)
+//! <root>/snapshots/<id>/work 0711, overlayfs' workdir, active snapshots only
+//! ```
+//!
+//! containerd shortens long `lowerdir=` lists by making them relative to their longest common
+//! parent, which assumes exactly this shape with short decimal IDs.
+
+use std::{
+    fs,
+    io::{self, ErrorKind},
+    os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt},
+    path::{Path, PathBuf},
+};
+
+use crate::error::{Error, Result};
+
+/// Paths under one lamina root.
+#[derive(Debug, Clone)]
+pub struct Layout {
+    root: PathBuf,
+}
+
+/// One entry of `<root>/snapshots` as found on disk.
+#[derive(Debug, PartialEq, Eq)]
+pub enum DirEntry {
+    /// A decimal name: lamina's, owned or not.
+    Id(u64),
+    /// Anything else: not lamina's; reported, never deleted.
+    Foreign(String),
+}
+
+impl Layout {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Layout { root: root.into() }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn db_path(&self) -> PathBuf {
+        self.root.join("metadata.redb")
+    }
+
+    pub fn snapshots_dir(&self) -> PathBuf {
+        self.root.join("snapshots")
+    }
+
+    pub fn dir(&self, id: u64) -> PathBuf {
+        self.snapshots_dir().join(id.to_string())
+    }
+
+    pub fn fs(&self, id: u64) -> PathBuf {
+        self.dir(id).join("fs")
+    }
+
+    pub fn work(&self, id: u64) -> PathBuf {
+        self.dir(id).join("work")
+    }
+
+    /// Creates the root and `snapshots/` with their modes, fixing the modes of existing ones.
+    pub fn init(&self) -> Result<()> {
+        for dir in [self.root.clone(), self.snapshots_dir()] {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&dir)
+                .map_err(|e| Error::io("creating directory", &dir, e))?;
+            fs::set_permissions(&dir, fs::Permissions::from_mode(0o700))
+                .map_err(|e| Error::io("setting mode 0700 on", &dir, e))?;
+        }
+        Ok(())
+    }
+
+    /// Creates (or completes) the directories of snapshot `id`. Idempotent, so start-up recovery
+    /// can finish what a crash interrupted. `owner` is applied to `fs` (a child's upper directory
+    /// takes the owner of its parent's, as containerd's overlay snapshotter does).
+    pub fn create_dirs(&self, id: u64, with_work: bool, owner: Option<(u32, u32)>) -> Result<()> {
+        let fs_dir = self.fs(id);
+        make_dir(&self.dir(id), 0o700)?;
+        make_dir(&fs_dir, 0o755)?;
+        if with_work {
+            make_dir(&self.work(id), 0o711)?;
+        }
+        if let Some((uid, gid)) = owner {
+            std::os::unix::fs::chown(&fs_dir, Some(uid), Some(gid))
+                .map_err(|e| Error::io("changing owner of", &fs_dir, e))?;
+        }
+        Ok(())
+    }
+
+    /// The uid and gid of snapshot `id`'s `fs` directory.
+    pub fn owner(&self, id: u64) -> Result<(u32, u32)> {
+        let path = self.fs(id);
+        let meta = fs::metadata(&path).map_err(|e| Error::io("reading owner of", &path, e))?;
+        Ok((meta.uid(), meta.gid()))
+    }
+
+    /// Deletes snapshot `id`'s directory tree; a missing tree is not an error.
+    pub fn remove_dirs(&self, id: u64) -> Result<()> {
+        let dir = self.dir(id);
+        match fs::remove_dir_all(&dir) {
+            Err(e) if e.kind() != ErrorKind::NotFound => Err(Error::io("removing", &dir, e)),
+            _ => Ok(()),
+        }
+    }
+
+    pub fn exists(&self, id: u64) -> bool {
+        self.dir(id).exists()
+    }
+
+    /// Lists `<root>/snapshots`. Costs one directory read; only Cleanup and start-up call it.
+    pub fn list(&self) -> Result<Vec<DirEntry>> {
+        let dir = self.snapshots_dir();
+        let entries = fs::read_dir(&dir).map_err(|e| Error::io("listing", &dir, e))?;
+        let mut out = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(|e| Error::io("listing", &dir, e))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            out.push(parse_entry(&name));
+        }
+        Ok(out)
+    }
+}
+
+/// Only canonical decimal names are IDs: `007` or `+7` were not written by lamina.
+fn parse_entry(name: &str) -> DirEntry {
+    match name.parse::<u64>() {
+        Ok(id) if id.to_string() == name => DirEntry::Id(id),
+        _ => DirEntry::Foreign(name.to_string()),
+    }
+}
+
+fn make_dir(path: &Path, mode: u32) -> Result<()> {
+    match fs::DirBuilder::new().mode(mode).create(path) {
+        Err(e) if e.kind() != io::ErrorKind::AlreadyExists => {
+            return Err(Error::io("creating directory", path, e));
+        }
+        _ => {}
+    }
+    // The process umask may have masked bits off; the modes are part of the contract.
+    fs::set_permissions(path, fs::Permissions::from_mode(mode))
+        .map_err(|e| Error::io("setting mode of", path, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_canonical_decimal_names_are_ids() {
+        assert_eq!(parse_entry("12"), DirEntry::Id(12));
+        assert_eq!(parse_entry("012"), DirEntry::Foreign("012".into()));
+        assert_eq!(parse_entry("new-1"), DirEntry::Foreign("new-1".into()));
+        assert_eq!(parse_entry("+3"), DirEntry::Foreign("+3".into()));
+    }
+
+    #[test]
+    fn creates_dirs_with_contract_modes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let layout = Layout::new(tmp.path().join("root"));
+        layout.init().unwrap();
+        layout.create_dirs(3, true, None).unwrap();
+        let mode = |p: PathBuf| fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode(layout.root().to_path_buf()), 0o700);
+        assert_eq!(mode(layout.fs(3)), 0o755);
+        assert_eq!(mode(layout.work(3)), 0o711);
+        // Idempotent: recovery calls it again on a half-made snapshot.
+        fs::remove_dir(layout.work(3)).unwrap();
+        layout.create_dirs(3, true, None).unwrap();
+        assert!(layout.work(3).is_dir());
+        assert_eq!(layout.list().unwrap(), vec![DirEntry::Id(3)]);
+        layout.remove_dirs(3).unwrap();
+        layout.remove_dirs(3).unwrap();
+        assert!(layout.list().unwrap().is_empty());
+    }
+}

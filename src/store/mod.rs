@@ -1,0 +1,451 @@
+//! The metadata store: every snapshot's record, the parent→children index, and the ID counter,
+//! in one redb database under the root.
+//!
+//! Every mutation is one write transaction, committed durably (redb fsyncs on commit) before it
+//! returns, so whatever lamina has acknowledged survives SIGKILL and power loss. redb runs one
+//! write transaction at a time: two Prepares of one key, or a Prepare racing the Remove of its
+//! parent, are decided in a total order with no lock of ours. Readers see a consistent snapshot
+//! and never wait for the writer.
+//!
+//! No operation here scans the whole store except [`Store::list`] and [`Store::owned_ids`],
+//! which List, Cleanup and start-up recovery call.
+
+pub mod layout;
+
+use std::{
+    collections::{BTreeMap, HashSet},
+    path::Path,
+    time::SystemTime,
+};
+
+use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// key → JSON-encoded [`Record`].
+const SNAPSHOTS: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshots");
+/// (parent key, child key) → (). Answers "has children?" with one range probe.
+const CHILDREN: TableDefinition<(&str, &str), ()> = TableDefinition::new("children");
+/// Counters and the schema version.
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+
+const NEXT_ID: &str = "next_id";
+const SCHEMA: &str = "schema_version";
+const SCHEMA_VERSION: u64 = 1;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    View,
+    Active,
+    Committed,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::View => "view",
+            Kind::Active => "active",
+            Kind::Committed => "committed",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    pub size: i64,
+    pub inodes: i64,
+}
+
+/// What the store knows of one snapshot. The key is the table key, not a field.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Record {
+    /// Names the directory `<root>/snapshots/<id>`. Never reused.
+    pub id: u64,
+    pub kind: Kind,
+    /// The parent's key, or empty.
+    pub parent: String,
+    /// IDs of all ancestors, nearest first. Ancestors are committed and cannot be removed while
+    /// this snapshot exists, so the chain is fixed at creation and Mounts needs no lookups.
+    pub parent_ids: Vec<u64>,
+    pub labels: BTreeMap<String, String>,
+    pub created: SystemTime,
+    pub updated: SystemTime,
+    /// Stored at Commit; zero for active snapshots (computed on demand) and views.
+    pub usage: Usage,
+}
+
+pub struct Store {
+    db: Database,
+}
+
+fn encode(record: &Record) -> Vec<u8> {
+    serde_json::to_vec(record).expect("a record always serializes")
+}
+
+fn decode(key: &str, bytes: &[u8]) -> Result<Record> {
+    serde_json::from_slice(bytes)
+        .map_err(|e| Error::Internal(format!("record of snapshot {key:?} is unreadable: {e}")))
+}
+
+impl Store {
+    /// Opens (or creates) the store file. A file that is not a valid store is an error: lamina
+    /// never starts empty over existing snapshots.
+    pub fn open(path: &Path) -> Result<Store> {
+        let db = Database::create(path)
+            .map_err(|e| Error::store(format!("opening {}", path.display()), e))?;
+        let store = Store { db };
+        store.write("initialising tables", |tx| {
+            tx.open_table(SNAPSHOTS)?;
+            tx.open_table(CHILDREN)?;
+            let mut meta = tx.open_table(META)?;
+            let version = meta.get(SCHEMA)?.map(|v| v.value());
+            match version {
+                None => {
+                    meta.insert(SCHEMA, SCHEMA_VERSION)?;
+                }
+                Some(SCHEMA_VERSION) => {}
+                Some(other) => {
+                    return Err(Error::Internal(format!(
+                        "store schema version {other} is not supported by this lamina \
+                         (expects {SCHEMA_VERSION}); run the lamina that wrote it"
+                    )))
+                }
+            }
+            Ok(())
+        })?;
+        Ok(store)
+    }
+
+    /// Runs `f` in one write transaction and commits it only if `f` succeeds; an error (the
+    /// request's own, like NotFound, or the store's) drops the transaction, changing nothing.
+    fn write<T>(
+        &self,
+        what: &str,
+        f: impl FnOnce(&redb::WriteTransaction) -> Result<T>,
+    ) -> Result<T> {
+        let tx = self.db.begin_write().map_err(|e| Error::store(what, e))?;
+        let value = f(&tx).map_err(|e| e.in_context(what))?;
+        tx.commit().map_err(|e| Error::store(what, e))?;
+        Ok(value)
+    }
+
+    fn read<T>(
+        &self,
+        what: &str,
+        f: impl FnOnce(&redb::ReadTransaction) -> Result<T>,
+    ) -> Result<T> {
+        let tx = self.db.begin_read().map_err(|e| Error::store(what, e))?;
+        f(&tx).map_err(|e| e.in_context(what))
+    }
+
+    pub fn get(&self, key: &str) -> Result<Record> {
+        self.read("reading a snapshot", |tx| {
+            let table = tx.open_table(SNAPSHOTS)?;
+            let found = table.get(key)?;
+            match found {
+                Some(bytes) => decode(key, bytes.value()),
+                None => Err(Error::not_found(key)),
+            }
+        })
+    }
+
+    /// Records a new active snapshot or view under a fresh ID. The caller creates its
+    /// directories afterwards: a directory never exists before the record that owns it.
+    pub fn create(
+        &self,
+        key: &str,
+        parent: &str,
+        kind: Kind,
+        labels: BTreeMap<String, String>,
+        now: SystemTime,
+    ) -> Result<Record> {
+        self.write("creating a snapshot", |tx| {
+            let mut snapshots = tx.open_table(SNAPSHOTS)?;
+            if snapshots.get(key)?.is_some() {
+                return Err(Error::already_exists(key));
+            }
+            let mut parent_ids = Vec::new();
+            if !parent.is_empty() {
+                let parent_record = match snapshots.get(parent)? {
+                    Some(bytes) => decode(parent, bytes.value())?,
+                    None => {
+                        return Err(Error::NotFound(format!(
+                            "parent snapshot {parent:?} does not exist"
+                        )))
+                    }
+                };
+                if parent_record.kind != Kind::Committed {
+                    return Err(Error::invalid(format!(
+                        "parent snapshot {parent:?} is {}, not committed: only committed \
+                         snapshots can be parents",
+                        parent_record.kind.as_str()
+                    )));
+                }
+                parent_ids.push(parent_record.id);
+                parent_ids.extend(parent_record.parent_ids);
+            }
+            let mut meta = tx.open_table(META)?;
+            let id = meta.get(NEXT_ID)?.map(|v| v.value()).unwrap_or(1);
+            meta.insert(NEXT_ID, id + 1)?;
+            let record = Record {
+                id,
+                kind,
+                parent: parent.to_string(),
+                parent_ids,
+                labels,
+                created: now,
+                updated: now,
+                usage: Usage::default(),
+            };
+            snapshots.insert(key, encode(&record).as_slice())?;
+            if !parent.is_empty() {
+                tx.open_table(CHILDREN)?.insert((parent, key), ())?;
+            }
+            Ok(record)
+        })
+    }
+
+    /// Turns active snapshot `key` (which must still have ID `id`) into committed `name`.
+    pub fn commit(
+        &self,
+        key: &str,
+        id: u64,
+        name: &str,
+        labels: BTreeMap<String, String>,
+        usage: Usage,
+        now: SystemTime,
+    ) -> Result<Record> {
+        self.write("committing a snapshot", |tx| {
+            let mut snapshots = tx.open_table(SNAPSHOTS)?;
+            if snapshots.get(name)?.is_some() {
+                return Err(Error::already_exists(name));
+            }
+            let found = snapshots.remove(key)?.map(|b| decode(key, b.value()));
+            let active = match found {
+                Some(r) => r?,
+                None => return Err(Error::not_found(key)),
+            };
+            if active.kind != Kind::Active {
+                return Err(commit_wrong_kind(key, active.kind));
+            }
+            if active.id != id {
+                // Removed and prepared again while its usage was being computed.
+                return Err(Error::precondition(format!(
+                    "snapshot {key:?} was replaced while being committed; retry"
+                )));
+            }
+            let record = Record {
+                kind: Kind::Committed,
+                labels,
+                created: now,
+                updated: now,
+                usage,
+                ..active
+            };
+            snapshots.insert(name, encode(&record).as_slice())?;
+            if !record.parent.is_empty() {
+                let mut children = tx.open_table(CHILDREN)?;
+                children.remove((record.parent.as_str(), key))?;
+                children.insert((record.parent.as_str(), name), ())?;
+            }
+            Ok(record)
+        })
+    }
+
+    /// Deletes the record of `key`, refusing while it has children. Returns what was removed.
+    pub fn remove(&self, key: &str) -> Result<Record> {
+        self.write("removing a snapshot", |tx| {
+            let mut snapshots = tx.open_table(SNAPSHOTS)?;
+            let found = snapshots.get(key)?.map(|b| decode(key, b.value()));
+            let record = match found {
+                Some(r) => r?,
+                None => return Err(Error::not_found(key)),
+            };
+            let mut children = tx.open_table(CHILDREN)?;
+            let first_child = children
+                .range((key, "")..)?
+                .next()
+                .transpose()?
+                .map(|(k, _)| k.value().0 == key);
+            if first_child == Some(true) {
+                return Err(Error::precondition(format!(
+                    "cannot remove snapshot {key:?}: it has children; remove them first"
+                )));
+            }
+            snapshots.remove(key)?;
+            if !record.parent.is_empty() {
+                children.remove((record.parent.as_str(), key))?;
+            }
+            Ok(record)
+        })
+    }
+
+    /// Applies `change` to the labels of `key` and stamps the update time.
+    pub fn update_labels(
+        &self,
+        key: &str,
+        now: SystemTime,
+        change: impl FnOnce(&mut BTreeMap<String, String>) -> Result<()>,
+    ) -> Result<Record> {
+        self.write("updating a snapshot", |tx| {
+            let mut snapshots = tx.open_table(SNAPSHOTS)?;
+            let found = snapshots.get(key)?.map(|b| decode(key, b.value()));
+            let mut record = match found {
+                Some(r) => r?,
+                None => return Err(Error::not_found(key)),
+            };
+            change(&mut record.labels)?;
+            record.updated = now;
+            snapshots.insert(key, encode(&record).as_slice())?;
+            Ok(record)
+        })
+    }
+
+    /// Every snapshot, in key order, from one consistent read snapshot.
+    pub fn list(&self) -> Result<Vec<(String, Record)>> {
+        self.read("listing snapshots", |tx| {
+            let table = tx.open_table(SNAPSHOTS)?;
+            let mut out = Vec::with_capacity(table.len()? as usize);
+            for entry in table.iter()? {
+                let (k, v) = entry?;
+                out.push((k.value().to_string(), decode(k.value(), v.value())?));
+            }
+            Ok(out)
+        })
+    }
+
+    /// IDs of every snapshot that has a record.
+    pub fn owned_ids(&self) -> Result<HashSet<u64>> {
+        Ok(self.list()?.into_iter().map(|(_, r)| r.id).collect())
+    }
+}
+
+fn commit_wrong_kind(key: &str, kind: Kind) -> Error {
+    Error::precondition(format!(
+        "cannot commit snapshot {key:?}: it is {}, only active snapshots can be committed",
+        kind.as_str()
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db")).unwrap();
+        (dir, store)
+    }
+
+    fn now() -> SystemTime {
+        SystemTime::now()
+    }
+
+    #[test]
+    fn ids_are_never_reused_and_chains_are_recorded() {
+        let (_d, s) = store();
+        let a = s
+            .create("a", "", Kind::Active, BTreeMap::new(), now())
+            .unwrap();
+        s.commit("a", a.id, "A", BTreeMap::new(), Usage::default(), now())
+            .unwrap();
+        let b = s
+            .create("b", "A", Kind::Active, BTreeMap::new(), now())
+            .unwrap();
+        assert_eq!(b.parent_ids, vec![a.id]);
+        s.commit("b", b.id, "B", BTreeMap::new(), Usage::default(), now())
+            .unwrap();
+        let c = s
+            .create("c", "B", Kind::View, BTreeMap::new(), now())
+            .unwrap();
+        assert_eq!(c.parent_ids, vec![b.id, a.id]);
+        s.remove("c").unwrap();
+        let c2 = s
+            .create("c", "B", Kind::View, BTreeMap::new(), now())
+            .unwrap();
+        assert!(c2.id > c.id, "a removed ID must not be handed out again");
+    }
+
+    #[test]
+    fn remove_refuses_while_children_exist() {
+        let (_d, s) = store();
+        let a = s
+            .create("a", "", Kind::Active, BTreeMap::new(), now())
+            .unwrap();
+        s.commit("a", a.id, "A", BTreeMap::new(), Usage::default(), now())
+            .unwrap();
+        // A sibling key that sorts right after the parent must not count as a child.
+        s.create("A\0", "", Kind::View, BTreeMap::new(), now())
+            .unwrap();
+        s.remove("A\0").unwrap();
+        s.create("child", "A", Kind::Active, BTreeMap::new(), now())
+            .unwrap();
+        assert!(matches!(s.remove("A"), Err(Error::FailedPrecondition(_))));
+        s.remove("child").unwrap();
+        s.remove("A").unwrap();
+        assert!(matches!(s.get("A"), Err(Error::NotFound(_))));
+    }
+
+    #[test]
+    fn errors_leave_the_store_unchanged() {
+        let (_d, s) = store();
+        let a = s
+            .create("a", "", Kind::Active, BTreeMap::new(), now())
+            .unwrap();
+        assert!(matches!(
+            s.create("a", "", Kind::View, BTreeMap::new(), now()),
+            Err(Error::AlreadyExists(_))
+        ));
+        assert!(matches!(
+            s.create("b", "a", Kind::View, BTreeMap::new(), now()),
+            Err(Error::InvalidArgument(_))
+        ));
+        assert!(matches!(
+            s.create("b", "nope", Kind::View, BTreeMap::new(), now()),
+            Err(Error::NotFound(_))
+        ));
+        let v = s
+            .create("v", "", Kind::View, BTreeMap::new(), now())
+            .unwrap();
+        assert!(matches!(
+            s.commit("v", v.id, "V", BTreeMap::new(), Usage::default(), now()),
+            Err(Error::FailedPrecondition(_))
+        ));
+        assert_eq!(s.get("a").unwrap(), a);
+        assert_eq!(s.get("v").unwrap(), v);
+        assert_eq!(s.list().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn reopens_with_everything() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        let a = {
+            let s = Store::open(&path).unwrap();
+            s.create(
+                "a",
+                "",
+                Kind::Active,
+                BTreeMap::from([("l".into(), "v".into())]),
+                now(),
+            )
+            .unwrap()
+        };
+        let s = Store::open(&path).unwrap();
+        assert_eq!(s.get("a").unwrap(), a);
+        let b = s
+            .create("b", "", Kind::Active, BTreeMap::new(), now())
+            .unwrap();
+        assert_eq!(b.id, a.id + 1);
+    }
+
+    #[test]
+    fn refuses_a_file_that_is_not_a_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        std::fs::write(&path, vec![0x5a; 8192]).unwrap();
+        assert!(Store::open(&path).is_err());
+    }
+}

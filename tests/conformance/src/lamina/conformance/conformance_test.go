@@ -1,0 +1,310 @@
+// Package conformance runs containerd's snapshotter conformance suite
+// (github.com/containerd/containerd/snapshots/testsuite) against a lamina
+// daemon, talking to it exactly the way containerd talks to a proxy
+// snapshotter plugin: gRPC over a unix socket through snapshots/proxy.
+//
+// Each of the suite's cases calls the factory below with a fresh, already
+// existing root directory; the factory starts a dedicated lamina process
+// for that case:
+//
+//	$LAMINA_BIN serve --root <root>/lamina-root --address <root>/lamina.sock
+//
+// The suite mounts the returned mounts itself, so this must run as root.
+package conformance
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sort"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	snapshotsapi "github.com/containerd/containerd/api/services/snapshots/v1"
+	"github.com/containerd/containerd/defaults"
+	"github.com/containerd/containerd/mount"
+	"github.com/containerd/containerd/pkg/dialer"
+	"github.com/containerd/containerd/snapshots"
+	"github.com/containerd/containerd/snapshots/proxy"
+	"github.com/containerd/containerd/snapshots/testsuite"
+	"github.com/moby/sys/mountinfo"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/backoff"
+)
+
+const (
+	// snapshotterName is sent in every request's "snapshotter" field and is
+	// also the name the suite uses for the run.
+	snapshotterName = "overlayfs"
+
+	startTimeout    = 10 * time.Second
+	shutdownTimeout = 10 * time.Second
+)
+
+func TestLaminaConformance(t *testing.T) {
+	bin := os.Getenv("LAMINA_BIN")
+	if bin == "" {
+		t.Fatal("LAMINA_BIN is not set: point it at the lamina binary (e.g. target/debug/lamina)")
+	}
+	abs, err := filepath.Abs(bin)
+	if err != nil {
+		t.Fatalf("LAMINA_BIN=%q: %v", bin, err)
+	}
+	if st, err := os.Stat(abs); err != nil {
+		t.Fatalf("LAMINA_BIN=%q: %v", bin, err)
+	} else if st.IsDir() || st.Mode()&0111 == 0 {
+		t.Fatalf("LAMINA_BIN=%q is not an executable file", bin)
+	}
+	if os.Getuid() != 0 {
+		t.Fatal("the snapshotter conformance suite mounts filesystems and must run as root")
+	}
+
+	testsuite.SnapshotterSuite(t, snapshotterName, laminaFactory(abs))
+}
+
+// laminaFactory returns a testsuite.SnapshotterFunc that starts one lamina
+// daemon per call.
+func laminaFactory(bin string) testsuite.SnapshotterFunc {
+	return func(ctx context.Context, root string) (snapshots.Snapshotter, func() error, error) {
+		// The suite creates root before calling us; be tolerant anyway.
+		if err := os.MkdirAll(root, 0o755); err != nil {
+			return nil, nil, err
+		}
+		laminaRoot := filepath.Join(root, "lamina-root")
+		sock := filepath.Join(root, "lamina.sock")
+		// Unix socket paths are limited to 108 bytes (sun_path).
+		if len(sock) >= 108 {
+			return nil, nil, fmt.Errorf("socket path %q is too long for a unix socket (set TMPDIR to a shorter dir)", sock)
+		}
+
+		// Tag daemon output with the case's temp dir name so the logs of the
+		// parallel cases can be told apart (the suite logs the same dir on
+		// failure via DumpDirOnFailure).
+		tag := fmt.Sprintf("lamina[%s]", filepath.Base(filepath.Dir(root)))
+
+		cmd := exec.Command(bin, "serve", "--root", laminaRoot, "--address", sock)
+		cmd.Stdin = nil
+		// Own process group, so a Ctrl-C on the test does not hit the daemon
+		// before we get to shut it down cleanly.
+		cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
+		out, err := cmd.StderrPipe()
+		if err != nil {
+			return nil, nil, err
+		}
+		cmd.Stdout = cmd.Stderr // stdout goes through the same pipe
+		fwd := newForwarder(tag, out)
+
+		if err := cmd.Start(); err != nil {
+			return nil, nil, fmt.Errorf("starting %s: %w", bin, err)
+		}
+		fmt.Fprintf(os.Stderr, "%s: started pid %d: %s\n", tag, cmd.Process.Pid, strings.Join(cmd.Args, " "))
+
+		exited := make(chan struct{})
+		var waitErr error
+		go func() {
+			fwd.wait() // drain the pipe before Wait closes it
+			waitErr = cmd.Wait()
+			close(exited)
+		}()
+
+		kill := func() {
+			_ = cmd.Process.Kill()
+			<-exited
+		}
+
+		if err := waitForSocket(sock, exited, startTimeout); err != nil {
+			select {
+			case <-exited:
+				return nil, nil, fmt.Errorf("%s exited before serving %s (%v); last output:\n%s", tag, sock, exitDesc(waitErr), fwd.tail())
+			default:
+			}
+			kill()
+			return nil, nil, fmt.Errorf("%s: %w; last output:\n%s", tag, err, fwd.tail())
+		}
+
+		conn, err := dialLamina(ctx, sock)
+		if err != nil {
+			kill()
+			return nil, nil, fmt.Errorf("%s: dialing %s: %w", tag, sock, err)
+		}
+
+		sn := proxy.NewSnapshotter(snapshotsapi.NewSnapshotsClient(conn), snapshotterName)
+
+		var (
+			once     sync.Once
+			closeErr error
+		)
+		cleanup := func() error {
+			once.Do(func() {
+				closeErr = shutdown(tag, cmd, conn, exited, &waitErr, fwd, root)
+			})
+			return closeErr
+		}
+		return sn, cleanup, nil
+	}
+}
+
+// dialLamina dials the socket the same way containerd dials proxy plugins
+// (services/server/server.go: proxyClients.getClient).
+func dialLamina(ctx context.Context, sock string) (*grpc.ClientConn, error) {
+	backoffConfig := backoff.DefaultConfig
+	backoffConfig.MaxDelay = 3 * time.Second
+	gopts := []grpc.DialOption{
+		grpc.WithInsecure(),
+		grpc.WithConnectParams(grpc.ConnectParams{Backoff: backoffConfig}),
+		grpc.WithContextDialer(dialer.ContextDialer),
+		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(defaults.DefaultMaxRecvMsgSize)),
+		grpc.WithDefaultCallOptions(grpc.MaxCallSendMsgSize(defaults.DefaultMaxSendMsgSize)),
+	}
+	dctx, cancel := context.WithTimeout(ctx, startTimeout)
+	defer cancel()
+	// Block so a broken gRPC/HTTP2 server is reported here, not as a
+	// confusing failure in the first snapshot call.
+	return grpc.DialContext(dctx, dialer.DialAddress(sock), append(gopts, grpc.WithBlock())...)
+}
+
+// waitForSocket polls until sock accepts a connection, the process exits or
+// the timeout expires.
+func waitForSocket(sock string, exited <-chan struct{}, timeout time.Duration) error {
+	deadline := time.Now().Add(timeout)
+	var lastErr error
+	for {
+		c, err := net.DialTimeout("unix", sock, time.Second)
+		if err == nil {
+			c.Close()
+			return nil
+		}
+		lastErr = err
+		if time.Now().After(deadline) {
+			return fmt.Errorf("socket %s did not accept connections within %s: %v", sock, timeout, lastErr)
+		}
+		select {
+		case <-exited:
+			return errors.New("process exited")
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+}
+
+// shutdown closes the client connection, SIGTERMs lamina, waits for it
+// (SIGKILL after shutdownTimeout) and reports a non-clean exit as an error.
+func shutdown(tag string, cmd *exec.Cmd, conn *grpc.ClientConn, exited <-chan struct{}, waitErr *error, fwd *forwarder, root string) error {
+	var errs []string
+	if err := conn.Close(); err != nil {
+		errs = append(errs, fmt.Sprintf("closing grpc conn: %v", err))
+	}
+
+	select {
+	case <-exited:
+		errs = append(errs, fmt.Sprintf("lamina exited on its own during the test (%s)", exitDesc(*waitErr)))
+	default:
+		if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
+			errs = append(errs, fmt.Sprintf("sending SIGTERM: %v", err))
+		}
+		select {
+		case <-exited:
+			if *waitErr != nil {
+				errs = append(errs, fmt.Sprintf("lamina exited uncleanly after SIGTERM: %s", exitDesc(*waitErr)))
+			}
+		case <-time.After(shutdownTimeout):
+			_ = cmd.Process.Kill()
+			<-exited
+			errs = append(errs, fmt.Sprintf("lamina did not exit within %s of SIGTERM; killed", shutdownTimeout))
+		}
+	}
+
+	// Anything still mounted under the test root after lamina is gone was
+	// leaked (by lamina, or by a failed test). Detach it so the suite can
+	// remove its temp dir, and say so.
+	if leaked := mountsUnder(root); len(leaked) > 0 {
+		fmt.Fprintf(os.Stderr, "%s: WARNING: %d mount(s) still present under %s after shutdown: %s\n",
+			tag, len(leaked), root, strings.Join(leaked, ", "))
+		for i := len(leaked) - 1; i >= 0; i-- {
+			_ = mount.Unmount(leaked[i], syscall.MNT_DETACH)
+		}
+	}
+
+	if len(errs) > 0 {
+		return fmt.Errorf("%s: %s; last output:\n%s", tag, strings.Join(errs, "; "), fwd.tail())
+	}
+	return nil
+}
+
+func exitDesc(err error) string {
+	if err == nil {
+		return "exit status 0"
+	}
+	var ee *exec.ExitError
+	if errors.As(err, &ee) {
+		if ws, ok := ee.Sys().(syscall.WaitStatus); ok && ws.Signaled() {
+			return "killed by signal " + ws.Signal().String()
+		}
+	}
+	return err.Error()
+}
+
+// mountsUnder lists mount points at or below dir, in mount order.
+func mountsUnder(dir string) []string {
+	infos, err := mountinfo.GetMounts(mountinfo.PrefixFilter(filepath.Clean(dir)))
+	if err != nil {
+		return nil
+	}
+	sort.SliceStable(infos, func(i, j int) bool { return infos[i].ID < infos[j].ID })
+	var res []string
+	for _, mi := range infos {
+		res = append(res, mi.Mountpoint)
+	}
+	return res
+}
+
+// forwarder copies the daemon's output line by line to our stderr, prefixed
+// with a tag, and keeps the last lines for error messages.
+type forwarder struct {
+	mu    sync.Mutex
+	lines []string
+	done  chan struct{}
+}
+
+const tailLines = 40
+
+func newForwarder(tag string, r io.Reader) *forwarder {
+	f := &forwarder{done: make(chan struct{})}
+	go func() {
+		defer close(f.done)
+		sc := bufio.NewScanner(r)
+		sc.Buffer(make([]byte, 64*1024), 1024*1024)
+		for sc.Scan() {
+			line := sc.Text()
+			fmt.Fprintf(os.Stderr, "%s: %s\n", tag, line)
+			f.mu.Lock()
+			f.lines = append(f.lines, line)
+			if len(f.lines) > tailLines {
+				f.lines = f.lines[len(f.lines)-tailLines:]
+			}
+			f.mu.Unlock()
+		}
+		// Drain whatever is left if the scanner gave up on a huge line.
+		_, _ = io.Copy(os.Stderr, r)
+	}()
+	return f
+}
+
+func (f *forwarder) wait() { <-f.done }
+
+func (f *forwarder) tail() string {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if len(f.lines) == 0 {
+		return "  (no output)"
+	}
+	return "  " + strings.Join(f.lines, "\n  ")
+}
