@@ -1,0 +1,1 @@
+//! Persistence across restarts, and SIGKILL in the middle of work.

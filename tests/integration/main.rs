@@ -1,0 +1,12 @@
+//! One integration-test binary: every test starts the real `lamina serve` on a temporary root
+//! and socket, talks to it with containerd's generated gRPC client, and mounts what it returns.
+//!
+//! These tests need root (lamina probes overlayfs at start-up, and the tests mount). Without
+//! root they print why and skip, unless `CI` is set: then they fail.
+
+mod util;
+
+mod crash;
+mod layers;
+mod rpc;
+

@@ -1,0 +1,1 @@
+//! Each RPC's semantics and error codes, filters, and concurrency.

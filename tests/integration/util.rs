@@ -1,0 +1,368 @@
+//! The test daemon, a thin client, and mounting what lamina returns.
+
+#![allow(dead_code)]
+
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Stdio},
+    time::{Duration, Instant},
+};
+
+use containerd_snapshots::api::{snapshots::v1::snapshots_client::SnapshotsClient, snapshots::v1::*, types::Mount};
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use tonic::{transport::Channel, Code, Status};
+
+/// True when the test may run. Without root it prints why and returns false, except under CI,
+/// where a test that cannot run is a failure.
+pub fn require_root() -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    if std::env::var_os("CI").is_some() {
+        panic!("this test needs root (it mounts overlayfs) and CI is set: run it as root");
+    }
+    eprintln!("skipped: needs root (lamina probes overlayfs and the test mounts)");
+    false
+}
+
+/// `lamina serve` on a temporary root and socket.
+pub struct TestDaemon {
+    pub dir: tempfile::TempDir,
+    pub root: PathBuf,
+    pub socket: PathBuf,
+    config: Option<PathBuf>,
+    child: Option<Child>,
+}
+
+impl TestDaemon {
+    pub async fn start() -> TestDaemon {
+        Self::start_with_config("").await
+    }
+
+    /// Starts with `config` (TOML) as its config file; root and address come from flags.
+    pub async fn start_with_config(config: &str) -> TestDaemon {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path().join("root");
+        let socket = dir.path().join("run/lamina.sock");
+        let config_path = if config.is_empty() {
+            None
+        } else {
+            let p = dir.path().join("config.toml");
+            std::fs::write(&p, config).unwrap();
+            Some(p)
+        };
+        let mut d = TestDaemon { dir, root, socket, config: config_path, child: None };
+        d.spawn().await;
+        d
+    }
+
+    pub fn command(&self) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_lamina"));
+        cmd.arg("serve").arg("--root").arg(&self.root).arg("--address").arg(&self.socket);
+        if let Some(c) = &self.config {
+            cmd.arg("--config").arg(c);
+        }
+        cmd.env("RUST_LOG", std::env::var("LAMINA_TEST_LOG").unwrap_or_else(|_| "warn".into()));
+        cmd
+    }
+
+    pub async fn spawn(&mut self) {
+        assert!(self.child.is_none(), "already running");
+        let child = self.command().stdin(Stdio::null()).spawn().expect("starting lamina");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if std::os::unix::net::UnixStream::connect(&self.socket).is_ok() {
+                return;
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                self.child = None;
+                panic!("lamina exited during start-up: {status}");
+            }
+            assert!(Instant::now() < deadline, "lamina did not start serving within 20 s");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub async fn client(&self) -> Client {
+        Client::connect(&self.socket).await
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// SIGTERM, then waits for the exit status.
+    pub fn stop(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("running");
+        signal(child.id(), nix::sys::signal::Signal::SIGTERM);
+        wait_timeout(&mut child, Duration::from_secs(15))
+    }
+
+    /// SIGKILL: no chance to clean up.
+    pub fn kill(&mut self) {
+        let mut child = self.child.take().expect("running");
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    pub async fn restart(&mut self) {
+        let status = self.stop();
+        assert!(status.success(), "lamina exited with {status} on SIGTERM");
+        self.spawn().await;
+    }
+
+    /// Names of the directories under `<root>/snapshots`, sorted.
+    pub fn snapshot_dirs(&self) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(self.root.join("snapshots"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// A fresh directory under the test's temp dir.
+    pub fn scratch(&self, name: &str) -> PathBuf {
+        let p = self.dir.path().join(name);
+        std::fs::create_dir_all(&p).unwrap();
+        p
+    }
+}
+
+impl Drop for TestDaemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn signal(pid: u32, sig: nix::sys::signal::Signal) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig).unwrap();
+}
+
+fn wait_timeout(child: &mut Child, limit: Duration) -> ExitStatus {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("lamina did not exit within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// containerd's generated client on lamina's socket, with the calls tests make.
+#[derive(Clone)]
+pub struct Client {
+    pub inner: SnapshotsClient<Channel>,
+}
+
+pub type Res<T> = Result<T, Status>;
+
+pub fn labels(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+}
+
+impl Client {
+    pub async fn connect(socket: &Path) -> Client {
+        let socket = socket.to_path_buf();
+        let channel = tonic::transport::Endpoint::try_from("http://lamina.invalid")
+            .unwrap()
+            .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+                tokio::net::UnixStream::connect(socket.clone())
+            }))
+            .await
+            .expect("connecting to lamina");
+        Client { inner: SnapshotsClient::new(channel) }
+    }
+
+    pub async fn prepare(&mut self, key: &str, parent: &str) -> Res<Vec<Mount>> {
+        self.prepare_with(key, parent, HashMap::new()).await
+    }
+
+    pub async fn prepare_with(
+        &mut self,
+        key: &str,
+        parent: &str,
+        labels: HashMap<String, String>,
+    ) -> Res<Vec<Mount>> {
+        let req = PrepareSnapshotRequest {
+            snapshotter: "lamina".into(),
+            key: key.into(),
+            parent: parent.into(),
+            labels,
+        };
+        Ok(self.inner.prepare(req).await?.into_inner().mounts)
+    }
+
+    pub async fn view(&mut self, key: &str, parent: &str) -> Res<Vec<Mount>> {
+        let req = ViewSnapshotRequest {
+            snapshotter: "lamina".into(),
+            key: key.into(),
+            parent: parent.into(),
+            labels: HashMap::new(),
+        };
+        Ok(self.inner.view(req).await?.into_inner().mounts)
+    }
+
+    pub async fn mounts(&mut self, key: &str) -> Res<Vec<Mount>> {
+        let req = MountsRequest { snapshotter: "lamina".into(), key: key.into() };
+        Ok(self.inner.mounts(req).await?.into_inner().mounts)
+    }
+
+    pub async fn commit(&mut self, name: &str, key: &str) -> Res<()> {
+        self.commit_with(name, key, HashMap::new()).await
+    }
+
+    pub async fn commit_with(
+        &mut self,
+        name: &str,
+        key: &str,
+        labels: HashMap<String, String>,
+    ) -> Res<()> {
+        let req = CommitSnapshotRequest {
+            snapshotter: "lamina".into(),
+            name: name.into(),
+            key: key.into(),
+            labels,
+        };
+        self.inner.commit(req).await.map(|_| ())
+    }
+
+    pub async fn remove(&mut self, key: &str) -> Res<()> {
+        let req = RemoveSnapshotRequest { snapshotter: "lamina".into(), key: key.into() };
+        self.inner.remove(req).await.map(|_| ())
+    }
+
+    pub async fn stat(&mut self, key: &str) -> Res<Info> {
+        let req = StatSnapshotRequest { snapshotter: "lamina".into(), key: key.into() };
+        Ok(self.inner.stat(req).await?.into_inner().info.expect("info"))
+    }
+
+    pub async fn update(&mut self, info: Info, paths: &[&str]) -> Res<Info> {
+        let req = UpdateSnapshotRequest {
+            snapshotter: "lamina".into(),
+            info: Some(info),
+            update_mask: Some(prost_types::FieldMask {
+                paths: paths.iter().map(|s| s.to_string()).collect(),
+            }),
+        };
+        Ok(self.inner.update(req).await?.into_inner().info.expect("info"))
+    }
+
+    pub async fn usage(&mut self, key: &str) -> Res<UsageResponse> {
+        let req = UsageRequest { snapshotter: "lamina".into(), key: key.into() };
+        Ok(self.inner.usage(req).await?.into_inner())
+    }
+
+    /// All snapshots matching `filters`, and the number of stream messages they came in.
+    pub async fn list_batches(&mut self, filters: &[&str]) -> Res<(Vec<Info>, usize)> {
+        let req = ListSnapshotsRequest {
+            snapshotter: "lamina".into(),
+            filters: filters.iter().map(|s| s.to_string()).collect(),
+        };
+        let mut stream = self.inner.list(req).await?.into_inner();
+        let (mut out, mut batches) = (Vec::new(), 0);
+        while let Some(msg) = stream.message().await? {
+            batches += 1;
+            out.extend(msg.info);
+        }
+        Ok((out, batches))
+    }
+
+    /// Names of the snapshots matching `filters`, sorted.
+    pub async fn list(&mut self, filters: &[&str]) -> Res<Vec<String>> {
+        let mut names: Vec<String> =
+            self.list_batches(filters).await?.0.into_iter().map(|i| i.name).collect();
+        names.sort();
+        Ok(names)
+    }
+
+    pub async fn cleanup(&mut self) -> Res<()> {
+        let req = CleanupRequest { snapshotter: "lamina".into() };
+        self.inner.cleanup(req).await.map(|_| ())
+    }
+}
+
+/// Asserts that `res` failed with `code` and a message mentioning `needle`.
+#[track_caller]
+pub fn assert_code<T: std::fmt::Debug>(res: Res<T>, code: Code, needle: &str) {
+    match res {
+        Ok(v) => panic!("expected {code:?}, got Ok({v:?})"),
+        Err(s) => {
+            assert_eq!(s.code(), code, "wrong code; message: {}", s.message());
+            assert!(
+                s.message().contains(needle),
+                "message {:?} does not mention {needle:?}",
+                s.message()
+            );
+        }
+    }
+}
+
+/// The kinds as the wire numbers them.
+pub const VIEW: i32 = 1;
+pub const ACTIVE: i32 = 2;
+pub const COMMITTED: i32 = 3;
+
+/// Mounts what lamina returned at `target`, as containerd would; unmounts on drop.
+pub struct Mounted {
+    target: PathBuf,
+}
+
+impl Mounted {
+    pub fn new(mounts: &[Mount], target: &Path) -> Mounted {
+        assert_eq!(mounts.len(), 1, "lamina returns exactly one mount: {mounts:?}");
+        let m = &mounts[0];
+        std::fs::create_dir_all(target).unwrap();
+        match m.r#type.as_str() {
+            "bind" => {
+                let ro = m.options.iter().any(|o| o == "ro");
+                let mut flags = MsFlags::MS_BIND;
+                if m.options.iter().any(|o| o == "rbind") {
+                    flags |= MsFlags::MS_REC;
+                }
+                mount(Some(m.source.as_str()), target, None::<&str>, flags, None::<&str>)
+                    .unwrap_or_else(|e| panic!("bind mount {m:?}: {e}"));
+                if ro {
+                    mount(
+                        None::<&str>,
+                        target,
+                        None::<&str>,
+                        MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+                        None::<&str>,
+                    )
+                    .unwrap_or_else(|e| panic!("read-only remount {m:?}: {e}"));
+                }
+            }
+            "overlay" => {
+                let data = m.options.join(",");
+                mount(Some("overlay"), target, Some("overlay"), MsFlags::empty(), Some(data.as_str()))
+                    .unwrap_or_else(|e| panic!("overlay mount {m:?}: {e}"));
+            }
+            other => panic!("unexpected mount type {other:?}"),
+        }
+        Mounted { target: target.to_path_buf() }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.target
+    }
+
+    pub fn join(&self, p: &str) -> PathBuf {
+        self.target.join(p)
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = umount2(&self.target, MntFlags::MNT_DETACH);
+    }
+}
