@@ -1,1 +1,189 @@
 //! Persistence across restarts, and SIGKILL in the middle of work.
+
+use std::{
+    collections::BTreeSet,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use crate::util::*;
+
+const UPPERDIR: &str = "containerd.io/snapshot/overlay.upperdir";
+
+/// The `<id>` directory names that the listed snapshots own, learnt from the upperdir label.
+async fn owned_dirs(c: &mut Client) -> BTreeSet<String> {
+    let (infos, _) = c.list_batches(&[]).await.unwrap();
+    infos
+        .iter()
+        .map(|i| {
+            let fs = std::path::Path::new(&i.labels[UPPERDIR]);
+            let id = fs.parent().unwrap().file_name().unwrap();
+            id.to_string_lossy().into_owned()
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn everything_survives_a_restart() {
+    if !require_root() {
+        return;
+    }
+    let mut d = TestDaemon::start().await;
+    let mut c = d.client().await;
+    c.prepare_with("base", "", labels(&[("l", "1")]))
+        .await
+        .unwrap();
+    c.commit_with("Base", "base", labels(&[("c", "2")]))
+        .await
+        .unwrap();
+    c.prepare("active", "Base").await.unwrap();
+    c.view("view", "Base").await.unwrap();
+    c.prepare("a2", "").await.unwrap();
+    c.remove("a2").await.unwrap();
+    let before = c.list_batches(&[]).await.unwrap().0;
+    let mounts_before = c.mounts("active").await.unwrap();
+
+    d.restart().await;
+    let mut c = d.client().await;
+    let mut after = c.list_batches(&[]).await.unwrap().0;
+    let mut before = before;
+    before.sort_by(|a, b| a.name.cmp(&b.name));
+    after.sort_by(|a, b| a.name.cmp(&b.name));
+    assert_eq!(
+        before, after,
+        "names, kinds, parents, labels and times all survive"
+    );
+    assert_eq!(c.mounts("active").await.unwrap(), mounts_before);
+    assert_code(c.stat("a2").await, tonic::Code::NotFound, "a2");
+    // IDs are not handed out again after a restart either.
+    let m = c.prepare("new", "").await.unwrap();
+    assert!(!mounts_before[0]
+        .options
+        .iter()
+        .any(|o| o.contains(&m[0].source)));
+}
+
+/// Several clients prepare, write, commit and remove while the daemon is SIGKILLed at random
+/// instants. After each restart, every acknowledged commit is there with its content, every
+/// acknowledged remove stayed removed, and no directory is without its snapshot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn acknowledged_work_survives_sigkill() {
+    if !require_root() {
+        return;
+    }
+    let rounds: usize = std::env::var("LAMINA_CRASH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(6);
+    let mut d = TestDaemon::start_with_config("upperdir_label = true\n").await;
+    // name -> content, for every commit lamina acknowledged; and removes it acknowledged.
+    let committed: Arc<Mutex<Vec<(String, String)>>> = Arc::default();
+    let removed: Arc<Mutex<Vec<String>>> = Arc::default();
+    let mut seed: u64 = 0x9e3779b97f4a7c15;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    for round in 0..rounds {
+        let mut workers = Vec::new();
+        for w in 0..4 {
+            let (committed, removed) = (committed.clone(), removed.clone());
+            let c = d.client().await;
+            let scratch = d.scratch(&format!("m-{round}-{w}"));
+            workers.push(tokio::spawn(async move {
+                let mut c = c;
+                for i in 0.. {
+                    let key = format!("r{round}-w{w}-{i}");
+                    let name = format!("C-{key}");
+                    let content = format!("content of {key}");
+                    // Stack on this worker's previous commit now and then, to cover overlays.
+                    let parent = {
+                        let list = committed.lock().unwrap();
+                        if i % 2 == 1 {
+                            list.iter()
+                                .rev()
+                                .find(|(n, _)| n.contains(&format!("-w{w}-")))
+                                .map(|(n, _)| n.clone())
+                        } else {
+                            None
+                        }
+                    };
+                    let parent = parent
+                        .filter(|p| !removed.lock().unwrap().contains(p))
+                        .unwrap_or_default();
+                    let Ok(mounts) = c.prepare(&key, &parent).await else {
+                        return;
+                    };
+                    let target = scratch.join(format!("{i}"));
+                    let written = tokio::task::spawn_blocking(move || {
+                        let m = Mounted::new(&mounts, &target);
+                        std::fs::write(m.join("file"), content.as_bytes()).map(|_| content)
+                    })
+                    .await
+                    .unwrap();
+                    let Ok(content) = written else { return };
+                    if c.commit(&name, &key).await.is_err() {
+                        return;
+                    }
+                    committed.lock().unwrap().push((name.clone(), content));
+                    if i % 3 == 2 && parent.is_empty() && c.remove(&name).await.is_ok() {
+                        removed.lock().unwrap().push(name);
+                    }
+                }
+            }));
+        }
+        tokio::time::sleep(Duration::from_millis(50 + next() % 400)).await;
+        d.kill();
+        for w in workers {
+            w.await.unwrap();
+        }
+        d.spawn().await;
+        let mut c = d.client().await;
+
+        // Start-up recovery alone must leave no directory without its snapshot.
+        let owned = owned_dirs(&mut c).await;
+        let on_disk: BTreeSet<String> = d.snapshot_dirs().into_iter().collect();
+        assert_eq!(
+            on_disk, owned,
+            "round {round}: directories on disk vs snapshots in the store"
+        );
+
+        let removed_now = removed.lock().unwrap().clone();
+        for name in &removed_now {
+            assert_code(c.stat(name).await, tonic::Code::NotFound, name);
+        }
+        let committed_now = committed.lock().unwrap().clone();
+        for (n, (name, content)) in committed_now.iter().enumerate() {
+            if removed_now.contains(name) {
+                continue;
+            }
+            let info = c
+                .stat(name)
+                .await
+                .unwrap_or_else(|e| panic!("round {round}: acknowledged {name} lost: {e}"));
+            assert_eq!(info.kind, COMMITTED, "{name}");
+            let view = format!("check-{round}-{n}");
+            let mounts = c.view(&view, name).await.unwrap();
+            let m = Mounted::new(&mounts, &d.scratch(&view));
+            assert_eq!(
+                &std::fs::read_to_string(m.join("file")).unwrap(),
+                content,
+                "{name}"
+            );
+            drop(m);
+            c.remove(&view).await.unwrap();
+        }
+        c.cleanup().await.unwrap();
+        let owned = owned_dirs(&mut c).await;
+        let on_disk: BTreeSet<String> = d.snapshot_dirs().into_iter().collect();
+        assert_eq!(on_disk, owned, "round {round}: after Cleanup");
+    }
+    let total = committed.lock().unwrap().len();
+    eprintln!("crash: {rounds} rounds, {total} acknowledged commits verified");
+    assert!(
+        total > 0,
+        "no commit was acknowledged at all: the test proved nothing"
+    );
+}

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# The whole test suite: installs what it needs, checks formatting and lints, runs the unit and
+# integration tests (as root they mount for real), then containerd's own conformance suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+.ci/setup
+cargo fmt --check
+cargo clippy --all-targets -- -D warnings
+cargo build
+cargo test --all-targets
+tests/conformance/run.sh target/debug/lamina
