@@ -10,6 +10,9 @@ use crate::error::{Error, Result};
 pub const DEFAULT_ROOT: &str = "/var/lib/lamina";
 pub const DEFAULT_ADDRESS: &str = "/run/lamina/lamina.sock";
 
+/// The default configuration file, every key commented (`lamina config default`).
+pub const DEFAULT_FILE: &str = include_str!("../packaging/config.toml");
+
 /// The file as the user wrote it: every key optional, unknown keys refused.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -71,6 +74,13 @@ impl Config {
             None => File::default(),
         };
         resolve(file, flags)
+    }
+}
+
+impl Config {
+    /// The configuration as a TOML file that `--config` would read back unchanged.
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("a config always serializes")
     }
 }
 
@@ -161,6 +171,24 @@ mod tests {
         assert_eq!(c.address, PathBuf::from(DEFAULT_ADDRESS));
         assert!(!c.sync_remove && !c.upperdir_label);
         assert_eq!(c.log_format, LogFormat::Text);
+    }
+
+    #[test]
+    fn the_packaged_file_states_the_defaults() {
+        assert_eq!(
+            from(DEFAULT_FILE, &Flags::default()).unwrap(),
+            from("", &Flags::default()).unwrap()
+        );
+    }
+
+    #[test]
+    fn a_dump_reads_back_as_the_same_config() {
+        let flags = Flags {
+            address: Some("/x.sock".into()),
+            ..Flags::default()
+        };
+        let c = from("sync_remove = true\nmount_options = [\"volatile\"]", &flags).unwrap();
+        assert_eq!(from(&c.to_toml(), &Flags::default()).unwrap(), c);
     }
 
     #[test]

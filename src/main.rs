@@ -23,22 +23,43 @@ struct Cli {
 enum Command {
     /// Serve containerd's Snapshots API on a unix socket.
     Serve {
-        /// TOML config file; flags given here override it.
-        #[arg(long, value_name = "FILE")]
-        config: Option<PathBuf>,
-        /// Directory holding the store and the snapshots [default: /var/lib/lamina].
-        #[arg(long, value_name = "DIR")]
-        root: Option<PathBuf>,
-        /// Unix socket to serve on [default: /run/lamina/lamina.sock].
-        #[arg(long, value_name = "PATH")]
-        address: Option<PathBuf>,
-        /// Log level or tracing filter (RUST_LOG, when set, wins) [default: info].
-        #[arg(long, value_name = "LEVEL")]
-        log_level: Option<String>,
-        /// Log line format [default: text].
-        #[arg(long, value_enum)]
-        log_format: Option<Format>,
+        #[command(flatten)]
+        settings: Settings,
     },
+    /// Print configuration.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Print the default config file, every key commented.
+    Default,
+    /// Print the configuration in effect: the file (if given) with the flags applied.
+    Dump {
+        #[command(flatten)]
+        settings: Settings,
+    },
+}
+
+/// Where the configuration comes from; shared by `serve` and `config dump`.
+#[derive(clap::Args)]
+struct Settings {
+    /// TOML config file; flags given here override it.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Directory holding the store and the snapshots [default: /var/lib/lamina].
+    #[arg(long, value_name = "DIR")]
+    root: Option<PathBuf>,
+    /// Unix socket to serve on [default: /run/lamina/lamina.sock].
+    #[arg(long, value_name = "PATH")]
+    address: Option<PathBuf>,
+    /// Log level or tracing filter (RUST_LOG, when set, wins) [default: info].
+    #[arg(long, value_name = "LEVEL")]
+    log_level: Option<String>,
+    /// Log line format [default: text].
+    #[arg(long, value_enum)]
+    log_format: Option<Format>,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -57,30 +78,37 @@ fn main() -> ExitCode {
     }
 }
 
+impl Settings {
+    fn load(self) -> Result<Config, Error> {
+        Config::load(&Flags {
+            config: self.config,
+            root: self.root,
+            address: self.address,
+            log_level: self.log_level,
+            log_format: self.log_format.map(|f| match f {
+                Format::Text => LogFormat::Text,
+                Format::Json => LogFormat::Json,
+            }),
+        })
+    }
+}
+
 fn run(cli: Cli) -> Result<(), Error> {
     match cli.command {
-        Command::Serve {
-            config,
-            root,
-            address,
-            log_level,
-            log_format,
-        } => {
-            let flags = Flags {
-                config,
-                root,
-                address,
-                log_level,
-                log_format: log_format.map(|f| match f {
-                    Format::Text => LogFormat::Text,
-                    Format::Json => LogFormat::Json,
-                }),
-            };
-            let config = Config::load(&flags)?;
+        Command::Serve { settings } => {
+            let config = settings.load()?;
             init_logging(&config);
             let runtime = tokio::runtime::Runtime::new()
                 .map_err(|e| Error::Internal(format!("starting the async runtime: {e}")))?;
             runtime.block_on(lamina::server::run(config))
+        }
+        Command::Config(ConfigCommand::Default) => {
+            print!("{}", lamina::config::DEFAULT_FILE);
+            Ok(())
+        }
+        Command::Config(ConfigCommand::Dump { settings }) => {
+            print!("{}", settings.load()?.to_toml());
+            Ok(())
         }
     }
 }

@@ -28,23 +28,88 @@ pub const DRAIN: Duration = Duration::from_secs(5);
 
 /// Runs `lamina serve` until SIGTERM or SIGINT.
 pub async fn run(config: Config) -> Result<()> {
-    // Bind first: a second lamina fails fast, and containerd's connections wait in the backlog
-    // while recovery runs instead of being refused.
-    let listener = bind(&config.address)?;
+    // Listen first: a second lamina fails fast, and containerd's connections wait in the
+    // backlog while recovery runs instead of being refused.
+    let (listener, activated) = match inherited_listener()? {
+        Some(l) => (l, true),
+        None => (bind(&config.address)?, false),
+    };
     let result = match start(&config) {
         Ok(snapshotter) => {
-            info!(address = %config.address.display(), root = %config.root.display(), "serving");
-            serve(listener, snapshotter, shutdown_signal()).await
+            info!(address = %config.address.display(), root = %config.root.display(), activated, "serving");
+            notify(sd_notify::NotifyState::Ready);
+            let watchdog = sd_notify::watchdog_enabled().map(|every| tokio::spawn(watchdog(every)));
+            let result = serve(listener, snapshotter, async {
+                shutdown_signal().await;
+                notify(sd_notify::NotifyState::Stopping);
+            })
+            .await;
+            if let Some(w) = watchdog {
+                w.abort();
+            }
+            result
         }
         Err(e) => Err(e),
     };
-    match fs::remove_file(&config.address) {
-        Err(e) if e.kind() != ErrorKind::NotFound => {
-            warn!(error = %e, "could not remove the socket")
+    // An inherited socket belongs to systemd, which keeps it open across our restarts.
+    if !activated {
+        match fs::remove_file(&config.address) {
+            Err(e) if e.kind() != ErrorKind::NotFound => {
+                warn!(error = %e, "could not remove the socket")
+            }
+            _ => {}
         }
-        _ => {}
     }
     result
+}
+
+/// Tells systemd (when it started us with `NOTIFY_SOCKET`) how we are doing.
+fn notify(state: sd_notify::NotifyState) {
+    if let Err(e) = sd_notify::notify(&[state]) {
+        warn!(error = %e, "could not notify systemd");
+    }
+}
+
+/// Pings systemd's watchdog at half its interval for as long as the runtime serves requests.
+async fn watchdog(every: Duration) {
+    let mut tick = tokio::time::interval(every / 2);
+    loop {
+        tick.tick().await;
+        notify(sd_notify::NotifyState::Watchdog);
+    }
+}
+
+/// The listening socket systemd passed (socket activation, `LISTEN_FDS`), if any.
+fn inherited_listener() -> Result<Option<UnixListener>> {
+    use std::os::fd::FromRawFd;
+    let mut fds =
+        sd_notify::listen_fds().map_err(|e| Error::Config(format!("socket activation: {e}")))?;
+    let Some(fd) = fds.next() else {
+        return Ok(None);
+    };
+    // SAFETY: systemd passed this descriptor to us alone (LISTEN_PID is our pid), and nothing
+    // else in lamina takes ownership of it.
+    let std_listener = unsafe { std::os::unix::net::UnixListener::from_raw_fd(fd) };
+    let addr = std_listener.local_addr().map_err(|e| {
+        Error::Config(format!(
+            "socket activation: descriptor {fd} is not a unix socket: {e}"
+        ))
+    })?;
+    std_listener.set_nonblocking(true).map_err(|e| {
+        Error::io(
+            "configuring inherited socket",
+            addr.as_pathname().unwrap_or(Path::new("?")),
+            e,
+        )
+    })?;
+    info!(fd, address = ?addr.as_pathname(), "serving the socket systemd passed");
+    UnixListener::from_std(std_listener).map(Some).map_err(|e| {
+        Error::io(
+            "using inherited socket",
+            addr.as_pathname().unwrap_or(Path::new("?")),
+            e,
+        )
+    })
 }
 
 /// Checks the host, opens the store and recovers from whatever a crash left behind.
