@@ -64,9 +64,30 @@ pub async fn run(config: Config) -> Result<()> {
 }
 
 /// Tells systemd (when it started us with `NOTIFY_SOCKET`) how we are doing.
+///
+/// Sent without blocking, unlike `sd_notify::notify`: a receiver that stopped reading would
+/// otherwise stall a runtime worker (and the tasks queued behind it) on a full socket buffer.
 fn notify(state: sd_notify::NotifyState) {
-    if let Err(e) = sd_notify::notify(&[state]) {
-        warn!(error = %e, "could not notify systemd");
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let sent = (|| -> std::io::Result<()> {
+        use std::os::unix::{ffi::OsStrExt, net::SocketAddr};
+        let sock = std::os::unix::net::UnixDatagram::unbound()?;
+        sock.set_nonblocking(true)?;
+        let addr = match path.as_bytes().strip_prefix(b"@") {
+            Some(name) => {
+                use std::os::linux::net::SocketAddrExt;
+                SocketAddr::from_abstract_name(name)?
+            }
+            None => SocketAddr::from_pathname(&path)?,
+        };
+        sock.connect_addr(&addr)?;
+        sock.send(format!("{state}\n").as_bytes())?;
+        Ok(())
+    })();
+    if let Err(e) = sent {
+        warn!(error = %e, %state, "could not notify systemd");
     }
 }
 
@@ -193,7 +214,7 @@ pub async fn serve(
     match tokio::time::timeout(DRAIN, &mut server).await {
         Ok(res) => finished(res),
         Err(_) => {
-            warn!(after = ?DRAIN, "requests still running; exiting anyway");
+            warn!(after = ?DRAIN, "requests or connections still open; exiting anyway");
             server.abort();
             Ok(())
         }

@@ -9,4 +9,5 @@ cargo fmt --check
 cargo clippy --all-targets -- -D warnings
 cargo build
 cargo test --all-targets
+tests/packaging.sh
 tests/conformance/run.sh target/debug/lamina

@@ -208,38 +208,28 @@ impl Snapshotter {
             let key = info.name.clone();
             check_key("info.name", &key)?;
             let given = check_labels(info.labels.into_iter().collect())?;
-            enum Change {
-                All,
-                One(String),
-            }
-            let mut changes = Vec::new();
-            for path in &paths {
-                if path == "labels" {
-                    changes.push(Change::All);
-                } else if let Some(label) = path.strip_prefix("labels.") {
-                    changes.push(Change::One(label.to_string()));
-                } else {
-                    return Err(Error::invalid(format!(
-                        "cannot update field {path:?} of snapshot {key:?}: only \"labels\" and \
-                         \"labels.<key>\" can be updated"
-                    )));
-                }
-            }
-            if changes.is_empty() {
-                changes.push(Change::All);
-            }
+            let all = [String::from("labels")];
+            let paths = if paths.is_empty() {
+                &all[..]
+            } else {
+                &paths[..]
+            };
+            // The snapshot is looked up first, so an unknown key is NotFound whatever the
+            // paths say (as in containerd); a bad path aborts the transaction.
             let record = s.store.update_labels(&key, SystemTime::now(), |labels| {
-                for change in changes {
-                    match change {
-                        Change::All => labels.clone_from(&given),
-                        Change::One(k) => match given.get(&k) {
-                            Some(v) if !v.is_empty() => {
-                                labels.insert(k, v.clone());
-                            }
-                            _ => {
-                                labels.remove(&k);
-                            }
-                        },
+                for path in paths {
+                    if path == "labels" {
+                        labels.clone_from(&given);
+                    } else if let Some(k) = path.strip_prefix("labels.") {
+                        match given.get(k) {
+                            Some(v) => labels.insert(k.to_string(), v.clone()),
+                            None => labels.remove(k),
+                        };
+                    } else {
+                        return Err(Error::invalid(format!(
+                            "cannot update field {path:?} of snapshot {key:?}: only \"labels\" \
+                             and \"labels.<key>\" can be updated"
+                        )));
                     }
                 }
                 Ok(())
@@ -466,5 +456,6 @@ fn check_labels(labels: HashMap<String, String>) -> Result<BTreeMap<String, Stri
             )));
         }
     }
-    Ok(labels.into_iter().collect())
+    // containerd's store never keeps a label with an empty value: setting one deletes it.
+    Ok(labels.into_iter().filter(|(_, v)| !v.is_empty()).collect())
 }

@@ -4,6 +4,8 @@
 # Usage: tests/conformance/run.sh [LAMINA_BIN] [extra go test args...]
 #   e.g. tests/conformance/run.sh target/debug/lamina
 #        tests/conformance/run.sh target/debug/lamina -run 'TestLaminaConformance/^(Basic|Walk)$'
+#        tests/conformance/run.sh --self-test   # harness check: runs the suite
+#            against containerd's own overlayfs snapshotter (src/lamina/refd)
 #
 # The lamina binary comes from $1 or, if $1 is absent/empty, from $LAMINA_BIN.
 # Must run as root (the suite mounts filesystems).
@@ -17,18 +19,27 @@ set -euo pipefail
 
 script_dir="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 
-bin="${1:-${LAMINA_BIN:-}}"
-if [[ $# -gt 0 ]]; then shift; fi
-if [[ -z "$bin" ]]; then
+self_test=0
+if [[ "${1:-}" == "--self-test" ]]; then
+    self_test=1
+    shift
+    bin=""
+else
+    bin="${1:-${LAMINA_BIN:-}}"
+    if [[ $# -gt 0 ]]; then shift; fi
+fi
+if [[ $self_test -eq 0 && -z "$bin" ]]; then
     echo "usage: $0 <path/to/lamina> [go test args...]   (or set LAMINA_BIN)" >&2
     exit 2
 fi
-if [[ ! -f "$bin" || ! -x "$bin" ]]; then
-    echo "conformance: lamina binary '$bin' does not exist or is not executable" >&2
-    exit 2
+if [[ $self_test -eq 0 ]]; then
+    if [[ ! -f "$bin" || ! -x "$bin" ]]; then
+        echo "conformance: lamina binary '$bin' does not exist or is not executable" >&2
+        exit 2
+    fi
+    LAMINA_BIN="$(cd "$(dirname "$bin")" && pwd)/$(basename "$bin")"
+    export LAMINA_BIN
 fi
-LAMINA_BIN="$(cd "$(dirname "$bin")" && pwd)/$(basename "$bin")"
-export LAMINA_BIN
 
 if [[ "$(id -u)" -ne 0 ]]; then
     echo "conformance: must run as root (the suite mounts overlay filesystems)" >&2
@@ -75,8 +86,14 @@ timeout="${CONFORMANCE_TIMEOUT:-30m}"
 pkg="lamina/conformance"
 log="$work/go-test.log"
 
-echo "conformance: lamina binary: $LAMINA_BIN"
 echo "conformance: $("$GO" version)"
+if [[ $self_test -eq 1 ]]; then
+    echo "conformance: self-test: building lamina/refd (containerd's overlayfs snapshotter behind the Snapshots API)"
+    "$GO" build -o "$work/refd" lamina/refd
+    LAMINA_BIN="$work/refd"
+    export LAMINA_BIN
+fi
+echo "conformance: lamina binary: $LAMINA_BIN"
 echo "conformance: building $pkg (GOPATH=$GOPATH)"
 if ! "$GO" vet "$pkg"; then
     echo "conformance: RESULT: FAIL (harness does not build; missing Debian golang-*-dev packages?)"

@@ -9,4 +9,5 @@ mod util;
 mod crash;
 mod layers;
 mod rpc;
+mod systemd;
 

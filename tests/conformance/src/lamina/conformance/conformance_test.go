@@ -93,17 +93,29 @@ func laminaFactory(bin string) testsuite.SnapshotterFunc {
 
 		cmd := exec.Command(bin, "serve", "--root", laminaRoot, "--address", sock)
 		cmd.Stdin = nil
+		cmd.Env = os.Environ()
+		if _, ok := os.LookupEnv("NO_COLOR"); !ok {
+			// Output goes to a pipe and into test logs: no ANSI colours.
+			cmd.Env = append(cmd.Env, "NO_COLOR=1")
+		}
 		// Own process group, so a Ctrl-C on the test does not hit the daemon
 		// before we get to shut it down cleanly.
 		cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
-		out, err := cmd.StderrPipe()
+		// Our own pipe rather than StderrPipe: cmd.Wait must not depend on
+		// EOF on the pipe, which never comes if lamina leaves a helper
+		// process behind that still holds its stderr.
+		pr, pw, err := os.Pipe()
 		if err != nil {
 			return nil, nil, err
 		}
-		cmd.Stdout = cmd.Stderr // stdout goes through the same pipe
-		fwd := newForwarder(tag, out)
+		cmd.Stdout = pw
+		cmd.Stderr = pw
+		fwd := newForwarder(tag, pr)
 
-		if err := cmd.Start(); err != nil {
+		err = cmd.Start()
+		pw.Close()
+		if err != nil {
+			pr.Close()
 			return nil, nil, fmt.Errorf("starting %s: %w", bin, err)
 		}
 		fmt.Fprintf(os.Stderr, "%s: started pid %d: %s\n", tag, cmd.Process.Pid, strings.Join(cmd.Args, " "))
@@ -111,23 +123,25 @@ func laminaFactory(bin string) testsuite.SnapshotterFunc {
 		exited := make(chan struct{})
 		var waitErr error
 		go func() {
-			fwd.wait() // drain the pipe before Wait closes it
 			waitErr = cmd.Wait()
 			close(exited)
 		}()
 
 		kill := func() {
-			_ = cmd.Process.Kill()
+			killGroup(cmd)
 			<-exited
 		}
 
 		if err := waitForSocket(sock, exited, startTimeout); err != nil {
 			select {
 			case <-exited:
+				killGroup(cmd)
+				fwd.waitFor(2 * time.Second)
 				return nil, nil, fmt.Errorf("%s exited before serving %s (%v); last output:\n%s", tag, sock, exitDesc(waitErr), fwd.tail())
 			default:
 			}
 			kill()
+			fwd.waitFor(2 * time.Second)
 			return nil, nil, fmt.Errorf("%s: %w; last output:\n%s", tag, err, fwd.tail())
 		}
 
@@ -216,11 +230,19 @@ func shutdown(tag string, cmd *exec.Cmd, conn *grpc.ClientConn, exited <-chan st
 				errs = append(errs, fmt.Sprintf("lamina exited uncleanly after SIGTERM: %s", exitDesc(*waitErr)))
 			}
 		case <-time.After(shutdownTimeout):
-			_ = cmd.Process.Kill()
+			killGroup(cmd)
 			<-exited
 			errs = append(errs, fmt.Sprintf("lamina did not exit within %s of SIGTERM; killed", shutdownTimeout))
 		}
 	}
+
+	// lamina runs in its own process group; anything still in it now is a
+	// helper lamina left running.
+	if syscall.Kill(-cmd.Process.Pid, 0) == nil {
+		fmt.Fprintf(os.Stderr, "%s: WARNING: processes left in lamina's process group after it exited; killing them\n", tag)
+		killGroup(cmd)
+	}
+	fwd.waitFor(2 * time.Second)
 
 	// Anything still mounted under the test root after lamina is gone was
 	// leaked (by lamina, or by a failed test). Detach it so the suite can
@@ -237,6 +259,12 @@ func shutdown(tag string, cmd *exec.Cmd, conn *grpc.ClientConn, exited <-chan st
 		return fmt.Errorf("%s: %s; last output:\n%s", tag, strings.Join(errs, "; "), fwd.tail())
 	}
 	return nil
+}
+
+// killGroup SIGKILLs lamina and everything in its process group.
+func killGroup(cmd *exec.Cmd) {
+	_ = syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
+	_ = cmd.Process.Kill()
 }
 
 func exitDesc(err error) string {
@@ -276,7 +304,7 @@ type forwarder struct {
 
 const tailLines = 40
 
-func newForwarder(tag string, r io.Reader) *forwarder {
+func newForwarder(tag string, r io.ReadCloser) *forwarder {
 	f := &forwarder{done: make(chan struct{})}
 	go func() {
 		defer close(f.done)
@@ -294,11 +322,18 @@ func newForwarder(tag string, r io.Reader) *forwarder {
 		}
 		// Drain whatever is left if the scanner gave up on a huge line.
 		_, _ = io.Copy(os.Stderr, r)
+		r.Close()
 	}()
 	return f
 }
 
-func (f *forwarder) wait() { <-f.done }
+// waitFor waits (bounded) until the output has been drained to EOF.
+func (f *forwarder) waitFor(d time.Duration) {
+	select {
+	case <-f.done:
+	case <-time.After(d):
+	}
+}
 
 func (f *forwarder) tail() string {
 	f.mu.Lock()

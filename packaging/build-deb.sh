@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Builds target/lamina_<version>_<arch>.deb with dpkg-deb: /usr/bin/lamina, both systemd units,
+# and /etc/lamina/config.toml as a conffile (an operator's edits survive upgrades).
+# A plain script rather than cargo-deb: dpkg-deb is on every Debian machine, nothing to install.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+version=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n1)
+arch=$(dpkg --print-architecture)
+cargo build --release --locked
+stage=$(mktemp -d)
+trap 'rm -rf "$stage"' EXIT
+
+install -D -m 0755 target/release/lamina "$stage/usr/bin/lamina"
+install -D -m 0644 systemd/lamina.service "$stage/lib/systemd/system/lamina.service"
+install -D -m 0644 systemd/lamina.socket "$stage/lib/systemd/system/lamina.socket"
+install -D -m 0644 packaging/config.toml "$stage/etc/lamina/config.toml"
+install -D -m 0644 packaging/containerd-config.toml "$stage/usr/share/doc/lamina/containerd-config.toml"
+install -D -m 0644 README.md "$stage/usr/share/doc/lamina/README.md"
+
+mkdir -p "$stage/DEBIAN"
+cat > "$stage/DEBIAN/control" <<CONTROL
+Package: lamina
+Version: $version
+Architecture: $arch
+Maintainer: lamina developers <lamina@localhost>
+Section: admin
+Priority: optional
+Depends: libc6
+Recommends: containerd
+Description: overlayfs snapshotter for containerd
+ lamina serves containerd's Snapshots API as a proxy plugin on a unix socket and
+ answers with kernel overlayfs mounts, keeping its metadata in a crash-safe store.
+CONTROL
+echo /etc/lamina/config.toml > "$stage/DEBIAN/conffiles"
+cat > "$stage/DEBIAN/postinst" <<'POSTINST'
+#!/bin/sh
+set -e
+if [ -d /run/systemd/system ]; then
+    systemctl daemon-reload || true
+fi
+POSTINST
+chmod 0755 "$stage/DEBIAN/postinst"
+
+out="target/lamina_${version}_${arch}.deb"
+dpkg-deb --root-owner-group --build "$stage" "$out" >/dev/null
+echo "$out"

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Builds the .deb, checks its file list and conffiles, installs it, verifies both systemd units
+# with systemd-analyze against the installed binary, checks `lamina config default` against the
+# packaged file, then removes the package again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+deb=$(packaging/build-deb.sh)
+files=$(dpkg-deb -c "$deb" | awk '{print $6}' | grep -v '/$' | sort)
+expected=$(printf '%s\n' \
+    ./etc/lamina/config.toml \
+    ./lib/systemd/system/lamina.service \
+    ./lib/systemd/system/lamina.socket \
+    ./usr/bin/lamina \
+    ./usr/share/doc/lamina/README.md \
+    ./usr/share/doc/lamina/containerd-config.toml | sort)
+if [ "$files" != "$expected" ]; then
+    echo "packaging: unexpected file list in $deb:"; echo "$files"; exit 1
+fi
+[ "$(dpkg-deb -I "$deb" conffiles)" = /etc/lamina/config.toml ] || { echo "packaging: conffiles wrong"; exit 1; }
+
+dpkg -i "$deb" >/dev/null
+trap 'dpkg --purge lamina >/dev/null' EXIT
+systemd-analyze verify /lib/systemd/system/lamina.service /lib/systemd/system/lamina.socket
+diff <(lamina config default) /etc/lamina/config.toml
+lamina config dump --config /etc/lamina/config.toml >/dev/null
+echo "packaging: 1 passed, 0 failed"
