@@ -24,6 +24,7 @@ struct File {
     mount_options: Option<Vec<String>>,
     log_level: Option<String>,
     log_format: Option<LogFormat>,
+    metrics_address: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -59,6 +60,20 @@ pub struct Config {
     /// A tracing filter: a level (`info`) or directives (`lamina=debug`). `RUST_LOG` wins.
     pub log_level: String,
     pub log_format: LogFormat,
+    /// Where to serve Prometheus metrics (`host:port` or `unix:/path`); none by default.
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "display")]
+    pub metrics_address: Option<crate::metrics::Address>,
+}
+
+fn display<S: serde::Serializer>(
+    v: &Option<crate::metrics::Address>,
+    s: S,
+) -> std::result::Result<S::Ok, S::Error> {
+    match v {
+        Some(crate::metrics::Address::Tcp(a)) => s.serialize_str(&a.to_string()),
+        Some(crate::metrics::Address::Unix(p)) => s.serialize_str(&format!("unix:{}", p.display())),
+        None => s.serialize_none(),
+    }
 }
 
 impl Config {
@@ -112,6 +127,13 @@ fn resolve(file: File, flags: &Flags) -> Result<Config> {
             .log_format
             .or(file.log_format)
             .unwrap_or(LogFormat::Text),
+        metrics_address: file
+            .metrics_address
+            .map(|a| {
+                a.parse()
+                    .map_err(|e| Error::Config(format!("metrics_address: {e}")))
+            })
+            .transpose()?,
     };
     validate(&config)?;
     Ok(config)
@@ -187,7 +209,11 @@ mod tests {
             address: Some("/x.sock".into()),
             ..Flags::default()
         };
-        let c = from("sync_remove = true\nmount_options = [\"volatile\"]", &flags).unwrap();
+        let c = from(
+            "sync_remove = true\nmount_options = [\"volatile\"]\nmetrics_address = \"unix:/m.sock\"",
+            &flags,
+        )
+        .unwrap();
         assert_eq!(from(&c.to_toml(), &Flags::default()).unwrap(), c);
     }
 
@@ -217,5 +243,7 @@ mod tests {
         assert!(err("mount_options = [\"a,b\"]").contains("mount_options"));
         assert!(err("log_format = \"xml\"").contains("log_format"));
         assert!(err("log_level = \"=[\"").contains("log_level"));
+        assert!(err("metrics_address = \"nowhere\"").contains("metrics_address"));
+        assert!(err("metrics_address = \"unix:rel\"").contains("metrics_address"));
     }
 }

@@ -57,6 +57,18 @@ pub enum Error {
     )]
     AddressInUse(PathBuf),
 
+    /// The daemon cannot be reached (operator commands).
+    #[error("{0}")]
+    Unavailable(String),
+
+    /// The daemon answered an operator command with an error.
+    #[error("{0}")]
+    Remote(String),
+
+    /// The store file is damaged; the message says what to do.
+    #[error("{0}")]
+    Corrupt(String),
+
     /// A fault inside lamina that no request could have caused.
     #[error("internal error: {0}")]
     Internal(String),
@@ -123,6 +135,9 @@ impl Error {
             | Error::Unsupported(_)
             | Error::Config(_)
             | Error::AddressInUse(_)
+            | Error::Unavailable(_)
+            | Error::Remote(_)
+            | Error::Corrupt(_)
             | Error::Internal(_) => Code::Internal,
         }
     }

@@ -1,9 +1,11 @@
 //! lamina: an overlayfs snapshotter for containerd, served as a proxy plugin.
 //! ARCHITECTURE.md maps the modules and the rules between them.
 
+pub mod cli;
 pub mod config;
 pub mod error;
 pub mod grpc;
+pub mod metrics;
 pub mod overlay;
 pub mod server;
 pub mod snapshot;

@@ -29,6 +29,32 @@ enum Command {
     /// Print configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Ask the running daemon what it is, what it found and what it holds.
+    Status {
+        #[command(flatten)]
+        settings: Settings,
+    },
+    /// Compare the store with the snapshot directories (through the daemon, or offline on
+    /// a stopped daemon's root). Exits non-zero when something is wrong.
+    Fsck {
+        /// Fix what is safe to fix: orphans, missing directories of active snapshots, modes.
+        #[arg(long)]
+        repair: bool,
+        #[command(flatten)]
+        settings: Settings,
+    },
+    /// Report what the kernel and the root's filesystem support, without a daemon.
+    Check {
+        #[command(flatten)]
+        settings: Settings,
+    },
+    /// Mount snapshot KEY at TARGET for inspection, as containerd would.
+    Mount {
+        key: String,
+        target: PathBuf,
+        #[command(flatten)]
+        settings: Settings,
+    },
 }
 
 #[derive(Subcommand)]
@@ -102,6 +128,29 @@ fn run(cli: Cli) -> Result<(), Error> {
                 .map_err(|e| Error::Internal(format!("starting the async runtime: {e}")))?;
             runtime.block_on(lamina::server::run(config))
         }
+        Command::Status { settings } => {
+            print!("{}", block_on(lamina::cli::status(&settings.load()?))?);
+            Ok(())
+        }
+        Command::Fsck { repair, settings } => {
+            let (out, clean) = block_on(lamina::cli::fsck(&settings.load()?, repair))?;
+            print!("{out}");
+            clean.then_some(()).ok_or_else(|| {
+                Error::Config("fsck found problems; see above (--repair fixes what is safe)".into())
+            })
+        }
+        Command::Check { settings } => {
+            let (out, usable) = lamina::cli::check(&settings.load()?)?;
+            print!("{out}");
+            usable.then_some(()).ok_or_else(|| {
+                Error::Unsupported("lamina cannot run on this root; see above".into())
+            })
+        }
+        Command::Mount {
+            key,
+            target,
+            settings,
+        } => block_on(lamina::cli::mount(&settings.load()?, &key, &target)),
         Command::Config(ConfigCommand::Default) => {
             print!("{}", lamina::config::DEFAULT_FILE);
             Ok(())
@@ -111,6 +160,14 @@ fn run(cli: Cli) -> Result<(), Error> {
             Ok(())
         }
     }
+}
+
+fn block_on<T>(fut: impl std::future::Future<Output = Result<T, Error>>) -> Result<T, Error> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Error::Internal(format!("starting the async runtime: {e}")))?
+        .block_on(fut)
 }
 
 fn init_logging(config: &Config) {

@@ -7,17 +7,21 @@ use std::{
     os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt},
     path::Path,
     sync::Arc,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
-use tracing::{info, warn};
+use tonic_health::ServingStatus;
+use tracing::{error, info, warn};
 
 use crate::{
     config::Config,
     error::{Error, Result},
-    grpc,
+    grpc::{
+        self,
+        admin::{Admin, AdminServer},
+    },
     overlay::probe::{self, Host},
     snapshot::{Options, Snapshotter},
     store::layout::Layout,
@@ -35,11 +39,19 @@ pub async fn run(config: Config) -> Result<()> {
         None => (bind(&config.address)?, false),
     };
     let result = match start(&config) {
-        Ok(snapshotter) => {
+        Ok(admin) => {
             info!(address = %config.address.display(), root = %config.root.display(), activated, "serving");
+            if let Some(address) = config.metrics_address.clone() {
+                let s = Arc::clone(&admin.snapshotter);
+                tokio::spawn(async move {
+                    if let Err(e) = crate::metrics::serve(address, s).await {
+                        error!(error = %crate::error::chain(&e), "metrics endpoint stopped");
+                    }
+                });
+            }
             notify(sd_notify::NotifyState::Ready);
             let watchdog = sd_notify::watchdog_enabled().map(|every| tokio::spawn(watchdog(every)));
-            let result = serve(listener, snapshotter, async {
+            let result = serve(listener, admin, async {
                 shutdown_signal().await;
                 notify(sd_notify::NotifyState::Stopping);
             })
@@ -134,17 +146,18 @@ fn inherited_listener() -> Result<Option<UnixListener>> {
 }
 
 /// Checks the host, opens the store and recovers from whatever a crash left behind.
-pub fn start(config: &Config) -> Result<Arc<Snapshotter>> {
+pub fn start(config: &Config) -> Result<Arc<Admin>> {
     let layout = Layout::new(&config.root);
     layout.init()?;
     let host = Host::detect();
     let mount_options = probe::overlay_options(&config.mount_options, host);
     probe::check(layout.root(), &mount_options)?;
     info!(?host, options = ?mount_options, "overlayfs works on the root");
+    let features = probe::features(layout.root(), &config.mount_options);
     let snapshotter = Snapshotter::open(
         layout,
         Options {
-            mount_options,
+            mount_options: mount_options.clone(),
             sync_remove: config.sync_remove,
             upperdir_label: config.upperdir_label,
         },
@@ -154,7 +167,13 @@ pub fn start(config: &Config) -> Result<Arc<Snapshotter>> {
         directories = reclaimed.directories,
         "start-up recovery done"
     );
-    Ok(snapshotter)
+    Ok(Arc::new(Admin {
+        snapshotter,
+        config: config.clone(),
+        features,
+        mount_options,
+        started: Instant::now(),
+    }))
 }
 
 /// Binds the unix socket with mode 0660, replacing a stale socket file but never one that a
@@ -194,11 +213,20 @@ pub fn bind(path: &Path) -> Result<UnixListener> {
 /// requests finish for at most [`DRAIN`], and returns.
 pub async fn serve(
     listener: UnixListener,
-    snapshotter: Arc<Snapshotter>,
+    admin: Arc<Admin>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
+    let snapshotter = Arc::clone(&admin.snapshotter);
+    // Health: SERVING from here (recovery is done), NOT_SERVING once shutdown starts.
+    let (mut health, health_service) = tonic_health::server::health_reporter();
+    health.set_service_status("", ServingStatus::Serving).await;
+    health
+        .set_serving::<grpc::SnapshotsServer<grpc::Service>>()
+        .await;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(AdminServer::new(admin))
         .add_service(grpc::server(Arc::clone(&snapshotter)))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async {
             let _ = stop_rx.await;
@@ -209,6 +237,12 @@ pub async fn serve(
         _ = shutdown => {}
     }
     info!("shutting down: no new connections, draining requests");
+    health
+        .set_service_status("", ServingStatus::NotServing)
+        .await;
+    health
+        .set_not_serving::<grpc::SnapshotsServer<grpc::Service>>()
+        .await;
     snapshotter.close();
     let _ = stop_tx.send(());
     match tokio::time::timeout(DRAIN, &mut server).await {

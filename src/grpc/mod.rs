@@ -1,6 +1,9 @@
 //! The only code that knows tonic and the wire types: request → domain call → response.
 //! It decides nothing; every rule lives in `snapshot/`.
 
+pub mod admin;
+pub mod client;
+
 use std::{future::Future, pin::Pin, sync::Arc, time::SystemTime};
 
 use containerd_snapshots::api::{
@@ -34,17 +37,26 @@ pub fn server(snapshotter: Arc<Snapshotter>) -> SnapshotsServer<Service> {
         .max_encoding_message_size(MAX_MESSAGE_BYTES)
 }
 
-/// Runs one request inside its span and logs how it ended; errors become statuses here only.
+/// Runs one request inside its span, logs how it ended and counts it in the metrics; errors
+/// become statuses here only.
 async fn traced<T>(
+    rpc: &'static str,
     span: Span,
     fut: impl Future<Output = Result<T>>,
 ) -> Result<Response<T>, Status> {
     async move {
         debug!("request");
-        match fut.await {
+        let started = std::time::Instant::now();
+        let result = fut.await;
+        let code = result
+            .as_ref()
+            .map_or_else(Error::code, |_| tonic::Code::Ok);
+        crate::metrics::global().request(rpc, code, started.elapsed());
+        match result {
             Ok(v) => Ok(Response::new(v)),
             Err(err) => {
                 let status = Status::from(err);
+                // ERROR means a human must look: only faults inside lamina, never bad requests.
                 if matches!(status.code(), tonic::Code::Internal | tonic::Code::Unknown) {
                     error!(code = ?status.code(), "{}", status.message());
                 } else {
@@ -124,7 +136,7 @@ impl Snapshots for Service {
         let r = req.into_inner();
         let span = info_span!("prepare", key = ?r.key, parent = ?r.parent, ns);
         let s = &self.snapshotter;
-        traced(span, async {
+        traced("Prepare", span, async {
             let mounts = s.prepare(r.key, r.parent, r.labels).await?;
             Ok(PrepareSnapshotResponse {
                 mounts: wire_mounts(mounts),
@@ -141,7 +153,7 @@ impl Snapshots for Service {
         let r = req.into_inner();
         let span = info_span!("view", key = ?r.key, parent = ?r.parent, ns);
         let s = &self.snapshotter;
-        traced(span, async {
+        traced("View", span, async {
             let mounts = s.view(r.key, r.parent, r.labels).await?;
             Ok(ViewSnapshotResponse {
                 mounts: wire_mounts(mounts),
@@ -158,7 +170,7 @@ impl Snapshots for Service {
         let r = req.into_inner();
         let span = info_span!("mounts", key = ?r.key, ns);
         let s = &self.snapshotter;
-        traced(span, async {
+        traced("Mounts", span, async {
             let mounts = s.mounts(r.key).await?;
             Ok(MountsResponse {
                 mounts: wire_mounts(mounts),
@@ -172,14 +184,14 @@ impl Snapshots for Service {
         let r = req.into_inner();
         let span = info_span!("commit", key = ?r.key, name = ?r.name, ns);
         let s = &self.snapshotter;
-        traced(span, s.commit(r.name, r.key, r.labels)).await
+        traced("Commit", span, s.commit(r.name, r.key, r.labels)).await
     }
 
     async fn remove(&self, req: Request<RemoveSnapshotRequest>) -> Result<Response<()>, Status> {
         let ns = namespace(&req);
         let r = req.into_inner();
         let span = info_span!("remove", key = ?r.key, ns);
-        traced(span, self.snapshotter.remove(r.key)).await
+        traced("Remove", span, self.snapshotter.remove(r.key)).await
     }
 
     async fn stat(
@@ -190,7 +202,7 @@ impl Snapshots for Service {
         let r = req.into_inner();
         let span = info_span!("stat", key = ?r.key, ns);
         let s = &self.snapshotter;
-        traced(span, async {
+        traced("Stat", span, async {
             let info = s.stat(r.key).await?;
             Ok(StatSnapshotResponse {
                 info: Some(wire_info(info)),
@@ -208,7 +220,7 @@ impl Snapshots for Service {
         let key = r.info.as_ref().map(|i| i.name.clone()).unwrap_or_default();
         let span = info_span!("update", key = ?key, ns);
         let s = &self.snapshotter;
-        traced(span, async {
+        traced("Update", span, async {
             let info = r.info.ok_or_else(|| {
                 Error::invalid("update needs the snapshot's info (name and labels)")
             })?;
@@ -231,7 +243,7 @@ impl Snapshots for Service {
         let r = req.into_inner();
         let span = info_span!("list", filters = ?r.filters, ns);
         let s = &self.snapshotter;
-        traced(span, async {
+        traced("List", span, async {
             let infos = s.list(r.filters).await?;
             let mut batches = Vec::with_capacity(infos.len() / LIST_BATCH + 1);
             let mut infos = infos.into_iter().map(wire_info).peekable();
@@ -249,7 +261,7 @@ impl Snapshots for Service {
         let r = req.into_inner();
         let span = info_span!("usage", key = ?r.key, ns);
         let s = &self.snapshotter;
-        traced(span, async {
+        traced("Usage", span, async {
             let u = s.usage(r.key).await?;
             Ok(UsageResponse {
                 size: u.size,
@@ -263,7 +275,7 @@ impl Snapshots for Service {
         let ns = namespace(&req);
         let span = info_span!("cleanup", ns);
         let s = &self.snapshotter;
-        traced(span, async {
+        traced("Cleanup", span, async {
             let reclaimed = s.cleanup().await?;
             tracing::info!(directories = reclaimed.directories, "cleanup done");
             Ok(())

@@ -168,3 +168,123 @@ mod tests {
         );
     }
 }
+
+/// One kernel or filesystem capability, what was seen, and what lamina does about it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Feature {
+    pub name: &'static str,
+    pub supported: bool,
+    pub detail: String,
+}
+
+/// Everything `lamina check` and `lamina status` report. Needs root to try the mounts; without
+/// it, the mount-based answers say they could not be tried.
+pub fn features(root: &Path, configured: &[String]) -> Vec<Feature> {
+    let host = Host::detect();
+    let options = overlay_options(configured, host);
+    let param = |name: &str| {
+        fs::read_to_string(format!("/sys/module/overlay/parameters/{name}"))
+            .ok()
+            .map(|v| v.trim().to_string())
+    };
+    let mut out = Vec::new();
+
+    let overlay = check(root, &options);
+    out.push(Feature {
+        name: "overlayfs",
+        supported: overlay.is_ok(),
+        detail: match &overlay {
+            Ok(()) => format!("a probe overlay mounts under {}", root.display()),
+            Err(e) => format!("lamina will not start: {e}"),
+        },
+    });
+
+    let scratch = scratch_dir(root);
+    let d_type = fs::create_dir_all(&scratch)
+        .and_then(|_| fs::write(scratch.join("f"), b""))
+        .map_err(|e| Error::io("writing probe file in", &scratch, e))
+        .and_then(|_| supports_d_type(&scratch));
+    let _ = fs::remove_dir_all(&scratch);
+    out.push(Feature {
+        name: "d_type",
+        supported: matches!(d_type, Ok(true)),
+        detail: match d_type {
+            Ok(true) => "directory entries carry file types; overlayfs can find whiteouts".into(),
+            Ok(false) => "missing: lamina refuses to start on this filesystem".into(),
+            Err(e) => format!("could not be checked: {e}"),
+        },
+    });
+
+    let index = param("index");
+    out.push(Feature {
+        name: "index",
+        supported: index.is_some(),
+        detail: match (&index, configured.iter().find(|o| o.starts_with("index="))) {
+            (None, _) => "the kernel has no index feature; nothing to do".into(),
+            (Some(v), Some(o)) => format!("kernel default {v}; configured {o} is used"),
+            (Some(v), None) => {
+                format!("kernel default {v}; lamina adds index=off to every overlay")
+            }
+        },
+    });
+
+    let metacopy = param("metacopy");
+    out.push(Feature {
+        name: "metacopy",
+        supported: metacopy.is_some(),
+        detail: match metacopy {
+            None => "the kernel has no metacopy feature".into(),
+            Some(v) => format!(
+                "kernel default {v}; lamina leaves it alone (add metacopy=on to mount_options \
+                 to use it)"
+            ),
+        },
+    });
+
+    let (major, minor) = kernel_version();
+    out.push(Feature {
+        name: "userxattr",
+        supported: (major, minor) >= (5, 11),
+        detail: if host.in_user_namespace {
+            "running in a user namespace: lamina adds userxattr".into()
+        } else {
+            "not in a user namespace: trusted.* xattrs are used, userxattr is not added".into()
+        },
+    });
+
+    out.push(Feature {
+        name: "idmapped_mounts",
+        supported: (major, minor) >= (5, 19),
+        detail: format!(
+            "kernel {major}.{minor}: overlayfs on idmapped layers needs 5.19; lamina does not \
+             remap layers itself"
+        ),
+    });
+
+    let lowerdir_plus = sys::supports_lowerdir_plus(root);
+    out.push(Feature {
+        name: "lowerdir+",
+        supported: matches!(lowerdir_plus, Ok(true)),
+        detail: match lowerdir_plus {
+            Ok(true) => "the new mount API takes one lower at a time: `lamina mount` uses it \
+                         for chains whose options do not fit in one page"
+                .into(),
+            Ok(false) => {
+                "not supported: `lamina mount` needs the options to fit in one page".into()
+            }
+            Err(e) => format!("could not be checked: {e}"),
+        },
+    });
+    out
+}
+
+/// The running kernel's major and minor version.
+pub fn kernel_version() -> (u32, u32) {
+    let release = nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let mut parts = release
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|p| p.parse().ok());
+    (parts.next().unwrap_or(0), parts.next().unwrap_or(0))
+}

@@ -11,6 +11,7 @@
 //! Blocking disk and store work runs on tokio's blocking pool, never on a runtime worker.
 
 pub mod filter;
+pub mod fsck;
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -26,6 +27,7 @@ use tracing::{error, info, warn, Span};
 
 use crate::{
     error::{chain, Error, Result},
+    metrics,
     overlay::{self, usage, Dirs, Mount},
     store::{
         layout::{DirEntry, Layout},
@@ -61,6 +63,14 @@ pub struct Options {
     pub upperdir_label: bool,
 }
 
+/// Snapshots by kind.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Counts {
+    pub active: u64,
+    pub views: u64,
+    pub committed: u64,
+}
+
 /// What Cleanup (or start-up recovery) did.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Reclaimed {
@@ -91,13 +101,26 @@ impl Snapshotter {
         &self.layout
     }
 
+    /// Snapshots by kind; reads the whole store, for status and metrics only.
+    pub fn counts(&self) -> Result<Counts> {
+        let mut c = Counts::default();
+        for (_, record) in self.store.list()? {
+            match record.kind {
+                Kind::Active => c.active += 1,
+                Kind::View => c.views += 1,
+                Kind::Committed => c.committed += 1,
+            }
+        }
+        Ok(c)
+    }
+
     /// Refuses new requests from now on (they get Unavailable); requests already running finish.
     pub fn close(&self) {
         self.closing.store(true, Ordering::SeqCst);
     }
 
-    /// Runs `f` on the blocking pool inside the caller's span.
-    async fn blocking<T, F>(self: &Arc<Self>, f: F) -> Result<T>
+    /// Runs `f` on the blocking pool inside the caller's span; refused once closing.
+    pub async fn run<T, F>(self: &Arc<Self>, f: F) -> Result<T>
     where
         T: Send + 'static,
         F: FnOnce(&Snapshotter) -> Result<T> + Send + 'static,
@@ -118,7 +141,7 @@ impl Snapshotter {
         parent: String,
         labels: HashMap<String, String>,
     ) -> Result<Vec<Mount>> {
-        self.blocking(move |s| s.create(&key, &parent, labels, Kind::Active))
+        self.run(move |s| s.create(&key, &parent, labels, Kind::Active))
             .await
     }
 
@@ -128,12 +151,12 @@ impl Snapshotter {
         parent: String,
         labels: HashMap<String, String>,
     ) -> Result<Vec<Mount>> {
-        self.blocking(move |s| s.create(&key, &parent, labels, Kind::View))
+        self.run(move |s| s.create(&key, &parent, labels, Kind::View))
             .await
     }
 
     pub async fn mounts(self: &Arc<Self>, key: String) -> Result<Vec<Mount>> {
-        self.blocking(move |s| {
+        self.run(move |s| {
             check_key("key", &key)?;
             let record = s.store.get(&key)?;
             if record.kind == Kind::Committed {
@@ -153,7 +176,7 @@ impl Snapshotter {
         key: String,
         labels: HashMap<String, String>,
     ) -> Result<()> {
-        self.blocking(move |s| {
+        self.run(move |s| {
             check_key("key", &key)?;
             check_key("name", &name)?;
             let labels = check_labels(labels)?;
@@ -176,7 +199,7 @@ impl Snapshotter {
     }
 
     pub async fn remove(self: &Arc<Self>, key: String) -> Result<()> {
-        self.blocking(move |s| {
+        self.run(move |s| {
             check_key("key", &key)?;
             let record = s.store.remove(&key)?;
             if s.options.sync_remove {
@@ -193,7 +216,7 @@ impl Snapshotter {
     }
 
     pub async fn stat(self: &Arc<Self>, key: String) -> Result<Info> {
-        self.blocking(move |s| {
+        self.run(move |s| {
             check_key("key", &key)?;
             let record = s.store.get(&key)?;
             Ok(s.info(key, record))
@@ -204,7 +227,7 @@ impl Snapshotter {
     /// Changes labels, the only mutable field. `paths` empty or `labels`: replace them all;
     /// `labels.<k>`: set k from `info`, or delete it when absent or empty there.
     pub async fn update(self: &Arc<Self>, info: Info, paths: Vec<String>) -> Result<Info> {
-        self.blocking(move |s| {
+        self.run(move |s| {
             let key = info.name.clone();
             check_key("info.name", &key)?;
             let given = check_labels(info.labels.into_iter().collect())?;
@@ -240,7 +263,7 @@ impl Snapshotter {
     }
 
     pub async fn usage(self: &Arc<Self>, key: String) -> Result<Usage> {
-        self.blocking(move |s| {
+        self.run(move |s| {
             check_key("key", &key)?;
             let record = s.store.get(&key)?;
             match record.kind {
@@ -259,7 +282,7 @@ impl Snapshotter {
     /// held once this returns, so callers may Stat while they stream the result.
     pub async fn list(self: &Arc<Self>, filters: Vec<String>) -> Result<Vec<Info>> {
         let filter = Filter::parse_all(&filters).map_err(|e| Error::invalid(e.to_string()))?;
-        self.blocking(move |s| {
+        self.run(move |s| {
             let mut out = Vec::new();
             for (key, record) in s.store.list()? {
                 if filter.matches(&Fielded(&key, &record)) {
@@ -273,7 +296,7 @@ impl Snapshotter {
 
     /// Deletes every directory under `<root>/snapshots` that no snapshot owns.
     pub async fn cleanup(self: &Arc<Self>) -> Result<Reclaimed> {
-        self.blocking(|s| s.reclaim("not owned by any snapshot (Cleanup)"))
+        self.run(|s| s.reclaim("not owned by any snapshot (Cleanup)"))
             .await
     }
 
@@ -320,7 +343,10 @@ impl Snapshotter {
         for entry in entries {
             match entry {
                 DirEntry::Id(id) if !owned.contains(&id) => {
+                    // Measured before deleting, for the metrics; an unreadable tree counts 0.
+                    let bytes = usage::walk(&self.layout.dir(id)).map_or(0, |u| u.size as u64);
                     self.layout.remove_dirs(id)?;
+                    metrics::global().reclaimed(bytes);
                     info!(id, path = %self.layout.dir(id).display(), reason = why, "removed directory");
                     reclaimed.directories += 1;
                 }

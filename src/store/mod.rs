@@ -93,8 +93,33 @@ impl Store {
     /// Opens (or creates) the store file. A file that is not a valid store is an error: lamina
     /// never starts empty over existing snapshots.
     pub fn open(path: &Path) -> Result<Store> {
-        let db = Database::create(path)
-            .map_err(|e| Error::store(format!("opening {}", path.display()), e))?;
+        // redb would initialise an empty file as a new store; an existing empty file is a store
+        // that lost its contents, and starting empty over the snapshots would hide the loss.
+        if std::fs::metadata(path).is_ok_and(|m| m.len() == 0) {
+            return Err(Error::Corrupt(format!(
+                "store {} is empty (0 bytes) but exists: it lost its contents. Restore it from a \
+                 backup, or delete it to start over (existing snapshots are then lost to lamina)",
+                path.display()
+            )));
+        }
+        let db = open_guarded(path)?.map_err(|e| match e {
+            redb::DatabaseError::DatabaseAlreadyOpen => Error::Config(format!(
+                "store {} is in use by another process (a running lamina?): stop it, or use \
+                 its socket",
+                path.display()
+            )),
+            redb::DatabaseError::Storage(redb::StorageError::Io(io)) => {
+                Error::io("opening store", path, io)
+            }
+            other => Error::Corrupt(format!(
+                "store {} cannot be opened ({other}). lamina will not start empty over existing \
+                 snapshots: restore the file from a backup, or move it aside to start over (the \
+                 snapshots under {} are then lost to lamina and `lamina fsck --repair` removes \
+                 them)",
+                path.display(),
+                path.parent().unwrap_or(path).join("snapshots").display()
+            )),
+        })?;
         let store = Store { db };
         store.write("initialising tables", |tx| {
             tx.open_table(SNAPSHOTS)?;
@@ -127,7 +152,9 @@ impl Store {
     ) -> Result<T> {
         let tx = self.db.begin_write().map_err(|e| Error::store(what, e))?;
         let value = f(&tx).map_err(|e| e.in_context(what))?;
+        let started = std::time::Instant::now();
         tx.commit().map_err(|e| Error::store(what, e))?;
+        crate::metrics::global().store_commit(started.elapsed());
         Ok(value)
     }
 
@@ -322,6 +349,29 @@ impl Store {
     }
 }
 
+/// Opens the database, turning a panic inside redb (it asserts on some damaged files, e.g. one
+/// truncated below its recorded length) into a Corrupt error instead of a crash.
+fn open_guarded(path: &Path) -> Result<Result<Database, redb::DatabaseError>> {
+    let quiet = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let opened = std::panic::catch_unwind(|| Database::create(path));
+    std::panic::set_hook(quiet);
+    opened.map_err(|panic| {
+        let why = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown damage".into());
+        Error::Corrupt(format!(
+            "store {} is damaged ({why}). lamina will not start empty over existing snapshots: \
+             restore the file from a backup, or move it aside to start over (the snapshots \
+             under {} are then lost to lamina and `lamina fsck --repair` removes them)",
+            path.display(),
+            path.parent().unwrap_or(path).join("snapshots").display()
+        ))
+    })
+}
+
 fn commit_wrong_kind(key: &str, kind: Kind) -> Error {
     Error::precondition(format!(
         "cannot commit snapshot {key:?}: it is {}, only active snapshots can be committed",
@@ -439,6 +489,28 @@ mod tests {
             .create("b", "", Kind::Active, BTreeMap::new(), now())
             .unwrap();
         assert_eq!(b.id, a.id + 1);
+    }
+
+    #[test]
+    fn refuses_a_truncated_store_without_panicking() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        Store::open(&path)
+            .unwrap()
+            .create("a", "", Kind::Active, BTreeMap::new(), now())
+            .unwrap();
+        let len = std::fs::metadata(&path).unwrap().len();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(len / 2)
+            .unwrap();
+        let err = Store::open(&path)
+            .err()
+            .expect("a truncated store must not open");
+        assert!(matches!(err, Error::Corrupt(_)), "{err}");
+        assert!(err.to_string().contains("backup"), "{err}");
     }
 
     #[test]

@@ -1,0 +1,134 @@
+//! The operator commands: `status`, `fsck`, `check`, `mount`. Each prints what it found in
+//! plain text and returns an error (non-zero exit) when something needs attention.
+
+use std::{fmt::Write as _, path::Path};
+
+use crate::{
+    config::Config,
+    error::{Error, Result},
+    grpc::{self, admin::proto},
+    overlay::probe,
+    snapshot::{Options, Snapshotter},
+    store::layout::Layout,
+};
+
+/// `lamina status`: asks the running daemon.
+pub async fn status(config: &Config) -> Result<String> {
+    let channel = grpc::client::connect(&config.address).await?;
+    let s = grpc::client::admin(channel)
+        .status(proto::StatusRequest {})
+        .await
+        .map_err(grpc::client::remote)?
+        .into_inner();
+    let mut out = String::new();
+    let _ = writeln!(out, "lamina {} up {}s", s.version, s.uptime_seconds);
+    let _ = writeln!(out, "root:          {}", s.root);
+    let _ = writeln!(out, "store:         {} bytes", s.store_bytes);
+    let _ = writeln!(
+        out,
+        "snapshots:     {} active, {} views, {} committed",
+        s.active, s.views, s.committed
+    );
+    let _ = writeln!(out, "mount options: {}", s.mount_options.join(","));
+    let _ = writeln!(out, "features:");
+    for f in &s.features {
+        out.push_str(&feature_line(&f.name, f.supported, &f.detail));
+    }
+    let _ = writeln!(out, "config:");
+    for line in s.config_toml.lines() {
+        let _ = writeln!(out, "  {line}");
+    }
+    Ok(out)
+}
+
+fn feature_line(name: &str, supported: bool, detail: &str) -> String {
+    let mark = if supported { "yes" } else { "no " };
+    format!("  {name:<16} {mark}  {detail}\n")
+}
+
+/// `lamina fsck`: through the running daemon when it answers on its socket, else offline on
+/// the root (the store's file lock keeps a second writer out).
+pub async fn fsck(config: &Config, repair: bool) -> Result<(String, bool)> {
+    let report = match grpc::client::connect(&config.address).await {
+        Ok(channel) => grpc::client::admin(channel)
+            .fsck(proto::FsckRequest { repair })
+            .await
+            .map_err(grpc::client::remote)?
+            .into_inner(),
+        Err(_) => {
+            let root = config.root.clone();
+            let report = tokio::task::spawn_blocking(move || offline_fsck(&root, repair))
+                .await
+                .map_err(|e| Error::Internal(e.to_string()))??;
+            grpc::admin::wire_report(report)
+        }
+    };
+    let mut out = String::new();
+    let mut clean = true;
+    for f in &report.findings {
+        if f.kind != "foreign" && !f.repaired {
+            clean = false;
+        }
+        let key = if f.key.is_empty() {
+            String::new()
+        } else {
+            format!(" key={:?}", f.key)
+        };
+        let action = if f.action.is_empty() {
+            String::new()
+        } else {
+            format!(" -> {}", f.action)
+        };
+        let _ = writeln!(out, "{}: {}{key}: {}{action}", f.kind, f.path, f.detail);
+    }
+    let _ = writeln!(
+        out,
+        "checked {} snapshots and {} directories: {}",
+        report.snapshots_checked,
+        report.directories_checked,
+        if clean { "clean" } else { "problems found" }
+    );
+    Ok((out, clean))
+}
+
+fn offline_fsck(root: &Path, repair: bool) -> Result<crate::snapshot::fsck::Report> {
+    if !root.join("metadata.redb").exists() {
+        return Err(Error::Config(format!(
+            "{} holds no lamina store, and no daemon answers on the socket",
+            root.display()
+        )));
+    }
+    let options = Options {
+        mount_options: Vec::new(),
+        sync_remove: false,
+        upperdir_label: false,
+    };
+    Snapshotter::open(Layout::new(root), options)?.fsck(repair)
+}
+
+/// `lamina check`: what this kernel and the root's filesystem support, without a daemon.
+pub fn check(config: &Config) -> Result<(String, bool)> {
+    let layout = Layout::new(&config.root);
+    layout.init()?;
+    let features = probe::features(layout.root(), &config.mount_options);
+    let (major, minor) = probe::kernel_version();
+    let mut out = format!("kernel {major}.{minor}, root {}\n", config.root.display());
+    for f in &features {
+        out.push_str(&feature_line(f.name, f.supported, &f.detail));
+    }
+    let usable = features
+        .iter()
+        .filter(|f| matches!(f.name, "overlayfs" | "d_type"))
+        .all(|f| f.supported);
+    Ok((out, usable))
+}
+
+/// `lamina mount KEY TARGET`: mounts a snapshot for inspection, as containerd would.
+pub async fn mount(config: &Config, key: &str, target: &Path) -> Result<()> {
+    let channel = grpc::client::connect(&config.address).await?;
+    let mounts = grpc::client::mounts(channel, key).await?;
+    for m in &mounts {
+        crate::sys::mount_spec(m, target).map_err(|e| Error::io("mounting at", target, e))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,211 @@
+//! Prometheus metrics: what is recorded where, and the optional scrape endpoint.
+//!
+//! Recording is cheap (atomics) and always on; the endpoint exists only when `metrics_address`
+//! is configured.
+
+use std::{
+    path::PathBuf,
+    sync::{Arc, OnceLock},
+    time::Duration,
+};
+
+use prometheus_client::{
+    encoding::text::encode,
+    metrics::{
+        counter::Counter,
+        family::Family,
+        gauge::Gauge,
+        histogram::{exponential_buckets, Histogram},
+    },
+    registry::Registry,
+};
+use tracing::{info, warn};
+
+use crate::{
+    error::{Error, Result},
+    snapshot::Snapshotter,
+};
+
+type Labels = Vec<(&'static str, String)>;
+
+pub struct Metrics {
+    requests: Family<Labels, Counter>,
+    latency: Family<Labels, Histogram, fn() -> Histogram>,
+    snapshots: Family<Labels, Gauge>,
+    store_commit: Histogram,
+    reclaimed_dirs: Counter,
+    reclaimed_bytes: Counter,
+    registry: Registry,
+}
+
+fn latency_histogram() -> Histogram {
+    // 50 µs .. ~1.6 s
+    Histogram::new(exponential_buckets(0.00005, 2.0, 16))
+}
+
+/// The process-wide metrics.
+pub fn global() -> &'static Metrics {
+    static METRICS: OnceLock<Metrics> = OnceLock::new();
+    METRICS.get_or_init(Metrics::new)
+}
+
+impl Metrics {
+    fn new() -> Metrics {
+        let mut m = Metrics {
+            requests: Family::default(),
+            latency: Family::new_with_constructor(latency_histogram),
+            snapshots: Family::default(),
+            store_commit: latency_histogram(),
+            reclaimed_dirs: Counter::default(),
+            reclaimed_bytes: Counter::default(),
+            registry: Registry::with_prefix("lamina"),
+        };
+        let r = &mut m.registry;
+        r.register(
+            "requests",
+            "Requests by RPC and gRPC code",
+            m.requests.clone(),
+        );
+        r.register(
+            "request_duration_seconds",
+            "Request latency by RPC",
+            m.latency.clone(),
+        );
+        r.register("snapshots", "Snapshots by kind", m.snapshots.clone());
+        r.register(
+            "store_commit_duration_seconds",
+            "Latency of durable store transactions",
+            m.store_commit.clone(),
+        );
+        r.register(
+            "cleanup_reclaimed_directories",
+            "Snapshot directories deleted by Cleanup and recovery",
+            m.reclaimed_dirs.clone(),
+        );
+        r.register(
+            "cleanup_reclaimed_bytes",
+            "Bytes freed by Cleanup and recovery",
+            m.reclaimed_bytes.clone(),
+        );
+        m
+    }
+
+    pub fn request(&self, rpc: &'static str, code: tonic::Code, took: Duration) {
+        let code = format!("{code:?}");
+        self.requests
+            .get_or_create(&vec![("rpc", rpc.to_string()), ("code", code)])
+            .inc();
+        self.latency
+            .get_or_create(&vec![("rpc", rpc.to_string())])
+            .observe(took.as_secs_f64());
+    }
+
+    pub fn store_commit(&self, took: Duration) {
+        self.store_commit.observe(took.as_secs_f64());
+    }
+
+    pub fn reclaimed(&self, bytes: u64) {
+        self.reclaimed_dirs.inc();
+        self.reclaimed_bytes.inc_by(bytes);
+    }
+
+    /// The text exposition, with snapshot counts read from the store now.
+    pub fn render(&self, snapshotter: &Snapshotter) -> String {
+        match snapshotter.counts() {
+            Ok(c) => {
+                for (kind, n) in [
+                    ("active", c.active),
+                    ("view", c.views),
+                    ("committed", c.committed),
+                ] {
+                    self.snapshots
+                        .get_or_create(&vec![("kind", kind.to_string())])
+                        .set(n as i64);
+                }
+            }
+            Err(e) => warn!(error = %e, "metrics: could not count snapshots"),
+        }
+        let mut out = String::new();
+        encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        out
+    }
+}
+
+/// Where the scrape endpoint listens: `host:port`, or `unix:/path`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Address {
+    Tcp(std::net::SocketAddr),
+    Unix(PathBuf),
+}
+
+impl std::str::FromStr for Address {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        if let Some(path) = s.strip_prefix("unix:") {
+            let path = PathBuf::from(path);
+            if !path.is_absolute() {
+                return Err(format!("{s:?}: a unix socket path must be absolute"));
+            }
+            return Ok(Address::Unix(path));
+        }
+        s.parse().map(Address::Tcp).map_err(|_| {
+            format!("{s:?} is neither host:port (e.g. 127.0.0.1:9100) nor unix:/absolute/path")
+        })
+    }
+}
+
+/// Serves `GET /metrics` until the process ends.
+pub async fn serve(address: Address, snapshotter: Arc<Snapshotter>) -> Result<()> {
+    use hyper::{
+        service::{make_service_fn, service_fn},
+        Body, Request, Response, StatusCode,
+    };
+    let handle = move |req: Request<Body>| {
+        let snapshotter = Arc::clone(&snapshotter);
+        async move {
+            let resp = if req.uri().path() == "/metrics" {
+                let body = tokio::task::spawn_blocking(move || global().render(&snapshotter))
+                    .await
+                    .unwrap_or_default();
+                Response::builder()
+                    .header("content-type", "text/plain; version=0.0.4; charset=utf-8")
+                    .body(Body::from(body))
+            } else {
+                Response::builder()
+                    .status(StatusCode::NOT_FOUND)
+                    .body(Body::from("try /metrics\n"))
+            };
+            Ok::<_, std::convert::Infallible>(resp.expect("a valid response"))
+        }
+    };
+    // One service per connection; the connection types differ, so each listener gets its own.
+    macro_rules! make {
+        ($conn:ty) => {
+            make_service_fn(move |_: &$conn| {
+                let handle = handle.clone();
+                async move { Ok::<_, std::convert::Infallible>(service_fn(handle)) }
+            })
+        };
+    }
+    match address {
+        Address::Tcp(addr) => {
+            let server = hyper::Server::try_bind(&addr)
+                .map_err(|e| Error::Config(format!("metrics_address {addr}: {e}")))?;
+            info!(%addr, "metrics endpoint");
+            server.serve(make!(hyper::server::conn::AddrStream)).await
+        }
+        Address::Unix(path) => {
+            let _ = std::fs::remove_file(&path);
+            let listener = tokio::net::UnixListener::bind(&path)
+                .map_err(|e| Error::io("binding metrics socket", &path, e))?;
+            info!(path = %path.display(), "metrics endpoint");
+            let incoming = hyper::server::accept::from_stream(
+                tokio_stream::wrappers::UnixListenerStream::new(listener),
+            );
+            hyper::Server::builder(incoming)
+                .serve(make!(tokio::net::UnixStream))
+                .await
+        }
+    }
+    .map_err(|e| Error::Internal(format!("metrics endpoint failed: {e}")))
+}

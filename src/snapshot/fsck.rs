@@ -1,0 +1,209 @@
+//! Consistency check: the store against the directories, with an optional repair of what is
+//! safe to repair. Runs online (admin API) or offline on a stopped daemon's root.
+
+use std::{
+    collections::HashMap,
+    fs,
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+};
+
+use super::Snapshotter;
+use crate::{
+    error::{chain, Result},
+    store::{layout::DirEntry, Kind},
+};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Finding {
+    /// `orphan`, `missing_directory`, `missing_workdir`, `dangling_parent`, `wrong_mode`,
+    /// `foreign`.
+    pub kind: &'static str,
+    pub key: String,
+    pub path: PathBuf,
+    pub detail: String,
+    /// What repair did, or why it cannot; empty when not repairing.
+    pub action: String,
+    pub repaired: bool,
+}
+
+#[derive(Debug, Default)]
+pub struct Report {
+    pub findings: Vec<Finding>,
+    pub snapshots_checked: u64,
+    pub directories_checked: u64,
+}
+
+impl Report {
+    /// Nothing found that lamina considers wrong (foreign entries are only reported).
+    pub fn clean(&self) -> bool {
+        self.findings
+            .iter()
+            .all(|f| f.kind == "foreign" || f.repaired)
+    }
+}
+
+struct Check<'a> {
+    report: &'a mut Report,
+    repair: bool,
+}
+
+impl Check<'_> {
+    fn found(
+        &mut self,
+        kind: &'static str,
+        key: &str,
+        path: &Path,
+        detail: String,
+        fix: Option<(&str, &mut dyn FnMut() -> Result<()>)>,
+        cannot: &str,
+    ) {
+        let (action, repaired) = match (self.repair, fix) {
+            (false, _) => (String::new(), false),
+            (true, Some((did, f))) => match f() {
+                Ok(()) => (did.to_string(), true),
+                Err(e) => (format!("repair failed: {}", chain(&e)), false),
+            },
+            (true, None) => (cannot.to_string(), false),
+        };
+        self.report.findings.push(Finding {
+            kind,
+            key: key.to_string(),
+            path: path.to_path_buf(),
+            detail,
+            action,
+            repaired,
+        });
+    }
+
+    fn mode(&mut self, key: &str, path: &Path, want: u32) {
+        let Ok(meta) = fs::metadata(path) else { return };
+        let have = meta.permissions().mode() & 0o7777;
+        if have != want {
+            let mut fix = || {
+                fs::set_permissions(path, fs::Permissions::from_mode(want))
+                    .map_err(|e| crate::error::Error::io("setting mode of", path, e))
+            };
+            self.found(
+                "wrong_mode",
+                key,
+                path,
+                format!("mode {have:04o}, expected {want:04o}"),
+                Some((&format!("set mode {want:04o}"), &mut fix)),
+                "",
+            );
+        }
+    }
+}
+
+impl Snapshotter {
+    /// Compares the store with `<root>/snapshots`. With `repair`: deletes orphan directories,
+    /// recreates missing directories of active snapshots and views, and fixes modes; a
+    /// committed snapshot's lost data and a dangling parent cannot be repaired and are only
+    /// reported, as are entries that are not lamina's.
+    pub fn fsck(&self, repair: bool) -> Result<Report> {
+        let mut report = Report::default();
+        // Directories first, then the store: a snapshot prepared meanwhile is in the store read.
+        let entries = self.layout.list()?;
+        let records = self.store.list()?;
+        let by_key: HashMap<&str, u64> = records.iter().map(|(k, r)| (k.as_str(), r.id)).collect();
+        let owned: HashMap<u64, &str> = records.iter().map(|(k, r)| (r.id, k.as_str())).collect();
+        report.snapshots_checked = records.len() as u64;
+        report.directories_checked = entries.len() as u64;
+        let mut c = Check {
+            report: &mut report,
+            repair,
+        };
+        let layout = &self.layout;
+
+        c.mode("", layout.root(), 0o700);
+        c.mode("", &layout.snapshots_dir(), 0o700);
+        for entry in entries {
+            match entry {
+                DirEntry::Id(id) if !owned.contains_key(&id) => {
+                    let mut fix = || layout.remove_dirs(id);
+                    c.found(
+                        "orphan",
+                        "",
+                        &layout.dir(id),
+                        format!("directory of ID {id}, which no snapshot owns"),
+                        Some(("removed", &mut fix)),
+                        "",
+                    );
+                }
+                DirEntry::Id(_) => {}
+                DirEntry::Foreign(name) => c.found(
+                    "foreign",
+                    "",
+                    &layout.snapshots_dir().join(&name),
+                    "not created by lamina".into(),
+                    None,
+                    "left alone: lamina never deletes what is not its own",
+                ),
+            }
+        }
+        for (key, record) in &records {
+            let id = record.id;
+            if !layout.fs(id).is_dir() {
+                let detail = format!("{} snapshot has no data directory", record.kind.as_str());
+                if record.kind == Kind::Committed {
+                    c.found(
+                        "missing_directory",
+                        key,
+                        &layout.fs(id),
+                        detail,
+                        None,
+                        "cannot repair: the layer's data is gone; remove this snapshot and its \
+                         children, then pull the image again",
+                    );
+                } else {
+                    let mut fix = || {
+                        let owner = self.parent_owner(record)?;
+                        layout.create_dirs(id, record.kind == Kind::Active, owner)
+                    };
+                    c.found(
+                        "missing_directory",
+                        key,
+                        &layout.fs(id),
+                        detail,
+                        Some(("recreated empty", &mut fix)),
+                        "",
+                    );
+                }
+                continue;
+            }
+            c.mode(key, &layout.dir(id), 0o700);
+            if record.kind == Kind::Active {
+                if layout.work(id).is_dir() {
+                    c.mode(key, &layout.work(id), 0o711);
+                } else {
+                    let mut fix = || layout.create_dirs(id, true, None);
+                    c.found(
+                        "missing_workdir",
+                        key,
+                        &layout.work(id),
+                        "active snapshot has no overlay work directory".into(),
+                        Some(("recreated", &mut fix)),
+                        "",
+                    );
+                }
+            }
+            if !record.parent.is_empty()
+                && by_key.get(record.parent.as_str()) != record.parent_ids.first()
+            {
+                c.found(
+                    "dangling_parent",
+                    key,
+                    &layout.dir(id),
+                    format!(
+                        "parent {:?} is missing or is not the layer it was",
+                        record.parent
+                    ),
+                    None,
+                    "cannot repair: remove this snapshot (and its children)",
+                );
+            }
+        }
+        Ok(report)
+    }
+}
