@@ -6,8 +6,8 @@
 
 mod util;
 
+mod admin;
 mod crash;
 mod layers;
 mod rpc;
 mod systemd;
-

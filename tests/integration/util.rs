@@ -9,7 +9,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use containerd_snapshots::api::{snapshots::v1::snapshots_client::SnapshotsClient, snapshots::v1::*, types::Mount};
+use containerd_snapshots::api::{
+    snapshots::v1::snapshots_client::SnapshotsClient, snapshots::v1::*, types::Mount,
+};
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use tonic::{transport::Channel, Code, Status};
 
@@ -52,35 +54,59 @@ impl TestDaemon {
             std::fs::write(&p, config).unwrap();
             Some(p)
         };
-        let mut d = TestDaemon { dir, root, socket, config: config_path, child: None };
+        let mut d = TestDaemon {
+            dir,
+            root,
+            socket,
+            config: config_path,
+            child: None,
+        };
         d.spawn().await;
         d
     }
 
     pub fn command(&self) -> Command {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_lamina"));
-        cmd.arg("serve").arg("--root").arg(&self.root).arg("--address").arg(&self.socket);
+        cmd.arg("serve")
+            .arg("--root")
+            .arg(&self.root)
+            .arg("--address")
+            .arg(&self.socket);
         if let Some(c) = &self.config {
             cmd.arg("--config").arg(c);
         }
-        cmd.env("RUST_LOG", std::env::var("LAMINA_TEST_LOG").unwrap_or_else(|_| "warn".into()));
+        cmd.env(
+            "RUST_LOG",
+            std::env::var("LAMINA_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+        );
         cmd
     }
 
     pub async fn spawn(&mut self) {
         assert!(self.child.is_none(), "already running");
-        let child = self.command().stdin(Stdio::null()).spawn().expect("starting lamina");
+        let child = self
+            .command()
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("starting lamina");
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            if std::os::unix::net::UnixStream::connect(&self.socket).is_ok() {
+            // The socket accepts (into its backlog) before recovery is done; wait until a
+            // request is answered.
+            if std::os::unix::net::UnixStream::connect(&self.socket).is_ok()
+                && Client::connect(&self.socket).await.list(&[]).await.is_ok()
+            {
                 return;
             }
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
                 self.child = None;
                 panic!("lamina exited during start-up: {status}");
             }
-            assert!(Instant::now() < deadline, "lamina did not start serving within 20 s");
+            assert!(
+                Instant::now() < deadline,
+                "lamina did not start serving within 20 s"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -182,12 +208,17 @@ fn wait_timeout(child: &mut Child, limit: Duration) -> ExitStatus {
 #[derive(Clone)]
 pub struct Client {
     pub inner: SnapshotsClient<Channel>,
+    /// The connection, for other services on the same socket (admin, health).
+    pub channel: Channel,
 }
 
 pub type Res<T> = Result<T, Status>;
 
 pub fn labels(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
 }
 
 impl Client {
@@ -200,7 +231,10 @@ impl Client {
             }))
             .await
             .expect("connecting to lamina");
-        Client { inner: SnapshotsClient::new(channel) }
+        Client {
+            inner: SnapshotsClient::new(channel.clone()),
+            channel,
+        }
     }
 
     pub async fn prepare(&mut self, key: &str, parent: &str) -> Res<Vec<Mount>> {
@@ -233,7 +267,10 @@ impl Client {
     }
 
     pub async fn mounts(&mut self, key: &str) -> Res<Vec<Mount>> {
-        let req = MountsRequest { snapshotter: "lamina".into(), key: key.into() };
+        let req = MountsRequest {
+            snapshotter: "lamina".into(),
+            key: key.into(),
+        };
         Ok(self.inner.mounts(req).await?.into_inner().mounts)
     }
 
@@ -257,12 +294,18 @@ impl Client {
     }
 
     pub async fn remove(&mut self, key: &str) -> Res<()> {
-        let req = RemoveSnapshotRequest { snapshotter: "lamina".into(), key: key.into() };
+        let req = RemoveSnapshotRequest {
+            snapshotter: "lamina".into(),
+            key: key.into(),
+        };
         self.inner.remove(req).await.map(|_| ())
     }
 
     pub async fn stat(&mut self, key: &str) -> Res<Info> {
-        let req = StatSnapshotRequest { snapshotter: "lamina".into(), key: key.into() };
+        let req = StatSnapshotRequest {
+            snapshotter: "lamina".into(),
+            key: key.into(),
+        };
         Ok(self.inner.stat(req).await?.into_inner().info.expect("info"))
     }
 
@@ -274,11 +317,20 @@ impl Client {
                 paths: paths.iter().map(|s| s.to_string()).collect(),
             }),
         };
-        Ok(self.inner.update(req).await?.into_inner().info.expect("info"))
+        Ok(self
+            .inner
+            .update(req)
+            .await?
+            .into_inner()
+            .info
+            .expect("info"))
     }
 
     pub async fn usage(&mut self, key: &str) -> Res<UsageResponse> {
-        let req = UsageRequest { snapshotter: "lamina".into(), key: key.into() };
+        let req = UsageRequest {
+            snapshotter: "lamina".into(),
+            key: key.into(),
+        };
         Ok(self.inner.usage(req).await?.into_inner())
     }
 
@@ -299,14 +351,21 @@ impl Client {
 
     /// Names of the snapshots matching `filters`, sorted.
     pub async fn list(&mut self, filters: &[&str]) -> Res<Vec<String>> {
-        let mut names: Vec<String> =
-            self.list_batches(filters).await?.0.into_iter().map(|i| i.name).collect();
+        let mut names: Vec<String> = self
+            .list_batches(filters)
+            .await?
+            .0
+            .into_iter()
+            .map(|i| i.name)
+            .collect();
         names.sort();
         Ok(names)
     }
 
     pub async fn cleanup(&mut self) -> Res<()> {
-        let req = CleanupRequest { snapshotter: "lamina".into() };
+        let req = CleanupRequest {
+            snapshotter: "lamina".into(),
+        };
         self.inner.cleanup(req).await.map(|_| ())
     }
 }
@@ -339,7 +398,11 @@ pub struct Mounted {
 
 impl Mounted {
     pub fn new(mounts: &[Mount], target: &Path) -> Mounted {
-        assert_eq!(mounts.len(), 1, "lamina returns exactly one mount: {mounts:?}");
+        assert_eq!(
+            mounts.len(),
+            1,
+            "lamina returns exactly one mount: {mounts:?}"
+        );
         let m = &mounts[0];
         std::fs::create_dir_all(target).unwrap();
         match m.r#type.as_str() {
@@ -349,8 +412,14 @@ impl Mounted {
                 if m.options.iter().any(|o| o == "rbind") {
                     flags |= MsFlags::MS_REC;
                 }
-                mount(Some(m.source.as_str()), target, None::<&str>, flags, None::<&str>)
-                    .unwrap_or_else(|e| panic!("bind mount {m:?}: {e}"));
+                mount(
+                    Some(m.source.as_str()),
+                    target,
+                    None::<&str>,
+                    flags,
+                    None::<&str>,
+                )
+                .unwrap_or_else(|e| panic!("bind mount {m:?}: {e}"));
                 if ro {
                     mount(
                         None::<&str>,
@@ -364,12 +433,39 @@ impl Mounted {
             }
             "overlay" => {
                 let data = m.options.join(",");
-                mount(Some("overlay"), target, Some("overlay"), MsFlags::empty(), Some(data.as_str()))
-                    .unwrap_or_else(|e| panic!("overlay mount {m:?}: {e}"));
+                mount(
+                    Some("overlay"),
+                    target,
+                    Some("overlay"),
+                    MsFlags::empty(),
+                    Some(data.as_str()),
+                )
+                .unwrap_or_else(|e| panic!("overlay mount {m:?}: {e}"));
             }
             other => panic!("unexpected mount type {other:?}"),
         }
-        Mounted { target: target.to_path_buf() }
+        Mounted {
+            target: target.to_path_buf(),
+        }
+    }
+
+    /// Like [`Mounted::new`], but mounts overlays through `lamina`'s own mount code path when
+    /// their options exceed one page (deep chains), as containerd would shorten them.
+    pub fn new_any(mounts: &[Mount], target: &Path) -> Mounted {
+        let len: usize = mounts[0].options.iter().map(|o| o.len() + 1).sum();
+        if len < 4096 {
+            return Mounted::new(mounts, target);
+        }
+        std::fs::create_dir_all(target).unwrap();
+        let spec = lamina::overlay::Mount {
+            kind: mounts[0].r#type.clone(),
+            source: mounts[0].source.clone(),
+            options: mounts[0].options.clone(),
+        };
+        lamina::sys::mount_spec(&spec, target).unwrap_or_else(|e| panic!("mount {spec:?}: {e}"));
+        Mounted {
+            target: target.to_path_buf(),
+        }
     }
 
     pub fn path(&self) -> &Path {

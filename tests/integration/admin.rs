@@ -1,0 +1,365 @@
+//! Operating lamina: the admin API through the CLI, health, metrics, fsck, check, mount, logs.
+
+use std::{
+    io::{Read, Write},
+    process::{Command, Output},
+    time::Duration,
+};
+
+use tonic_health::pb::{
+    health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest,
+};
+
+use crate::util::*;
+
+fn lamina(args: &[&str], d: &TestDaemon) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_lamina"))
+        .args(args)
+        .arg("--root")
+        .arg(&d.root)
+        .arg("--address")
+        .arg(&d.socket)
+        .output()
+        .unwrap()
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_reports_counts_features_and_config() {
+    if !require_root() {
+        return;
+    }
+    let d = TestDaemon::start().await;
+    let mut c = d.client().await;
+    c.prepare("a", "").await.unwrap();
+    c.commit("A", "a").await.unwrap();
+    c.prepare("b", "A").await.unwrap();
+    c.view("v", "A").await.unwrap();
+    let out = lamina(&["status"], &d);
+    assert!(out.status.success(), "{out:?}");
+    let text = stdout(&out);
+    assert!(
+        text.contains("snapshots:     1 active, 1 views, 1 committed"),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("root:          {}", d.root.display())),
+        "{text}"
+    );
+    for feature in [
+        "overlayfs",
+        "d_type",
+        "index",
+        "metacopy",
+        "userxattr",
+        "idmapped_mounts",
+        "lowerdir+",
+    ] {
+        assert!(
+            text.contains(&format!("  {feature} ")),
+            "{feature} missing: {text}"
+        );
+    }
+    assert!(text.contains("sync_remove = false"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fsck_finds_and_repairs_online_and_offline() {
+    if !require_root() {
+        return;
+    }
+    let mut d = TestDaemon::start_with_config("upperdir_label = true\n").await;
+    let mut c = d.client().await;
+    c.prepare("act", "").await.unwrap();
+    let fs = std::path::PathBuf::from(
+        &c.stat("act").await.unwrap().labels["containerd.io/snapshot/overlay.upperdir"],
+    );
+    let dir = fs.parent().unwrap().to_path_buf();
+    let clean = lamina(&["fsck"], &d);
+    assert!(clean.status.success(), "{clean:?}");
+    assert!(stdout(&clean).contains("clean"));
+
+    // An orphan, a foreign entry, a lost work directory, a wrong mode.
+    let orphan = d.root.join("snapshots/999999");
+    std::fs::create_dir_all(orphan.join("fs")).unwrap();
+    std::fs::create_dir(d.root.join("snapshots/not-ours")).unwrap();
+    std::fs::remove_dir(dir.join("work")).unwrap();
+    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    let found = lamina(&["fsck"], &d);
+    assert!(
+        !found.status.success(),
+        "problems must give a non-zero exit"
+    );
+    let text = stdout(&found);
+    for kind in ["orphan:", "foreign:", "missing_workdir:", "wrong_mode:"] {
+        assert!(text.contains(kind), "{kind} not reported: {text}");
+    }
+    assert!(orphan.exists(), "fsck without --repair changes nothing");
+
+    let repaired = lamina(&["fsck", "--repair"], &d);
+    assert!(repaired.status.success(), "{repaired:?}");
+    assert!(!orphan.exists());
+    assert!(
+        d.root.join("snapshots/not-ours").exists(),
+        "what is not lamina's is never deleted"
+    );
+    assert!(dir.join("work").is_dir());
+
+    // Offline, on the stopped daemon's root.
+    d.stop_async().await;
+    std::fs::create_dir_all(d.root.join("snapshots/888888/fs")).unwrap();
+    let offline = lamina(&["fsck", "--repair"], &d);
+    assert!(offline.status.success(), "{offline:?}");
+    assert!(stdout(&offline).contains("orphan:"));
+    assert!(!d.root.join("snapshots/888888").exists());
+
+    // While a daemon runs, an offline fsck on its root is refused (one writer at a time).
+    d.spawn().await;
+    let blocked = Command::new(env!("CARGO_BIN_EXE_lamina"))
+        .args(["fsck", "--address", "/nonexistent/lamina.sock", "--root"])
+        .arg(&d.root)
+        .output()
+        .unwrap();
+    assert!(!blocked.status.success());
+    assert!(
+        String::from_utf8_lossy(&blocked.stderr).contains("in use by another process"),
+        "{blocked:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_is_serving_after_start() {
+    if !require_root() {
+        return;
+    }
+    let d = TestDaemon::start().await;
+    let c = d.client().await;
+    let mut health = HealthClient::new(c.channel.clone());
+    for service in ["", "containerd.services.snapshots.v1.Snapshots"] {
+        let resp = health
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(resp.status, ServingStatus::Serving as i32, "{service:?}");
+    }
+}
+
+/// GET /metrics over the unix socket lamina serves them on.
+fn scrape(path: &std::path::Path) -> String {
+    let mut s = std::os::unix::net::UnixStream::connect(path).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: lamina\r\n\r\n")
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    assert!(
+        out.starts_with("HTTP/1.0 200") || out.starts_with("HTTP/1.1 200"),
+        "{out}"
+    );
+    out
+}
+
+fn metric(text: &str, prefix: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_move_with_the_work_done() {
+    if !require_root() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("metrics.sock");
+    let d =
+        TestDaemon::start_with_config(&format!("metrics_address = \"unix:{}\"\n", sock.display()))
+            .await;
+    let mut c = d.client().await;
+    for _ in 0..50 {
+        if sock.exists() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let before = scrape(&sock);
+    assert_eq!(metric(&before, "lamina_snapshots{kind=\"active\"}"), 0.0);
+
+    c.prepare("a", "").await.unwrap();
+    c.commit("A", "a").await.unwrap();
+    c.prepare("b", "A").await.unwrap();
+    assert_code(c.stat("missing").await, tonic::Code::NotFound, "missing");
+    c.prepare("gone", "").await.unwrap();
+    c.remove("gone").await.unwrap();
+    c.cleanup().await.unwrap();
+
+    let after = scrape(&sock);
+    assert_eq!(
+        metric(&after, "lamina_requests_total{rpc=\"Prepare\",code=\"Ok\"}"),
+        3.0,
+        "{after}"
+    );
+    assert_eq!(
+        metric(
+            &after,
+            "lamina_requests_total{rpc=\"Stat\",code=\"NotFound\"}"
+        ),
+        1.0,
+        "{after}"
+    );
+    assert_eq!(
+        metric(
+            &after,
+            "lamina_request_duration_seconds_count{rpc=\"Commit\"}"
+        ),
+        1.0,
+        "{after}"
+    );
+    assert_eq!(
+        metric(&after, "lamina_snapshots{kind=\"active\"}"),
+        1.0,
+        "{after}"
+    );
+    assert_eq!(
+        metric(&after, "lamina_snapshots{kind=\"committed\"}"),
+        1.0,
+        "{after}"
+    );
+    assert!(
+        metric(&after, "lamina_store_commit_duration_seconds_count") >= 5.0,
+        "{after}"
+    );
+    assert_eq!(
+        metric(&after, "lamina_cleanup_reclaimed_directories_total"),
+        1.0,
+        "{after}"
+    );
+    assert!(
+        metric(&after, "lamina_cleanup_reclaimed_bytes_total") > 0.0,
+        "{after}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_reports_without_a_daemon() {
+    if !require_root() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_lamina"))
+        .args(["check", "--root"])
+        .arg(dir.path().join("root"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let text = stdout(&out);
+    assert!(text.starts_with("kernel "), "{text}");
+    assert!(text.contains("  overlayfs        yes"), "{text}");
+    assert!(text.contains("  d_type           yes"), "{text}");
+    let index = std::path::Path::new("/sys/module/overlay/parameters/index").exists();
+    assert_eq!(text.contains("lamina adds index=off"), index, "{text}");
+}
+
+/// `lamina mount` of the top of a 200-layer chain: its options are far over one page, so it
+/// must go through the new mount API, one lowerdir+ per layer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mount_command_mounts_deep_chains() {
+    if !require_root() {
+        return;
+    }
+    let d = TestDaemon::start().await;
+    let mut c = d.client().await;
+    let mut parent = String::new();
+    for i in 0..200 {
+        let key = format!("layer-{i}-active");
+        let mounts = c.prepare(&key, &parent).await.unwrap();
+        if i == 0 || i == 199 {
+            let m = Mounted::new_any(&mounts, &d.scratch(&format!("w{i}")));
+            std::fs::write(m.join(&format!("f{i}")), format!("{i}")).unwrap();
+        }
+        let name = format!("layer-{i}");
+        c.commit(&name, &key).await.unwrap();
+        parent = name;
+    }
+    c.view("top", &parent).await.unwrap();
+    let options_len: usize = c.mounts("top").await.unwrap()[0]
+        .options
+        .iter()
+        .map(|o| o.len() + 1)
+        .sum();
+    assert!(
+        options_len > 4096,
+        "the chain must not fit in one page ({options_len} bytes)"
+    );
+    let target = d.scratch("inspect");
+    let out = lamina(&["mount", "top", target.to_str().unwrap()], &d);
+    assert!(out.status.success(), "{out:?}");
+    let read = |f: &str| std::fs::read_to_string(target.join(f));
+    let first = read("f0");
+    let last = read("f199");
+    let _ = nix::mount::umount2(&target, nix::mount::MntFlags::MNT_DETACH);
+    assert_eq!(first.unwrap(), "0");
+    assert_eq!(last.unwrap(), "199");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_carry_the_key_in_the_request_span() {
+    if !require_root() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("l.sock");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_lamina"))
+        .args([
+            "serve",
+            "--log-format",
+            "json",
+            "--log-level",
+            "info",
+            "--root",
+        ])
+        .arg(dir.path().join("root"))
+        .arg("--address")
+        .arg(&socket)
+        .env_remove("RUST_LOG")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    for _ in 0..500 {
+        if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut c = Client::connect(&socket).await;
+    c.prepare("json-key", "").await.unwrap();
+    drop(c);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let logs = String::from_utf8_lossy(&out.stderr);
+    let mut created = None;
+    for line in logs.lines() {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON: {line:?}: {e}"));
+        if v["fields"]["message"] == "created" {
+            created = Some(v);
+        }
+    }
+    let created = created.expect("an info line for the created snapshot");
+    assert_eq!(created["span"]["name"], "prepare");
+    assert_eq!(created["span"]["key"], "\"json-key\"");
+    assert_eq!(created["level"], "INFO");
+}
