@@ -231,32 +231,35 @@ impl Snapshotter {
             let key = info.name.clone();
             check_key("info.name", &key)?;
             let given = check_labels(info.labels.into_iter().collect())?;
-            let all = [String::from("labels")];
             let paths = if paths.is_empty() {
-                &all[..]
+                vec![String::from("labels")]
             } else {
-                &paths[..]
+                paths
             };
             // The snapshot is looked up first, so an unknown key is NotFound whatever the
-            // paths say (as in containerd); a bad path aborts the transaction.
-            let record = s.store.update_labels(&key, SystemTime::now(), |labels| {
-                for path in paths {
-                    if path == "labels" {
-                        labels.clone_from(&given);
-                    } else if let Some(k) = path.strip_prefix("labels.") {
-                        match given.get(k) {
-                            Some(v) => labels.insert(k.to_string(), v.clone()),
-                            None => labels.remove(k),
-                        };
-                    } else {
-                        return Err(Error::invalid(format!(
-                            "cannot update field {path:?} of snapshot {key:?}: only \"labels\" \
+            // paths say (as in containerd). The labels are changed in memory and written only
+            // if every path is valid.
+            let name = key.clone();
+            let record = s
+                .store
+                .update_labels(&key, SystemTime::now(), move |labels| {
+                    for path in &paths {
+                        if path == "labels" {
+                            labels.clone_from(&given);
+                        } else if let Some(k) = path.strip_prefix("labels.") {
+                            match given.get(k) {
+                                Some(v) => labels.insert(k.to_string(), v.clone()),
+                                None => labels.remove(k),
+                            };
+                        } else {
+                            return Err(Error::invalid(format!(
+                            "cannot update field {path:?} of snapshot {name:?}: only \"labels\" \
                              and \"labels.<key>\" can be updated"
                         )));
+                        }
                     }
-                }
-                Ok(())
-            })?;
+                    Ok(())
+                })?;
             Ok(s.info(key, record))
         })
         .await

@@ -15,13 +15,14 @@ pub mod layout;
 use std::{
     collections::{BTreeMap, HashSet},
     path::Path,
+    sync::{mpsc, Arc, Mutex},
     time::SystemTime,
 };
 
 use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Error, Result};
+use crate::error::{chain, Error, Result};
 
 /// key → JSON-encoded [`Record`].
 const SNAPSHOTS: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshots");
@@ -77,7 +78,80 @@ pub struct Record {
 }
 
 pub struct Store {
-    db: Database,
+    db: Arc<Database>,
+    /// Write jobs for the committer thread (see [`Store::write`]); `None` once dropping.
+    jobs: Mutex<Option<mpsc::Sender<Job>>>,
+    committer: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Store {
+    /// Closes the queue and waits for the committer, so that the database file is released
+    /// (and can be opened again) when the store is gone.
+    fn drop(&mut self) {
+        if let Ok(mut jobs) = self.jobs.lock() {
+            jobs.take();
+        }
+        if let Some(thread) = self.committer.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Called once the batch a job ran in has committed (`None`) or failed (`Some(why)`).
+type Finish = Box<dyn FnOnce(Option<&str>) + Send>;
+/// One write, run inside a shared transaction by the committer thread.
+/// Given the shared transaction, or why there is none.
+type Job =
+    Box<dyn FnOnce(std::result::Result<&redb::WriteTransaction, &str>) -> (bool, Finish) + Send>;
+
+/// Most writes committed by one fsync.
+const MAX_BATCH: usize = 256;
+
+/// Group commit: one thread owns the write side. It takes every write queued while the
+/// previous commit was being fsynced, runs them in order in one transaction, commits once,
+/// and only then answers each of them. Concurrent writers share an fsync; none is acknowledged
+/// before it is durable.
+///
+/// A job that fails with a request error (NotFound…) must not have written anything: every
+/// write below checks first and writes after, so such a job leaves the shared transaction as
+/// it found it. A store error may leave a partial write, so it aborts the whole batch.
+fn committer(db: Arc<Database>, jobs: mpsc::Receiver<Job>) {
+    while let Ok(first) = jobs.recv() {
+        let tx = match db.begin_write() {
+            Ok(tx) => tx,
+            Err(e) => {
+                let why = format!("metadata store: starting a transaction: {e}");
+                let (_, finish) = first(Err(&why));
+                finish(Some(&why));
+                continue;
+            }
+        };
+        let mut finishes = Vec::new();
+        let mut poisoned = false;
+        let (ok, finish) = first(Ok(&tx));
+        poisoned |= !ok;
+        finishes.push(finish);
+        while finishes.len() < MAX_BATCH {
+            let Ok(job) = jobs.try_recv() else { break };
+            let (ok, finish) = job(Ok(&tx));
+            poisoned |= !ok;
+            finishes.push(finish);
+        }
+        let outcome = if poisoned {
+            let _ = tx.abort();
+            Some("metadata store: a write in the same batch failed; nothing was written".into())
+        } else {
+            let started = std::time::Instant::now();
+            let committed = tx.commit();
+            crate::metrics::global().store_commit(started.elapsed());
+            committed
+                .err()
+                .map(|e| format!("metadata store: committing: {}", chain(&e)))
+        };
+        for finish in finishes {
+            finish(outcome.as_deref());
+        }
+    }
 }
 
 fn encode(record: &Record) -> Vec<u8> {
@@ -120,7 +194,18 @@ impl Store {
                 path.parent().unwrap_or(path).join("snapshots").display()
             )),
         })?;
-        let store = Store { db };
+        let db = Arc::new(db);
+        let (tx, rx) = mpsc::channel();
+        let writer = Arc::clone(&db);
+        let thread = std::thread::Builder::new()
+            .name("lamina-commit".into())
+            .spawn(move || committer(writer, rx))
+            .map_err(|e| Error::Internal(format!("starting the store's committer thread: {e}")))?;
+        let store = Store {
+            db,
+            jobs: Mutex::new(Some(tx)),
+            committer: Some(thread),
+        };
         store.write("initialising tables", |tx| {
             tx.open_table(SNAPSHOTS)?;
             tx.open_table(CHILDREN)?;
@@ -143,19 +228,44 @@ impl Store {
         Ok(store)
     }
 
-    /// Runs `f` in one write transaction and commits it only if `f` succeeds; an error (the
-    /// request's own, like NotFound, or the store's) drops the transaction, changing nothing.
-    fn write<T>(
+    /// Runs `f` in a write transaction, shared with other writes queued meanwhile, and returns
+    /// its result once that transaction is durably committed. If `f` fails with a request
+    /// error it must not have written anything (check first, then write).
+    fn write<T: Send + 'static>(
         &self,
-        what: &str,
-        f: impl FnOnce(&redb::WriteTransaction) -> Result<T>,
+        what: &'static str,
+        f: impl FnOnce(&redb::WriteTransaction) -> Result<T> + Send + 'static,
     ) -> Result<T> {
-        let tx = self.db.begin_write().map_err(|e| Error::store(what, e))?;
-        let value = f(&tx).map_err(|e| e.in_context(what))?;
-        let started = std::time::Instant::now();
-        tx.commit().map_err(|e| Error::store(what, e))?;
-        crate::metrics::global().store_commit(started.elapsed());
-        Ok(value)
+        let (reply, answer) = mpsc::sync_channel(1);
+        let job: Job = Box::new(move |tx| {
+            let result = match tx {
+                Ok(tx) => f(tx).map_err(|e| e.in_context(what)),
+                Err(why) => Err(Error::Internal(format!("{what}: {why}"))),
+            };
+            let ok = !matches!(result, Err(Error::Store { .. }));
+            let finish: Finish = Box::new(move |failed: Option<&str>| {
+                let out = match (failed, result) {
+                    (_, Err(e)) => Err(e),
+                    (Some(why), Ok(_)) => Err(Error::Internal(format!("{what}: {why}"))),
+                    (None, Ok(v)) => Ok(v),
+                };
+                let _ = reply.send(out);
+            });
+            (ok, finish)
+        });
+        let sent = self
+            .jobs
+            .lock()
+            .map(|jobs| jobs.as_ref().is_some_and(|j| j.send(job).is_ok()))
+            .unwrap_or(false);
+        if !sent {
+            return Err(Error::Internal(format!(
+                "{what}: the store's committer thread is gone"
+            )));
+        }
+        answer
+            .recv()
+            .map_err(|_| Error::Internal(format!("{what}: the store's committer thread died")))?
     }
 
     fn read<T>(
@@ -188,7 +298,9 @@ impl Store {
         labels: BTreeMap<String, String>,
         now: SystemTime,
     ) -> Result<Record> {
-        self.write("creating a snapshot", |tx| {
+        let (key, parent) = (key.to_string(), parent.to_string());
+        self.write("creating a snapshot", move |tx| {
+            let (key, parent) = (key.as_str(), parent.as_str());
             let mut snapshots = tx.open_table(SNAPSHOTS)?;
             if snapshots.get(key)?.is_some() {
                 return Err(Error::already_exists(key));
@@ -244,12 +356,14 @@ impl Store {
         usage: Usage,
         now: SystemTime,
     ) -> Result<Record> {
-        self.write("committing a snapshot", |tx| {
+        let (key, name) = (key.to_string(), name.to_string());
+        self.write("committing a snapshot", move |tx| {
+            let (key, name) = (key.as_str(), name.as_str());
             let mut snapshots = tx.open_table(SNAPSHOTS)?;
             if snapshots.get(name)?.is_some() {
                 return Err(Error::already_exists(name));
             }
-            let found = snapshots.remove(key)?.map(|b| decode(key, b.value()));
+            let found = snapshots.get(key)?.map(|b| decode(key, b.value()));
             let active = match found {
                 Some(r) => r?,
                 None => return Err(Error::not_found(key)),
@@ -263,6 +377,7 @@ impl Store {
                     "snapshot {key:?} was replaced while being committed; retry"
                 )));
             }
+            snapshots.remove(key)?;
             let record = Record {
                 kind: Kind::Committed,
                 labels,
@@ -283,7 +398,9 @@ impl Store {
 
     /// Deletes the record of `key`, refusing while it has children. Returns what was removed.
     pub fn remove(&self, key: &str) -> Result<Record> {
-        self.write("removing a snapshot", |tx| {
+        let key = key.to_string();
+        self.write("removing a snapshot", move |tx| {
+            let key = key.as_str();
             let mut snapshots = tx.open_table(SNAPSHOTS)?;
             let found = snapshots.get(key)?.map(|b| decode(key, b.value()));
             let record = match found {
@@ -314,9 +431,11 @@ impl Store {
         &self,
         key: &str,
         now: SystemTime,
-        change: impl FnOnce(&mut BTreeMap<String, String>) -> Result<()>,
+        change: impl FnOnce(&mut BTreeMap<String, String>) -> Result<()> + Send + 'static,
     ) -> Result<Record> {
-        self.write("updating a snapshot", |tx| {
+        let key = key.to_string();
+        self.write("updating a snapshot", move |tx| {
+            let key = key.as_str();
             let mut snapshots = tx.open_table(SNAPSHOTS)?;
             let found = snapshots.get(key)?.map(|b| decode(key, b.value()));
             let mut record = match found {

@@ -317,7 +317,7 @@ async fn json_logs_carry_the_key_in_the_request_span() {
     }
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("l.sock");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_lamina"))
+    let child = Command::new(env!("CARGO_BIN_EXE_lamina"))
         .args([
             "serve",
             "--log-format",

@@ -7,6 +7,7 @@
 mod util;
 
 mod admin;
+mod containerd;
 mod crash;
 mod layers;
 mod rpc;

@@ -1,0 +1,953 @@
+//! End to end through a real containerd, as a user would drive it with `ctr`: a private
+//! containerd registers lamina as its `lamina` proxy snapshotter, imports a multi-layer OCI
+//! image built here (no registry needed), runs containers on it with runc, inspects the
+//! snapshots, garbage-collects them, and survives a restart of lamina.
+//!
+//! Needs root, `containerd`, `ctr`, `runc` and Debian's `busybox-static` (`/bin/busybox`, the
+//! only program in the image).
+
+use std::{
+    cell::Cell,
+    fs,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use sha2::{Digest, Sha256};
+
+use crate::util::{require_root, TestDaemon};
+
+const IMAGE1: &str = "lamina.test/e2e:1";
+const IMAGE2: &str = "lamina.test/e2e:2";
+/// No single `ctr` call may take longer than this.
+const CTR_TIMEOUT: Duration = Duration::from_secs(120);
+/// Busybox applets the image links in `/bin`.
+const APPLETS: &[&str] = &[
+    "sh", "cat", "ls", "echo", "printf", "test", "sleep", "tr", "mkdir", "rm",
+];
+
+// ---------------------------------------------------------------------------------------------
+// Running a command with a deadline.
+
+struct Out {
+    success: bool,
+    status: String,
+    stdout: String,
+    stderr: String,
+}
+
+/// Runs `cmd` with no stdin and its output in files under `scratch`; kills it after `limit`.
+fn run_bounded(mut cmd: Command, limit: Duration, scratch: &Path, n: usize) -> Result<Out, String> {
+    let out_path = scratch.join(format!("cmd{n}.out"));
+    let err_path = scratch.join(format!("cmd{n}.err"));
+    let what = format!("{cmd:?}");
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(fs::File::create(&out_path).map_err(|e| e.to_string())?)
+        .stderr(fs::File::create(&err_path).map_err(|e| e.to_string())?)
+        .spawn()
+        .map_err(|e| format!("cannot start {what}: {e}"))?;
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!(
+                "{what} did not finish within {limit:?}; stdout: {}; stderr: {}",
+                fs::read_to_string(&out_path).unwrap_or_default(),
+                fs::read_to_string(&err_path).unwrap_or_default()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let out = Out {
+        success: status.success(),
+        status: status.to_string(),
+        stdout: fs::read_to_string(&out_path).unwrap_or_default(),
+        stderr: fs::read_to_string(&err_path).unwrap_or_default(),
+    };
+    let _ = fs::remove_file(&out_path);
+    let _ = fs::remove_file(&err_path);
+    Ok(out)
+}
+
+// ---------------------------------------------------------------------------------------------
+// A private containerd that knows lamina as a proxy snapshotter.
+
+struct Containerd {
+    dir: tempfile::TempDir,
+    address: PathBuf,
+    ns: String,
+    child: Option<Child>,
+    calls: Cell<usize>,
+}
+
+impl Containerd {
+    /// Starts containerd on a short temp dir under /tmp (unix socket paths must stay under
+    /// 108 bytes), with lamina's socket registered as the `lamina` snapshotter, and waits
+    /// until `ctr version` answers. `tag` makes the containerd namespace unique.
+    fn start(lamina_socket: &Path, tag: &str) -> Containerd {
+        let dir = tempfile::Builder::new()
+            .prefix("lc")
+            .tempdir_in("/tmp")
+            .expect("tempdir in /tmp");
+        let p = dir.path().to_path_buf();
+        let address = p.join("c.sock");
+        let config = format!(
+            r#"version = 2
+root = "{root}"
+state = "{state}"
+disabled_plugins = [
+  "io.containerd.grpc.v1.cri",
+  "io.containerd.snapshotter.v1.aufs",
+  "io.containerd.snapshotter.v1.btrfs",
+  "io.containerd.snapshotter.v1.devmapper",
+  "io.containerd.snapshotter.v1.zfs",
+]
+
+[grpc]
+  address = "{address}"
+
+[ttrpc]
+  address = "{ttrpc}"
+
+[debug]
+  address = "{debug}"
+
+[metrics]
+  address = ""
+
+[proxy_plugins.lamina]
+  type = "snapshot"
+  address = "{lamina}"
+"#,
+            root = p.join("root").display(),
+            state = p.join("state").display(),
+            address = address.display(),
+            ttrpc = p.join("t.sock").display(),
+            debug = p.join("d.sock").display(),
+            lamina = lamina_socket.display(),
+        );
+        fs::write(p.join("config.toml"), config).unwrap();
+        let log = fs::File::create(p.join("containerd.log")).unwrap();
+        let child = Command::new("containerd")
+            .arg("--config")
+            .arg(p.join("config.toml"))
+            .arg("--log-level")
+            .arg("info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("starting containerd (is it installed? .ci/setup installs it)");
+        let mut c = Containerd {
+            dir,
+            address,
+            ns: format!("lamina-e2e-{}-{tag}", std::process::id()),
+            child: Some(child),
+            calls: Cell::new(0),
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = c.child.as_mut().unwrap().try_wait().unwrap() {
+                c.child = None;
+                panic!(
+                    "containerd exited during start-up: {status}; log:\n{}",
+                    c.log_tail()
+                );
+            }
+            if c.address.exists() {
+                if let Ok(out) = c.try_ctr(&["version"], Duration::from_secs(10)) {
+                    if out.success {
+                        return c;
+                    }
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "containerd did not answer `ctr version` within 30 s; log:\n{}",
+                c.log_tail()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn try_ctr(&self, args: &[&str], limit: Duration) -> Result<Out, String> {
+        let mut cmd = Command::new("ctr");
+        cmd.arg("--address")
+            .arg(&self.address)
+            .arg("--namespace")
+            .arg(&self.ns)
+            .args(args);
+        let n = self.calls.get();
+        self.calls.set(n + 1);
+        run_bounded(cmd, limit, self.dir.path(), n)
+    }
+
+    /// `ctr ARGS`, whatever its exit status.
+    fn ctr(&self, args: &[&str]) -> Out {
+        self.try_ctr(args, CTR_TIMEOUT)
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// `ctr ARGS`, which must succeed; returns its stdout.
+    #[track_caller]
+    fn ctr_ok(&self, args: &[&str]) -> String {
+        let out = self.ctr(args);
+        assert!(
+            out.success,
+            "`ctr {}` failed ({}):\nstderr: {}\nstdout: {}\ncontainerd log:\n{}",
+            args.join(" "),
+            out.status,
+            out.stderr,
+            out.stdout,
+            self.log_tail()
+        );
+        out.stdout
+    }
+
+    /// `ctr snapshots --snapshotter lamina ARGS`, which must succeed.
+    #[track_caller]
+    fn snap_ok(&self, args: &[&str]) -> String {
+        let mut all = vec!["snapshots", "--snapshotter", "lamina"];
+        all.extend_from_slice(args);
+        self.ctr_ok(&all)
+    }
+
+    /// `ctr snapshots --snapshotter lamina ls`, parsed: (key, parent, kind) per snapshot.
+    fn snapshots(&self) -> Result<Vec<(String, String, String)>, String> {
+        let out = self.try_ctr(&["snapshots", "--snapshotter", "lamina", "ls"], CTR_TIMEOUT)?;
+        if !out.success {
+            return Err(format!(
+                "`ctr snapshots ls` failed ({}): {}",
+                out.status, out.stderr
+            ));
+        }
+        Ok(parse_snapshot_list(&out.stdout))
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn log_tail(&self) -> String {
+        let log = fs::read_to_string(self.path("containerd.log")).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    /// Waits until task `id` reports `status` in `ctr task ls`.
+    fn wait_task(&self, id: &str, status: &str) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let out = self.ctr_ok(&["task", "ls"]);
+            if out.lines().any(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                f.first() == Some(&id) && f.last() == Some(&status)
+            }) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "task {id} not {status} within 30 s; `ctr task ls`:\n{out}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Deletes what a failed test left (tasks, containers), stops containerd, then ends the
+    /// shims started for this containerd and detaches mounts left under its directory.
+    fn teardown(&mut self) {
+        let short = Duration::from_secs(20);
+        if self.child.is_some() {
+            if let Ok(out) = self.try_ctr(&["task", "ls", "-q"], short) {
+                for id in out.stdout.split_whitespace() {
+                    let _ = self.try_ctr(&["task", "rm", "-f", id], short);
+                }
+            }
+            if let Ok(out) = self.try_ctr(&["containers", "ls", "-q"], short) {
+                for id in out.stdout.split_whitespace() {
+                    let _ = self.try_ctr(&["containers", "rm", id], short);
+                }
+            }
+        }
+        if let Some(mut child) = self.child.take() {
+            let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        for pid in shims_of(&self.address) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let prefix = self.dir.path().to_string_lossy().into_owned();
+        let mut targets: Vec<&str> = mountinfo
+            .lines()
+            .filter_map(|l| l.split(' ').nth(4))
+            .filter(|t| t.starts_with(&prefix))
+            .collect();
+        targets.sort_by_key(|t| std::cmp::Reverse(t.len()));
+        for t in targets {
+            let _ = nix::mount::umount2(t, nix::mount::MntFlags::MNT_DETACH);
+        }
+        // runc leaves its per-namespace state directory and the namespace's (now empty)
+        // cgroups behind; remove_dir only removes them when empty.
+        let _ = fs::remove_dir(format!("/run/containerd/runc/{}", self.ns));
+        let mut cgroups = vec![PathBuf::from("/sys/fs/cgroup")];
+        if let Ok(entries) = fs::read_dir("/sys/fs/cgroup") {
+            cgroups.extend(entries.filter_map(|e| Some(e.ok()?.path())));
+        }
+        for c in cgroups {
+            let _ = fs::remove_dir(c.join(&self.ns));
+        }
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- containerd log (last lines) ---\n{}", self.log_tail());
+        }
+        self.teardown();
+    }
+}
+
+/// PIDs of the `containerd-shim-runc-v2` processes serving the containerd at `address`.
+fn shims_of(address: &Path) -> Vec<i32> {
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let address = address.to_string_lossy().into_owned();
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            let Ok(cmdline) = fs::read(format!("/proc/{pid}/cmdline")) else {
+                return false;
+            };
+            let args: Vec<String> = cmdline
+                .split(|b| *b == 0)
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect();
+            args.first()
+                .is_some_and(|a| a.ends_with("containerd-shim-runc-v2"))
+                && args
+                    .windows(2)
+                    .any(|w| w[0] == "-address" && w[1] == address)
+        })
+        .collect()
+}
+
+/// `ctr snapshots ls` output → (key, parent, kind); parent is "" for a root snapshot.
+fn parse_snapshot_list(out: &str) -> Vec<(String, String, String)> {
+    out.lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            match f.as_slice() {
+                [key, kind] => Some((key.to_string(), String::new(), kind.to_string())),
+                [key, parent, kind] => {
+                    Some((key.to_string(), parent.to_string(), kind.to_string()))
+                }
+                _ => None,
+            }
+        })
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// An OCI image archive, built here.
+
+enum Entry<'a> {
+    Dir(&'a str),
+    File(&'a str, &'a [u8], u32),
+    Symlink(&'a str, &'a str),
+}
+
+/// An uncompressed layer tar with deterministic headers (root-owned, fixed mtime).
+fn layer_tar(entries: &[Entry]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for e in entries {
+        let mut h = tar::Header::new_ustar();
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(1_700_000_000);
+        match e {
+            Entry::Dir(p) => {
+                h.set_entry_type(tar::EntryType::Directory);
+                h.set_mode(0o755);
+                h.set_size(0);
+                b.append_data(&mut h, p, std::io::empty()).unwrap();
+            }
+            Entry::File(p, data, mode) => {
+                h.set_entry_type(tar::EntryType::Regular);
+                h.set_mode(*mode);
+                h.set_size(data.len() as u64);
+                b.append_data(&mut h, p, *data).unwrap();
+            }
+            Entry::Symlink(p, target) => {
+                h.set_entry_type(tar::EntryType::Symlink);
+                h.set_mode(0o777);
+                h.set_size(0);
+                h.set_link_name(target).unwrap();
+                b.append_data(&mut h, p, std::io::empty()).unwrap();
+            }
+        }
+    }
+    b.into_inner().unwrap()
+}
+
+fn sha256(data: &[u8]) -> String {
+    let d = Sha256::digest(data);
+    format!(
+        "sha256:{}",
+        d.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    )
+}
+
+/// The chain IDs of layers with these diff IDs: what containerd names the committed snapshots.
+fn chain_ids(diff_ids: &[String]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for d in diff_ids {
+        let next = match out.last() {
+            None => d.clone(),
+            Some(prev) => sha256(format!("{prev} {d}").as_bytes()),
+        };
+        out.push(next);
+    }
+    out
+}
+
+fn goarch() -> &'static str {
+    match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        other => other,
+    }
+}
+
+/// The image's layers: (L1) busybox, /etc/msg = one, /gone, /d/old; (L2) /etc/msg = two,
+/// whiteout of /gone, /d opaque with /d/new; then `extra` layers.
+fn image_layers(extra: &[Vec<u8>]) -> Vec<Vec<u8>> {
+    let busybox = fs::read("/bin/busybox").expect("/bin/busybox (apt-get install busybox-static)");
+    let links: Vec<String> = APPLETS.iter().map(|a| format!("bin/{a}")).collect();
+    let mut l1 = vec![
+        Entry::Dir("bin"),
+        Entry::File("bin/busybox", &busybox, 0o755),
+    ];
+    l1.extend(links.iter().map(|l| Entry::Symlink(l, "busybox")));
+    l1.extend([
+        Entry::Dir("etc"),
+        Entry::File("etc/msg", b"one", 0o644),
+        Entry::File("gone", b"x", 0o644),
+        Entry::Dir("d"),
+        Entry::File("d/old", b"old", 0o644),
+    ]);
+    let l2 = [
+        Entry::Dir("etc"),
+        Entry::File("etc/msg", b"two", 0o644),
+        Entry::File(".wh.gone", b"", 0o644),
+        Entry::Dir("d"),
+        Entry::File("d/.wh..wh..opq", b"", 0o644),
+        Entry::File("d/new", b"new", 0o644),
+    ];
+    let mut layers = vec![layer_tar(&l1), layer_tar(&l2)];
+    layers.extend(extra.iter().cloned());
+    layers
+}
+
+/// Writes an OCI image layout tar named `name` (for `ctr images import`) with these
+/// uncompressed layers to `path`; returns the chain IDs of its layers.
+fn write_oci_archive(path: &Path, name: &str, layers: &[Vec<u8>]) -> Vec<String> {
+    let mut blobs: Vec<(String, Vec<u8>)> = Vec::new();
+    let mut layer_descs = Vec::new();
+    let mut diff_ids = Vec::new();
+    for l in layers {
+        let digest = sha256(l);
+        layer_descs.push(serde_json::json!({
+            "mediaType": "application/vnd.oci.image.layer.v1.tar",
+            "digest": digest,
+            "size": l.len(),
+        }));
+        diff_ids.push(digest.clone());
+        blobs.push((digest, l.clone()));
+    }
+    let config = serde_json::to_vec(&serde_json::json!({
+        "architecture": goarch(),
+        "os": "linux",
+        "config": { "Env": ["PATH=/bin"], "Cmd": ["sh"] },
+        "rootfs": { "type": "layers", "diff_ids": diff_ids },
+    }))
+    .unwrap();
+    let manifest = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {
+            "mediaType": "application/vnd.oci.image.config.v1+json",
+            "digest": sha256(&config),
+            "size": config.len(),
+        },
+        "layers": layer_descs,
+    }))
+    .unwrap();
+    let tag = name.rsplit(':').next().unwrap();
+    let index = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [{
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": sha256(&manifest),
+            "size": manifest.len(),
+            "platform": { "architecture": goarch(), "os": "linux" },
+            "annotations": {
+                "io.containerd.image.name": name,
+                "org.opencontainers.image.ref.name": tag,
+            },
+        }],
+    }))
+    .unwrap();
+    blobs.push((sha256(&config), config));
+    blobs.push((sha256(&manifest), manifest));
+
+    let mut files: Vec<(String, Vec<u8>)> = vec![
+        (
+            "oci-layout".into(),
+            br#"{"imageLayoutVersion":"1.0.0"}"#.to_vec(),
+        ),
+        ("index.json".into(), index),
+    ];
+    for (digest, data) in blobs {
+        files.push((
+            format!("blobs/sha256/{}", digest.trim_start_matches("sha256:")),
+            data,
+        ));
+    }
+    let mut entries = vec![Entry::Dir("blobs"), Entry::Dir("blobs/sha256")];
+    entries.extend(files.iter().map(|(p, d)| Entry::File(p, d, 0o644)));
+    fs::write(path, layer_tar(&entries)).unwrap();
+    chain_ids(&layers.iter().map(|l| sha256(l)).collect::<Vec<_>>())
+}
+
+/// Imports the image at `tar` into lamina and checks containerd unpacked it.
+fn import(c: &Containerd, tar: &Path, name: &str) {
+    let out = c.ctr_ok(&[
+        "images",
+        "import",
+        "--snapshotter",
+        "lamina",
+        tar.to_str().unwrap(),
+    ]);
+    assert!(
+        out.contains(&format!("unpacking {name}")) && out.contains("done"),
+        "`ctr images import` did not unpack {name}: {out}"
+    );
+    let names = c.ctr_ok(&["images", "ls", "-q"]);
+    assert!(
+        names.lines().any(|l| l == name),
+        "image {name} missing from `ctr images ls`: {names}"
+    );
+}
+
+/// The merged view the container must see, and a write inside it.
+const CHECK_SCRIPT: &str = r#"printf 'msg=%s\n' "$(cat /etc/msg)"
+printf 'd=%s\n' "$(ls -A /d | tr '\n' ' ')"
+if [ -e /gone ]; then echo gone=present; else echo gone=absent; fi
+if [ -e /w/file ]; then echo fresh=no; else echo fresh=yes; fi
+mkdir -p /w && echo written > /w/file && printf 'rw=%s\n' "$(cat /w/file)""#;
+
+fn check_merged_view(c: &Containerd, name: &str) {
+    let out = c.ctr_ok(&[
+        "run",
+        "--rm",
+        "--snapshotter",
+        "lamina",
+        IMAGE1,
+        name,
+        "sh",
+        "-c",
+        CHECK_SCRIPT,
+    ]);
+    let lines: Vec<&str> = out.lines().map(str::trim_end).collect();
+    assert_eq!(
+        lines,
+        ["msg=two", "d=new", "gone=absent", "fresh=yes", "rw=written"],
+        "the container's root is not the merged image plus a writable layer; output:\n{out}"
+    );
+}
+
+/// Polls until containerd lists no lamina snapshot and lamina has neither records nor
+/// directories left (containerd's GC removed them and called Cleanup).
+async fn wait_all_collected(c: &Containerd, d: &TestDaemon) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let listed = c.snapshots().unwrap_or_else(|e| panic!("{e}"));
+        let records = d.client().await.list(&[]).await.expect("lamina List");
+        let dirs = d.snapshot_dirs();
+        if listed.is_empty() && records.is_empty() && dirs.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "30 s after `ctr images rm --sync` something is left: containerd lists {listed:?}, \
+             lamina has records {records:?} and directories {dirs:?} under {}",
+            d.root.join("snapshots").display()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The `-o` options of a `mount -t TYPE SOURCE TARGET -o OPTS` line printed by ctr.
+fn parse_mount_line(out: &str) -> (String, String, Vec<String>) {
+    let line = out.lines().next().unwrap_or_default();
+    let f: Vec<&str> = line.split_whitespace().collect();
+    assert!(
+        f.len() == 7 && f[0] == "mount" && f[1] == "-t" && f[5] == "-o",
+        "not a mount command line: {out:?}"
+    );
+    (
+        f[2].to_string(),
+        f[3].to_string(),
+        f[6].split(',').map(String::from).collect(),
+    )
+}
+
+fn option<'a>(opts: &'a [String], key: &str) -> Option<&'a str> {
+    opts.iter()
+        .find_map(|o| o.strip_prefix(key)?.strip_prefix('='))
+}
+
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn containerd_imports_runs_inspects_and_collects() {
+    if !require_root() {
+        return;
+    }
+    let started = Instant::now();
+    let d = TestDaemon::start_with_config("sync_remove = false\n").await;
+    let c = Containerd::start(&d.socket, "a");
+    let snapshots_dir = format!("{}/", d.root.join("snapshots").display());
+
+    // containerd knows the plugin.
+    let plugins = c.ctr_ok(&["plugins", "ls"]);
+    assert!(
+        plugins.lines().any(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() >= 3
+                && f[0] == "io.containerd.snapshotter.v1"
+                && f[1] == "lamina"
+                && f.last() == Some(&"ok")
+        }),
+        "`ctr plugins ls` has no `io.containerd.snapshotter.v1 lamina … ok` line:\n{plugins}"
+    );
+
+    // Import: containerd unpacks both layers through lamina.
+    let tar = c.path("e2e1.tar");
+    let chain = write_oci_archive(&tar, IMAGE1, &image_layers(&[]));
+    import(&c, &tar, IMAGE1);
+
+    // Run: the merged filesystem, writable; a second run starts from the image again.
+    check_merged_view(&c, "run1");
+    check_merged_view(&c, "run2");
+
+    // ls: the two committed layers, the second on the first.
+    let listed = c.snapshots().unwrap_or_else(|e| panic!("{e}"));
+    let expected = vec![
+        (chain[0].clone(), String::new(), "Committed".to_string()),
+        (chain[1].clone(), chain[0].clone(), "Committed".to_string()),
+    ];
+    let mut sorted = listed.clone();
+    sorted.sort_by_key(|(k, _, _)| if *k == chain[0] { 0 } else { 1 });
+    assert_eq!(
+        sorted, expected,
+        "`ctr snapshots ls` should list exactly the image's two layers"
+    );
+
+    // info: kind, name and parent chain.
+    for (i, key) in chain.iter().enumerate() {
+        let out = c.snap_ok(&["info", key]);
+        let info: serde_json::Value = serde_json::from_str(&out)
+            .unwrap_or_else(|e| panic!("`ctr snapshots info` printed no JSON ({e}): {out}"));
+        assert_eq!(info["Kind"], "Committed", "info {key}: {out}");
+        assert_eq!(info["Name"], key.as_str(), "info {key}: {out}");
+        let parent = if i == 0 {
+            serde_json::Value::Null
+        } else {
+            chain[i - 1].clone().into()
+        };
+        assert_eq!(info["Parent"], parent, "info {key}: wrong parent: {out}");
+        assert!(
+            info["Created"].is_string() && info["Updated"].is_string(),
+            "info {key}: {out}"
+        );
+    }
+
+    // usage: L1 holds busybox (a few MB) and every entry of L1; L2 is small.
+    let busybox_size = fs::metadata("/bin/busybox").unwrap().len();
+    let out = c.snap_ok(&["usage", "-b", &chain[0], &chain[1]]);
+    let usage: Vec<(String, u64, u64)> = out
+        .lines()
+        .skip(1)
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            assert_eq!(f.len(), 3, "`ctr snapshots usage -b` line {l:?} in:\n{out}");
+            (
+                f[0].to_string(),
+                f[1].parse().unwrap(),
+                f[2].parse().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(usage.len(), 2, "usage lines:\n{out}");
+    // L1: root, bin, busybox, the links, etc, etc/msg, gone, d, d/old.
+    let l1_inodes = 3 + APPLETS.len() as u64 + 5;
+    assert_eq!(usage[0].0, chain[0]);
+    assert!(
+        usage[0].1 >= busybox_size,
+        "L1 usage {} < busybox {busybox_size}:\n{out}",
+        usage[0].1
+    );
+    assert_eq!(usage[0].2, l1_inodes, "L1 inode count:\n{out}");
+    // L2: root, etc, etc/msg, the whiteout device for /gone, d, d/new.
+    assert_eq!(usage[1].0, chain[1]);
+    assert!(
+        usage[1].1 > 0 && usage[1].1 < busybox_size,
+        "L2 size:\n{out}"
+    );
+    assert_eq!(usage[1].2, 6, "L2 inode count:\n{out}");
+    let human = c.snap_ok(&["usage", &chain[0]]);
+    assert!(
+        human.contains("MiB") || human.contains("MB"),
+        "human-readable usage of L1: {human}"
+    );
+
+    // tree: L2 under L1.
+    let tree = c.snap_ok(&["tree"]);
+    let lines: Vec<&str> = tree.lines().collect();
+    assert_eq!(lines.len(), 2, "tree:\n{tree}");
+    assert_eq!(lines[0].trim(), chain[0], "tree root:\n{tree}");
+    assert_eq!(
+        lines[1].trim(),
+        format!("\\_ {}", chain[1]),
+        "tree child:\n{tree}"
+    );
+    assert!(lines[1].starts_with("  "), "child not indented:\n{tree}");
+
+    // mounts: a view on L1 is a read-only bind of L1's directory; a view on L2 is a read-only
+    // overlay of both; an active snapshot on L2 is a writable overlay over both.
+    c.snap_ok(&["view", "e2e-view1", &chain[0]]);
+    c.snap_ok(&["view", "e2e-view2", &chain[1]]);
+    c.snap_ok(&["prepare", "e2e-active", &chain[1]]);
+    let (ty, l1_fs, opts) = parse_mount_line(&c.snap_ok(&["mounts", "/mnt/x", "e2e-view1"]));
+    assert_eq!(ty, "bind", "view on one layer");
+    assert!(
+        l1_fs.starts_with(&snapshots_dir) && l1_fs.ends_with("/fs"),
+        "bind source {l1_fs}"
+    );
+    assert!(
+        opts.contains(&"ro".into()) && opts.contains(&"rbind".into()),
+        "bind options {opts:?}"
+    );
+    assert!(
+        Path::new(&l1_fs).join("bin/busybox").is_file(),
+        "L1's directory lacks bin/busybox: {l1_fs}"
+    );
+
+    let (ty, src, opts) = parse_mount_line(&c.snap_ok(&["mounts", "/mnt/x", "e2e-view2"]));
+    assert_eq!(
+        (ty.as_str(), src.as_str()),
+        ("overlay", "overlay"),
+        "view on two layers"
+    );
+    let lower = option(&opts, "lowerdir").unwrap_or_else(|| panic!("no lowerdir in {opts:?}"));
+    let lowers: Vec<&str> = lower.split(':').collect();
+    assert_eq!(lowers.len(), 2, "lowerdir {lower}");
+    assert_eq!(
+        lowers[1], l1_fs,
+        "the view's lowest layer is L1's directory"
+    );
+    assert!(
+        lowers[0].starts_with(&snapshots_dir) && lowers[0] != l1_fs,
+        "lowerdir {lower}"
+    );
+    assert!(
+        Path::new(lowers[0]).join("d/new").is_file(),
+        "L2's directory lacks d/new: {}",
+        lowers[0]
+    );
+    assert!(
+        option(&opts, "upperdir").is_none(),
+        "a view has no upperdir: {opts:?}"
+    );
+
+    let (ty, _, opts) = parse_mount_line(&c.snap_ok(&["mounts", "/mnt/x", "e2e-active"]));
+    assert_eq!(ty, "overlay", "active on two layers");
+    assert_eq!(
+        option(&opts, "lowerdir"),
+        Some(lower),
+        "active's lowers: {opts:?}"
+    );
+    let upper = option(&opts, "upperdir").unwrap_or_else(|| panic!("no upperdir in {opts:?}"));
+    let work = option(&opts, "workdir").unwrap_or_else(|| panic!("no workdir in {opts:?}"));
+    assert!(
+        upper.starts_with(&snapshots_dir) && upper.ends_with("/fs"),
+        "upperdir {upper}"
+    );
+    assert_eq!(
+        Path::new(work).parent(),
+        Path::new(upper).parent(),
+        "workdir {work} beside upperdir {upper}"
+    );
+
+    // Mounts of a committed layer is refused.
+    let out = c.ctr(&[
+        "snapshots",
+        "--snapshotter",
+        "lamina",
+        "mounts",
+        "/mnt/x",
+        &chain[1],
+    ]);
+    assert!(
+        !out.success,
+        "`ctr snapshots mounts` of a committed snapshot succeeded: {}",
+        out.stdout
+    );
+
+    // The active and views show in ls with their kinds, then go.
+    let kinds: Vec<(String, String)> = c
+        .snapshots()
+        .unwrap_or_else(|e| panic!("{e}"))
+        .into_iter()
+        .map(|(k, _, kind)| (k, kind))
+        .collect();
+    for (key, kind) in [
+        ("e2e-view1", "View"),
+        ("e2e-view2", "View"),
+        ("e2e-active", "Active"),
+    ] {
+        assert!(
+            kinds.contains(&(key.to_string(), kind.to_string())),
+            "{key} not {kind} in ls: {kinds:?}"
+        );
+    }
+    c.snap_ok(&["rm", "e2e-view1", "e2e-view2", "e2e-active"]);
+
+    // Removing the image lets containerd's GC remove the snapshots, then Cleanup the directories.
+    c.ctr_ok(&["images", "rm", "--sync", IMAGE1]);
+    wait_all_collected(&c, &d).await;
+    eprintln!("containerd end-to-end took {:?}", started.elapsed());
+}
+
+#[tokio::test]
+async fn containerd_rides_out_a_lamina_restart() {
+    if !require_root() {
+        return;
+    }
+    let started = Instant::now();
+    let mut d = TestDaemon::start_with_config("sync_remove = false\n").await;
+    let c = Containerd::start(&d.socket, "b");
+
+    let tar1 = c.path("e2e1.tar");
+    let chain1 = write_oci_archive(&tar1, IMAGE1, &image_layers(&[]));
+    import(&c, &tar1, IMAGE1);
+    c.ctr_ok(&[
+        "run",
+        "-d",
+        "--snapshotter",
+        "lamina",
+        IMAGE1,
+        "sleeper",
+        "sleep",
+        "1000",
+    ]);
+    c.wait_task("sleeper", "RUNNING");
+
+    d.restart().await;
+
+    // containerd reconnects by itself.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let listed = loop {
+        match c.snapshots() {
+            Ok(l) if !l.is_empty() => break l,
+            other => assert!(
+                Instant::now() < deadline,
+                "containerd did not reach lamina again within 20 s of its restart: {:?}",
+                other.map(|l| format!("listed {l:?}"))
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    for key in ["sleeper", chain1[0].as_str(), chain1[1].as_str()] {
+        assert!(
+            listed.iter().any(|(k, _, _)| k == key),
+            "{key} missing after lamina's restart: {listed:?}"
+        );
+    }
+
+    // The container started before keeps running, on its filesystem.
+    c.wait_task("sleeper", "RUNNING");
+    let out = c.ctr_ok(&[
+        "task",
+        "exec",
+        "--exec-id",
+        "check",
+        "sleeper",
+        "cat",
+        "/etc/msg",
+    ]);
+    assert_eq!(out.trim(), "two", "the running container's /etc/msg");
+
+    // The next import (one more layer over the same two) and run work.
+    let l3 = layer_tar(&[Entry::Dir("etc"), Entry::File("etc/msg", b"three", 0o644)]);
+    let tar2 = c.path("e2e2.tar");
+    let chain2 = write_oci_archive(&tar2, IMAGE2, &image_layers(&[l3]));
+    assert_eq!(
+        chain2[..2],
+        chain1[..],
+        "the second image shares the first two layers"
+    );
+    import(&c, &tar2, IMAGE2);
+    let listed = c.snapshots().unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        listed.contains(&(chain2[2].clone(), chain2[1].clone(), "Committed".into())),
+        "the third layer is not committed on the second: {listed:?}"
+    );
+    let out = c.ctr_ok(&[
+        "run",
+        "--rm",
+        "--snapshotter",
+        "lamina",
+        IMAGE2,
+        "after",
+        "sh",
+        "-c",
+        "echo \"$(cat /etc/msg)\"; ls -A /d",
+    ]);
+    assert_eq!(
+        out.split_whitespace().collect::<Vec<_>>(),
+        ["three", "new"],
+        "run after restart: {out}"
+    );
+    check_merged_view(&c, "after1");
+
+    // End the container, drop both images: everything is collected.
+    c.ctr_ok(&["task", "kill", "--signal", "SIGKILL", "sleeper"]);
+    c.wait_task("sleeper", "STOPPED");
+    c.ctr_ok(&["task", "rm", "sleeper"]);
+    c.ctr_ok(&["containers", "rm", "sleeper"]);
+    c.ctr_ok(&["images", "rm", "--sync", IMAGE1, IMAGE2]);
+    wait_all_collected(&c, &d).await;
+    eprintln!("containerd restart test took {:?}", started.elapsed());
+}
