@@ -25,6 +25,7 @@ struct File {
     log_level: Option<String>,
     log_format: Option<LogFormat>,
     metrics_address: Option<String>,
+    socket_group: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -60,6 +61,10 @@ pub struct Config {
     /// A tracing filter: a level (`info`) or directives (`lamina=debug`). `RUST_LOG` wins.
     pub log_level: String,
     pub log_format: LogFormat,
+    /// Group owning the socket (name or number); the socket is 0660, so its members may
+    /// connect. None: the group of the lamina process (root).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub socket_group: Option<u32>,
     /// Where to serve Prometheus metrics (`host:port` or `unix:/path`); none by default.
     #[serde(skip_serializing_if = "Option::is_none", serialize_with = "display")]
     pub metrics_address: Option<crate::metrics::Address>,
@@ -134,6 +139,7 @@ fn resolve(file: File, flags: &Flags) -> Result<Config> {
                     .map_err(|e| Error::Config(format!("metrics_address: {e}")))
             })
             .transpose()?,
+        socket_group: file.socket_group.as_deref().map(group_id).transpose()?,
     };
     validate(&config)?;
     Ok(config)
@@ -165,6 +171,22 @@ fn validate(c: &Config) -> Result<()> {
         ))
     })?;
     Ok(())
+}
+
+/// A group name or number, resolved now so that a typo stops lamina at start.
+fn group_id(group: &str) -> Result<u32> {
+    if let Ok(gid) = group.parse::<u32>() {
+        return Ok(gid);
+    }
+    match nix::unistd::Group::from_name(group) {
+        Ok(Some(g)) => Ok(g.gid.as_raw()),
+        Ok(None) => Err(Error::Config(format!(
+            "socket_group: no group named {group:?}"
+        ))),
+        Err(e) => Err(Error::Config(format!(
+            "socket_group: looking up {group:?}: {e}"
+        ))),
+    }
 }
 
 fn absolute(key: &str, path: &Path) -> Result<()> {
@@ -218,6 +240,14 @@ mod tests {
     }
 
     #[test]
+    fn socket_group_by_name_or_number() {
+        let c = |t: &str| from(t, &Flags::default()).unwrap().socket_group;
+        assert_eq!(c("socket_group = \"root\""), Some(0));
+        assert_eq!(c("socket_group = \"1234\""), Some(1234));
+        assert_eq!(c(""), None);
+    }
+
+    #[test]
     fn flags_override_the_file() {
         let flags = Flags {
             root: Some("/flag".into()),
@@ -244,6 +274,7 @@ mod tests {
         assert!(err("log_format = \"xml\"").contains("log_format"));
         assert!(err("log_level = \"=[\"").contains("log_level"));
         assert!(err("metrics_address = \"nowhere\"").contains("metrics_address"));
+        assert!(err("socket_group = \"no-such-group-here\"").contains("socket_group"));
         assert!(err("metrics_address = \"unix:rel\"").contains("metrics_address"));
     }
 }

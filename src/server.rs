@@ -36,7 +36,7 @@ pub async fn run(config: Config) -> Result<()> {
     // backlog while recovery runs instead of being refused.
     let (listener, activated) = match inherited_listener()? {
         Some(l) => (l, true),
-        None => (bind(&config.address)?, false),
+        None => (bind(&config.address, config.socket_group)?, false),
     };
     let result = match start(&config) {
         Ok(admin) => {
@@ -178,7 +178,7 @@ pub fn start(config: &Config) -> Result<Arc<Admin>> {
 
 /// Binds the unix socket with mode 0660, replacing a stale socket file but never one that a
 /// live process still answers on.
-pub fn bind(path: &Path) -> Result<UnixListener> {
+pub fn bind(path: &Path, group: Option<u32>) -> Result<UnixListener> {
     if let Some(dir) = path.parent() {
         fs::DirBuilder::new()
             .recursive(true)
@@ -206,6 +206,10 @@ pub fn bind(path: &Path) -> Result<UnixListener> {
     let listener = UnixListener::bind(path).map_err(|e| Error::io("binding", path, e))?;
     fs::set_permissions(path, fs::Permissions::from_mode(0o660))
         .map_err(|e| Error::io("setting mode 0660 on", path, e))?;
+    if let Some(gid) = group {
+        std::os::unix::fs::chown(path, None, Some(gid))
+            .map_err(|e| Error::io("setting the group of", path, e))?;
+    }
     Ok(listener)
 }
 

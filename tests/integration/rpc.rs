@@ -1468,3 +1468,16 @@ async fn an_unknown_config_key_is_refused_by_name() {
     assert!(stderr.contains("bogus_option"), "stderr: {stderr}");
     assert!(!address.exists(), "no socket was bound");
 }
+
+#[tokio::test]
+async fn socket_group_owns_the_socket() {
+    if !require_root() {
+        return;
+    }
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let d = TestDaemon::start_with_config("socket_group = \"4321\"\n").await;
+    let meta = std::fs::metadata(&d.socket).unwrap();
+    assert_eq!(meta.gid(), 4321);
+    assert_eq!(meta.uid(), 0);
+    assert_eq!(meta.permissions().mode() & 0o777, 0o660);
+}
