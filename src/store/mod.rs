@@ -163,6 +163,14 @@ fn decode(key: &str, bytes: &[u8]) -> Result<Record> {
         .map_err(|e| Error::Internal(format!("record of snapshot {key:?} is unreadable: {e}")))
 }
 
+/// The record of `key`, or NotFound.
+fn lookup(table: &impl ReadableTable<&'static str, &'static [u8]>, key: &str) -> Result<Record> {
+    match table.get(key)? {
+        Some(bytes) => decode(key, bytes.value()),
+        None => Err(Error::not_found(key)),
+    }
+}
+
 impl Store {
     /// Opens (or creates) the store file. A file that is not a valid store is an error: lamina
     /// never starts empty over existing snapshots.
@@ -279,12 +287,7 @@ impl Store {
 
     pub fn get(&self, key: &str) -> Result<Record> {
         self.read("reading a snapshot", |tx| {
-            let table = tx.open_table(SNAPSHOTS)?;
-            let found = table.get(key)?;
-            match found {
-                Some(bytes) => decode(key, bytes.value()),
-                None => Err(Error::not_found(key)),
-            }
+            lookup(&tx.open_table(SNAPSHOTS)?, key)
         })
     }
 
@@ -307,14 +310,12 @@ impl Store {
             }
             let mut parent_ids = Vec::new();
             if !parent.is_empty() {
-                let parent_record = match snapshots.get(parent)? {
-                    Some(bytes) => decode(parent, bytes.value())?,
-                    None => {
-                        return Err(Error::NotFound(format!(
-                            "parent snapshot {parent:?} does not exist"
-                        )))
+                let parent_record = lookup(&snapshots, parent).map_err(|e| match e {
+                    Error::NotFound(_) => {
+                        Error::NotFound(format!("parent snapshot {parent:?} does not exist"))
                     }
-                };
+                    other => other,
+                })?;
                 if parent_record.kind != Kind::Committed {
                     return Err(Error::invalid(format!(
                         "parent snapshot {parent:?} is {}, not committed: only committed \
@@ -363,11 +364,7 @@ impl Store {
             if snapshots.get(name)?.is_some() {
                 return Err(Error::already_exists(name));
             }
-            let found = snapshots.get(key)?.map(|b| decode(key, b.value()));
-            let active = match found {
-                Some(r) => r?,
-                None => return Err(Error::not_found(key)),
-            };
+            let active = lookup(&snapshots, key)?;
             if active.kind != Kind::Active {
                 return Err(commit_wrong_kind(key, active.kind));
             }
@@ -402,11 +399,7 @@ impl Store {
         self.write("removing a snapshot", move |tx| {
             let key = key.as_str();
             let mut snapshots = tx.open_table(SNAPSHOTS)?;
-            let found = snapshots.get(key)?.map(|b| decode(key, b.value()));
-            let record = match found {
-                Some(r) => r?,
-                None => return Err(Error::not_found(key)),
-            };
+            let record = lookup(&snapshots, key)?;
             let mut children = tx.open_table(CHILDREN)?;
             let first_child = children
                 .range((key, "")..)?
@@ -437,11 +430,7 @@ impl Store {
         self.write("updating a snapshot", move |tx| {
             let key = key.as_str();
             let mut snapshots = tx.open_table(SNAPSHOTS)?;
-            let found = snapshots.get(key)?.map(|b| decode(key, b.value()));
-            let mut record = match found {
-                Some(r) => r?,
-                None => return Err(Error::not_found(key)),
-            };
+            let mut record = lookup(&snapshots, key)?;
             change(&mut record.labels)?;
             record.updated = now;
             snapshots.insert(key, encode(&record).as_slice())?;
