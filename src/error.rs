@@ -69,6 +69,10 @@ pub enum Error {
     #[error("{0}")]
     Corrupt(String),
 
+    /// The disk is full (or read-only); the message says what to free.
+    #[error("{0}")]
+    Exhausted(String),
+
     /// A fault inside lamina that no request could have caused.
     #[error("internal error: {0}")]
     Internal(String),
@@ -130,6 +134,8 @@ impl Error {
             Error::ShuttingDown => Code::Unavailable,
             // A full disk or a read-only root is something an operator can fix and retry.
             Error::Io { source, .. } if is_resource_error(source) => Code::ResourceExhausted,
+            Error::Exhausted(_) => Code::ResourceExhausted,
+            Error::Store { .. } if exhausts_resources(self) => Code::ResourceExhausted,
             Error::Io { .. }
             | Error::Store { .. }
             | Error::Unsupported(_)
@@ -159,6 +165,45 @@ from_redb!(
     redb::StorageError,
     redb::CommitError
 );
+
+/// Whether an I/O error somewhere in `err`'s chain says the disk is full or read-only.
+pub fn exhausts_resources(err: &(dyn std::error::Error + 'static)) -> bool {
+    // redb's errors carry their io::Error in a variant, not as a source().
+    fn storage_io(e: &redb::StorageError) -> Option<&io::Error> {
+        match e {
+            redb::StorageError::Io(io) => Some(io),
+            _ => None,
+        }
+    }
+    let mut cur = Some(err);
+    while let Some(e) = cur {
+        let io = e
+            .downcast_ref::<io::Error>()
+            .or_else(|| e.downcast_ref::<redb::StorageError>().and_then(storage_io))
+            .or_else(|| match e.downcast_ref::<redb::CommitError>() {
+                Some(redb::CommitError::Storage(s)) => storage_io(s),
+                _ => None,
+            })
+            .or_else(|| match e.downcast_ref::<redb::TransactionError>() {
+                Some(redb::TransactionError::Storage(s)) => storage_io(s),
+                _ => None,
+            })
+            .or_else(|| {
+                let redb = e
+                    .downcast_ref::<redb::Error>()
+                    .or_else(|| e.downcast_ref::<Box<redb::Error>>().map(|b| &**b));
+                match redb {
+                    Some(redb::Error::Io(io)) => Some(io),
+                    _ => None,
+                }
+            });
+        if io.is_some_and(is_resource_error) {
+            return true;
+        }
+        cur = e.source();
+    }
+    false
+}
 
 fn is_resource_error(err: &io::Error) -> bool {
     matches!(
@@ -198,6 +243,12 @@ mod tests {
         let full = Error::io("creating", "/x", io::Error::from_raw_os_error(libc::ENOSPC));
         let status = tonic::Status::from(full);
         assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+        let redb_full = redb::CommitError::Storage(redb::StorageError::Io(
+            io::Error::from_raw_os_error(libc::ENOSPC),
+        ));
+        assert!(exhausts_resources(&redb_full));
+        let store_full = Error::store("committing", redb_full);
+        assert_eq!(store_full.code(), tonic::Code::ResourceExhausted);
         assert!(status.message().contains("creating \"/x\": No space left"));
     }
 }

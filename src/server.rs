@@ -32,37 +32,16 @@ pub const DRAIN: Duration = Duration::from_secs(5);
 
 /// Runs `lamina serve` until SIGTERM or SIGINT.
 pub async fn run(config: Config) -> Result<()> {
+    // Signals are caught from the very start: SIGTERM during start-up means "do not serve",
+    // not death by signal with the socket left behind.
+    let signals = Signals::install()?;
     // Listen first: a second lamina fails fast, and containerd's connections wait in the
     // backlog while recovery runs instead of being refused.
     let (listener, activated) = match inherited_listener()? {
         Some(l) => (l, true),
         None => (bind(&config.address, config.socket_group)?, false),
     };
-    let result = match start(&config) {
-        Ok(admin) => {
-            info!(address = %config.address.display(), root = %config.root.display(), activated, "serving");
-            if let Some(address) = config.metrics_address.clone() {
-                let s = Arc::clone(&admin.snapshotter);
-                tokio::spawn(async move {
-                    if let Err(e) = crate::metrics::serve(address, s).await {
-                        error!(error = %crate::error::chain(&e), "metrics endpoint stopped");
-                    }
-                });
-            }
-            notify(sd_notify::NotifyState::Ready);
-            let watchdog = sd_notify::watchdog_enabled().map(|every| tokio::spawn(watchdog(every)));
-            let result = serve(listener, admin, async {
-                shutdown_signal().await;
-                notify(sd_notify::NotifyState::Stopping);
-            })
-            .await;
-            if let Some(w) = watchdog {
-                w.abort();
-            }
-            result
-        }
-        Err(e) => Err(e),
-    };
+    let result = start_and_serve(&config, listener, signals, activated).await;
     // An inherited socket belongs to systemd, which keeps it open across our restarts.
     if !activated {
         match fs::remove_file(&config.address) {
@@ -71,6 +50,47 @@ pub async fn run(config: Config) -> Result<()> {
             }
             _ => {}
         }
+    }
+    result
+}
+
+async fn start_and_serve(
+    config: &Config,
+    listener: UnixListener,
+    mut signals: Signals,
+    activated: bool,
+) -> Result<()> {
+    // Start-up (probe, store, recovery) is blocking work. A signal meanwhile lets it finish,
+    // since stopping recovery half-way gains nothing, and then exits without serving.
+    let cfg = config.clone();
+    let mut starting = tokio::task::spawn_blocking(move || start(&cfg));
+    let started = tokio::select! {
+        started = &mut starting => started,
+        _ = signals.recv() => {
+            info!("stopping before serving; letting start-up finish first");
+            let _ = starting.await;
+            return Ok(());
+        }
+    };
+    let admin = started.map_err(|e| Error::Internal(format!("start-up task failed: {e}")))??;
+    info!(address = %config.address.display(), root = %config.root.display(), activated, "serving");
+    if let Some(address) = config.metrics_address.clone() {
+        let s = Arc::clone(&admin.snapshotter);
+        tokio::spawn(async move {
+            if let Err(e) = crate::metrics::serve(address, s).await {
+                error!(error = %crate::error::chain(&e), "metrics endpoint stopped");
+            }
+        });
+    }
+    notify(sd_notify::NotifyState::Ready);
+    let watchdog = sd_notify::watchdog_enabled().map(|every| tokio::spawn(watchdog(every)));
+    let result = serve(listener, admin, async move {
+        signals.recv().await;
+        notify(sd_notify::NotifyState::Stopping);
+    })
+    .await;
+    if let Some(w) = watchdog {
+        w.abort();
     }
     result
 }
@@ -272,12 +292,26 @@ fn finished(
     }
 }
 
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("installing a SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => info!("SIGTERM"),
-        _ = int.recv() => info!("SIGINT"),
+/// SIGTERM and SIGINT, caught from the moment they are installed.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> Result<Signals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        let failed = |e| Error::Internal(format!("installing signal handlers: {e}"));
+        Ok(Signals {
+            term: signal(SignalKind::terminate()).map_err(failed)?,
+            int: signal(SignalKind::interrupt()).map_err(failed)?,
+        })
+    }
+
+    async fn recv(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => info!("SIGTERM"),
+            _ = self.int.recv() => info!("SIGINT"),
+        }
     }
 }

@@ -123,6 +123,8 @@ fn domain_info(info: Info) -> snapshot::Info {
 
 /// Batch size of List responses, as containerd's own server sends them.
 const LIST_BATCH: usize = 100;
+/// Most bytes of Info in one List message.
+const LIST_BATCH_BYTES: usize = 4 << 20;
 
 type ListStream = Pin<Box<dyn Stream<Item = Result<ListSnapshotsResponse, Status>> + Send>>;
 
@@ -245,10 +247,24 @@ impl Snapshots for Service {
         let s = &self.snapshotter;
         traced("List", span, async {
             let infos = s.list(r.filters).await?;
+            // Batches of 100 as containerd sends them, cut earlier when large labels would push
+            // a message towards the 16 MiB limit.
             let mut batches = Vec::with_capacity(infos.len() / LIST_BATCH + 1);
-            let mut infos = infos.into_iter().map(wire_info).peekable();
-            while infos.peek().is_some() {
-                let batch: Vec<Info> = infos.by_ref().take(LIST_BATCH).collect();
+            let (mut batch, mut bytes) = (Vec::new(), 0);
+            for info in infos.into_iter().map(wire_info) {
+                let len = prost::Message::encoded_len(&info);
+                if !batch.is_empty()
+                    && (batch.len() == LIST_BATCH || bytes + len > LIST_BATCH_BYTES)
+                {
+                    batches.push(Ok(ListSnapshotsResponse {
+                        info: std::mem::take(&mut batch),
+                    }));
+                    bytes = 0;
+                }
+                bytes += len;
+                batch.push(info);
+            }
+            if !batch.is_empty() {
                 batches.push(Ok(ListSnapshotsResponse { info: batch }));
             }
             Ok(Box::pin(futures::stream::iter(batches)) as ListStream)

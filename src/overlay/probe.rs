@@ -61,6 +61,8 @@ fn in_user_namespace() -> bool {
 /// needs `d_type` to find whiteouts). The scratch directory is removed whatever happens.
 pub fn check(root: &Path, options: &[String]) -> Result<(), Error> {
     let scratch = scratch_dir(root);
+    // A lamina killed mid-probe leaves the probe overlay mounted; detach it before deleting.
+    let _ = sys::unmount(&scratch.join("merged"));
     let _ = fs::remove_dir_all(&scratch);
     let result = check_in(&scratch, options);
     let _ = fs::remove_dir_all(&scratch);

@@ -42,9 +42,13 @@ enum Op {
     Matches(Regex),
 }
 
-/// Why a filter string does not parse, with the position in it.
+/// Why a filter string does not parse, with the position in it. Shows at most the first
+/// `SHOWN` characters of the filter: an error must not echo a huge input back whole.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("filter {input:?} does not parse at byte {pos}: {msg}")]
+#[error(
+    "filter {} does not parse at byte {pos}: {msg}",
+    crate::snapshot::shorten(input)
+)]
 pub struct ParseError {
     input: String,
     pos: usize,
@@ -128,10 +132,21 @@ impl<'a> Parser<'a> {
     }
 
     fn err<T>(&self, pos: usize, msg: impl Into<String>) -> Result<T, ParseError> {
+        // The message may quote the input too (a bad regular expression is shown whole by the
+        // regex crate): keep it short as well.
+        let mut msg: String = msg.into();
+        if msg.len() > 512 {
+            let mut end = 512;
+            while !msg.is_char_boundary(end) {
+                end -= 1;
+            }
+            msg.truncate(end);
+            msg.push('…');
+        }
         Err(ParseError {
             input: self.input.to_string(),
             pos,
-            msg: msg.into(),
+            msg,
         })
     }
 

@@ -40,6 +40,9 @@ use filter::{Fields, Filter};
 pub const MAX_KEY_BYTES: usize = 4096;
 /// containerd's own limit on one label's key plus value.
 pub const MAX_LABEL_BYTES: usize = 4096;
+/// lamina's limit on all of one snapshot's labels together, so that every snapshot's Info
+/// fits in one gRPC message (containerd's limit is 16 MiB) with room to spare.
+pub const MAX_LABELS_TOTAL_BYTES: usize = 12 << 20;
 /// The label that reports a snapshot's upper directory when `upperdir_label` is on.
 pub const UPPERDIR_LABEL: &str = "containerd.io/snapshot/overlay.upperdir";
 
@@ -253,9 +256,10 @@ impl Snapshotter {
                             };
                         } else {
                             return Err(Error::invalid(format!(
-                            "cannot update field {path:?} of snapshot {name:?}: only \"labels\" \
-                             and \"labels.<key>\" can be updated"
-                        )));
+                                "cannot update field {} of snapshot {name:?}: only \"labels\" \
+                             and \"labels.<key>\" can be updated",
+                                shorten(path)
+                            )));
                         }
                     }
                     Ok(())
@@ -458,6 +462,21 @@ impl Fields for Fielded<'_> {
     }
 }
 
+/// How much of a caller's string an error message quotes.
+const SHOWN: usize = 128;
+
+/// `s` quoted for an error message: whole when short, else its start and its length.
+pub(crate) fn shorten(s: &str) -> String {
+    if s.len() <= SHOWN {
+        return format!("{s:?}");
+    }
+    let mut end = SHOWN;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{:?}… ({} bytes)", &s[..end], s.len())
+}
+
 fn check_key(what: &str, key: &str) -> Result<()> {
     if key.is_empty() {
         return Err(Error::invalid(format!("{what} must not be empty")));
@@ -472,6 +491,14 @@ fn check_key(what: &str, key: &str) -> Result<()> {
 }
 
 fn check_labels(labels: HashMap<String, String>) -> Result<BTreeMap<String, String>> {
+    let total: usize = labels.iter().map(|(k, v)| k.len() + v.len()).sum();
+    if total > MAX_LABELS_TOTAL_BYTES {
+        return Err(Error::invalid(format!(
+            "{} labels of {total} bytes in all; at most {MAX_LABELS_TOTAL_BYTES} bytes are \
+             accepted per snapshot",
+            labels.len()
+        )));
+    }
     for (k, v) in &labels {
         if k.is_empty() {
             return Err(Error::invalid("label keys must not be empty"));

@@ -123,7 +123,13 @@ impl Layout {
         for entry in entries {
             let entry = entry.map_err(|e| Error::io("listing", &dir, e))?;
             let name = entry.file_name().to_string_lossy().into_owned();
-            out.push(parse_entry(&name));
+            // Only directories can be lamina's: a file or symlink with a decimal name is not.
+            let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
+            out.push(if is_dir {
+                parse_entry(&name)
+            } else {
+                DirEntry::Foreign(name)
+            });
         }
         Ok(out)
     }

@@ -15,7 +15,7 @@ pub mod layout;
 use std::{
     collections::{BTreeMap, HashSet},
     path::Path,
-    sync::{mpsc, Arc, Mutex},
+    sync::{mpsc, Arc, Mutex, RwLock},
     time::SystemTime,
 };
 
@@ -78,7 +78,7 @@ pub struct Record {
 }
 
 pub struct Store {
-    db: Arc<Database>,
+    db: Arc<Handle>,
     /// Write jobs for the committer thread (see [`Store::write`]); `None` once dropping.
     jobs: Mutex<Option<mpsc::Sender<Job>>>,
     committer: Option<std::thread::JoinHandle<()>>,
@@ -97,12 +97,85 @@ impl Drop for Store {
     }
 }
 
-/// Called once the batch a job ran in has committed (`None`) or failed (`Some(why)`).
-type Finish = Box<dyn FnOnce(Option<&str>) + Send>;
-/// One write, run inside a shared transaction by the committer thread.
-/// Given the shared transaction, or why there is none.
-type Job =
-    Box<dyn FnOnce(std::result::Result<&redb::WriteTransaction, &str>) -> (bool, Finish) + Send>;
+/// The open database, which the committer replaces after an I/O failure: redb refuses every
+/// later write on an instance that saw one ("Previous I/O error occurred"), so a full disk
+/// would otherwise break lamina until a restart, even once space is freed.
+struct Handle {
+    path: std::path::PathBuf,
+    db: RwLock<Option<Arc<Database>>>,
+}
+
+impl Handle {
+    /// The database for one transaction; hold it no longer than that transaction.
+    fn get(&self) -> Result<Arc<Database>> {
+        self.db
+            .read()
+            .ok()
+            .and_then(|db| db.clone())
+            .ok_or_else(|| {
+                Error::Internal(format!(
+                    "store {} is being reopened after an I/O error; retry",
+                    self.path.display()
+                ))
+            })
+    }
+
+    /// Closes the database once no transaction uses it, and opens the file again.
+    fn reopen(&self) -> std::result::Result<(), String> {
+        let mut slot = self
+            .db
+            .write()
+            .map_err(|_| "store lock poisoned".to_string())?;
+        if let Some(mut old) = slot.take() {
+            // Readers hold a clone only for one read transaction; none can start meanwhile.
+            loop {
+                match Arc::try_unwrap(old) {
+                    Ok(db) => break drop(db),
+                    Err(still) => old = still,
+                }
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+        }
+        let db = Database::create(&self.path).map_err(|e| e.to_string())?;
+        *slot = Some(Arc::new(db));
+        Ok(())
+    }
+}
+
+/// Why a batch was not committed.
+struct Failure {
+    message: String,
+    /// The disk is full or read-only: something an operator can fix, then retry.
+    exhausted: bool,
+}
+
+impl Failure {
+    fn to_error(&self, what: &str) -> Error {
+        let message = format!("{what}: {}", self.message);
+        if self.exhausted {
+            Error::Exhausted(format!(
+                "{message}; free space on the root's filesystem and retry"
+            ))
+        } else {
+            Error::Internal(message)
+        }
+    }
+
+    fn new(context: &str, err: &(dyn std::error::Error + 'static)) -> Failure {
+        Failure {
+            message: format!("metadata store: {context}: {}", chain(err)),
+            exhausted: crate::error::exhausts_resources(err),
+        }
+    }
+}
+
+/// Called once the batch a job ran in has committed (`None`) or failed.
+type Finish = Box<dyn FnOnce(Option<&Failure>) + Send>;
+/// One write, run inside a shared transaction by the committer thread (or told why there is
+/// none).
+type Job = Box<
+    dyn FnOnce(std::result::Result<&redb::WriteTransaction, &Failure>) -> (bool, Finish) + Send,
+>;
 
 /// Most writes committed by one fsync.
 const MAX_BATCH: usize = 256;
@@ -115,14 +188,19 @@ const MAX_BATCH: usize = 256;
 /// A job that fails with a request error (NotFound…) must not have written anything: every
 /// write below checks first and writes after, so such a job leaves the shared transaction as
 /// it found it. A store error may leave a partial write, so it aborts the whole batch.
-fn committer(db: Arc<Database>, jobs: mpsc::Receiver<Job>) {
+fn committer(handle: Arc<Handle>, jobs: mpsc::Receiver<Job>) {
     while let Ok(first) = jobs.recv() {
-        let tx = match db.begin_write() {
+        let begun = handle.get().and_then(|db| {
+            db.begin_write()
+                .map_err(|e| Error::store("starting a transaction", e))
+        });
+        let tx = match begun {
             Ok(tx) => tx,
             Err(e) => {
-                let why = format!("metadata store: starting a transaction: {e}");
-                let (_, finish) = first(Err(&why));
-                finish(Some(&why));
+                let failure = Failure::new("starting a transaction", &e);
+                let (_, finish) = first(Err(&failure));
+                finish(Some(&failure));
+                reopen(&handle);
                 continue;
             }
         };
@@ -139,17 +217,34 @@ fn committer(db: Arc<Database>, jobs: mpsc::Receiver<Job>) {
         }
         let outcome = if poisoned {
             let _ = tx.abort();
-            Some("metadata store: a write in the same batch failed; nothing was written".into())
+            Some(Failure {
+                message: "metadata store: a write in the same batch failed; nothing was written"
+                    .into(),
+                exhausted: false,
+            })
         } else {
             let started = std::time::Instant::now();
             let committed = tx.commit();
             crate::metrics::global().store_commit(started.elapsed());
-            committed
-                .err()
-                .map(|e| format!("metadata store: committing: {}", chain(&e)))
+            committed.err().map(|e| Failure::new("committing", &e))
         };
+        let failed = outcome.is_some();
         for finish in finishes {
-            finish(outcome.as_deref());
+            finish(outcome.as_ref());
+        }
+        if failed {
+            reopen(&handle);
+        }
+    }
+}
+
+fn reopen(handle: &Handle) {
+    match handle.reopen() {
+        Ok(()) => {
+            tracing::warn!(path = %handle.path.display(), "store reopened after a failed write")
+        }
+        Err(e) => {
+            tracing::error!(path = %handle.path.display(), error = %e, "store cannot be reopened; writes fail until it can")
         }
     }
 }
@@ -202,7 +297,10 @@ impl Store {
                 path.parent().unwrap_or(path).join("snapshots").display()
             )),
         })?;
-        let db = Arc::new(db);
+        let db = Arc::new(Handle {
+            path: path.to_path_buf(),
+            db: RwLock::new(Some(Arc::new(db))),
+        });
         let (tx, rx) = mpsc::channel();
         let writer = Arc::clone(&db);
         let thread = std::thread::Builder::new()
@@ -248,13 +346,13 @@ impl Store {
         let job: Job = Box::new(move |tx| {
             let result = match tx {
                 Ok(tx) => f(tx).map_err(|e| e.in_context(what)),
-                Err(why) => Err(Error::Internal(format!("{what}: {why}"))),
+                Err(failure) => Err(failure.to_error(what)),
             };
             let ok = !matches!(result, Err(Error::Store { .. }));
-            let finish: Finish = Box::new(move |failed: Option<&str>| {
+            let finish: Finish = Box::new(move |failed: Option<&Failure>| {
                 let out = match (failed, result) {
                     (_, Err(e)) => Err(e),
-                    (Some(why), Ok(_)) => Err(Error::Internal(format!("{what}: {why}"))),
+                    (Some(failure), Ok(_)) => Err(failure.to_error(what)),
                     (None, Ok(v)) => Ok(v),
                 };
                 let _ = reply.send(out);
@@ -281,7 +379,8 @@ impl Store {
         what: &str,
         f: impl FnOnce(&redb::ReadTransaction) -> Result<T>,
     ) -> Result<T> {
-        let tx = self.db.begin_read().map_err(|e| Error::store(what, e))?;
+        let db = self.db.get()?;
+        let tx = db.begin_read().map_err(|e| Error::store(what, e))?;
         f(&tx).map_err(|e| e.in_context(what))
     }
 

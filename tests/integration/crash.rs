@@ -160,7 +160,8 @@ async fn acknowledged_work_survives_sigkill() {
             "round {round}: directories on disk vs snapshots in the store"
         );
 
-        for name in std::mem::take(&mut *in_doubt.lock().unwrap()) {
+        let doubtful = std::mem::take(&mut *in_doubt.lock().unwrap());
+        for name in doubtful {
             match c.stat(&name).await {
                 Err(s) if s.code() == tonic::Code::NotFound => removed.lock().unwrap().push(name),
                 Err(s) => panic!("stat {name}: {s}"),

@@ -94,9 +94,7 @@ impl TestDaemon {
         loop {
             // The socket accepts (into its backlog) before recovery is done; wait until a
             // request is answered.
-            if std::os::unix::net::UnixStream::connect(&self.socket).is_ok()
-                && Client::connect(&self.socket).await.list(&[]).await.is_ok()
-            {
+            if self.answers().await {
                 return;
             }
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
@@ -109,6 +107,26 @@ impl TestDaemon {
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// Whether lamina answers a request now (it may also have exited meanwhile).
+    async fn answers(&self) -> bool {
+        if std::os::unix::net::UnixStream::connect(&self.socket).is_err() {
+            return false;
+        }
+        let socket = self.socket.clone();
+        let channel = tonic::transport::Endpoint::try_from("http://lamina.invalid")
+            .unwrap()
+            .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+                tokio::net::UnixStream::connect(socket.clone())
+            }))
+            .await;
+        let Ok(channel) = channel else { return false };
+        let mut client = Client {
+            inner: SnapshotsClient::new(channel.clone()),
+            channel,
+        };
+        client.list(&[]).await.is_ok()
     }
 
     pub async fn client(&self) -> Client {

@@ -1,0 +1,773 @@
+//! Faults of the host under lamina: a full disk, a read-only root, a damaged store file, files
+//! under the root that are not lamina's, a signal during start-up. Nothing acknowledged may be
+//! lost, nothing may be deleted that lamina did not make, and every failure must say what is
+//! wrong.
+
+use std::{
+    collections::BTreeMap,
+    io::{Read, Seek, SeekFrom, Write},
+    path::{Path, PathBuf},
+    process::{Child, Stdio},
+    sync::atomic::{AtomicUsize, Ordering},
+    time::{Duration, Instant},
+};
+
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use tonic::Code;
+
+use crate::util::*;
+
+/// Faults injected over all tests of this module.
+static INJECTED: AtomicUsize = AtomicUsize::new(0);
+
+fn injected(what: &str) {
+    let n = INJECTED.fetch_add(1, Ordering::Relaxed) + 1;
+    eprintln!("faults: injected #{n}: {what}");
+}
+
+/// A tmpfs mounted over a directory for the test; lazily unmounted on drop.
+struct Tmpfs {
+    path: PathBuf,
+}
+
+impl Tmpfs {
+    fn mount(path: &Path, options: &str) -> Tmpfs {
+        std::fs::create_dir_all(path).unwrap();
+        mount(
+            Some("tmpfs"),
+            path,
+            Some("tmpfs"),
+            MsFlags::empty(),
+            Some(options),
+        )
+        .unwrap_or_else(|e| panic!("mount -t tmpfs -o {options} {}: {e}", path.display()));
+        Tmpfs {
+            path: path.to_path_buf(),
+        }
+    }
+
+    fn remount(&self, flags: MsFlags) {
+        mount(
+            None::<&str>,
+            &self.path,
+            None::<&str>,
+            MsFlags::MS_REMOUNT | flags,
+            None::<&str>,
+        )
+        .unwrap_or_else(|e| panic!("remount {flags:?} {}: {e}", self.path.display()));
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = umount2(&self.path, MntFlags::MNT_DETACH);
+    }
+}
+
+/// A daemon whose root is a fresh tmpfs mounted with `options`. Fields drop in order: the
+/// daemon is killed before its root is unmounted.
+struct OnTmpfs {
+    d: TestDaemon,
+    fs: Tmpfs,
+}
+
+async fn daemon_on_tmpfs(options: &str) -> OnTmpfs {
+    let mut d = TestDaemon::start().await;
+    // Serving before the SIGTERM (a SIGTERM during start-up is tested on its own below).
+    d.client().await.list(&[]).await.unwrap();
+    let status = d.stop_async().await;
+    assert!(status.success());
+    std::fs::remove_dir_all(&d.root).unwrap();
+    let fs = Tmpfs::mount(&d.root, options);
+    d.spawn().await;
+    OnTmpfs { d, fs }
+}
+
+/// How a `lamina serve` that may or may not start ended up.
+enum Started {
+    Exited(std::process::Output),
+    /// It answered a List: serving.
+    Serving(Child),
+}
+
+/// Starts lamina on `d`'s root and socket (d must be stopped) and waits until it either exits
+/// or answers a request, for at most 20 s.
+async fn start_or_exit(d: &TestDaemon) -> Started {
+    let mut child = d
+        .command()
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting lamina");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            return Started::Exited(child.wait_with_output().unwrap());
+        }
+        // The socket is bound before start-up checks run: only an answer means serving.
+        if std::os::unix::net::UnixStream::connect(&d.socket).is_ok() {
+            let answered = tokio::time::timeout(Duration::from_secs(1), async {
+                let mut c = Client::connect(&d.socket).await;
+                c.list(&[]).await.is_ok()
+            })
+            .await;
+            if answered == Ok(true) {
+                return Started::Serving(child);
+            }
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("lamina neither exited nor served within 20 s");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The line where lamina says why it exits (`lamina: …`), else the last line of `stderr`.
+fn final_line(stderr: &[u8]) -> String {
+    let text = String::from_utf8_lossy(stderr);
+    text.lines()
+        .rev()
+        .find(|l| l.starts_with("lamina:"))
+        .or_else(|| text.lines().rev().find(|l| !l.trim().is_empty()))
+        .unwrap_or("")
+        .to_string()
+}
+
+fn stop_child(mut child: Child) {
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// Every file under `dir` with its contents, for before/after comparisons.
+fn contents(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+    let mut out = BTreeMap::new();
+    fn go(base: &Path, dir: &Path, out: &mut BTreeMap<String, Vec<u8>>) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for e in entries {
+            let p = e.unwrap().path();
+            let rel = p.strip_prefix(base).unwrap().display().to_string();
+            let meta = std::fs::symlink_metadata(&p).unwrap();
+            if meta.is_dir() {
+                out.insert(format!("{rel}/"), Vec::new());
+                go(base, &p, out);
+            } else if meta.is_file() {
+                out.insert(rel, std::fs::read(&p).unwrap());
+            } else {
+                out.insert(format!("{rel}@"), Vec::new());
+            }
+        }
+    }
+    go(dir, dir, &mut out);
+    out
+}
+
+/// What List says, sorted: name, kind, parent, labels.
+async fn listed(c: &mut Client) -> Vec<(String, i32, String, BTreeMap<String, String>)> {
+    let mut v: Vec<_> = c
+        .list_batches(&[])
+        .await
+        .unwrap()
+        .0
+        .into_iter()
+        .map(|i| (i.name, i.kind, i.parent, i.labels.into_iter().collect()))
+        .collect();
+    v.sort();
+    v
+}
+
+/// The `fs` directory a bind mount (an active snapshot without parent) exposes.
+fn bind_source(mounts: &[containerd_snapshots::api::types::Mount]) -> PathBuf {
+    assert_eq!(mounts[0].r#type, "bind", "{mounts:?}");
+    PathBuf::from(&mounts[0].source)
+}
+
+fn mentions_no_space(msg: &str) -> bool {
+    let m = msg.to_lowercase();
+    m.contains("no space left") || m.contains("space")
+}
+
+// ---------------------------------------------------------------------------------------------
+// (a) A full disk
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn a_full_disk_fails_requests_clearly_and_recovers_when_space_returns() {
+    if !require_root() {
+        return;
+    }
+    let mut t = daemon_on_tmpfs("size=4m,mode=0700").await;
+    let mut c = t.d.client().await;
+    let m = c.prepare("base-tmp", "").await.unwrap();
+    std::fs::write(bind_source(&m).join("hello"), b"layer data").unwrap();
+    c.commit("base", "base-tmp").await.unwrap();
+    c.prepare("pending", "base").await.unwrap();
+    let fill = c.prepare("fill", "").await.unwrap();
+    let before = listed(&mut c).await;
+
+    // Fill the root's filesystem through the snapshot's mount, as a container would.
+    let filler = {
+        let mnt = Mounted::new(&fill, &t.d.scratch("fill-mnt"));
+        let path = mnt.join("filler");
+        let mut f = std::fs::File::create(&path).unwrap();
+        let chunk = vec![0x55u8; 64 << 10];
+        let mut written = 0usize;
+        let err = loop {
+            match f.write_all(&chunk).and_then(|_| f.sync_data()) {
+                Ok(()) => written += chunk.len(),
+                Err(e) => break e,
+            }
+            assert!(written < 64 << 20, "a 4 MiB tmpfs took 64 MiB");
+        };
+        assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "filling: {err}");
+        injected(&format!("ENOSPC on lamina's root after {written} bytes"));
+        bind_source(&fill).join("filler")
+    };
+
+    // While full: every write either succeeds (and is then really done) or fails with a
+    // message that says the disk is full. Reads keep working.
+    let mut acked: Vec<String> = Vec::new();
+    let mut failures: Vec<(String, Code, String)> = Vec::new();
+    let big = labels(&[("containerd.io/snapshot/pad", &"p".repeat(4000))]);
+    for i in 0..200 {
+        let key = format!("full-{i}");
+        match c.prepare_with(&key, "base", big.clone()).await {
+            Ok(_) => acked.push(key),
+            Err(s) => {
+                failures.push((format!("Prepare {key}"), s.code(), s.message().to_string()));
+                break;
+            }
+        }
+    }
+    match c.commit_with("pending-c", "pending", big.clone()).await {
+        Ok(()) => acked.push("commit pending".into()),
+        Err(s) => failures.push(("Commit pending".into(), s.code(), s.message().to_string())),
+    }
+    match c.view("full-view", "base").await {
+        Ok(_) => acked.push("full-view".into()),
+        Err(s) => failures.push(("View full-view".into(), s.code(), s.message().to_string())),
+    }
+    eprintln!("faults: while full, acknowledged {acked:?}; refused: {failures:?}");
+    assert!(
+        !failures.is_empty(),
+        "nothing failed on a full disk after {} acknowledged writes",
+        acked.len()
+    );
+    // Problems are gathered, so that one run shows every one of them.
+    let mut problems: Vec<String> = Vec::new();
+    for (what, code, msg) in &failures {
+        if !matches!(code, Code::ResourceExhausted | Code::Internal) || !mentions_no_space(msg) {
+            problems.push(format!(
+                "{what} on a full disk answered {code:?} {msg:?}, not that the disk is full"
+            ));
+        }
+    }
+    // Still serving reads, and the store holds exactly what was acknowledged.
+    assert_eq!(c.stat("base").await.unwrap().kind, COMMITTED);
+    let mut expected: std::collections::BTreeSet<String> =
+        before.iter().map(|(n, ..)| n.clone()).collect();
+    expected.extend(acked.iter().filter(|a| a.starts_with("full-")).cloned());
+    let mut pending_committed = acked.iter().any(|a| a == "commit pending");
+    if pending_committed {
+        expected.remove("pending");
+        expected.insert("pending-c".into());
+    }
+    let names = |l: Vec<(String, i32, String, BTreeMap<String, String>)>| {
+        l.into_iter()
+            .map(|(n, ..)| n)
+            .collect::<std::collections::BTreeSet<_>>()
+    };
+    assert_eq!(
+        names(listed(&mut c).await),
+        expected,
+        "while full, the store must hold exactly what was acknowledged"
+    );
+
+    // Space comes back: everything works again, without a restart.
+    std::fs::remove_file(&filler).unwrap();
+    injected("space freed");
+    let writes = |c: &Client, round: &'static str| {
+        let mut c = c.clone();
+        async move {
+            let p = format!("after-{round}");
+            c.prepare(&p, "base")
+                .await
+                .map_err(|s| (format!("Prepare {p}"), s))?;
+            c.commit(&format!("{p}-c"), &p)
+                .await
+                .map_err(|s| (format!("Commit {p}"), s))?;
+            c.view(&format!("{p}-v"), &format!("{p}-c"))
+                .await
+                .map_err(|s| (format!("View on {p}-c"), s))?;
+            Ok::<_, (String, tonic::Status)>(vec![format!("{p}-c"), format!("{p}-v")])
+        }
+    };
+    match writes(&c, "free").await {
+        Ok(made) => expected.extend(made),
+        Err((what, s)) => problems.push(format!(
+            "after the disk had space again, {what} still failed until a restart: {:?} {:?}",
+            s.code(),
+            s.message()
+        )),
+    }
+    if !pending_committed && c.commit("pending-c", "pending").await.is_ok() {
+        pending_committed = true;
+        expected.remove("pending");
+        expected.insert("pending-c".into());
+    }
+    // Whatever happened, a restart brings back exactly what was acknowledged, and works.
+    drop(c);
+    t.d.restart().await;
+    let mut c = t.d.client().await;
+    // A write that failed may have left a half-made snapshot behind only if nothing says so:
+    // the names must be exactly the acknowledged ones.
+    assert_eq!(names(listed(&mut c).await), expected, "after a restart");
+    let made = writes(&c, "restart")
+        .await
+        .unwrap_or_else(|(what, s)| panic!("after a restart, {what}: {s:?}"));
+    expected.extend(made);
+    if !pending_committed {
+        c.commit("pending-c", "pending").await.unwrap();
+        expected.remove("pending");
+        expected.insert("pending-c".into());
+    }
+    assert_eq!(names(listed(&mut c).await), expected);
+    let m = c.view("check", "base").await.unwrap();
+    assert_eq!(
+        std::fs::read(Path::new(&m[0].source).join("hello")).unwrap(),
+        b"layer data"
+    );
+    assert!(problems.is_empty(), "on a full disk: {problems:#?}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// (b) A read-only root
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn a_read_only_root_is_refused_at_start_with_a_clear_message() {
+    if !require_root() {
+        return;
+    }
+    let mut t = daemon_on_tmpfs("size=16m,mode=0700").await;
+    let mut c = t.d.client().await;
+    c.prepare("base-tmp", "").await.unwrap();
+    c.commit("base", "base-tmp").await.unwrap();
+    c.prepare("active", "base").await.unwrap();
+    let before = listed(&mut c).await;
+    drop(c);
+    assert!(t.d.stop_async().await.success());
+    let files = contents(&t.d.root);
+
+    t.fs.remount(MsFlags::MS_RDONLY);
+    injected("lamina's root remounted read-only");
+    match start_or_exit(&t.d).await {
+        Started::Exited(out) => {
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            eprintln!(
+                "faults: on a read-only root lamina exited with {}: {stderr}",
+                out.status
+            );
+            assert!(!out.status.success(), "exit status {}", out.status);
+            assert!(
+                stderr.contains(&t.d.root.display().to_string()),
+                "the message does not name the root: {stderr}"
+            );
+            assert!(
+                stderr.to_lowercase().contains("read-only"),
+                "the message does not say the root is read-only: {stderr}"
+            );
+        }
+        Started::Serving(child) => {
+            // Serving a read-only root is acceptable only if every write is refused clearly.
+            let mut c = Client::connect(&t.d.socket).await;
+            let res = c.prepare("new", "base").await;
+            stop_child(child);
+            match res {
+                Ok(_) => panic!("a Prepare succeeded on a read-only root"),
+                Err(s) => assert!(
+                    s.message().to_lowercase().contains("read-only"),
+                    "{:?} {}",
+                    s.code(),
+                    s.message()
+                ),
+            }
+        }
+    }
+    assert_eq!(contents(&t.d.root), files, "the read-only root changed");
+
+    // Writable again: lamina starts, with everything.
+    t.fs.remount(MsFlags::empty());
+    let _ = std::fs::remove_file(&t.d.socket);
+    t.d.spawn().await;
+    let mut c = t.d.client().await;
+    assert_eq!(listed(&mut c).await, before);
+    c.prepare("new", "base").await.unwrap();
+}
+
+// ---------------------------------------------------------------------------------------------
+// (c) A damaged store file
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Debug, Clone, Copy)]
+enum Damage {
+    TruncatedToHalf,
+    GarbageInTheMiddle,
+    ZeroLength,
+    /// Garbage over every page after the first: nothing of the store is readable.
+    GarbageAfterTheHeader,
+}
+
+fn damage(path: &Path, how: Damage) {
+    let len = std::fs::metadata(path).unwrap().len();
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    match how {
+        Damage::TruncatedToHalf => f.set_len(len / 2).unwrap(),
+        Damage::ZeroLength => f.set_len(0).unwrap(),
+        Damage::GarbageInTheMiddle => {
+            f.seek(SeekFrom::Start(len / 2 - 2048)).unwrap();
+            f.write_all(&[0xa5; 4096]).unwrap();
+        }
+        Damage::GarbageAfterTheHeader => {
+            let mut head = [0u8; 4096];
+            f.read_exact(&mut head).unwrap();
+            let garbage: Vec<u8> = (0..len - 4096).map(|i| (i * 7 + 13) as u8).collect();
+            f.write_all(&garbage).unwrap();
+        }
+    }
+    f.sync_all().unwrap();
+}
+
+async fn damaged_store_case(how: Damage) -> String {
+    let mut d = TestDaemon::start().await;
+    let mut c = d.client().await;
+    let m = c.prepare("base-tmp", "").await.unwrap();
+    std::fs::write(bind_source(&m).join("data"), b"precious layer").unwrap();
+    c.commit_with(
+        "base",
+        "base-tmp",
+        labels(&[("containerd.io/snapshot/l", "1")]),
+    )
+    .await
+    .unwrap();
+    c.prepare("active", "base").await.unwrap();
+    c.view("view", "base").await.unwrap();
+    for i in 0..50 {
+        c.prepare_with(
+            &format!("more-{i}"),
+            "",
+            labels(&[("l", &"x".repeat(1000))]),
+        )
+        .await
+        .unwrap();
+    }
+    let before = listed(&mut c).await;
+    drop(c);
+    assert!(d.stop_async().await.success());
+    let snapshots = d.root.join("snapshots");
+    let files = contents(&snapshots);
+    let db = d.root.join("metadata.redb");
+    damage(&db, how);
+    injected(&format!("{how:?} metadata.redb"));
+
+    let (served, stderr) = match start_or_exit(&d).await {
+        Started::Exited(out) => {
+            let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+            eprintln!(
+                "faults: {how:?}: lamina exited with {}: {stderr}",
+                out.status
+            );
+            assert!(!out.status.success(), "{how:?}: exit status {}", out.status);
+            (None, stderr)
+        }
+        Started::Serving(child) => {
+            let mut c = Client::connect(&d.socket).await;
+            let now = listed(&mut c).await;
+            drop(c);
+            stop_child(child);
+            eprintln!(
+                "faults: {how:?}: lamina started and lists {} snapshots",
+                now.len()
+            );
+            (Some(now), String::new())
+        }
+    };
+    // First of all: nothing of the snapshots' data may be gone.
+    let after = contents(&snapshots);
+    let lost: Vec<&String> = files.keys().filter(|k| !after.contains_key(*k)).collect();
+    assert!(
+        lost.is_empty() && after == files,
+        "{how:?}: after {}, {} of {} paths under snapshots/ are gone (e.g. {:?})",
+        if served.is_some() {
+            "lamina started"
+        } else {
+            "a refused start"
+        },
+        lost.len(),
+        files.len(),
+        lost.iter().take(5).collect::<Vec<_>>()
+    );
+    match served {
+        // Starting is acceptable only with every snapshot intact (the damage hit unused
+        // space); never empty over existing snapshots.
+        Some(now) => {
+            assert_eq!(
+                now.len(),
+                before.len(),
+                "{how:?}: lamina started over a damaged store, listing {} of {} snapshots",
+                now.len(),
+                before.len()
+            );
+            assert_eq!(now, before, "{how:?}: lamina started over a damaged store");
+            String::from("started with everything intact")
+        }
+        None => {
+            assert!(
+                stderr.contains(&db.display().to_string()),
+                "{how:?}: the message does not name the store file {}: {stderr}",
+                db.display()
+            );
+            stderr
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_truncated_store_is_refused_and_nothing_is_deleted() {
+    if !require_root() {
+        return;
+    }
+    damaged_store_case(Damage::TruncatedToHalf).await;
+}
+
+#[tokio::test]
+async fn a_store_with_garbage_inside_is_refused_or_intact() {
+    if !require_root() {
+        return;
+    }
+    damaged_store_case(Damage::GarbageInTheMiddle).await;
+    damaged_store_case(Damage::GarbageAfterTheHeader).await;
+}
+
+#[tokio::test]
+async fn an_emptied_store_never_starts_empty_over_existing_snapshots() {
+    if !require_root() {
+        return;
+    }
+    damaged_store_case(Damage::ZeroLength).await;
+}
+
+/// The message of a refused start says what to do, not only what went wrong.
+#[tokio::test]
+async fn a_damaged_store_message_says_what_to_do() {
+    if !require_root() {
+        return;
+    }
+    let msg = damaged_store_case(Damage::TruncatedToHalf).await;
+    let lower = msg.to_lowercase();
+    assert!(
+        ["restore", "backup", "move", "remove", "delete", "repair", "fsck"]
+            .iter()
+            .any(|w| lower.contains(w)),
+        "the message names the file but not what to do about it: {msg}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// (d) Files under the root that are not lamina's
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn files_that_are_not_lamina_s_survive_recovery_and_cleanup() {
+    if !require_root() {
+        return;
+    }
+    let mut d = TestDaemon::start().await;
+    let mut c = d.client().await;
+    c.prepare("keep", "").await.unwrap();
+    c.prepare("gone", "").await.unwrap();
+    c.remove("gone").await.unwrap(); // its directory is an orphan until Cleanup
+    let snaps = d.root.join("snapshots");
+    let outside = d.scratch("outside");
+    std::fs::write(outside.join("precious"), b"not lamina's").unwrap();
+
+    let root = d.root.clone();
+    let plant = |stage: &str| {
+        std::fs::write(snaps.join(format!("not-ours-{stage}")), b"x").unwrap();
+        std::fs::create_dir_all(snaps.join(format!("foo-{stage}/fs"))).unwrap();
+        std::fs::write(snaps.join(format!("foo-{stage}/fs/data")), b"y").unwrap();
+        std::fs::write(root.join(format!("extra-{stage}")), b"z").unwrap();
+        std::fs::create_dir_all(snaps.join(format!("00{stage}"))).unwrap();
+    };
+    // While running, then again while stopped: Cleanup and start-up recovery both see them.
+    plant("running");
+    std::fs::create_dir_all(snaps.join("007")).unwrap();
+    std::fs::create_dir_all(snaps.join("new-123/fs")).unwrap();
+    std::fs::write(snaps.join(".hidden"), b"h").unwrap();
+    // Decimal names lamina never made: a symlink to a directory outside the root, a file.
+    std::os::unix::fs::symlink(&outside, snaps.join("900")).unwrap();
+    std::fs::write(snaps.join("901"), b"a file, not a snapshot directory").unwrap();
+    injected("foreign files and directories under the root");
+    let foreign = |d: &TestDaemon| -> Vec<String> {
+        let mut v: Vec<String> = d
+            .snapshot_dirs()
+            .into_iter()
+            .filter(|n| !n.bytes().all(|b| b.is_ascii_digit()) || n.starts_with('0'))
+            .collect();
+        v.sort();
+        v
+    };
+    let foreign_before = foreign(&d);
+
+    // Problems are gathered, so that one run shows every one of them.
+    let mut problems: Vec<String> = Vec::new();
+    if let Err(s) = c.cleanup().await {
+        problems.push(format!(
+            "Cleanup failed because of a file that is not lamina's: {:?} {:?}",
+            s.code(),
+            s.message()
+        ));
+    }
+    assert_eq!(
+        foreign(&d),
+        foreign_before,
+        "Cleanup deleted what is not lamina's"
+    );
+    assert_eq!(
+        std::fs::read(outside.join("precious")).unwrap(),
+        b"not lamina's"
+    );
+    assert!(d.root.join("extra-running").is_file());
+    assert_eq!(
+        std::fs::read(snaps.join("foo-running/fs/data")).unwrap(),
+        b"y"
+    );
+    let kept_fs = bind_source(&c.mounts("keep").await.unwrap());
+    assert!(kept_fs.is_dir());
+
+    drop(c);
+    assert!(d.stop_async().await.success());
+    plant("stopped");
+    let foreign_stopped = foreign(&d);
+    match start_or_exit(&d).await {
+        Started::Serving(child) => stop_child(child),
+        Started::Exited(out) => {
+            problems.push(format!(
+                "lamina refused to start because of a file that is not lamina's: {}",
+                final_line(&out.stderr)
+            ));
+            // Go on without the file that stops it, to check the rest.
+            std::fs::remove_file(snaps.join("901")).unwrap();
+        }
+    }
+    let _ = std::fs::remove_file(&d.socket);
+    d.spawn().await;
+    let mut c = d.client().await;
+    assert_eq!(
+        foreign(&d),
+        foreign_stopped,
+        "start-up recovery deleted what is not lamina's"
+    );
+    if let Err(s) = c.cleanup().await {
+        problems.push(format!("second Cleanup: {:?} {:?}", s.code(), s.message()));
+    }
+    assert_eq!(foreign(&d), foreign_stopped);
+    for stage in ["running", "stopped"] {
+        assert!(d.root.join(format!("extra-{stage}")).is_file());
+        assert!(snaps.join(format!("not-ours-{stage}")).is_file());
+        assert_eq!(
+            std::fs::read(snaps.join(format!("foo-{stage}/fs/data"))).unwrap(),
+            b"y"
+        );
+    }
+    assert_eq!(
+        std::fs::read(outside.join("precious")).unwrap(),
+        b"not lamina's"
+    );
+    assert_eq!(c.list(&[]).await.unwrap(), vec!["keep"]);
+    c.prepare("after", "").await.unwrap();
+    assert!(problems.is_empty(), "{problems:#?}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// (e) A signal during start-up
+// ---------------------------------------------------------------------------------------------
+
+/// Mount points at or under `dir`, from this process's mount table.
+fn mounts_under(dir: &Path) -> Vec<String> {
+    let table = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let dir = dir.display().to_string();
+    table
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|m| *m == dir || m.starts_with(&format!("{dir}/")))
+        .map(str::to_string)
+        .collect()
+}
+
+/// containerd connects as soon as the socket exists; systemd may stop lamina at any moment. A
+/// SIGTERM while lamina is still starting (probe, store, recovery) must end it as cleanly as
+/// one while serving: exit 0, socket removed.
+#[tokio::test]
+async fn sigterm_during_start_up_exits_cleanly() {
+    if !require_root() {
+        return;
+    }
+    let mut d = TestDaemon::start().await;
+    let mut c = d.client().await;
+    for i in 0..200 {
+        c.prepare(&format!("s{i}"), "").await.unwrap();
+    }
+    drop(c);
+    assert!(d.stop_async().await.success());
+    let mut bad = Vec::new();
+    for attempt in 0..5 {
+        let mut child = d
+            .command()
+            .stdin(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::os::unix::net::UnixStream::connect(&d.socket).is_err() {
+            assert!(Instant::now() < deadline, "lamina never listened");
+            if child.try_wait().unwrap().is_some() {
+                panic!("lamina exited during start-up");
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        injected("SIGTERM during start-up");
+        let out = child.wait_with_output().unwrap();
+        let socket_left = d.socket.exists();
+        // Killed during its overlayfs probe, lamina would leave the probe mounted.
+        let leaked = mounts_under(&d.root);
+        if !out.status.success() || socket_left || !leaked.is_empty() {
+            bad.push(format!(
+                "attempt {attempt}: {} (socket left behind: {socket_left}; mounts left: \
+                 {leaked:?}) {}",
+                out.status,
+                final_line(&out.stderr)
+            ));
+        }
+        for m in leaked.iter().rev() {
+            let _ = umount2(m.as_str(), MntFlags::MNT_DETACH);
+        }
+        let _ = std::fs::remove_file(&d.socket);
+    }
+    d.spawn().await;
+    let mut c = d.client().await;
+    assert_eq!(c.list(&[]).await.unwrap().len(), 200);
+    assert!(bad.is_empty(), "SIGTERM during start-up: {bad:#?}");
+}
