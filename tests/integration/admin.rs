@@ -363,3 +363,44 @@ async fn json_logs_carry_the_key_in_the_request_span() {
     assert_eq!(created["span"]["key"], "\"json-key\"");
     assert_eq!(created["level"], "INFO");
 }
+
+/// A health watch opened while serving sees NOT_SERVING once shutdown starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_turns_not_serving_on_shutdown() {
+    if !require_root() {
+        return;
+    }
+    let mut d = TestDaemon::start().await;
+    let c = d.client().await;
+    let mut health = HealthClient::new(c.channel.clone());
+    let mut watch = health
+        .watch(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = watch.message().await.unwrap().unwrap();
+    assert_eq!(first.status, ServingStatus::Serving as i32);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(d.pid() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    // tonic-health may repeat the current status before the change; wait for the change.
+    let changed = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            let msg = watch.message().await.unwrap().expect("the watch ended");
+            if msg.status != ServingStatus::Serving as i32 {
+                return msg.status;
+            }
+        }
+    })
+    .await
+    .expect("a health change within 5 s of SIGTERM");
+    assert_eq!(changed, ServingStatus::NotServing as i32);
+    drop(watch);
+    drop(health);
+    drop(c);
+    assert!(d.stop_async_after_signal().await.success());
+}

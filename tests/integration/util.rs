@@ -137,6 +137,19 @@ impl TestDaemon {
         self.child.as_ref().expect("running").id()
     }
 
+    /// Waits for a daemon already sent a signal to exit.
+    pub async fn stop_async_after_signal(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "lamina did not exit within 15 s");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// SIGTERM, then waits for the exit status, letting this runtime's tasks (open client
     /// connections answering the server's HTTP/2 GOAWAY and PING) run meanwhile.
     pub async fn stop_async(&mut self) -> ExitStatus {
