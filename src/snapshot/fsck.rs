@@ -121,7 +121,7 @@ impl Snapshotter {
         for entry in entries {
             match entry {
                 DirEntry::Id(id) if !owned.contains_key(&id) => {
-                    let mut fix = || layout.remove_dirs(id);
+                    let mut fix = || self.remove_orphan(id, "owned by no snapshot (fsck)");
                     c.found(
                         "orphan",
                         "",

@@ -307,33 +307,23 @@ impl Snapshotter {
             .await
     }
 
-    /// Start-up recovery: finishes what a crash interrupted. Deletes directories that no
-    /// snapshot owns, recreates missing directories of active snapshots and views (a creation
-    /// that crashed before answering), and reports committed snapshots whose data is gone.
+    /// Start-up recovery: finishes what a crash interrupted. It is [`Snapshotter::fsck`] with
+    /// repair: directories no snapshot owns are deleted, missing directories of active
+    /// snapshots and views (a creation that crashed before answering) are recreated, and what
+    /// cannot be repaired (a committed snapshot whose data is gone) is logged as an error.
     pub fn recover(&self) -> Result<Reclaimed> {
-        let reclaimed =
-            self.reclaim("left by an interrupted remove or create (start-up recovery)")?;
-        for (key, record) in self.store.list()? {
-            if self.layout.exists(record.id) && self.layout.fs(record.id).is_dir() {
-                if record.kind == Kind::Active && !self.layout.work(record.id).is_dir() {
-                    self.layout.create_dirs(record.id, true, None)?;
-                    warn!(key = ?key, id = record.id, "recreated missing work directory");
+        let report = self.fsck(true)?;
+        let mut reclaimed = Reclaimed::default();
+        for f in &report.findings {
+            let path = f.path.display();
+            match (f.kind, f.repaired) {
+                ("orphan", true) => reclaimed.directories += 1,
+                ("foreign", _) => warn!(%path, "not created by lamina; left alone"),
+                (kind, true) => {
+                    warn!(key = ?f.key, %path, kind, detail = %f.detail, action = %f.action, "recovered")
                 }
-                continue;
-            }
-            match record.kind {
-                Kind::Committed => error!(
-                    key = ?key,
-                    id = record.id,
-                    path = %self.layout.fs(record.id).display(),
-                    "committed snapshot has lost its data directory; its children cannot be \
-                     mounted. Remove it (and its children) and pull the image again"
-                ),
-                kind => {
-                    let owner = self.parent_owner(&record)?;
-                    self.layout
-                        .create_dirs(record.id, kind == Kind::Active, owner)?;
-                    warn!(key = ?key, id = record.id, "recreated the directories of a snapshot whose creation was interrupted");
+                (kind, false) => {
+                    error!(key = ?f.key, %path, kind, detail = %f.detail, action = %f.action, "cannot recover")
                 }
             }
         }
@@ -350,11 +340,7 @@ impl Snapshotter {
         for entry in entries {
             match entry {
                 DirEntry::Id(id) if !owned.contains(&id) => {
-                    // Measured before deleting, for the metrics; an unreadable tree counts 0.
-                    let bytes = usage::walk(&self.layout.dir(id)).map_or(0, |u| u.size as u64);
-                    self.layout.remove_dirs(id)?;
-                    metrics::global().reclaimed(bytes);
-                    info!(id, path = %self.layout.dir(id).display(), reason = why, "removed directory");
+                    self.remove_orphan(id, why)?;
                     reclaimed.directories += 1;
                 }
                 DirEntry::Id(_) => {}
@@ -365,6 +351,16 @@ impl Snapshotter {
             }
         }
         Ok(reclaimed)
+    }
+
+    /// Deletes the directory of an ID no snapshot owns, counting what it frees.
+    fn remove_orphan(&self, id: u64, why: &str) -> Result<()> {
+        // Measured before deleting, for the metrics; an unreadable tree counts 0.
+        let bytes = usage::walk(&self.layout.dir(id)).map_or(0, |u| u.size as u64);
+        self.layout.remove_dirs(id)?;
+        metrics::global().reclaimed(bytes);
+        info!(id, path = %self.layout.dir(id).display(), reason = why, "removed directory");
+        Ok(())
     }
 
     fn create(
