@@ -124,7 +124,13 @@ fn run(cli: Cli) -> Result<(), Error> {
         Command::Serve { settings } => {
             let config = settings.load()?;
             init_logging(&config);
-            let runtime = tokio::runtime::Runtime::new()
+            // Requests do their disk work on the blocking pool. Its default of 512 threads buys
+            // nothing on a few cores when every write waits for the same committer, and each
+            // extra thread costs memory (a stack, a malloc arena).
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .max_blocking_threads(32)
+                .build()
                 .map_err(|e| Error::Internal(format!("starting the async runtime: {e}")))?;
             runtime.block_on(lamina::server::run(config))
         }
