@@ -1,0 +1,442 @@
+//! User level: a private containerd with both snapshotters, its built-in `overlayfs` and lamina
+//! as the `lamina` proxy plugin. The same Rust client drives containerd's Snapshots service with
+//! `snapshotter = "overlayfs"` or `"lamina"`, and `ctr` imports and runs a small image on each.
+
+use std::{
+    cell::Cell,
+    fs,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use crate::{
+    client::Target,
+    image,
+    report::{median, Row, Val},
+    server::{Bins, Kind, Server},
+    workloads, Sizes,
+};
+
+const IMAGE: &str = "lamina.bench/img:1";
+const CTR_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Why the user-level part cannot run here, if it cannot.
+pub fn missing_tools() -> Option<String> {
+    for tool in ["containerd", "ctr", "runc"] {
+        let found = std::env::var_os("PATH")
+            .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
+            .unwrap_or(false);
+        if !found {
+            return Some(format!("`{tool}` is not installed"));
+        }
+    }
+    if !Path::new("/bin/busybox").is_file() {
+        return Some("/bin/busybox (busybox-static) is not installed".into());
+    }
+    None
+}
+
+struct Out {
+    success: bool,
+    status: String,
+    stdout: String,
+    stderr: String,
+}
+
+/// A private containerd that knows lamina as a proxy snapshotter.
+struct Containerd {
+    dir: PathBuf,
+    address: PathBuf,
+    child: Option<Child>,
+    calls: Cell<usize>,
+    namespaces: std::cell::RefCell<Vec<String>>,
+}
+
+impl Containerd {
+    fn start(dir: &Path, lamina_socket: &Path) -> Containerd {
+        fs::create_dir_all(dir).expect("containerd dir");
+        let address = dir.join("c.sock");
+        let config = format!(
+            r#"version = 2
+root = "{root}"
+state = "{state}"
+disabled_plugins = [
+  "io.containerd.grpc.v1.cri",
+  "io.containerd.snapshotter.v1.aufs",
+  "io.containerd.snapshotter.v1.btrfs",
+  "io.containerd.snapshotter.v1.devmapper",
+  "io.containerd.snapshotter.v1.zfs",
+]
+
+[grpc]
+  address = "{address}"
+
+[ttrpc]
+  address = "{ttrpc}"
+
+[debug]
+  address = "{debug}"
+
+[metrics]
+  address = ""
+
+[proxy_plugins.lamina]
+  type = "snapshot"
+  address = "{lamina}"
+"#,
+            root = dir.join("root").display(),
+            state = dir.join("state").display(),
+            address = address.display(),
+            ttrpc = dir.join("t.sock").display(),
+            debug = dir.join("d.sock").display(),
+            lamina = lamina_socket.display(),
+        );
+        fs::write(dir.join("config.toml"), config).expect("containerd config");
+        let log = fs::File::create(dir.join("containerd.log")).expect("containerd log");
+        let child = Command::new("containerd")
+            .arg("--config")
+            .arg(dir.join("config.toml"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("starting containerd");
+        let mut c = Containerd {
+            dir: dir.to_path_buf(),
+            address,
+            child: Some(child),
+            calls: Cell::new(0),
+            namespaces: Default::default(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = c.child.as_mut().unwrap().try_wait().unwrap() {
+                c.child = None;
+                panic!(
+                    "containerd exited during start-up: {status}; log:\n{}",
+                    c.log_tail()
+                );
+            }
+            if c.address.exists()
+                && c.ctr("default", &["version"], Duration::from_secs(10))
+                    .success
+            {
+                return c;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "containerd did not answer within 30 s:\n{}",
+                c.log_tail()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn log_tail(&self) -> String {
+        let log = fs::read_to_string(self.dir.join("containerd.log")).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    /// `ctr --namespace NS ARGS`, killed after `limit`.
+    fn ctr(&self, ns: &str, args: &[&str], limit: Duration) -> Out {
+        if !self.namespaces.borrow().iter().any(|n| n == ns) {
+            self.namespaces.borrow_mut().push(ns.to_string());
+        }
+        let n = self.calls.get();
+        self.calls.set(n + 1);
+        let out_path = self.dir.join(format!("ctr{n}.out"));
+        let err_path = self.dir.join(format!("ctr{n}.err"));
+        let mut child = Command::new("ctr")
+            .arg("--address")
+            .arg(&self.address)
+            .arg("--namespace")
+            .arg(ns)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(fs::File::create(&out_path).expect("ctr stdout"))
+            .stderr(fs::File::create(&err_path).expect("ctr stderr"))
+            .spawn()
+            .expect("starting ctr");
+        let deadline = Instant::now() + limit;
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("waiting for ctr") {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("`ctr {}` did not finish within {limit:?}", args.join(" "));
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        };
+        let out = Out {
+            success: status.success(),
+            status: status.to_string(),
+            stdout: fs::read_to_string(&out_path).unwrap_or_default(),
+            stderr: fs::read_to_string(&err_path).unwrap_or_default(),
+        };
+        let _ = fs::remove_file(&out_path);
+        let _ = fs::remove_file(&err_path);
+        out
+    }
+
+    /// `ctr`, which must succeed; returns how long it took.
+    fn ctr_ok(&self, ns: &str, args: &[&str]) -> Duration {
+        let start = Instant::now();
+        let out = self.ctr(ns, args, CTR_TIMEOUT);
+        let took = start.elapsed();
+        assert!(
+            out.success,
+            "`ctr -n {ns} {}` failed ({}):\nstderr: {}\nstdout: {}\ncontainerd log:\n{}",
+            args.join(" "),
+            out.status,
+            out.stderr,
+            out.stdout,
+            self.log_tail()
+        );
+        took
+    }
+
+    fn target(&self, snapshotter: &str, ns: &str) -> Target {
+        Target {
+            label: format!("containerd/{snapshotter}"),
+            socket: self.address.clone(),
+            snapshotter: snapshotter.into(),
+            namespace: Some(ns.into()),
+        }
+    }
+
+    /// Deletes leftover tasks and containers, stops containerd, ends its shims and detaches
+    /// mounts left under its directory.
+    fn teardown(&mut self) {
+        let short = Duration::from_secs(20);
+        if self.child.is_some() {
+            for ns in self.namespaces.borrow().clone() {
+                let tasks = self.ctr(&ns, &["task", "ls", "-q"], short);
+                for id in tasks.stdout.split_whitespace() {
+                    let _ = self.ctr(&ns, &["task", "rm", "-f", id], short);
+                }
+                let containers = self.ctr(&ns, &["containers", "ls", "-q"], short);
+                for id in containers.stdout.split_whitespace() {
+                    let _ = self.ctr(&ns, &["containers", "rm", id], short);
+                }
+            }
+        }
+        if let Some(mut child) = self.child.take() {
+            let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        for pid in shims_of(&self.address) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let prefix = self.dir.to_string_lossy().into_owned();
+        let mut targets: Vec<&str> = mountinfo
+            .lines()
+            .filter_map(|l| l.split(' ').nth(4))
+            .filter(|t| t.starts_with(&prefix))
+            .collect();
+        targets.sort_by_key(|t| std::cmp::Reverse(t.len()));
+        for t in targets {
+            let _ = nix::mount::umount2(t, nix::mount::MntFlags::MNT_DETACH);
+        }
+        // runc's per-namespace state directories and the namespaces' (empty) cgroups.
+        for ns in self.namespaces.borrow().iter() {
+            let _ = fs::remove_dir(format!("/run/containerd/runc/{ns}"));
+            let mut cgroups = vec![PathBuf::from("/sys/fs/cgroup")];
+            if let Ok(entries) = fs::read_dir("/sys/fs/cgroup") {
+                cgroups.extend(entries.filter_map(|e| Some(e.ok()?.path())));
+            }
+            for c in cgroups {
+                let _ = fs::remove_dir(c.join(ns));
+            }
+        }
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        self.teardown();
+    }
+}
+
+/// PIDs of the `containerd-shim-runc-v2` processes serving the containerd at `address`.
+fn shims_of(address: &Path) -> Vec<i32> {
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let address = address.to_string_lossy().into_owned();
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            let Ok(cmdline) = fs::read(format!("/proc/{pid}/cmdline")) else {
+                return false;
+            };
+            let args: Vec<String> = cmdline
+                .split(|b| *b == 0)
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect();
+            args.first()
+                .is_some_and(|a| a.ends_with("containerd-shim-runc-v2"))
+                && args
+                    .windows(2)
+                    .any(|w| w[0] == "-address" && w[1] == address)
+        })
+        .collect()
+}
+
+/// True when backend `i` (0 lamina, 1 overlayfs) has no snapshot directory left.
+fn backend_empty(c: &Containerd, lamina: &Server, i: usize) -> bool {
+    let dir = if i == 0 {
+        lamina.root.join("snapshots")
+    } else {
+        c.dir
+            .join("root/io.containerd.snapshotter.v1.overlayfs/snapshots")
+    };
+    fs::read_dir(dir).map(|d| d.count() == 0).unwrap_or(true)
+}
+
+/// The two snapshotters as containerd names them, in the order of [`Kind`].
+const SNAPSHOTTERS: [&str; 2] = ["lamina", "overlayfs"];
+
+/// Runs the user-level workloads; returns their rows (lamina, overlay).
+pub async fn run(dir: &Path, bins: &Bins, sizes: &Sizes) -> Vec<Row> {
+    let mut lamina = Server::start(Kind::Lamina, bins, &dir.join("lamina"));
+    let c = Containerd::start(&dir.join("ctrd"), &lamina.target.socket);
+    eprintln!(
+        "user level: containerd at {} (overlayfs root under {})",
+        c.address.display(),
+        c.dir.display()
+    );
+
+    // [lamina, overlay]; rounds alternate between them as in the snapshotter-level part.
+    let targets: Vec<Target> = SNAPSHOTTERS
+        .iter()
+        .map(|sn| c.target(sn, &format!("bench-{sn}")))
+        .collect();
+    for t in &targets {
+        // containerd dials a proxy plugin on first use: not part of the timing.
+        t.client().await.list_count().await;
+    }
+    let mut live: [Vec<String>; 2] = Default::default();
+    let mut serial = [Duration::ZERO; 2];
+    let mut conc = [Duration::ZERO; 2];
+    for r in 0..sizes.rounds {
+        for i in crate::order(r) {
+            crate::sync_disks();
+            let range = crate::chunk(sizes.user_pairs, sizes.rounds, r);
+            let (wall, _) =
+                workloads::serial_pairs(&targets[i], "cserial", range, 10, "", &mut live[i]).await;
+            serial[i] += wall;
+        }
+    }
+    for r in 0..sizes.rounds {
+        for i in crate::order(r) {
+            crate::sync_disks();
+            let range = crate::chunk(sizes.user_concurrent, sizes.rounds, r);
+            conc[i] += workloads::concurrent_pairs(
+                &targets[i],
+                "cconc",
+                range.start,
+                range.len(),
+                sizes.clients,
+                10,
+                &mut live[i],
+            )
+            .await;
+        }
+    }
+    for (i, sn) in SNAPSHOTTERS.iter().enumerate() {
+        // Not timed: through containerd, Remove only drops containerd's record and its
+        // garbage collector removes the snapshot later.
+        let doomed: Vec<String> = live[i].iter().rev().cloned().collect();
+        workloads::removes(&targets[i], &doomed).await;
+        // Let containerd's collector reach the backend before anything else is timed: it
+        // runs on its own only every 100 changes, so force a run (deleting a lease with
+        // --sync collects synchronously), then wait for the directories to go.
+        let ns = format!("bench-{sn}");
+        let lease = format!("gc-{i}");
+        c.ctr_ok(&ns, &["leases", "create", "--id", &lease]);
+        c.ctr_ok(&ns, &["leases", "delete", "--sync", &lease]);
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while !backend_empty(&c, &lamina, i) {
+            assert!(
+                Instant::now() < deadline,
+                "containerd did not garbage-collect the {sn} snapshots within 120 s"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    let archive = dir.join("image.tar");
+    let layers = image::write_archive(&archive, IMAGE, sizes.image_layers, sizes.image_files);
+    let archive = archive.to_str().expect("UTF-8 path").to_string();
+    let mut import = [Vec::new(), Vec::new()];
+    let mut run = [Vec::new(), Vec::new()];
+    for rep in 0..sizes.user_reps {
+        for i in crate::order(rep) {
+            let sn = SNAPSHOTTERS[i];
+            let ns = format!("img-{sn}-{rep}");
+            // The content first, untimed, so the timed import only unpacks the layers.
+            c.ctr_ok(&ns, &["images", "import", "--no-unpack", &archive]);
+            crate::sync_disks();
+            import[i].push(c.ctr_ok(&ns, &["images", "import", "--snapshotter", sn, &archive]));
+            crate::sync_disks();
+            let id = format!("run{rep}");
+            run[i].push(c.ctr_ok(
+                &ns,
+                &["run", "--rm", "--snapshotter", sn, IMAGE, &id, "/bin/true"],
+            ));
+        }
+    }
+    drop(c);
+    lamina.stop();
+
+    let reps = sizes.user_reps;
+    vec![
+        Row::new(
+            format!(
+                "containerd Snapshots API: {} serial prepare+commit pairs",
+                sizes.user_pairs
+            ),
+            Val::Time(serial[0]),
+            Val::Time(serial[1]),
+            None,
+        ),
+        Row::new(
+            format!(
+                "containerd Snapshots API: {} pairs from {} clients",
+                sizes.user_concurrent, sizes.clients
+            ),
+            Val::Time(conc[0]),
+            Val::Time(conc[1]),
+            None,
+        ),
+        Row::new(
+            format!(
+                "`ctr images import` (unpack of {layers} layers, {} files), median of {reps}",
+                sizes.image_layers * sizes.image_files
+            ),
+            Val::Time(median(&import[0])),
+            Val::Time(median(&import[1])),
+            None,
+        ),
+        Row::new(
+            format!("`ctr run --rm … /bin/true`, median of {reps}"),
+            Val::Time(median(&run[0])),
+            Val::Time(median(&run[1])),
+            None,
+        ),
+    ]
+}

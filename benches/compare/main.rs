@@ -1,0 +1,924 @@
+//! lamina against containerd's built-in overlayfs snapshotter, side by side, in one run.
+//!
+//! ```sh
+//! cargo bench --bench compare                 # full run, as root (about 5 minutes here)
+//! cargo bench --bench compare -- --smoke      # every workload at a few ops (seconds)
+//! ```
+//!
+//! Both snapshotters run as their own process, each serving containerd's Snapshots gRPC API on
+//! its own unix socket, and both are driven by the same Rust client code (containerd's
+//! generated client): `lamina serve` (this package's binary, release build) and `overlayd`
+//! (benches/go: containerd's `snapshots/overlay` with its default options behind
+//! `contrib/snapshotservice`, built here with Go in GOPATH mode against Debian's packaged
+//! containerd sources). Their roots are side by side under one directory (default /var/tmp),
+//! so on the same filesystem. Every workload is cut into rounds that alternate between the two
+//! (and which of them goes first), so both meet the same disk and CPU weather.
+//!
+//! Options (after `--`):
+//!   --smoke             tiny sizes (also LAMINA_BENCH_SMOKE=1)
+//!   --max-scale N       largest store size for the latency curve (default 100000)
+//!   --no-containerd     skip the user-level part (a private containerd, `ctr import`/`run`)
+//!   --only-containerd   run only the user-level part
+//!   --dir DIR           where the roots go (default /var/tmp); must not be tmpfs to be fair
+//!   --keep              keep the roots and logs afterwards
+//!
+//! Needs root (the snapshotters probe overlayfs; containerd runs containers).
+
+mod client;
+mod containerd;
+mod image;
+mod report;
+mod server;
+mod workloads;
+
+use std::{
+    fs,
+    panic::AssertUnwindSafe,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use futures::FutureExt;
+use report::{dur, mean, median, quantile, Check, Row, Val};
+use server::{Bins, Kind, Server};
+
+/// How much of each workload to do.
+pub struct Sizes {
+    pub serial: usize,
+    pub concurrent: usize,
+    pub clients: usize,
+    pub stats: usize,
+    pub lists: usize,
+    pub chain: usize,
+    pub views: usize,
+    pub files: usize,
+    pub file_reps: usize,
+    pub scale: Vec<usize>,
+    pub samples: usize,
+    pub machine: usize,
+    pub rounds: usize,
+    pub user_pairs: usize,
+    pub user_concurrent: usize,
+    pub user_reps: usize,
+    pub image_layers: usize,
+    pub image_files: usize,
+}
+
+impl Sizes {
+    fn full(max_scale: usize) -> Sizes {
+        Sizes {
+            serial: 1000,
+            concurrent: 2000,
+            clients: 16,
+            stats: 5000,
+            lists: 50,
+            chain: 128,
+            views: 50,
+            files: 20_000,
+            file_reps: 3,
+            scale: cap(&[1000, 10_000, 100_000], max_scale),
+            samples: 200,
+            machine: 2000,
+            rounds: 10,
+            user_pairs: 500,
+            user_concurrent: 1000,
+            user_reps: 5,
+            image_layers: 4,
+            image_files: 500,
+        }
+    }
+
+    fn smoke(max_scale: usize) -> Sizes {
+        Sizes {
+            serial: 20,
+            concurrent: 64,
+            clients: 16,
+            stats: 64,
+            lists: 3,
+            chain: 8,
+            views: 3,
+            files: 200,
+            file_reps: 1,
+            scale: cap(&[100, 200, 400], max_scale),
+            samples: 10,
+            machine: 50,
+            rounds: 2,
+            user_pairs: 10,
+            user_concurrent: 32,
+            user_reps: 1,
+            image_layers: 2,
+            image_files: 20,
+        }
+    }
+}
+
+/// `sizes` up to `max`, with `max` itself added when it falls between two of them.
+fn cap(sizes: &[usize], max: usize) -> Vec<usize> {
+    let mut out: Vec<usize> = sizes.iter().copied().filter(|&s| s <= max).collect();
+    if out.last() != Some(&max) && sizes.iter().any(|&s| s > max) && max > 0 {
+        out.push(max);
+    }
+    out
+}
+
+struct Args {
+    smoke: bool,
+    max_scale: usize,
+    containerd: bool,
+    snapshotter: bool,
+    dir: PathBuf,
+    keep: bool,
+}
+
+fn usage() -> ! {
+    eprintln!(
+        "usage: cargo bench --bench compare -- [--smoke] [--max-scale N] [--no-containerd] \
+         [--only-containerd] [--dir DIR] [--keep]"
+    );
+    std::process::exit(2)
+}
+
+fn parse_args() -> Args {
+    let mut a = Args {
+        smoke: std::env::var("LAMINA_BENCH_SMOKE").is_ok_and(|v| !v.is_empty() && v != "0"),
+        max_scale: 100_000,
+        containerd: true,
+        snapshotter: true,
+        dir: PathBuf::from("/var/tmp"),
+        keep: false,
+    };
+    // `cargo bench` passes --bench; `cargo test --all-targets` (README's test command) runs this
+    // program without it, and then it runs the smoke mode: CI keeps the benchmark building and
+    // running without spending minutes on it.
+    if !std::env::args().any(|a| a == "--bench") {
+        a.smoke = true;
+    }
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        match arg.as_str() {
+            "--smoke" => a.smoke = true,
+            "--no-containerd" => a.containerd = false,
+            "--only-containerd" => a.snapshotter = false,
+            "--keep" => a.keep = true,
+            "--max-scale" => {
+                a.max_scale = it
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or_else(|| usage())
+            }
+            "--dir" => a.dir = it.next().map(PathBuf::from).unwrap_or_else(|| usage()),
+            // cargo bench passes --bench to harness = false targets.
+            "--bench" => {}
+            "-h" | "--help" => usage(),
+            other => {
+                eprintln!("unknown argument {other:?}");
+                usage()
+            }
+        }
+    }
+    a
+}
+
+/// Flushes dirty data so that one workload's writeback does not land in the next one's timing.
+pub fn sync_disks() {
+    // SAFETY: sync(2) takes no arguments and cannot fail.
+    unsafe { libc::sync() };
+}
+
+/// Both orders in turn, so neither snapshotter always goes first.
+pub fn order(step: usize) -> [usize; 2] {
+    if step.is_multiple_of(2) {
+        [0, 1]
+    } else {
+        [1, 0]
+    }
+}
+
+const KINDS: [Kind; 2] = [Kind::Lamina, Kind::Overlay];
+
+/// What remove-all took.
+#[derive(Default)]
+struct RemoveAll {
+    /// All the Removes.
+    removes: Duration,
+    cleanup_rpc: Duration,
+    /// From the first Remove until nothing is left under `<root>/snapshots`: the Removes, then
+    /// from the Cleanup call until the directories are gone.
+    until_freed: Duration,
+}
+
+/// What the main sequence measured for one snapshotter.
+#[derive(Default)]
+struct Main {
+    serial: Duration,
+    serial_lat: Vec<Duration>,
+    concurrent: Duration,
+    stats: Duration,
+    lists: Duration,
+    list_size: usize,
+    chain: Duration,
+    views: Duration,
+    big: Vec<Duration>,
+    removed: usize,
+    remove: RemoveAll,
+    /// The machine limit per pair, measured in the same rounds (kept in lamina's entry).
+    limit: Duration,
+    /// `rm -rf` of a tree shaped like the one remove-all frees (kept in lamina's entry).
+    rm_limit: Duration,
+    /// Serial Stats, one at a time: the cost of a round trip that does no I/O.
+    stat_lat: Vec<Duration>,
+    /// VmHWM after each step.
+    hwm: Vec<(&'static str, u64)>,
+    rss: u64,
+}
+
+/// One store size of the latency curve, for one snapshotter.
+struct Point {
+    size: usize,
+    populate: Duration,
+    pair: Vec<Duration>,
+    remove: Vec<Duration>,
+}
+
+/// `n` split into `rounds` chunks: the range of round `r`.
+pub fn chunk(n: usize, rounds: usize, r: usize) -> std::ops::Range<usize> {
+    (n * r / rounds)..(n * (r + 1) / rounds)
+}
+
+/// The main sequence on two fresh servers: every snapshotter-level workload, then peak RSS.
+/// Each workload is cut into rounds and the rounds alternate between the two snapshotters
+/// (and which goes first), so that both meet the same disk and CPU weather.
+async fn main_sequence(base: &Path, bins: &Bins, s: &Sizes) -> [Main; 2] {
+    let mut servers: Vec<Server> = KINDS
+        .iter()
+        .map(|&k| Server::start(k, bins, &base.join(format!("main-{}", k.label()))))
+        .collect();
+    let t: Vec<client::Target> = servers.iter().map(|s| s.target.clone()).collect();
+    let mut res: [Main; 2] = Default::default();
+    let mut live: [Vec<String>; 2] = Default::default();
+    let rounds = s.rounds;
+    let mark = |res: &mut [Main; 2], servers: &[Server], step: &'static str| {
+        for i in 0..2 {
+            res[i].hwm.push((step, servers[i].peak_rss()));
+        }
+    };
+
+    // Serial pairs, with the machine's floor for a durable pair (same filesystem) measured in
+    // the same rounds.
+    stage(&format!(
+        "{} serial prepare+commit pairs; machine limit: {} × (2 mkdir + 2 × (4 KiB write + fsync))",
+        s.serial, s.machine
+    ));
+    let mut floor = workloads::Floor::new(&base.join("machine"));
+    let mut floor_time = Duration::ZERO;
+    for r in 0..rounds {
+        sync_disks();
+        floor_time += floor.pairs(chunk(s.machine, rounds, r).len());
+        for i in order(r) {
+            sync_disks();
+            let (wall, lat) = workloads::serial_pairs(
+                &t[i],
+                "serial",
+                chunk(s.serial, rounds, r),
+                10,
+                "",
+                &mut live[i],
+            )
+            .await;
+            res[i].serial += wall;
+            res[i].serial_lat.extend(lat);
+        }
+    }
+    drop(floor);
+    res[0].limit = floor_time / s.machine as u32;
+    mark(&mut res, &servers, "serial pairs");
+
+    stage(&format!(
+        "{} pairs from {} clients",
+        s.concurrent, s.clients
+    ));
+    for r in 0..rounds {
+        for i in order(r) {
+            sync_disks();
+            let c = chunk(s.concurrent, rounds, r);
+            res[i].concurrent += workloads::concurrent_pairs(
+                &t[i],
+                "conc",
+                c.start,
+                c.len(),
+                s.clients,
+                10,
+                &mut live[i],
+            )
+            .await;
+        }
+    }
+    mark(&mut res, &servers, "concurrent pairs");
+
+    stage(&format!(
+        "{} Stats from {} clients, then {} serial Stats",
+        s.stats, s.clients, s.serial
+    ));
+    for r in 0..rounds {
+        for i in order(r) {
+            let n = chunk(s.stats, rounds, r).len();
+            res[i].stats += workloads::stats(&t[i], &live[i], n, s.clients, r as u64).await;
+            let n = chunk(s.serial, rounds, r).len();
+            res[i]
+                .stat_lat
+                .extend(workloads::serial_stats(&t[i], &live[i], n, r as u64).await);
+        }
+    }
+    mark(&mut res, &servers, "Stats");
+
+    let n = live[0].len();
+    stage(&format!("{} Lists of {n} snapshots", s.lists));
+    for r in 0..rounds {
+        for i in order(r) {
+            res[i].lists +=
+                workloads::lists(&t[i], chunk(s.lists, rounds, r).len(), live[i].len()).await;
+            res[i].list_size = live[i].len();
+        }
+    }
+    mark(&mut res, &servers, "Lists");
+
+    stage(&format!(
+        "{}-layer chain, then {} views of its top",
+        s.chain, s.views
+    ));
+    let mut top = [String::new(), String::new()];
+    for r in 0..rounds {
+        for i in order(r) {
+            sync_disks();
+            let (wall, _) = workloads::serial_pairs(
+                &t[i],
+                "chain",
+                chunk(s.chain, rounds, r),
+                usize::MAX,
+                &top[i],
+                &mut live[i],
+            )
+            .await;
+            res[i].chain += wall;
+            if let Some(last) = live[i].last() {
+                top[i] = last.clone();
+            }
+        }
+    }
+    for r in 0..rounds {
+        for i in order(r) {
+            res[i].views += workloads::views(
+                &t[i],
+                "view",
+                &top[i],
+                chunk(s.views, rounds, r),
+                &mut live[i],
+            )
+            .await;
+        }
+    }
+    mark(&mut res, &servers, "chain and views");
+
+    stage(&format!(
+        "Commit of an active snapshot holding {} files (×{})",
+        s.files, s.file_reps
+    ));
+    for r in 0..s.file_reps {
+        for i in order(r) {
+            sync_disks();
+            res[i]
+                .big
+                .push(workloads::big_commit(&t[i], "big", r, s.files, &mut live[i]).await);
+        }
+    }
+    mark(&mut res, &servers, "big Commits");
+
+    let n = live[0].len();
+    stage(&format!(
+        "Remove of all {n} snapshots, Cleanup, until the space is freed"
+    ));
+    // Newest first, so children go before their parents.
+    let doomed: [Vec<String>; 2] = [0, 1].map(|i| live[i].iter().rev().cloned().collect());
+    for r in 0..rounds {
+        for i in order(r) {
+            sync_disks();
+            let c = chunk(doomed[i].len(), rounds, r);
+            res[i].remove.removes += workloads::removes(&t[i], &doomed[i][c]).await;
+        }
+    }
+    for i in order(rounds) {
+        sync_disks();
+        let (rpc, freed) = workloads::cleanup_until_freed(&t[i], &servers[i].root).await;
+        res[i].remove.cleanup_rpc = rpc;
+        res[i].remove.until_freed = res[i].remove.removes + freed;
+        res[i].removed = doomed[i].len();
+    }
+    mark(&mut res, &servers, "remove-all");
+    for (i, server) in servers.iter_mut().enumerate() {
+        res[i].rss = server.peak_rss();
+        server.stop();
+    }
+
+    // The floor for freeing that much: `rm -rf` (remove_dir_all) of a tree of the same shape.
+    stage("machine limit for remove-all: remove_dir_all of a tree of the same shape");
+    res[0].rm_limit = workloads::machine_remove_limit(
+        &base.join("machine"),
+        res[0].removed,
+        s.files,
+        s.file_reps,
+    );
+    res
+}
+
+/// The latency curve: for each size, both stores are filled up to it (16 clients,
+/// parentless pairs), then `samples` serial pairs and `samples` Removes are timed one by one,
+/// in rounds alternating between the two.
+async fn scale_sequence(base: &Path, bins: &Bins, s: &Sizes) -> ([Vec<Point>; 2], [u64; 2]) {
+    let mut servers: Vec<Server> = KINDS
+        .iter()
+        .map(|&k| Server::start(k, bins, &base.join(format!("scale-{}", k.label()))))
+        .collect();
+    let t: Vec<client::Target> = servers.iter().map(|s| s.target.clone()).collect();
+    let mut points: [Vec<Point>; 2] = Default::default();
+    let mut filled = 0;
+    let mut populated: [Vec<String>; 2] = Default::default();
+    for &size in &s.scale {
+        stage(&format!(
+            "filling both stores from {filled} to {size} snapshots"
+        ));
+        let mut populate = [Duration::ZERO; 2];
+        let add = size.saturating_sub(filled);
+        for r in 0..s.rounds {
+            for i in order(r) {
+                let c = chunk(add, s.rounds, r);
+                populate[i] += workloads::concurrent_pairs(
+                    &t[i],
+                    "pop",
+                    filled + c.start,
+                    c.len(),
+                    s.clients,
+                    1,
+                    &mut populated[i],
+                )
+                .await;
+            }
+        }
+        filled = size;
+        stage(&format!(
+            "latency of {} pairs and {} Removes at {size}",
+            s.samples, s.samples
+        ));
+        let mut pair = [Vec::new(), Vec::new()];
+        let mut remove = [Vec::new(), Vec::new()];
+        for r in 0..s.rounds {
+            for i in order(r) {
+                sync_disks();
+                let mut names = Vec::new();
+                let tag = format!("lat{size}");
+                let (_, lat) = workloads::serial_pairs(
+                    &t[i],
+                    &tag,
+                    chunk(s.samples, s.rounds, r),
+                    1,
+                    "",
+                    &mut names,
+                )
+                .await;
+                pair[i].extend(lat);
+                sync_disks();
+                remove[i].extend(workloads::timed_removes(&t[i], &names).await);
+            }
+        }
+        for i in 0..2 {
+            points[i].push(Point {
+                size,
+                populate: populate[i],
+                pair: std::mem::take(&mut pair[i]),
+                remove: std::mem::take(&mut remove[i]),
+            });
+        }
+    }
+    let mut rss = [0; 2];
+    for (i, server) in servers.iter_mut().enumerate() {
+        rss[i] = server.peak_rss();
+        server.stop();
+    }
+    (points, rss)
+}
+
+fn stage(what: &str) {
+    eprintln!("[{:>8.1} s] {what}", START.elapsed().as_secs_f64());
+}
+
+/// When the program started, for the progress lines.
+static START: std::sync::LazyLock<Instant> = std::sync::LazyLock::new(Instant::now);
+
+/// nproc, memory, kernel, and the filesystem holding `dir`.
+fn machine(dir: &Path) -> String {
+    let nproc = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    let cpu = fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("model name")
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
+        })
+        .unwrap_or_default();
+    let mem = fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:").map(|v| v.trim().to_string()))
+        .unwrap_or_default();
+    let kernel = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let dir = fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+    // The mount holding `dir`: the longest mount point that is a prefix of it.
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut best: Option<(usize, String)> = None;
+    for l in mountinfo.lines() {
+        let f: Vec<&str> = l.split(' ').collect();
+        let Some(sep) = f.iter().position(|x| *x == "-") else {
+            continue;
+        };
+        let (point, opts) = (f[4], f[5]);
+        if dir.starts_with(point) && best.as_ref().is_none_or(|(n, _)| point.len() >= *n) {
+            let (fstype, source) = (
+                f.get(sep + 1).unwrap_or(&"?"),
+                f.get(sep + 2).unwrap_or(&"?"),
+            );
+            best = Some((
+                point.len(),
+                format!("{fstype} on {source} (mounted at {point}, {opts})"),
+            ));
+        }
+    }
+    format!(
+        "- CPUs: {nproc} × {cpu}\n- memory: {mem}\n- kernel: Linux {}\n- filesystem of {}: {}\n- lamina: {}\n",
+        kernel.trim(),
+        dir.display(),
+        best.map(|b| b.1).unwrap_or_else(|| "?".into()),
+        revision()
+    )
+}
+
+/// The commit lamina was built from, and whether src/ had uncommitted changes.
+fn revision() -> String {
+    let manifest = env!("CARGO_MANIFEST_DIR");
+    let git = |args: &[&str]| {
+        std::process::Command::new("git")
+            .arg("-C")
+            .arg(manifest)
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    };
+    match git(&["rev-parse", "--short", "HEAD"]) {
+        None => "unknown revision (not a git checkout)".into(),
+        Some(rev) => {
+            let dirty = git(&[
+                "status",
+                "--porcelain",
+                "--",
+                "src",
+                "Cargo.toml",
+                "Cargo.lock",
+            ])
+            .is_some_and(|s| !s.is_empty());
+            if dirty {
+                format!("git {rev} with uncommitted changes in src/ or Cargo.*")
+            } else {
+                format!("git {rev}")
+            }
+        }
+    }
+}
+
+/// The first three fields of /proc/loadavg: other work on the machine skews every figure.
+fn loadavg() -> String {
+    let l = fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    l.split_whitespace().take(3).collect::<Vec<_>>().join(", ")
+}
+
+fn require_root() -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    if std::env::var_os("CI").is_some() {
+        panic!("the benchmark needs root (both snapshotters probe overlayfs) and CI is set");
+    }
+    eprintln!("skipped: the benchmark needs root (both snapshotters probe overlayfs)");
+    false
+}
+
+#[tokio::main]
+async fn main() {
+    std::sync::LazyLock::force(&START);
+    let args = parse_args();
+    if !require_root() {
+        return;
+    }
+    let started = Instant::now();
+    let s = if args.smoke {
+        Sizes::smoke(args.max_scale)
+    } else {
+        Sizes::full(args.max_scale)
+    };
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let bins = Bins {
+        lamina: PathBuf::from(env!("CARGO_BIN_EXE_lamina")),
+        overlayd: server::build_overlayd(&manifest.join("target/lamina-bench")),
+    };
+    fs::create_dir_all(&args.dir).expect("creating --dir");
+    let base = tempfile::Builder::new()
+        .prefix("lamina-bench.")
+        .tempdir_in(&args.dir)
+        .expect("creating the benchmark directory");
+    eprintln!("benchmark directory: {}", base.path().display());
+    eprintln!("lamina: {}", bins.lamina.display());
+
+    let load_start = loadavg();
+    let mut failed = false;
+    println!(
+        "\n## lamina vs containerd's overlayfs snapshotter ({} mode)\n",
+        if args.smoke { "smoke" } else { "full" }
+    );
+    println!("{}", machine(base.path()));
+    if args.snapshotter {
+        let main = main_sequence(base.path(), &bins, &s).await;
+        let (points, scale_rss) = scale_sequence(base.path(), &bins, &s).await;
+        println!("{}", snapshotter_report(&s, &main, &points, &scale_rss));
+    }
+    if args.containerd {
+        println!(
+            "### User level (one containerd: its built-in `overlayfs` vs `lamina` as its proxy plugin)\n"
+        );
+        if let Some(why) = containerd::missing_tools() {
+            println!("skipped: {why}\n");
+        } else {
+            let dir = base.path().join("user");
+            let run = containerd::run(&dir, &bins, &s);
+            match AssertUnwindSafe(run).catch_unwind().await {
+                Ok(rows) => println!("{}", report::comparison_table(&rows)),
+                Err(e) => {
+                    let msg = e
+                        .downcast_ref::<String>()
+                        .cloned()
+                        .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+                        .unwrap_or_default();
+                    println!("failed: {}\n", msg.lines().next().unwrap_or_default());
+                    failed = true;
+                }
+            }
+        }
+    }
+    println!(
+        "- total run time: {}; load average (1, 5, 15 min) at start: {load_start}, at end: {}\n",
+        dur(started.elapsed()),
+        loadavg()
+    );
+
+    if args.keep {
+        let kept = base.keep();
+        eprintln!("kept {}", kept.display());
+    } else {
+        eprintln!("removing {}", base.path().display());
+        drop(base);
+    }
+    if failed {
+        std::process::exit(1);
+    }
+}
+
+/// The snapshotter-level tables.
+fn snapshotter_report(
+    s: &Sizes,
+    main: &[Main; 2],
+    points: &[Vec<Point>; 2],
+    scale_rss: &[u64; 2],
+) -> String {
+    let limit = main[0].limit;
+    let both = |f: &dyn Fn(&Main) -> Val| (f(&main[0]), f(&main[1]));
+    let mut rows = Vec::new();
+    let mut row = |name: String, f: &dyn Fn(&Main) -> Val, target: Option<f64>| {
+        let (l, o) = both(f);
+        rows.push(Row::new(name, l, o, target));
+    };
+    row(
+        format!("{} serial prepare+commit pairs (total)", s.serial),
+        &|m| Val::Time(m.serial),
+        Some(0.5),
+    );
+    row(
+        format!(
+            "{} prepare+commit pairs from {} clients (total)",
+            s.concurrent, s.clients
+        ),
+        &|m| Val::Time(m.concurrent),
+        Some(0.5),
+    );
+    row(
+        format!("{} Stats from {} clients (total)", s.stats, s.clients),
+        &|m| Val::Time(m.stats),
+        Some(0.5),
+    );
+    row(
+        format!(
+            "{} Lists of {} snapshots (total)",
+            s.lists, main[0].list_size
+        ),
+        &|m| Val::Time(m.lists),
+        Some(0.5),
+    );
+    row(
+        format!("{}-layer chain: prepare+commit each (total)", s.chain),
+        &|m| Val::Time(m.chain),
+        Some(0.5),
+    );
+    row(
+        format!("{} Views of the chain's top (total)", s.views),
+        &|m| Val::Time(m.views),
+        Some(0.5),
+    );
+    row(
+        format!(
+            "Commit of a snapshot holding {} files (median of {})",
+            s.files, s.file_reps
+        ),
+        &|m| Val::Time(median(&m.big)),
+        Some(0.5),
+    );
+    row(
+        format!(
+            "Remove of {} snapshots + Cleanup, until `du` shows it freed",
+            main[0].removed
+        ),
+        &|m| Val::Time(m.remove.until_freed),
+        Some(0.25),
+    );
+    row(
+        "peak RSS of the server (VmHWM), after all of the above".into(),
+        &|m| Val::Bytes(m.rss),
+        Some(0.5),
+    );
+    for (k, &size) in s.scale.iter().enumerate() {
+        rows.push(Row::new(
+            format!("prepare+commit latency (median) with {size} snapshots in the store"),
+            Val::Time(median(&points[0][k].pair)),
+            Val::Time(median(&points[1][k].pair)),
+            Some(0.5),
+        ));
+    }
+    for (k, &size) in s.scale.iter().enumerate() {
+        rows.push(Row::new(
+            format!("Remove latency (median) with {size} snapshots in the store"),
+            Val::Time(median(&points[0][k].remove)),
+            Val::Time(median(&points[1][k].remove)),
+            Some(0.5),
+        ));
+    }
+    if let Some(&last) = s.scale.last() {
+        rows.push(Row::new(
+            format!("peak RSS of the server (VmHWM) with {last} snapshots"),
+            Val::Bytes(scale_rss[0]),
+            Val::Bytes(scale_rss[1]),
+            Some(0.5),
+        ));
+    }
+
+    let mut checks = Vec::new();
+    let pair_mean = [mean(&main[0].serial_lat), mean(&main[1].serial_lat)];
+    let x_limit = |i: usize| pair_mean[i].as_secs_f64() / limit.as_secs_f64();
+    checks.push(Check {
+        what: format!(
+            "serial prepare+commit pair (mean) ÷ machine limit ({} per pair)",
+            dur(limit)
+        ),
+        lamina: format!("{:.2}× ({})", x_limit(0), dur(pair_mean[0])),
+        overlay: format!("{:.2}× ({})", x_limit(1), dur(pair_mean[1])),
+        target: "≤ 2×".into(),
+        met: Some(x_limit(0) <= 2.0),
+    });
+    let speedup = |m: &Main| {
+        let serial = s.serial as f64 / m.serial.as_secs_f64();
+        let conc = s.concurrent as f64 / m.concurrent.as_secs_f64();
+        (conc / serial, serial, conc)
+    };
+    let fmt_speedup = |m: &Main| {
+        let (x, serial, conc) = speedup(m);
+        format!("{x:.2}× ({conc:.0} vs {serial:.0} pairs/s)")
+    };
+    checks.push(Check {
+        what: format!(
+            "{}-client throughput ÷ serial throughput (prepare+commit pairs)",
+            s.clients
+        ),
+        lamina: fmt_speedup(&main[0]),
+        overlay: fmt_speedup(&main[1]),
+        target: "≥ 3×".into(),
+        met: Some(speedup(&main[0]).0 >= 3.0),
+    });
+    if s.scale.len() >= 2 {
+        let (first, last) = (s.scale[0], *s.scale.last().expect("sizes"));
+        let growth = |p: &[Point], f: fn(&Point) -> &Vec<Duration>| {
+            median(f(p.last().expect("points"))).as_secs_f64() / median(f(&p[0])).as_secs_f64()
+        };
+        for (what, f) in [
+            (
+                "prepare+commit",
+                (|p: &Point| &p.pair) as fn(&Point) -> &Vec<Duration>,
+            ),
+            ("Remove", |p: &Point| &p.remove),
+        ] {
+            let (l, o) = (growth(&points[0], f), growth(&points[1], f));
+            checks.push(Check {
+                what: format!("{what} latency (median) at {last} ÷ at {first} snapshots"),
+                lamina: format!("{l:.2}×"),
+                overlay: format!("{o:.2}×"),
+                target: "≤ 1.5×".into(),
+                met: Some(l <= 1.5),
+            });
+        }
+    }
+    let rm = |i: usize| &main[i].remove;
+    let mut details = vec![
+        format!(
+            "| serial pair latency p50 / p99 | {} / {} | {} / {} |",
+            dur(median(&main[0].serial_lat)),
+            dur(quantile(&main[0].serial_lat, 0.99)),
+            dur(median(&main[1].serial_lat)),
+            dur(quantile(&main[1].serial_lat, 0.99))
+        ),
+        format!(
+            "| remove-all: Removes / Cleanup call / until freed | {} / {} / {} | {} / {} / {} |",
+            dur(rm(0).removes),
+            dur(rm(0).cleanup_rpc),
+            dur(rm(0).until_freed),
+            dur(rm(1).removes),
+            dur(rm(1).cleanup_rpc),
+            dur(rm(1).until_freed)
+        ),
+        format!(
+            "| remove-all until freed ÷ `rm -rf` of a tree of the same shape ({}) | {:.2}× | {:.2}× |",
+            dur(main[0].rm_limit),
+            rm(0).until_freed.as_secs_f64() / main[0].rm_limit.as_secs_f64(),
+            rm(1).until_freed.as_secs_f64() / main[0].rm_limit.as_secs_f64(),
+        ),
+        format!(
+            "| serial Stat latency p50 / p99 (a round trip without I/O) | {} / {} | {} / {} |",
+            dur(median(&main[0].stat_lat)),
+            dur(quantile(&main[0].stat_lat, 0.99)),
+            dur(median(&main[1].stat_lat)),
+            dur(quantile(&main[1].stat_lat, 0.99))
+        ),
+        format!(
+            "| peak RSS (VmHWM) after each step | {} | {} |",
+            hwm_steps(&main[0].hwm),
+            hwm_steps(&main[1].hwm)
+        ),
+    ];
+    for (k, &size) in s.scale.iter().enumerate() {
+        let (l, o) = (&points[0][k], &points[1][k]);
+        details.push(format!(
+            "| at {size}: pair p50 / p99; Remove p50 / p99; fill rate | {} / {}; {} / {}; {:.0} pairs/s | {} / {}; {} / {}; {:.0} pairs/s |",
+            dur(median(&l.pair)),
+            dur(quantile(&l.pair, 0.99)),
+            dur(median(&l.remove)),
+            dur(quantile(&l.remove, 0.99)),
+            fill_rate(l, k, &points[0]),
+            dur(median(&o.pair)),
+            dur(quantile(&o.pair, 0.99)),
+            dur(median(&o.remove)),
+            dur(quantile(&o.remove, 0.99)),
+            fill_rate(o, k, &points[1]),
+        ));
+    }
+
+    let mut out = String::new();
+    out.push_str("### Snapshotter level (each over its own unix socket, same client)\n\n");
+    out.push_str(&report::comparison_table(&rows));
+    out.push_str("\n### lamina's own targets\n\n");
+    out.push_str(&report::checks_table(&checks));
+    out.push_str("\n### Details\n\n| figure | lamina | overlay |\n|---|---:|---:|\n");
+    for d in &details {
+        out.push_str(d);
+        out.push('\n');
+    }
+    out
+}
+
+/// "step: N MiB" for each step, joined.
+fn hwm_steps(hwm: &[(&str, u64)]) -> String {
+    hwm.iter()
+        .map(|(step, b)| format!("{step}: {:.0} MiB", *b as f64 / (1024.0 * 1024.0)))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Pairs per second while filling the store up to `p.size`.
+fn fill_rate(p: &Point, k: usize, all: &[Point]) -> f64 {
+    let from = if k == 0 { 0 } else { all[k - 1].size };
+    (p.size - from) as f64 / p.populate.as_secs_f64()
+}
