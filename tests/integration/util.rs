@@ -423,6 +423,10 @@ pub const ACTIVE: i32 = 2;
 pub const COMMITTED: i32 = 3;
 
 /// Mounts what lamina returned at `target`, as containerd would; unmounts on drop.
+///
+/// Deliberately written apart from `lamina::sys::mount_spec`: the tests judge lamina's mount
+/// specs, so they interpret them with code of their own (only chains too long for one page
+/// borrow lamina's new-mount-API path, see [`Mounted::new_any`]).
 pub struct Mounted {
     target: PathBuf,
 }
