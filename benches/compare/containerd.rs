@@ -57,41 +57,7 @@ impl Containerd {
     fn start(dir: &Path, lamina_socket: &Path) -> Containerd {
         fs::create_dir_all(dir).expect("containerd dir");
         let address = dir.join("c.sock");
-        let config = format!(
-            r#"version = 2
-root = "{root}"
-state = "{state}"
-disabled_plugins = [
-  "io.containerd.grpc.v1.cri",
-  "io.containerd.snapshotter.v1.aufs",
-  "io.containerd.snapshotter.v1.btrfs",
-  "io.containerd.snapshotter.v1.devmapper",
-  "io.containerd.snapshotter.v1.zfs",
-]
-
-[grpc]
-  address = "{address}"
-
-[ttrpc]
-  address = "{ttrpc}"
-
-[debug]
-  address = "{debug}"
-
-[metrics]
-  address = ""
-
-[proxy_plugins.lamina]
-  type = "snapshot"
-  address = "{lamina}"
-"#,
-            root = dir.join("root").display(),
-            state = dir.join("state").display(),
-            address = address.display(),
-            ttrpc = dir.join("t.sock").display(),
-            debug = dir.join("d.sock").display(),
-            lamina = lamina_socket.display(),
-        );
+        let config = crate::containerd_config::config_toml(dir, lamina_socket);
         fs::write(dir.join("config.toml"), config).expect("containerd config");
         let log = fs::File::create(dir.join("containerd.log")).expect("containerd log");
         let child = Command::new("containerd")

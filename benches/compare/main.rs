@@ -26,6 +26,8 @@
 
 mod client;
 mod containerd;
+#[path = "../../tests/support/containerd_config.rs"]
+mod containerd_config;
 mod image;
 mod report;
 mod server;

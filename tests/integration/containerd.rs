@@ -97,41 +97,7 @@ impl Containerd {
             .expect("tempdir in /tmp");
         let p = dir.path().to_path_buf();
         let address = p.join("c.sock");
-        let config = format!(
-            r#"version = 2
-root = "{root}"
-state = "{state}"
-disabled_plugins = [
-  "io.containerd.grpc.v1.cri",
-  "io.containerd.snapshotter.v1.aufs",
-  "io.containerd.snapshotter.v1.btrfs",
-  "io.containerd.snapshotter.v1.devmapper",
-  "io.containerd.snapshotter.v1.zfs",
-]
-
-[grpc]
-  address = "{address}"
-
-[ttrpc]
-  address = "{ttrpc}"
-
-[debug]
-  address = "{debug}"
-
-[metrics]
-  address = ""
-
-[proxy_plugins.lamina]
-  type = "snapshot"
-  address = "{lamina}"
-"#,
-            root = p.join("root").display(),
-            state = p.join("state").display(),
-            address = address.display(),
-            ttrpc = p.join("t.sock").display(),
-            debug = p.join("d.sock").display(),
-            lamina = lamina_socket.display(),
-        );
+        let config = crate::containerd_config::config_toml(&p, lamina_socket);
         fs::write(p.join("config.toml"), config).unwrap();
         let log = fs::File::create(p.join("containerd.log")).unwrap();
         let child = Command::new("containerd")

@@ -8,6 +8,8 @@ mod util;
 
 mod admin;
 mod containerd;
+#[path = "../support/containerd_config.rs"]
+mod containerd_config;
 mod crash;
 mod faults;
 mod hostile;
