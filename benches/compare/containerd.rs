@@ -57,7 +57,7 @@ impl Containerd {
     fn start(dir: &Path, lamina_socket: &Path) -> Containerd {
         fs::create_dir_all(dir).expect("containerd dir");
         let address = dir.join("c.sock");
-        let config = crate::containerd_config::config_toml(dir, lamina_socket);
+        let config = crate::containerd_support::config_toml(dir, lamina_socket);
         fs::write(dir.join("config.toml"), config).expect("containerd config");
         let log = fs::File::create(dir.join("containerd.log")).expect("containerd log");
         let child = Command::new("containerd")
@@ -200,7 +200,7 @@ impl Containerd {
             let _ = child.kill();
             let _ = child.wait();
         }
-        for pid in shims_of(&self.address) {
+        for pid in crate::containerd_support::shims_of(&self.address) {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(pid),
                 nix::sys::signal::Signal::SIGKILL,
@@ -235,31 +235,6 @@ impl Drop for Containerd {
     fn drop(&mut self) {
         self.teardown();
     }
-}
-
-/// PIDs of the `containerd-shim-runc-v2` processes serving the containerd at `address`.
-fn shims_of(address: &Path) -> Vec<i32> {
-    let Ok(entries) = fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    let address = address.to_string_lossy().into_owned();
-    entries
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|pid| {
-            let Ok(cmdline) = fs::read(format!("/proc/{pid}/cmdline")) else {
-                return false;
-            };
-            let args: Vec<String> = cmdline
-                .split(|b| *b == 0)
-                .map(|a| String::from_utf8_lossy(a).into_owned())
-                .collect();
-            args.first()
-                .is_some_and(|a| a.ends_with("containerd-shim-runc-v2"))
-                && args
-                    .windows(2)
-                    .any(|w| w[0] == "-address" && w[1] == address)
-        })
-        .collect()
 }
 
 /// True when backend `i` (0 lamina, 1 overlayfs) has no snapshot directory left.

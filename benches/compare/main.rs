@@ -26,8 +26,8 @@
 
 mod client;
 mod containerd;
-#[path = "../../tests/support/containerd_config.rs"]
-mod containerd_config;
+#[path = "../../tests/support/containerd.rs"]
+mod containerd_support;
 mod image;
 mod report;
 mod server;

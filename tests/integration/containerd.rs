@@ -97,7 +97,7 @@ impl Containerd {
             .expect("tempdir in /tmp");
         let p = dir.path().to_path_buf();
         let address = p.join("c.sock");
-        let config = crate::containerd_config::config_toml(&p, lamina_socket);
+        let config = crate::containerd_support::config_toml(&p, lamina_socket);
         fs::write(p.join("config.toml"), config).unwrap();
         let log = fs::File::create(p.join("containerd.log")).unwrap();
         let child = Command::new("containerd")
@@ -251,7 +251,7 @@ impl Containerd {
             let _ = child.kill();
             let _ = child.wait();
         }
-        for pid in shims_of(&self.address) {
+        for pid in crate::containerd_support::shims_of(&self.address) {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(pid),
                 nix::sys::signal::Signal::SIGKILL,
@@ -288,31 +288,6 @@ impl Drop for Containerd {
         }
         self.teardown();
     }
-}
-
-/// PIDs of the `containerd-shim-runc-v2` processes serving the containerd at `address`.
-fn shims_of(address: &Path) -> Vec<i32> {
-    let Ok(entries) = fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    let address = address.to_string_lossy().into_owned();
-    entries
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|pid| {
-            let Ok(cmdline) = fs::read(format!("/proc/{pid}/cmdline")) else {
-                return false;
-            };
-            let args: Vec<String> = cmdline
-                .split(|b| *b == 0)
-                .map(|a| String::from_utf8_lossy(a).into_owned())
-                .collect();
-            args.first()
-                .is_some_and(|a| a.ends_with("containerd-shim-runc-v2"))
-                && args
-                    .windows(2)
-                    .any(|w| w[0] == "-address" && w[1] == address)
-        })
-        .collect()
 }
 
 /// `ctr snapshots ls` output → (key, parent, kind); parent is "" for a root snapshot.

@@ -8,8 +8,8 @@ mod util;
 
 mod admin;
 mod containerd;
-#[path = "../support/containerd_config.rs"]
-mod containerd_config;
+#[path = "../support/containerd.rs"]
+mod containerd_support;
 mod crash;
 mod faults;
 mod hostile;
