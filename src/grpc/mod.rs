@@ -126,7 +126,61 @@ const LIST_BATCH: usize = 100;
 /// Most bytes of Info in one List message.
 const LIST_BATCH_BYTES: usize = 4 << 20;
 
+/// List messages ready ahead of the reader; beyond that the listing waits for it.
+const LIST_QUEUE: usize = 2;
+
 type ListStream = Pin<Box<dyn Stream<Item = Result<ListSnapshotsResponse, Status>> + Send>>;
+
+/// Cuts a List into messages as it is read: batches of 100 as containerd sends them, cut
+/// earlier when large labels would push a message towards the 16 MiB limit. Runs on the
+/// listing's blocking thread, which waits when the reader is [`LIST_QUEUE`] messages behind.
+struct Batches {
+    tx: tokio::sync::mpsc::Sender<Result<ListSnapshotsResponse, Status>>,
+    batch: Vec<Info>,
+    bytes: usize,
+}
+
+impl Batches {
+    fn new(tx: tokio::sync::mpsc::Sender<Result<ListSnapshotsResponse, Status>>) -> Self {
+        Batches {
+            tx,
+            batch: Vec::with_capacity(LIST_BATCH),
+            bytes: 0,
+        }
+    }
+
+    /// Adds one snapshot; false once the reader has gone (the listing then stops).
+    fn push(&mut self, info: snapshot::Info) -> bool {
+        let info = wire_info(info);
+        let len = prost::Message::encoded_len(&info);
+        if !self.batch.is_empty()
+            && (self.batch.len() == LIST_BATCH || self.bytes + len > LIST_BATCH_BYTES)
+            && !self.flush()
+        {
+            return false;
+        }
+        self.bytes += len;
+        self.batch.push(info);
+        true
+    }
+
+    fn flush(&mut self) -> bool {
+        let info = std::mem::replace(&mut self.batch, Vec::with_capacity(LIST_BATCH));
+        self.bytes = 0;
+        self.tx
+            .blocking_send(Ok(ListSnapshotsResponse { info }))
+            .is_ok()
+    }
+}
+
+impl Drop for Batches {
+    /// Sends the last, partial batch once the listing is done.
+    fn drop(&mut self) {
+        if !self.batch.is_empty() {
+            self.flush();
+        }
+    }
+}
 
 #[tonic::async_trait]
 impl Snapshots for Service {
@@ -246,28 +300,21 @@ impl Snapshots for Service {
         let span = info_span!("list", filters = ?r.filters, ns);
         let s = &self.snapshotter;
         traced("List", span, async {
-            let infos = s.list(r.filters).await?;
-            // Batches of 100 as containerd sends them, cut earlier when large labels would push
-            // a message towards the 16 MiB limit.
-            let mut batches = Vec::with_capacity(infos.len() / LIST_BATCH + 1);
-            let (mut batch, mut bytes) = (Vec::new(), 0);
-            for info in infos.into_iter().map(wire_info) {
-                let len = prost::Message::encoded_len(&info);
-                if !batch.is_empty()
-                    && (batch.len() == LIST_BATCH || bytes + len > LIST_BATCH_BYTES)
-                {
-                    batches.push(Ok(ListSnapshotsResponse {
-                        info: std::mem::take(&mut batch),
-                    }));
-                    bytes = 0;
+            // A bad filter fails the call itself; what fails later ends the stream.
+            let filter = snapshot::parse_filters(&r.filters)?;
+            let (tx, rx) = tokio::sync::mpsc::channel(LIST_QUEUE);
+            let s = Arc::clone(s);
+            tokio::spawn(
+                async move {
+                    let mut batches = Batches::new(tx.clone());
+                    let listed = s.list(filter, move |info| batches.push(info)).await;
+                    if let Err(err) = listed {
+                        let _ = tx.send(Err(Status::from(err))).await;
+                    }
                 }
-                bytes += len;
-                batch.push(info);
-            }
-            if !batch.is_empty() {
-                batches.push(Ok(ListSnapshotsResponse { info: batch }));
-            }
-            Ok(Box::pin(futures::stream::iter(batches)) as ListStream)
+                .in_current_span(),
+            );
+            Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)) as ListStream)
         })
         .await
     }

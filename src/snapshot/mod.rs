@@ -8,13 +8,17 @@
 //! directory's ID is never handed out again; and a record without its directories is a creation
 //! that never answered, which recovery completes.
 //!
-//! Blocking disk and store work runs on tokio's blocking pool, never on a runtime worker.
+//! Where work runs: reads of the store and the few mkdirs of a creation run on the runtime
+//! worker that received the request (microseconds: cheaper than a hand-off to another thread);
+//! writes wait for the store's committer thread without holding a thread; work of unbounded
+//! length (walking or deleting a tree, reading the whole store) runs on tokio's blocking pool.
 
 pub mod filter;
 pub mod fsck;
 
 use std::{
     collections::{BTreeMap, HashMap},
+    future::Future,
     path::PathBuf,
     sync::{
         atomic::{AtomicBool, Ordering},
@@ -23,7 +27,7 @@ use std::{
     time::SystemTime,
 };
 
-use tracing::{error, info, warn, Span};
+use tracing::{error, info, warn, Instrument, Span};
 
 use crate::{
     error::{chain, Error, Result},
@@ -107,13 +111,14 @@ impl Snapshotter {
     /// Snapshots by kind; reads the whole store, for status and metrics only.
     pub fn counts(&self) -> Result<Counts> {
         let mut c = Counts::default();
-        for (_, record) in self.store.list()? {
+        self.store.each(|_, record| {
             match record.kind {
                 Kind::Active => c.active += 1,
                 Kind::View => c.views += 1,
                 Kind::Committed => c.committed += 1,
             }
-        }
+            true
+        })?;
         Ok(c)
     }
 
@@ -122,18 +127,40 @@ impl Snapshotter {
         self.closing.store(true, Ordering::SeqCst);
     }
 
-    /// Runs `f` on the blocking pool inside the caller's span; refused once closing.
+    fn admit(&self) -> Result<()> {
+        if self.closing.load(Ordering::SeqCst) {
+            return Err(Error::ShuttingDown);
+        }
+        Ok(())
+    }
+
+    /// Runs `f` on the blocking pool inside the caller's span; refused once closing. For work
+    /// of unbounded length: walking or deleting trees, reading the whole store.
     pub async fn run<T, F>(self: &Arc<Self>, f: F) -> Result<T>
     where
         T: Send + 'static,
         F: FnOnce(&Snapshotter) -> Result<T> + Send + 'static,
     {
-        if self.closing.load(Ordering::SeqCst) {
-            return Err(Error::ShuttingDown);
-        }
+        self.admit()?;
         let this = Arc::clone(self);
         let span = Span::current();
         tokio::task::spawn_blocking(move || span.in_scope(|| f(&this)))
+            .await
+            .map_err(|e| Error::Internal(format!("request task failed: {e}")))?
+    }
+
+    /// Runs a change as a task of its own: once begun it finishes even if the request that
+    /// began it is dropped (a client hanging up between a Prepare's record and its directories
+    /// must not leave a record whose mounts point nowhere). Refused once closing.
+    async fn change<T, F>(self: &Arc<Self>, f: impl FnOnce(Arc<Snapshotter>) -> F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: Future<Output = Result<T>> + Send + 'static,
+    {
+        self.admit()?;
+        // Spawned from a runtime worker, the task starts on that same worker: no thread
+        // hand-off, unlike the blocking pool.
+        tokio::spawn(f(Arc::clone(self)).instrument(Span::current()))
             .await
             .map_err(|e| Error::Internal(format!("request task failed: {e}")))?
     }
@@ -144,7 +171,7 @@ impl Snapshotter {
         parent: String,
         labels: HashMap<String, String>,
     ) -> Result<Vec<Mount>> {
-        self.run(move |s| s.create(&key, &parent, labels, Kind::Active))
+        self.change(|s| async move { s.create(key, parent, labels, Kind::Active).await })
             .await
     }
 
@@ -154,23 +181,25 @@ impl Snapshotter {
         parent: String,
         labels: HashMap<String, String>,
     ) -> Result<Vec<Mount>> {
-        self.run(move |s| s.create(&key, &parent, labels, Kind::View))
+        self.change(|s| async move { s.create(key, parent, labels, Kind::View).await })
             .await
     }
 
+    // Reads (Mounts, Stat, the lookup of Usage) are served where the request arrived: a read
+    // transaction is a few microseconds from redb's cache, less than handing the request to
+    // another thread and back.
+
     pub async fn mounts(self: &Arc<Self>, key: String) -> Result<Vec<Mount>> {
-        self.run(move |s| {
-            check_key("key", &key)?;
-            let record = s.store.get(&key)?;
-            if record.kind == Kind::Committed {
-                return Err(Error::precondition(format!(
-                    "cannot get mounts of committed snapshot {key:?}: prepare an active \
-                     snapshot or a view with it as parent"
-                )));
-            }
-            Ok(s.mounts_of(&record))
-        })
-        .await
+        self.admit()?;
+        check_key("key", &key)?;
+        let record = self.store.get(&key)?;
+        if record.kind == Kind::Committed {
+            return Err(Error::precondition(format!(
+                "cannot get mounts of committed snapshot {key:?}: prepare an active \
+                 snapshot or a view with it as parent"
+            )));
+        }
+        Ok(self.mounts_of(&record))
     }
 
     pub async fn commit(
@@ -179,7 +208,7 @@ impl Snapshotter {
         key: String,
         labels: HashMap<String, String>,
     ) -> Result<()> {
-        self.run(move |s| {
+        self.change(|s| async move {
             check_key("key", &key)?;
             check_key("name", &name)?;
             let labels = check_labels(labels)?;
@@ -187,14 +216,14 @@ impl Snapshotter {
             // The walk runs outside any store transaction so that other requests go on; the
             // store re-checks at commit that the snapshot is still the one measured.
             let usage = if record.kind == Kind::Active {
-                let fs = s.layout.fs(record.id);
-                usage::walk(&fs).map_err(|e| Error::io("measuring disk usage of", fs, e))?
+                s.measure(record.id).await?
             } else {
                 Usage::default()
             };
             let committed = s
                 .store
-                .commit(&key, record.id, &name, labels, usage, SystemTime::now())?;
+                .commit(&key, record.id, &name, labels, usage, SystemTime::now())
+                .await?;
             info!(name = ?name, id = committed.id, size = usage.size, inodes = usage.inodes, "committed");
             Ok(())
         })
@@ -202,14 +231,16 @@ impl Snapshotter {
     }
 
     pub async fn remove(self: &Arc<Self>, key: String) -> Result<()> {
-        self.run(move |s| {
+        self.change(|s| async move {
             check_key("key", &key)?;
-            let record = s.store.remove(&key)?;
+            let record = s.store.remove(&key).await?;
             if s.options.sync_remove {
                 // The record is gone, so the removal stands; a directory left behind here is
                 // an orphan that Cleanup or the next start-up deletes.
-                if let Err(e) = s.layout.remove_dirs(record.id) {
-                    warn!(id = record.id, error = %chain(&e), "removed, but its directory stays until Cleanup");
+                let id = record.id;
+                let removed = s.run(move |s| s.layout.remove_dirs(id)).await;
+                if let Err(e) = removed {
+                    warn!(id, error = %chain(&e), "removed, but its directory stays until Cleanup");
                 }
             }
             info!(id = record.id, "removed");
@@ -219,18 +250,16 @@ impl Snapshotter {
     }
 
     pub async fn stat(self: &Arc<Self>, key: String) -> Result<Info> {
-        self.run(move |s| {
-            check_key("key", &key)?;
-            let record = s.store.get(&key)?;
-            Ok(s.info(key, record))
-        })
-        .await
+        self.admit()?;
+        check_key("key", &key)?;
+        let record = self.store.get(&key)?;
+        Ok(self.info(key, record))
     }
 
     /// Changes labels, the only mutable field. `paths` empty or `labels`: replace them all;
     /// `labels.<k>`: set k from `info`, or delete it when absent or empty there.
     pub async fn update(self: &Arc<Self>, info: Info, paths: Vec<String>) -> Result<Info> {
-        self.run(move |s| {
+        self.change(|s| async move {
             let key = info.name.clone();
             check_key("info.name", &key)?;
             let given = check_labels(info.labels.into_iter().collect())?;
@@ -263,40 +292,59 @@ impl Snapshotter {
                         }
                     }
                     Ok(())
-                })?;
+                })
+                .await?;
             Ok(s.info(key, record))
         })
         .await
     }
 
     pub async fn usage(self: &Arc<Self>, key: String) -> Result<Usage> {
-        self.run(move |s| {
-            check_key("key", &key)?;
-            let record = s.store.get(&key)?;
-            match record.kind {
-                Kind::Active => {
-                    let fs = s.layout.fs(record.id);
-                    usage::walk(&fs).map_err(|e| Error::io("measuring disk usage of", fs, e))
-                }
-                Kind::Committed => Ok(record.usage),
-                Kind::View => Ok(Usage::default()),
-            }
-        })
-        .await
+        self.admit()?;
+        check_key("key", &key)?;
+        let record = self.store.get(&key)?;
+        match record.kind {
+            Kind::Active => self.measure(record.id).await,
+            Kind::Committed => Ok(record.usage),
+            Kind::View => Ok(Usage::default()),
+        }
     }
 
-    /// Every snapshot matching `filters`, from one consistent read of the store. Nothing is
-    /// held once this returns, so callers may Stat while they stream the result.
-    pub async fn list(self: &Arc<Self>, filters: Vec<String>) -> Result<Vec<Info>> {
-        let filter = Filter::parse_all(&filters).map_err(|e| Error::invalid(e.to_string()))?;
-        self.run(move |s| {
-            let mut out = Vec::new();
-            for (key, record) in s.store.list()? {
-                if filter.matches(&Fielded(&key, &record)) {
-                    out.push(s.info(key, record));
-                }
+    /// Disk usage of snapshot `id`'s `fs`: measured in place when the tree is small (most
+    /// Commits of a freshly prepared snapshot), else on the blocking pool.
+    async fn measure(self: &Arc<Self>, id: u64) -> Result<Usage> {
+        /// Entries read in place before handing the walk over: about as long as a hand-off.
+        const IN_PLACE: usize = 32;
+        let fs = self.layout.fs(id);
+        match usage::walk_up_to(&fs, IN_PLACE) {
+            Ok(Some(usage)) => Ok(usage),
+            Ok(None) => {
+                self.run(move |s| {
+                    let fs = s.layout.fs(id);
+                    usage::walk(&fs).map_err(|e| Error::io("measuring disk usage of", fs, e))
+                })
+                .await
             }
-            Ok(out)
+            Err(e) => Err(Error::io("measuring disk usage of", fs, e)),
+        }
+    }
+
+    /// Hands every snapshot matching `filter` to `each`, from one consistent read of the store,
+    /// until `each` returns false. Runs on the blocking pool; `each` may block (to wait for a
+    /// slow reader) without holding up other requests, which meanwhile read and write as usual.
+    pub async fn list(
+        self: &Arc<Self>,
+        filter: Filter,
+        mut each: impl FnMut(Info) -> bool + Send + 'static,
+    ) -> Result<()> {
+        self.run(move |s| {
+            s.store.each(|key, record| {
+                if filter.matches(&Fielded(key, &record)) {
+                    each(s.info(key.to_string(), record))
+                } else {
+                    true
+                }
+            })
         })
         .await
     }
@@ -363,28 +411,31 @@ impl Snapshotter {
         Ok(())
     }
 
-    fn create(
-        &self,
-        key: &str,
-        parent: &str,
+    async fn create(
+        self: Arc<Self>,
+        key: String,
+        parent: String,
         labels: HashMap<String, String>,
         kind: Kind,
     ) -> Result<Vec<Mount>> {
-        check_key("key", key)?;
+        check_key("key", &key)?;
         if !parent.is_empty() {
-            check_key("parent", parent)?;
+            check_key("parent", &parent)?;
         }
         let labels = check_labels(labels)?;
         let record = self
             .store
-            .create(key, parent, kind, labels, SystemTime::now())?;
-        let made = self.parent_owner(&record).and_then(|owner| {
-            self.layout
-                .create_dirs(record.id, kind == Kind::Active, owner)
-        });
+            .create(&key, &parent, kind, labels, SystemTime::now())
+            .await?;
+        // A few mkdirs, made where the answer arrived: cheaper than a hand-off to the blocking
+        // pool and back.
+        let with_work = kind == Kind::Active;
+        let made = self
+            .parent_owner(&record)
+            .and_then(|owner| self.layout.create_dirs(record.id, with_work, owner));
         if let Err(err) = made {
             // Undo, so that a failed Prepare leaves nothing behind (the key can be retried).
-            if let Err(e) = self.store.remove(key) {
+            if let Err(e) = self.store.remove(&key).await {
                 error!(error = %chain(&e), "could not undo a failed create; recovery will finish it");
             } else if let Err(e) = self.layout.remove_dirs(record.id) {
                 warn!(error = %chain(&e), "partial directory stays until Cleanup");
@@ -440,6 +491,11 @@ impl Snapshotter {
             updated: record.updated,
         }
     }
+}
+
+/// containerd's filters for List, parsed; a bad one is InvalidArgument.
+pub fn parse_filters(filters: &[String]) -> Result<Filter> {
+    Filter::parse_all(filters).map_err(|e| Error::invalid(e.to_string()))
 }
 
 /// The fields containerd's filters see on a snapshot.

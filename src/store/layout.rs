@@ -150,9 +150,28 @@ fn make_dir(path: &Path, mode: u32) -> Result<()> {
         }
         _ => {}
     }
-    // The process umask may have masked bits off; the modes are part of the contract.
+    // The process umask may have masked bits off; the modes are part of the contract. Only
+    // then is a chmod needed (most umasks, e.g. systemd's 022, leave these modes whole).
+    if mode & umask() == 0 {
+        return Ok(());
+    }
     fs::set_permissions(path, fs::Permissions::from_mode(mode))
         .map_err(|e| Error::io("setting mode of", path, e))
+}
+
+/// The process umask, read once from `/proc/self/status` (reading it with umask(2) would have
+/// to change it, racing other threads). Unknown: every bit, so that every mode is set by chmod.
+fn umask() -> u32 {
+    static UMASK: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *UMASK.get_or_init(|| {
+        fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|status| {
+                let line = status.lines().find(|l| l.starts_with("Umask:"))?;
+                u32::from_str_radix(line["Umask:".len()..].trim(), 8).ok()
+            })
+            .unwrap_or(0o7777)
+    })
 }
 
 #[cfg(test)]
@@ -165,6 +184,15 @@ mod tests {
         assert_eq!(parse_entry("012"), DirEntry::Foreign("012".into()));
         assert_eq!(parse_entry("new-1"), DirEntry::Foreign("new-1".into()));
         assert_eq!(parse_entry("+3"), DirEntry::Foreign("+3".into()));
+    }
+
+    #[test]
+    fn reads_the_process_umask() {
+        // Tests run with whatever umask they inherit; compare with what the kernel says.
+        let status = fs::read_to_string("/proc/self/status").unwrap();
+        let line = status.lines().find(|l| l.starts_with("Umask:")).unwrap();
+        assert_eq!(umask(), u32::from_str_radix(line[6..].trim(), 8).unwrap());
+        assert!(umask() <= 0o777);
     }
 
     #[test]

@@ -14,6 +14,7 @@ pub mod layout;
 
 use std::{
     collections::{BTreeMap, HashSet},
+    future::Future,
     path::Path,
     sync::{mpsc, Arc, Mutex, RwLock},
     time::SystemTime,
@@ -21,6 +22,7 @@ use std::{
 
 use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
+use tokio::sync::oneshot;
 
 use crate::error::{chain, Error, Result};
 
@@ -312,7 +314,8 @@ impl Store {
             jobs: Mutex::new(Some(tx)),
             committer: Some(thread),
         };
-        store.write("initialising tables", |tx| {
+        // Called outside the async runtime (start-up, tools), so waiting here blocks nobody.
+        futures::executor::block_on(store.write("initialising tables", |tx| {
             tx.open_table(SNAPSHOTS)?;
             tx.open_table(CHILDREN)?;
             let mut meta = tx.open_table(META)?;
@@ -330,19 +333,23 @@ impl Store {
                 }
             }
             Ok(())
-        })?;
+        }))?;
         Ok(store)
     }
 
     /// Runs `f` in a write transaction, shared with other writes queued meanwhile, and returns
     /// its result once that transaction is durably committed. If `f` fails with a request
     /// error it must not have written anything (check first, then write).
+    ///
+    /// The job is queued when this is called, not when the future is first polled, and it runs
+    /// whether or not anybody still waits for its answer. The answer comes back on a oneshot
+    /// channel, so an async caller waits without holding a thread.
     fn write<T: Send + 'static>(
         &self,
         what: &'static str,
         f: impl FnOnce(&redb::WriteTransaction) -> Result<T> + Send + 'static,
-    ) -> Result<T> {
-        let (reply, answer) = mpsc::sync_channel(1);
+    ) -> impl Future<Output = Result<T>> + Send + 'static {
+        let (reply, answer) = oneshot::channel();
         let job: Job = Box::new(move |tx| {
             let result = match tx {
                 Ok(tx) => f(tx).map_err(|e| e.in_context(what)),
@@ -364,14 +371,16 @@ impl Store {
             .lock()
             .map(|jobs| jobs.as_ref().is_some_and(|j| j.send(job).is_ok()))
             .unwrap_or(false);
-        if !sent {
-            return Err(Error::Internal(format!(
-                "{what}: the store's committer thread is gone"
-            )));
+        async move {
+            if !sent {
+                return Err(Error::Internal(format!(
+                    "{what}: the store's committer thread is gone"
+                )));
+            }
+            answer.await.map_err(|_| {
+                Error::Internal(format!("{what}: the store's committer thread died"))
+            })?
         }
-        answer
-            .recv()
-            .map_err(|_| Error::Internal(format!("{what}: the store's committer thread died")))?
     }
 
     fn read<T>(
@@ -399,7 +408,7 @@ impl Store {
         kind: Kind,
         labels: BTreeMap<String, String>,
         now: SystemTime,
-    ) -> Result<Record> {
+    ) -> impl Future<Output = Result<Record>> + Send + 'static {
         let (key, parent) = (key.to_string(), parent.to_string());
         self.write("creating a snapshot", move |tx| {
             let (key, parent) = (key.as_str(), parent.as_str());
@@ -455,7 +464,7 @@ impl Store {
         labels: BTreeMap<String, String>,
         usage: Usage,
         now: SystemTime,
-    ) -> Result<Record> {
+    ) -> impl Future<Output = Result<Record>> + Send + 'static {
         let (key, name) = (key.to_string(), name.to_string());
         self.write("committing a snapshot", move |tx| {
             let (key, name) = (key.as_str(), name.as_str());
@@ -493,7 +502,7 @@ impl Store {
     }
 
     /// Deletes the record of `key`, refusing while it has children. Returns what was removed.
-    pub fn remove(&self, key: &str) -> Result<Record> {
+    pub fn remove(&self, key: &str) -> impl Future<Output = Result<Record>> + Send + 'static {
         let key = key.to_string();
         self.write("removing a snapshot", move |tx| {
             let key = key.as_str();
@@ -524,7 +533,7 @@ impl Store {
         key: &str,
         now: SystemTime,
         change: impl FnOnce(&mut BTreeMap<String, String>) -> Result<()> + Send + 'static,
-    ) -> Result<Record> {
+    ) -> impl Future<Output = Result<Record>> + Send + 'static {
         let key = key.to_string();
         self.write("updating a snapshot", move |tx| {
             let key = key.as_str();
@@ -550,9 +559,29 @@ impl Store {
         })
     }
 
+    /// Calls `each` on every snapshot in key order, from one consistent read snapshot, until
+    /// it returns false. Nothing is collected, so memory stays flat however many there are.
+    pub fn each(&self, mut each: impl FnMut(&str, Record) -> bool) -> Result<()> {
+        self.read("listing snapshots", |tx| {
+            let table = tx.open_table(SNAPSHOTS)?;
+            for entry in table.iter()? {
+                let (k, v) = entry?;
+                if !each(k.value(), decode(k.value(), v.value())?) {
+                    break;
+                }
+            }
+            Ok(())
+        })
+    }
+
     /// IDs of every snapshot that has a record.
     pub fn owned_ids(&self) -> Result<HashSet<u64>> {
-        Ok(self.list()?.into_iter().map(|(_, r)| r.id).collect())
+        let mut ids = HashSet::new();
+        self.each(|_, r| {
+            ids.insert(r.id);
+            true
+        })?;
+        Ok(ids)
     }
 }
 
@@ -600,74 +629,62 @@ mod tests {
         SystemTime::now()
     }
 
+    fn wait<T>(f: impl Future<Output = T>) -> T {
+        futures::executor::block_on(f)
+    }
+
     #[test]
     fn ids_are_never_reused_and_chains_are_recorded() {
         let (_d, s) = store();
-        let a = s
-            .create("a", "", Kind::Active, BTreeMap::new(), now())
-            .unwrap();
-        s.commit("a", a.id, "A", BTreeMap::new(), Usage::default(), now())
-            .unwrap();
-        let b = s
-            .create("b", "A", Kind::Active, BTreeMap::new(), now())
-            .unwrap();
+        let a = wait(s.create("a", "", Kind::Active, BTreeMap::new(), now())).unwrap();
+        wait(s.commit("a", a.id, "A", BTreeMap::new(), Usage::default(), now())).unwrap();
+        let b = wait(s.create("b", "A", Kind::Active, BTreeMap::new(), now())).unwrap();
         assert_eq!(b.parent_ids, vec![a.id]);
-        s.commit("b", b.id, "B", BTreeMap::new(), Usage::default(), now())
-            .unwrap();
-        let c = s
-            .create("c", "B", Kind::View, BTreeMap::new(), now())
-            .unwrap();
+        wait(s.commit("b", b.id, "B", BTreeMap::new(), Usage::default(), now())).unwrap();
+        let c = wait(s.create("c", "B", Kind::View, BTreeMap::new(), now())).unwrap();
         assert_eq!(c.parent_ids, vec![b.id, a.id]);
-        s.remove("c").unwrap();
-        let c2 = s
-            .create("c", "B", Kind::View, BTreeMap::new(), now())
-            .unwrap();
+        wait(s.remove("c")).unwrap();
+        let c2 = wait(s.create("c", "B", Kind::View, BTreeMap::new(), now())).unwrap();
         assert!(c2.id > c.id, "a removed ID must not be handed out again");
     }
 
     #[test]
     fn remove_refuses_while_children_exist() {
         let (_d, s) = store();
-        let a = s
-            .create("a", "", Kind::Active, BTreeMap::new(), now())
-            .unwrap();
-        s.commit("a", a.id, "A", BTreeMap::new(), Usage::default(), now())
-            .unwrap();
+        let a = wait(s.create("a", "", Kind::Active, BTreeMap::new(), now())).unwrap();
+        wait(s.commit("a", a.id, "A", BTreeMap::new(), Usage::default(), now())).unwrap();
         // A sibling key that sorts right after the parent must not count as a child.
-        s.create("A\0", "", Kind::View, BTreeMap::new(), now())
-            .unwrap();
-        s.remove("A\0").unwrap();
-        s.create("child", "A", Kind::Active, BTreeMap::new(), now())
-            .unwrap();
-        assert!(matches!(s.remove("A"), Err(Error::FailedPrecondition(_))));
-        s.remove("child").unwrap();
-        s.remove("A").unwrap();
+        wait(s.create("A\0", "", Kind::View, BTreeMap::new(), now())).unwrap();
+        wait(s.remove("A\0")).unwrap();
+        wait(s.create("child", "A", Kind::Active, BTreeMap::new(), now())).unwrap();
+        assert!(matches!(
+            wait(s.remove("A")),
+            Err(Error::FailedPrecondition(_))
+        ));
+        wait(s.remove("child")).unwrap();
+        wait(s.remove("A")).unwrap();
         assert!(matches!(s.get("A"), Err(Error::NotFound(_))));
     }
 
     #[test]
     fn errors_leave_the_store_unchanged() {
         let (_d, s) = store();
-        let a = s
-            .create("a", "", Kind::Active, BTreeMap::new(), now())
-            .unwrap();
+        let a = wait(s.create("a", "", Kind::Active, BTreeMap::new(), now())).unwrap();
         assert!(matches!(
-            s.create("a", "", Kind::View, BTreeMap::new(), now()),
+            wait(s.create("a", "", Kind::View, BTreeMap::new(), now())),
             Err(Error::AlreadyExists(_))
         ));
         assert!(matches!(
-            s.create("b", "a", Kind::View, BTreeMap::new(), now()),
+            wait(s.create("b", "a", Kind::View, BTreeMap::new(), now())),
             Err(Error::InvalidArgument(_))
         ));
         assert!(matches!(
-            s.create("b", "nope", Kind::View, BTreeMap::new(), now()),
+            wait(s.create("b", "nope", Kind::View, BTreeMap::new(), now())),
             Err(Error::NotFound(_))
         ));
-        let v = s
-            .create("v", "", Kind::View, BTreeMap::new(), now())
-            .unwrap();
+        let v = wait(s.create("v", "", Kind::View, BTreeMap::new(), now())).unwrap();
         assert!(matches!(
-            s.commit("v", v.id, "V", BTreeMap::new(), Usage::default(), now()),
+            wait(s.commit("v", v.id, "V", BTreeMap::new(), Usage::default(), now())),
             Err(Error::FailedPrecondition(_))
         ));
         assert_eq!(s.get("a").unwrap(), a);
@@ -681,20 +698,18 @@ mod tests {
         let path = dir.path().join("db");
         let a = {
             let s = Store::open(&path).unwrap();
-            s.create(
+            wait(s.create(
                 "a",
                 "",
                 Kind::Active,
                 BTreeMap::from([("l".into(), "v".into())]),
                 now(),
-            )
+            ))
             .unwrap()
         };
         let s = Store::open(&path).unwrap();
         assert_eq!(s.get("a").unwrap(), a);
-        let b = s
-            .create("b", "", Kind::Active, BTreeMap::new(), now())
-            .unwrap();
+        let b = wait(s.create("b", "", Kind::Active, BTreeMap::new(), now())).unwrap();
         assert_eq!(b.id, a.id + 1);
     }
 
@@ -702,10 +717,12 @@ mod tests {
     fn refuses_a_truncated_store_without_panicking() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("db");
-        Store::open(&path)
-            .unwrap()
-            .create("a", "", Kind::Active, BTreeMap::new(), now())
-            .unwrap();
+        wait(
+            Store::open(&path)
+                .unwrap()
+                .create("a", "", Kind::Active, BTreeMap::new(), now()),
+        )
+        .unwrap();
         let len = std::fs::metadata(&path).unwrap().len();
         std::fs::OpenOptions::new()
             .write(true)
