@@ -187,6 +187,7 @@ pub fn start(config: &Config) -> Result<Arc<Admin>> {
         directories = reclaimed.directories,
         "start-up recovery done"
     );
+    snapshotter.keep_spares()?;
     Ok(Arc::new(Admin {
         snapshotter,
         config: config.clone(),

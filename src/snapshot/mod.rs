@@ -22,7 +22,7 @@ use std::{
     path::PathBuf,
     sync::{
         atomic::{AtomicBool, Ordering},
-        Arc,
+        Arc, OnceLock,
     },
     time::SystemTime,
 };
@@ -35,6 +35,7 @@ use crate::{
     overlay::{self, usage, Dirs, Mount},
     store::{
         layout::{DirEntry, Layout},
+        spares::Spares,
         Kind, Record, Store, Usage,
     },
 };
@@ -89,6 +90,8 @@ pub struct Snapshotter {
     layout: Layout,
     options: Options,
     closing: AtomicBool,
+    /// Ready-made directories for creations; only a serving lamina keeps them.
+    spares: OnceLock<Spares>,
 }
 
 impl Snapshotter {
@@ -101,7 +104,17 @@ impl Snapshotter {
             layout,
             options,
             closing: AtomicBool::new(false),
+            spares: OnceLock::new(),
         }))
+    }
+
+    /// Starts keeping ready-made directories for creations (see [`Spares`]). For a serving
+    /// lamina, after [`Snapshotter::recover`]; offline tools do without.
+    pub fn keep_spares(&self) -> Result<()> {
+        if self.spares.get().is_none() {
+            let _ = self.spares.set(Spares::start(self.layout.clone())?);
+        }
+        Ok(())
     }
 
     pub fn layout(&self) -> &Layout {
@@ -427,12 +440,15 @@ impl Snapshotter {
             .store
             .create(&key, &parent, kind, labels, SystemTime::now())
             .await?;
-        // A few mkdirs, made where the answer arrived: cheaper than a hand-off to the blocking
-        // pool and back.
+        // A rename (or a few mkdirs), made where the answer arrived: cheaper than a hand-off to
+        // the blocking pool and back.
         let with_work = kind == Kind::Active;
         let made = self
             .parent_owner(&record)
-            .and_then(|owner| self.layout.create_dirs(record.id, with_work, owner));
+            .and_then(|owner| match self.spares.get() {
+                Some(spares) => spares.create_dirs(record.id, with_work, owner),
+                None => self.layout.create_dirs(record.id, with_work, owner),
+            });
         if let Err(err) = made {
             // Undo, so that a failed Prepare leaves nothing behind (the key can be retried).
             if let Err(e) = self.store.remove(&key).await {

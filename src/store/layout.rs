@@ -6,6 +6,7 @@
 //! <root>/metadata.redb       the store
 //! <root>/snapshots/<id>/fs   0755, the snapshot's data (upperdir, or a lower for children)
 //! <root>/snapshots/<id>/work 0711, overlayfs' workdir, active snapshots only
+//! <root>/spare/              0700, ready-made empty trees (see `spares`), nobody's snapshot
 //! ```
 //!
 //! containerd shortens long `lowerdir=` lists by making them relative to their longest common
@@ -52,6 +53,10 @@ impl Layout {
         self.root.join("snapshots")
     }
 
+    pub fn spare_dir(&self) -> PathBuf {
+        self.root.join("spare")
+    }
+
     pub fn dir(&self, id: u64) -> PathBuf {
         self.snapshots_dir().join(id.to_string())
     }
@@ -89,6 +94,37 @@ impl Layout {
             make_dir(&self.work(id), 0o711)?;
         }
         if let Some((uid, gid)) = owner {
+            std::os::unix::fs::chown(&fs_dir, Some(uid), Some(gid))
+                .map_err(|e| Error::io("changing owner of", &fs_dir, e))?;
+        }
+        Ok(())
+    }
+
+    pub(super) fn make_spare_root(&self) -> Result<()> {
+        make_dir(&self.spare_dir(), 0o700)
+    }
+
+    /// Makes spare tree `n`: the directories of a snapshot, with the same modes, that belong to
+    /// no snapshot yet.
+    pub(super) fn make_spare(&self, n: u64, with_work: bool) -> Result<PathBuf> {
+        let tree = self
+            .spare_dir()
+            .join(format!("{}-{n}", if with_work { "a" } else { "v" }));
+        make_dir(&tree, 0o700)?;
+        make_dir(&tree.join("fs"), 0o755)?;
+        if with_work {
+            make_dir(&tree.join("work"), 0o711)?;
+        }
+        Ok(tree)
+    }
+
+    /// Moves a spare tree into place as snapshot `id`'s directories (one rename on the same
+    /// filesystem), then gives `fs` its owner as [`Layout::create_dirs`] does.
+    pub(super) fn adopt(&self, tree: &Path, id: u64, owner: Option<(u32, u32)>) -> Result<()> {
+        let dir = self.dir(id);
+        fs::rename(tree, &dir).map_err(|e| Error::io("moving a spare directory to", &dir, e))?;
+        if let Some((uid, gid)) = owner {
+            let fs_dir = self.fs(id);
             std::os::unix::fs::chown(&fs_dir, Some(uid), Some(gid))
                 .map_err(|e| Error::io("changing owner of", &fs_dir, e))?;
         }

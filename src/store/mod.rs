@@ -11,6 +11,7 @@
 //! which List, Cleanup and start-up recovery call.
 
 pub mod layout;
+pub mod spares;
 
 use std::{
     collections::{BTreeMap, HashSet},

@@ -124,7 +124,7 @@ async fn stored(c: &mut Client, d: &TestDaemon) -> Stored {
 }
 
 /// Fails unless everything under the test's directory is lamina's: the store, `snapshots/<id>`
-/// with decimal IDs holding only `fs` and `work`, the socket. A key that became a path, here or
+/// with decimal IDs holding only `fs` and `work`, the spare trees, the socket. A key that became a path, here or
 /// above the root, shows up as something else.
 fn check_tree(d: &TestDaemon) {
     let base = d.dir.path();
@@ -143,11 +143,20 @@ fn walk(base: &Path, dir: &Path, bad: &mut Vec<String>) {
             .into_owned();
         let parts: Vec<&str> = rel.split('/').collect();
         let decimal = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+        // Ready-made empty trees: `a-<n>` (with work) or `v-<n>`.
+        let spare = |s: &str| {
+            s.strip_prefix("a-")
+                .or_else(|| s.strip_prefix("v-"))
+                .is_some_and(decimal)
+        };
         let ok = match parts.as_slice() {
             ["root"] | ["run"] | ["config.toml"] => true,
             ["root", "metadata.redb"] | ["root", "snapshots"] | ["run", "lamina.sock"] => true,
             ["root", "snapshots", id] => decimal(id),
             ["root", "snapshots", id, "fs" | "work"] => decimal(id),
+            ["root", "spare"] => true,
+            ["root", "spare", tree] => spare(tree),
+            ["root", "spare", tree, "fs" | "work"] => spare(tree),
             // Inside a snapshot's own directories: the snapshot's data, not lamina's names.
             ["root", "snapshots", id, "fs" | "work", ..] => decimal(id),
             _ => false,
