@@ -14,10 +14,10 @@ pub mod layout;
 pub mod spares;
 
 use std::{
-    collections::{BTreeMap, HashSet},
+    collections::{BTreeMap, HashSet, VecDeque},
     future::Future,
     path::Path,
-    sync::{mpsc, Arc, Mutex, RwLock},
+    sync::{Arc, Condvar, Mutex, RwLock},
     time::SystemTime,
 };
 
@@ -82,8 +82,8 @@ pub struct Record {
 
 pub struct Store {
     db: Arc<Handle>,
-    /// Write jobs for the committer thread (see [`Store::write`]); `None` once dropping.
-    jobs: Mutex<Option<mpsc::Sender<Job>>>,
+    /// Writes waiting for a transaction (see [`Store::write`]).
+    queue: Arc<Queue>,
     committer: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -91,9 +91,8 @@ impl Drop for Store {
     /// Closes the queue and waits for the committer, so that the database file is released
     /// (and can be opened again) when the store is gone.
     fn drop(&mut self) {
-        if let Ok(mut jobs) = self.jobs.lock() {
-            jobs.take();
-        }
+        self.queue.lock().closed = true;
+        self.queue.more.notify_all();
         if let Some(thread) = self.committer.take() {
             let _ = thread.join();
         }
@@ -183,61 +182,119 @@ type Job = Box<
 /// Most writes committed by one fsync.
 const MAX_BATCH: usize = 256;
 
-/// Group commit: one thread owns the write side. It takes every write queued while the
-/// previous commit was being fsynced, runs them in order in one transaction, commits once,
-/// and only then answers each of them. Concurrent writers share an fsync; none is acknowledged
-/// before it is durable.
+/// The writes waiting for a transaction, and who is writing one.
+struct Queue {
+    state: Mutex<QueueState>,
+    /// Signals the committer thread: jobs are waiting and nobody is writing, or closing.
+    more: Condvar,
+}
+
+#[derive(Default)]
+struct QueueState {
+    jobs: VecDeque<Job>,
+    /// A batch is being written, by the committer thread or by a caller in place.
+    writing: bool,
+    closed: bool,
+}
+
+impl Queue {
+    fn lock(&self) -> std::sync::MutexGuard<'_, QueueState> {
+        // A panic while holding the lock cannot leave the queue half-changed.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The next queued job for the batch being written.
+    fn pop(&self) -> Option<Job> {
+        self.lock().jobs.pop_front()
+    }
+
+    /// Ends a batch; wakes the committer if writes queued up meanwhile (or it must exit).
+    fn done(&self) {
+        let mut state = self.lock();
+        state.writing = false;
+        if !state.jobs.is_empty() || state.closed {
+            self.more.notify_one();
+        }
+    }
+}
+
+/// Group commit. Writes that arrive while a batch is being written queue up; the committer
+/// thread takes every queued write, runs them in order in one transaction, commits once, and
+/// only then answers each of them: concurrent writers share an fsync, none is acknowledged
+/// before it is durable. A write that finds nobody writing and nobody waiting writes its batch
+/// of one itself, in place (see [`Store::write`]); the thread is for writes that must wait.
+fn committer(handle: Arc<Handle>, queue: Arc<Queue>) {
+    loop {
+        let first = {
+            let mut state = queue.lock();
+            loop {
+                if !state.writing {
+                    if let Some(job) = state.jobs.pop_front() {
+                        state.writing = true;
+                        break job;
+                    }
+                    if state.closed {
+                        return;
+                    }
+                }
+                state = queue.more.wait(state).unwrap_or_else(|e| e.into_inner());
+            }
+        };
+        write_batch(&handle, first, || queue.pop());
+        queue.done();
+    }
+}
+
+/// Writes one batch: `first`, then whatever `next` yields (up to [`MAX_BATCH`]), in one
+/// transaction, then answers each job once the commit is durable or has failed.
 ///
 /// A job that fails with a request error (NotFound…) must not have written anything: every
 /// write below checks first and writes after, so such a job leaves the shared transaction as
 /// it found it. A store error may leave a partial write, so it aborts the whole batch.
-fn committer(handle: Arc<Handle>, jobs: mpsc::Receiver<Job>) {
-    while let Ok(first) = jobs.recv() {
-        let begun = handle.get().and_then(|db| {
-            db.begin_write()
-                .map_err(|e| Error::store("starting a transaction", e))
-        });
-        let tx = match begun {
-            Ok(tx) => tx,
-            Err(e) => {
-                let failure = Failure::new("starting a transaction", &e);
-                let (_, finish) = first(Err(&failure));
-                finish(Some(&failure));
-                reopen(&handle);
-                continue;
-            }
-        };
-        let mut finishes = Vec::new();
-        let mut poisoned = false;
-        let (ok, finish) = first(Ok(&tx));
+fn write_batch(handle: &Handle, first: Job, mut next: impl FnMut() -> Option<Job>) {
+    let begun = handle.get().and_then(|db| {
+        db.begin_write()
+            .map_err(|e| Error::store("starting a transaction", e))
+    });
+    let tx = match begun {
+        Ok(tx) => tx,
+        Err(e) => {
+            let failure = Failure::new("starting a transaction", &e);
+            let (_, finish) = first(Err(&failure));
+            finish(Some(&failure));
+            reopen(handle);
+            return;
+        }
+    };
+    let mut finishes = Vec::new();
+    let mut poisoned = false;
+    let (ok, finish) = first(Ok(&tx));
+    poisoned |= !ok;
+    finishes.push(finish);
+    while finishes.len() < MAX_BATCH {
+        let Some(job) = next() else { break };
+        let (ok, finish) = job(Ok(&tx));
         poisoned |= !ok;
         finishes.push(finish);
-        while finishes.len() < MAX_BATCH {
-            let Ok(job) = jobs.try_recv() else { break };
-            let (ok, finish) = job(Ok(&tx));
-            poisoned |= !ok;
-            finishes.push(finish);
-        }
-        let outcome = if poisoned {
-            let _ = tx.abort();
-            Some(Failure {
-                message: "metadata store: a write in the same batch failed; nothing was written"
-                    .into(),
-                exhausted: false,
-            })
-        } else {
-            let started = std::time::Instant::now();
-            let committed = tx.commit();
-            crate::metrics::global().store_commit(started.elapsed());
-            committed.err().map(|e| Failure::new("committing", &e))
-        };
-        let failed = outcome.is_some();
-        for finish in finishes {
-            finish(outcome.as_ref());
-        }
-        if failed {
-            reopen(&handle);
-        }
+    }
+    let outcome = if poisoned {
+        let _ = tx.abort();
+        Some(Failure {
+            message: "metadata store: a write in the same batch failed; nothing was written".into(),
+            exhausted: false,
+        })
+    } else {
+        let started = std::time::Instant::now();
+        let committed = tx.commit();
+        crate::metrics::global().store_commit(started.elapsed());
+        committed.err().map(|e| Failure::new("committing", &e))
+    };
+    let failed = outcome.is_some();
+    for finish in finishes {
+        finish(outcome.as_ref());
+    }
+    if failed {
+        reopen(handle);
     }
 }
 
@@ -304,15 +361,18 @@ impl Store {
             path: path.to_path_buf(),
             db: RwLock::new(Some(Arc::new(db))),
         });
-        let (tx, rx) = mpsc::channel();
-        let writer = Arc::clone(&db);
+        let queue = Arc::new(Queue {
+            state: Mutex::new(QueueState::default()),
+            more: Condvar::new(),
+        });
+        let (writer, jobs) = (Arc::clone(&db), Arc::clone(&queue));
         let thread = std::thread::Builder::new()
             .name("lamina-commit".into())
-            .spawn(move || committer(writer, rx))
+            .spawn(move || committer(writer, jobs))
             .map_err(|e| Error::Internal(format!("starting the store's committer thread: {e}")))?;
         let store = Store {
             db,
-            jobs: Mutex::new(Some(tx)),
+            queue,
             committer: Some(thread),
         };
         // Called outside the async runtime (start-up, tools), so waiting here blocks nobody.
@@ -342,9 +402,10 @@ impl Store {
     /// its result once that transaction is durably committed. If `f` fails with a request
     /// error it must not have written anything (check first, then write).
     ///
-    /// The job is queued when this is called, not when the future is first polled, and it runs
-    /// whether or not anybody still waits for its answer. The answer comes back on a oneshot
-    /// channel, so an async caller waits without holding a thread.
+    /// The job is written or queued when this is called, not when the future is first polled,
+    /// and it runs whether or not anybody still waits for its answer. A queued job's answer
+    /// comes back on a oneshot channel, so an async caller waits without holding a thread; a
+    /// job written in place holds its caller's thread for the fsync (one caller at a time).
     fn write<T: Send + 'static>(
         &self,
         what: &'static str,
@@ -367,16 +428,28 @@ impl Store {
             });
             (ok, finish)
         });
-        let sent = self
-            .jobs
-            .lock()
-            .map(|jobs| jobs.as_ref().is_some_and(|j| j.send(job).is_ok()))
-            .unwrap_or(false);
+        let mut state = self.queue.lock();
+        let sent = if state.closed {
+            false
+        } else if !state.writing && state.jobs.is_empty() {
+            // Nobody to share an fsync with: write now, on this thread, rather than pay two
+            // thread wake-ups (to the committer and back) on top of the fsync. Writes arriving
+            // meanwhile queue for the committer thread, so at most one caller ever blocks here.
+            state.writing = true;
+            drop(state);
+            write_batch(&self.db, job, || None);
+            self.queue.done();
+            true
+        } else {
+            state.jobs.push_back(job);
+            if !state.writing {
+                self.queue.more.notify_one();
+            }
+            true
+        };
         async move {
             if !sent {
-                return Err(Error::Internal(format!(
-                    "{what}: the store's committer thread is gone"
-                )));
+                return Err(Error::Internal(format!("{what}: the store is closed")));
             }
             answer.await.map_err(|_| {
                 Error::Internal(format!("{what}: the store's committer thread died"))
