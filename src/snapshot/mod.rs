@@ -335,7 +335,9 @@ impl Snapshotter {
             Ok(None) => {
                 self.run(move |s| {
                     let fs = s.layout.fs(id);
-                    usage::walk(&fs).map_err(|e| Error::io("measuring disk usage of", fs, e))
+                    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+                    usage::walk_parallel(&fs, threads.min(4))
+                        .map_err(|e| Error::io("measuring disk usage of", fs, e))
                 })
                 .await
             }
