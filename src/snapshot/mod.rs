@@ -176,7 +176,17 @@ impl Snapshotter {
         F: Future<Output = Result<T>> + Send + 'static,
     {
         self.admit()?;
-        Unabandoned::new(f(Arc::clone(self)).instrument(Span::current())).await
+        let change = self.store.enter();
+        let work = f(Arc::clone(self));
+        Unabandoned::new(
+            async move {
+                let done = work.await;
+                drop(change);
+                done
+            }
+            .instrument(Span::current()),
+        )
+        .await
     }
 
     pub async fn prepare(

@@ -17,7 +17,10 @@ use std::{
     collections::{BTreeMap, HashSet, VecDeque},
     future::Future,
     path::Path,
-    sync::{Arc, Condvar, Mutex, RwLock},
+    sync::{
+        atomic::{AtomicUsize, Ordering::Relaxed},
+        Arc, Condvar, Mutex, RwLock,
+    },
     time::SystemTime,
 };
 
@@ -84,6 +87,8 @@ pub struct Store {
     db: Arc<Handle>,
     /// Writes waiting for a transaction (see [`Store::write`]).
     queue: Arc<Queue>,
+    /// Changes under way (see [`Store::enter`]).
+    changes: Arc<AtomicUsize>,
     committer: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -181,6 +186,15 @@ type Job = Box<
 
 /// Most writes committed by one fsync.
 const MAX_BATCH: usize = 256;
+
+/// A change under way, from [`Store::enter`].
+pub struct Change(Arc<AtomicUsize>);
+
+impl Drop for Change {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Relaxed);
+    }
+}
 
 /// The writes waiting for a transaction, and who is writing one.
 struct Queue {
@@ -373,6 +387,7 @@ impl Store {
         let store = Store {
             db,
             queue,
+            changes: Arc::new(AtomicUsize::new(0)),
             committer: Some(thread),
         };
         // Called outside the async runtime (start-up, tools), so waiting here blocks nobody.
@@ -431,10 +446,12 @@ impl Store {
         let mut state = self.queue.lock();
         let sent = if state.closed {
             false
-        } else if !state.writing && state.jobs.is_empty() {
-            // Nobody to share an fsync with: write now, on this thread, rather than pay two
-            // thread wake-ups (to the committer and back) on top of the fsync. Writes arriving
-            // meanwhile queue for the committer thread, so at most one caller ever blocks here.
+        } else if !state.writing && state.jobs.is_empty() && self.changes.load(Relaxed) <= 1 {
+            // Nobody to share an fsync with, and no other change under way that could come
+            // to: write now, on this thread, rather than pay two thread wake-ups (to the
+            // committer and back) on top of the fsync. With company, the write queues, so
+            // that the runtime thread stays free and concurrent writes share the committer's
+            // fsync. At most one caller ever blocks here.
             state.writing = true;
             drop(state);
             write_batch(&self.db, job, || None);
@@ -455,6 +472,13 @@ impl Store {
                 Error::Internal(format!("{what}: the store's committer thread died"))
             })?
         }
+    }
+
+    /// Announces a change (a request that will write) until the guard is dropped. A write
+    /// made while no other change is announced commits in place; see [`Store::write`].
+    pub fn enter(&self) -> Change {
+        self.changes.fetch_add(1, Relaxed);
+        Change(Arc::clone(&self.changes))
     }
 
     fn read<T>(
