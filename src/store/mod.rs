@@ -11,6 +11,7 @@
 //! which List, Cleanup and start-up recovery call.
 
 pub mod layout;
+mod record;
 pub mod spares;
 
 use std::{
@@ -30,7 +31,7 @@ use tokio::sync::oneshot;
 
 use crate::error::{chain, Error, Result};
 
-/// key → JSON-encoded [`Record`].
+/// key → encoded [`Record`] (see `record.rs`).
 const SNAPSHOTS: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshots");
 /// (parent key, child key) → (). Answers "has children?" with one range probe.
 const CHILDREN: TableDefinition<(&str, &str), ()> = TableDefinition::new("children");
@@ -39,7 +40,8 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
 const NEXT_ID: &str = "next_id";
 const SCHEMA: &str = "schema_version";
-const SCHEMA_VERSION: u64 = 1;
+/// 1: records in JSON; 2: records in protobuf (see `record.rs`), migrated from 1 on open.
+const SCHEMA_VERSION: u64 = 2;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -323,13 +325,23 @@ fn reopen(handle: &Handle) {
     }
 }
 
-fn encode(record: &Record) -> Vec<u8> {
-    serde_json::to_vec(record).expect("a record always serializes")
-}
+use record::{decode, encode};
 
-fn decode(key: &str, bytes: &[u8]) -> Result<Record> {
-    serde_json::from_slice(bytes)
-        .map_err(|e| Error::Internal(format!("record of snapshot {key:?} is unreadable: {e}")))
+/// Rewrites every schema-1 (JSON) record in schema 2. Reads and decodes them all before writing
+/// any, so that an unreadable record fails the migration with nothing changed.
+fn migrate_v1(tx: &redb::WriteTransaction) -> Result<usize> {
+    let mut table = tx.open_table(SNAPSHOTS)?;
+    let mut records = Vec::new();
+    for entry in table.iter()? {
+        let (k, v) = entry?;
+        let key = k.value().to_string();
+        let record = record::decode_v1(&key, v.value())?;
+        records.push((key, record));
+    }
+    for (key, record) in &records {
+        table.insert(key.as_str(), encode(record).as_slice())?;
+    }
+    Ok(records.len())
 }
 
 /// The record of `key`, or NotFound.
@@ -401,6 +413,14 @@ impl Store {
                     meta.insert(SCHEMA, SCHEMA_VERSION)?;
                 }
                 Some(SCHEMA_VERSION) => {}
+                Some(1) => {
+                    let migrated = migrate_v1(tx)?;
+                    meta.insert(SCHEMA, SCHEMA_VERSION)?;
+                    tracing::info!(
+                        records = migrated,
+                        "store migrated from schema 1 (JSON records) to 2"
+                    );
+                }
                 Some(other) => {
                     return Err(Error::Internal(format!(
                         "store schema version {other} is not supported by this lamina \
@@ -809,6 +829,97 @@ mod tests {
         assert_eq!(s.get("a").unwrap(), a);
         let b = wait(s.create("b", "", Kind::Active, BTreeMap::new(), now())).unwrap();
         assert_eq!(b.id, a.id + 1);
+    }
+
+    #[test]
+    fn migrates_a_schema_1_store_keeping_every_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        let a = Record {
+            id: 5,
+            kind: Kind::Committed,
+            parent: String::new(),
+            parent_ids: vec![],
+            labels: BTreeMap::from([("l".into(), "v".into())]),
+            created: now(),
+            updated: now(),
+            usage: Usage {
+                size: 8192,
+                inodes: 2,
+            },
+        };
+        let b = Record {
+            id: 6,
+            kind: Kind::Active,
+            parent: "a".into(),
+            parent_ids: vec![5],
+            ..a.clone()
+        };
+        {
+            // A store as schema 1 wrote it: JSON records.
+            let db = Database::create(&path).unwrap();
+            let tx = db.begin_write().unwrap();
+            {
+                let mut t = tx.open_table(SNAPSHOTS).unwrap();
+                t.insert("a", serde_json::to_vec(&a).unwrap().as_slice())
+                    .unwrap();
+                t.insert("b", serde_json::to_vec(&b).unwrap().as_slice())
+                    .unwrap();
+                tx.open_table(CHILDREN)
+                    .unwrap()
+                    .insert(("a", "b"), ())
+                    .unwrap();
+                let mut meta = tx.open_table(META).unwrap();
+                meta.insert(SCHEMA, 1).unwrap();
+                meta.insert(NEXT_ID, 7).unwrap();
+            }
+            tx.commit().unwrap();
+        }
+        let s = Store::open(&path).unwrap();
+        assert_eq!(s.get("a").unwrap(), a);
+        assert_eq!(s.get("b").unwrap(), b);
+        assert!(matches!(
+            wait(s.remove("a")),
+            Err(Error::FailedPrecondition(_))
+        ));
+        let c = wait(s.create("c", "a", Kind::View, BTreeMap::new(), now())).unwrap();
+        assert_eq!(c.id, 7);
+        drop(s);
+        let db = Database::create(&path).unwrap();
+        let tx = db.begin_read().unwrap();
+        let meta = tx.open_table(META).unwrap();
+        assert_eq!(meta.get(SCHEMA).unwrap().unwrap().value(), SCHEMA_VERSION);
+    }
+
+    #[test]
+    fn refuses_a_schema_1_store_with_an_unreadable_record_and_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        {
+            let db = Database::create(&path).unwrap();
+            let tx = db.begin_write().unwrap();
+            {
+                let mut t = tx.open_table(SNAPSHOTS).unwrap();
+                t.insert("bad", b"{not json".as_slice()).unwrap();
+                tx.open_table(META).unwrap().insert(SCHEMA, 1).unwrap();
+            }
+            tx.commit().unwrap();
+        }
+        let err = Store::open(&path)
+            .err()
+            .expect("an unreadable record must stop the migration");
+        assert!(err.to_string().contains("\"bad\""), "{err}");
+        let db = Database::create(&path).unwrap();
+        let tx = db.begin_read().unwrap();
+        assert_eq!(
+            tx.open_table(META)
+                .unwrap()
+                .get(SCHEMA)
+                .unwrap()
+                .unwrap()
+                .value(),
+            1
+        );
     }
 
     #[test]
