@@ -123,7 +123,12 @@ impl Layout {
     pub(super) fn adopt(&self, tree: &Path, id: u64, owner: Option<(u32, u32)>) -> Result<()> {
         let dir = self.dir(id);
         fs::rename(tree, &dir).map_err(|e| Error::io("moving a spare directory to", &dir, e))?;
-        if let Some((uid, gid)) = owner {
+        // Spares are made by this process, so they already have its owner.
+        let ours = (
+            nix::unistd::geteuid().as_raw(),
+            nix::unistd::getegid().as_raw(),
+        );
+        if let Some((uid, gid)) = owner.filter(|&o| o != ours) {
             let fs_dir = self.fs(id);
             std::os::unix::fs::chown(&fs_dir, Some(uid), Some(gid))
                 .map_err(|e| Error::io("changing owner of", &fs_dir, e))?;

@@ -26,9 +26,10 @@ use tracing::{debug, warn};
 use super::layout::Layout;
 use crate::error::{chain, Error, Result};
 
-/// Trees kept ready per shape: enough for a burst of concurrent Prepares, few enough that
-/// spares cost nothing worth counting (an empty directory is one inode and one block).
-const DEPTH: usize = 16;
+/// Trees kept ready per shape: enough for a burst of creations (unpacking a many-layer image,
+/// starting dozens of containers), few enough that spares cost nothing worth counting (an
+/// empty directory is one inode and one block: 64 active trees hold 192 of each).
+const DEPTH: usize = 64;
 
 /// How long the refill waits after failing (a full disk, say) before it tries again.
 const BACKOFF: Duration = Duration::from_secs(2);
