@@ -3,8 +3,6 @@
 
 use std::{fs, path::Path};
 
-use sha2::{Digest, Sha256};
-
 /// Busybox applets linked in `/bin`.
 const APPLETS: &[&str] = &["sh", "true", "ls", "cat", "echo"];
 
@@ -47,22 +45,6 @@ fn tar_of(entries: &[Entry]) -> Vec<u8> {
     b.into_inner().expect("tar")
 }
 
-fn sha256(data: &[u8]) -> String {
-    let d = Sha256::digest(data);
-    format!(
-        "sha256:{}",
-        d.iter().map(|b| format!("{b:02x}")).collect::<String>()
-    )
-}
-
-fn goarch() -> &'static str {
-    match std::env::consts::ARCH {
-        "x86_64" => "amd64",
-        "aarch64" => "arm64",
-        other => other,
-    }
-}
-
 /// The layers: busybox and its applets, then `extra` layers of `files` files of 1 KiB each.
 fn layers(extra: usize, files: usize) -> Vec<Vec<u8>> {
     let busybox = fs::read("/bin/busybox").expect("/bin/busybox (apt-get install busybox-static)");
@@ -91,69 +73,6 @@ fn layers(extra: usize, files: usize) -> Vec<Vec<u8>> {
 /// Writes an OCI image layout tar holding image `name` to `path`; returns its layer count.
 pub fn write_archive(path: &Path, name: &str, extra: usize, files: usize) -> usize {
     let layers = layers(extra, files);
-    let mut blobs: Vec<(String, Vec<u8>)> = Vec::new();
-    let mut descs = Vec::new();
-    let mut diff_ids = Vec::new();
-    for l in &layers {
-        let digest = sha256(l);
-        descs.push(serde_json::json!({
-            "mediaType": "application/vnd.oci.image.layer.v1.tar",
-            "digest": digest,
-            "size": l.len(),
-        }));
-        diff_ids.push(digest.clone());
-        blobs.push((digest, l.clone()));
-    }
-    let config = serde_json::to_vec(&serde_json::json!({
-        "architecture": goarch(),
-        "os": "linux",
-        "config": { "Env": ["PATH=/bin"], "Cmd": ["sh"] },
-        "rootfs": { "type": "layers", "diff_ids": diff_ids },
-    }))
-    .expect("json");
-    let manifest = serde_json::to_vec(&serde_json::json!({
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {
-            "mediaType": "application/vnd.oci.image.config.v1+json",
-            "digest": sha256(&config),
-            "size": config.len(),
-        },
-        "layers": descs,
-    }))
-    .expect("json");
-    let tag = name.rsplit(':').next().expect("name:tag");
-    let index = serde_json::to_vec(&serde_json::json!({
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.index.v1+json",
-        "manifests": [{
-            "mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "digest": sha256(&manifest),
-            "size": manifest.len(),
-            "platform": { "architecture": goarch(), "os": "linux" },
-            "annotations": {
-                "io.containerd.image.name": name,
-                "org.opencontainers.image.ref.name": tag,
-            },
-        }],
-    }))
-    .expect("json");
-    blobs.push((sha256(&config), config));
-    blobs.push((sha256(&manifest), manifest));
-    let layout = br#"{"imageLayoutVersion":"1.0.0"}"#;
-    let mut entries = vec![
-        Entry::File("oci-layout".into(), layout, 0o644),
-        Entry::File("index.json".into(), &index, 0o644),
-        Entry::Dir("blobs".into()),
-        Entry::Dir("blobs/sha256".into()),
-    ];
-    for (digest, data) in &blobs {
-        entries.push(Entry::File(
-            format!("blobs/sha256/{}", digest.trim_start_matches("sha256:")),
-            data,
-            0o644,
-        ));
-    }
-    fs::write(path, tar_of(&entries)).expect("writing the image archive");
+    crate::oci_support::write_oci_archive(path, name, &layers);
     layers.len()
 }

@@ -29,6 +29,8 @@ mod containerd;
 #[path = "../../tests/support/containerd.rs"]
 mod containerd_support;
 mod image;
+#[path = "../../tests/support/oci.rs"]
+mod oci_support;
 mod report;
 mod server;
 mod workloads;

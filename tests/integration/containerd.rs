@@ -14,9 +14,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use sha2::{Digest, Sha256};
-
-use crate::util::{require_root, TestDaemon};
+use crate::{
+    oci_support::{sha256, write_oci_archive},
+    util::{require_root, TestDaemon},
+};
 
 const IMAGE1: &str = "lamina.test/e2e:1";
 const IMAGE2: &str = "lamina.test/e2e:2";
@@ -349,14 +350,6 @@ fn layer_tar(entries: &[Entry]) -> Vec<u8> {
     b.into_inner().unwrap()
 }
 
-fn sha256(data: &[u8]) -> String {
-    let d = Sha256::digest(data);
-    format!(
-        "sha256:{}",
-        d.iter().map(|b| format!("{b:02x}")).collect::<String>()
-    )
-}
-
 /// The chain IDs of layers with these diff IDs: what containerd names the committed snapshots.
 fn chain_ids(diff_ids: &[String]) -> Vec<String> {
     let mut out: Vec<String> = Vec::new();
@@ -368,14 +361,6 @@ fn chain_ids(diff_ids: &[String]) -> Vec<String> {
         out.push(next);
     }
     out
-}
-
-fn goarch() -> &'static str {
-    match std::env::consts::ARCH {
-        "x86_64" => "amd64",
-        "aarch64" => "arm64",
-        other => other,
-    }
 }
 
 /// The image's layers: (L1) busybox, /etc/msg = one, /gone, /d/old; (L2) /etc/msg = two,
@@ -406,78 +391,6 @@ fn image_layers(extra: &[Vec<u8>]) -> Vec<Vec<u8>> {
     let mut layers = vec![layer_tar(&l1), layer_tar(&l2)];
     layers.extend(extra.iter().cloned());
     layers
-}
-
-/// Writes an OCI image layout tar named `name` (for `ctr images import`) with these
-/// uncompressed layers to `path`; returns the chain IDs of its layers.
-fn write_oci_archive(path: &Path, name: &str, layers: &[Vec<u8>]) -> Vec<String> {
-    let mut blobs: Vec<(String, Vec<u8>)> = Vec::new();
-    let mut layer_descs = Vec::new();
-    let mut diff_ids = Vec::new();
-    for l in layers {
-        let digest = sha256(l);
-        layer_descs.push(serde_json::json!({
-            "mediaType": "application/vnd.oci.image.layer.v1.tar",
-            "digest": digest,
-            "size": l.len(),
-        }));
-        diff_ids.push(digest.clone());
-        blobs.push((digest, l.clone()));
-    }
-    let config = serde_json::to_vec(&serde_json::json!({
-        "architecture": goarch(),
-        "os": "linux",
-        "config": { "Env": ["PATH=/bin"], "Cmd": ["sh"] },
-        "rootfs": { "type": "layers", "diff_ids": diff_ids },
-    }))
-    .unwrap();
-    let manifest = serde_json::to_vec(&serde_json::json!({
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {
-            "mediaType": "application/vnd.oci.image.config.v1+json",
-            "digest": sha256(&config),
-            "size": config.len(),
-        },
-        "layers": layer_descs,
-    }))
-    .unwrap();
-    let tag = name.rsplit(':').next().unwrap();
-    let index = serde_json::to_vec(&serde_json::json!({
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.index.v1+json",
-        "manifests": [{
-            "mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "digest": sha256(&manifest),
-            "size": manifest.len(),
-            "platform": { "architecture": goarch(), "os": "linux" },
-            "annotations": {
-                "io.containerd.image.name": name,
-                "org.opencontainers.image.ref.name": tag,
-            },
-        }],
-    }))
-    .unwrap();
-    blobs.push((sha256(&config), config));
-    blobs.push((sha256(&manifest), manifest));
-
-    let mut files: Vec<(String, Vec<u8>)> = vec![
-        (
-            "oci-layout".into(),
-            br#"{"imageLayoutVersion":"1.0.0"}"#.to_vec(),
-        ),
-        ("index.json".into(), index),
-    ];
-    for (digest, data) in blobs {
-        files.push((
-            format!("blobs/sha256/{}", digest.trim_start_matches("sha256:")),
-            data,
-        ));
-    }
-    let mut entries = vec![Entry::Dir("blobs"), Entry::Dir("blobs/sha256")];
-    entries.extend(files.iter().map(|(p, d)| Entry::File(p, d, 0o644)));
-    fs::write(path, layer_tar(&entries)).unwrap();
-    chain_ids(&layers.iter().map(|l| sha256(l)).collect::<Vec<_>>())
 }
 
 /// Imports the image at `tar` into lamina and checks containerd unpacked it.
@@ -595,7 +508,7 @@ async fn containerd_imports_runs_inspects_and_collects() {
 
     // Import: containerd unpacks both layers through lamina.
     let tar = c.path("e2e1.tar");
-    let chain = write_oci_archive(&tar, IMAGE1, &image_layers(&[]));
+    let chain = chain_ids(&write_oci_archive(&tar, IMAGE1, &image_layers(&[])));
     import(&c, &tar, IMAGE1);
 
     // Run: the merged filesystem, writable; a second run starts from the image again.
@@ -801,7 +714,7 @@ async fn containerd_rides_out_a_lamina_restart() {
     let c = Containerd::start(&d.socket, "b");
 
     let tar1 = c.path("e2e1.tar");
-    let chain1 = write_oci_archive(&tar1, IMAGE1, &image_layers(&[]));
+    let chain1 = chain_ids(&write_oci_archive(&tar1, IMAGE1, &image_layers(&[])));
     import(&c, &tar1, IMAGE1);
     c.ctr_ok(&[
         "run",
@@ -853,7 +766,7 @@ async fn containerd_rides_out_a_lamina_restart() {
     // The next import (one more layer over the same two) and run work.
     let l3 = layer_tar(&[Entry::Dir("etc"), Entry::File("etc/msg", b"three", 0o644)]);
     let tar2 = c.path("e2e2.tar");
-    let chain2 = write_oci_archive(&tar2, IMAGE2, &image_layers(&[l3]));
+    let chain2 = chain_ids(&write_oci_archive(&tar2, IMAGE2, &image_layers(&[l3])));
     assert_eq!(
         chain2[..2],
         chain1[..],

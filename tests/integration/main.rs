@@ -15,5 +15,7 @@ mod faults;
 mod hostile;
 mod layers;
 mod model;
+#[path = "../support/oci.rs"]
+mod oci_support;
 mod rpc;
 mod systemd;

@@ -1,0 +1,131 @@
+//! An OCI image archive for `ctr images import`, built here from layer tars (no registry is
+//! needed). Shared by the end-to-end tests and the benchmark (each includes this file with
+//! `#[path]`).
+
+use std::{fs, path::Path};
+
+use sha2::{Digest, Sha256};
+
+/// The OCI digest (`sha256:<hex>`) of `data`.
+pub fn sha256(data: &[u8]) -> String {
+    let d = Sha256::digest(data);
+    format!(
+        "sha256:{}",
+        d.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    )
+}
+
+/// This machine's architecture as OCI (Go) names it.
+fn goarch() -> &'static str {
+    match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        other => other,
+    }
+}
+
+/// A tar header for a root-owned entry with a fixed mtime, so archives are deterministic.
+fn header(kind: tar::EntryType, mode: u32, size: usize) -> tar::Header {
+    let mut h = tar::Header::new_ustar();
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_mtime(1_700_000_000);
+    h.set_entry_type(kind);
+    h.set_mode(mode);
+    h.set_size(size as u64);
+    h
+}
+
+/// Writes to `path` an OCI image layout tar holding one image, for `ctr images import`:
+/// `oci-layout`, `index.json`, and under `blobs/sha256/` the layers, the image config and the
+/// manifest.
+///
+/// `layers` are already-built uncompressed layer tars, bottom first; they are stored as they
+/// are (media type `application/vnd.oci.image.layer.v1.tar`), so each one's digest is also its
+/// diff ID. The config is for linux on this machine's architecture, with `PATH=/bin` and
+/// command `sh`. The index names the image `name` (`io.containerd.image.name`) and its tag,
+/// the part after the last `:` (`org.opencontainers.image.ref.name`). Returns the layers' diff
+/// IDs, bottom first.
+///
+/// Shared so that the end-to-end tests and the benchmark import images built the same way,
+/// each with its own layers.
+pub fn write_oci_archive(path: &Path, name: &str, layers: &[Vec<u8>]) -> Vec<String> {
+    let diff_ids: Vec<String> = layers.iter().map(|l| sha256(l)).collect();
+    let layer_descs: Vec<serde_json::Value> = layers
+        .iter()
+        .zip(&diff_ids)
+        .map(|(l, digest)| {
+            serde_json::json!({
+                "mediaType": "application/vnd.oci.image.layer.v1.tar",
+                "digest": digest,
+                "size": l.len(),
+            })
+        })
+        .collect();
+    let config = serde_json::to_vec(&serde_json::json!({
+        "architecture": goarch(),
+        "os": "linux",
+        "config": { "Env": ["PATH=/bin"], "Cmd": ["sh"] },
+        "rootfs": { "type": "layers", "diff_ids": diff_ids },
+    }))
+    .expect("image config JSON");
+    let config_digest = sha256(&config);
+    let manifest = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {
+            "mediaType": "application/vnd.oci.image.config.v1+json",
+            "digest": config_digest,
+            "size": config.len(),
+        },
+        "layers": layer_descs,
+    }))
+    .expect("image manifest JSON");
+    let manifest_digest = sha256(&manifest);
+    let tag = name.rsplit(':').next().expect("name:tag");
+    let index = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [{
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": manifest_digest,
+            "size": manifest.len(),
+            "platform": { "architecture": goarch(), "os": "linux" },
+            "annotations": {
+                "io.containerd.image.name": name,
+                "org.opencontainers.image.ref.name": tag,
+            },
+        }],
+    }))
+    .expect("image index JSON");
+
+    let mut files: Vec<(String, &[u8])> = vec![
+        (
+            "oci-layout".into(),
+            br#"{"imageLayoutVersion":"1.0.0"}"#.as_slice(),
+        ),
+        ("index.json".into(), index.as_slice()),
+    ];
+    let blobs = layers.iter().map(Vec::as_slice).zip(&diff_ids).chain([
+        (config.as_slice(), &config_digest),
+        (manifest.as_slice(), &manifest_digest),
+    ]);
+    for (data, digest) in blobs {
+        let hex = digest.trim_start_matches("sha256:");
+        files.push((format!("blobs/sha256/{hex}"), data));
+    }
+
+    let mut b = tar::Builder::new(Vec::new());
+    for dir in ["blobs", "blobs/sha256"] {
+        let mut h = header(tar::EntryType::Directory, 0o755, 0);
+        b.append_data(&mut h, dir, std::io::empty())
+            .expect("image archive tar");
+    }
+    for (p, data) in files {
+        let mut h = header(tar::EntryType::Regular, 0o644, data.len());
+        b.append_data(&mut h, p, data).expect("image archive tar");
+    }
+    let archive = b.into_inner().expect("image archive tar");
+    fs::write(path, archive).expect("writing the image archive");
+    diff_ids
+}
