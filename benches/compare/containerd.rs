@@ -371,13 +371,15 @@ pub async fn run(dir: &Path, bins: &Bins, sizes: &Sizes) -> Vec<Row> {
             ),
             Val::Time(median(&import[0])),
             Val::Time(median(&import[1])),
-            None,
-        ),
+            Some(1.0),
+        )
+        .within_noise(&import[1]),
         Row::new(
             format!("`ctr run --rm … /bin/true`, median of {reps}"),
             Val::Time(median(&run[0])),
             Val::Time(median(&run[1])),
-            None,
-        ),
+            Some(1.0),
+        )
+        .within_noise(&run[1]),
     ]
 }

@@ -86,7 +86,7 @@ impl Sizes {
             rounds: 10,
             user_pairs: 500,
             user_concurrent: 1000,
-            user_reps: 5,
+            user_reps: 9,
             image_layers: 4,
             image_files: 500,
         }

@@ -46,6 +46,10 @@ pub struct Row {
     pub overlay: Val,
     /// The ratio lamina/overlay the issue asks for, if any.
     pub target: Option<f64>,
+    /// For a target "within noise": the highest ratio overlay's own runs reached against their
+    /// median (its slowest run ÷ its median). A ratio up to that is as close as the
+    /// measurement can tell.
+    pub noise: Option<f64>,
 }
 
 impl Row {
@@ -55,7 +59,21 @@ impl Row {
             lamina,
             overlay,
             target,
+            noise: None,
         }
+    }
+
+    /// A row whose target allows for the run-to-run spread of overlay's own samples.
+    pub fn within_noise(mut self, overlay_samples: &[Duration]) -> Row {
+        let median = median(overlay_samples).as_secs_f64();
+        let slowest = overlay_samples
+            .iter()
+            .max()
+            .map_or(0.0, |d| d.as_secs_f64());
+        if median > 0.0 {
+            self.noise = Some(slowest / median);
+        }
+        self
     }
 
     pub fn ratio(&self) -> f64 {
@@ -69,12 +87,19 @@ pub fn comparison_table(rows: &[Row]) -> String {
     );
     for r in rows {
         let ratio = r.ratio();
-        let (target, met) = match r.target {
-            Some(t) => (
+        let (target, met) = match (r.target, r.noise) {
+            (Some(t), Some(noise)) => {
+                let allowed = t.max(noise);
+                (
+                    format!("≤ {t:.2} within noise (≤ {allowed:.2})"),
+                    if ratio <= allowed { "yes" } else { "**no**" },
+                )
+            }
+            (Some(t), None) => (
                 format!("≤ {t:.2}"),
                 if ratio <= t { "yes" } else { "**no**" },
             ),
-            None => ("—".into(), ""),
+            (None, _) => ("—".into(), ""),
         };
         out.push_str(&format!(
             "| {} | {} | {} | {} | {} | {} |\n",
