@@ -1481,3 +1481,85 @@ async fn socket_group_owns_the_socket() {
     assert_eq!(meta.uid(), 0);
     assert_eq!(meta.permissions().mode() & 0o777, 0o660);
 }
+
+/// A client that gives up on a Prepare (here: a grpc-timeout shorter than the call, which makes
+/// the server drop the request) may drop it anywhere, even between the record and its
+/// directories. Every snapshot that exists afterwards must have its directories.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn prepares_given_up_midway_still_get_their_directories() {
+    use containerd_snapshots::api::snapshots::v1::PrepareSnapshotRequest;
+    if !require_root() {
+        return;
+    }
+    let d = TestDaemon::start().await;
+    let mut tasks = Vec::new();
+    for w in 0..16u64 {
+        let mut c = d.client().await;
+        tasks.push(tokio::spawn(async move {
+            let (mut answered, mut gave_up) = (0, 0);
+            for i in 0..25u64 {
+                let mut req = tonic::Request::new(PrepareSnapshotRequest {
+                    snapshotter: "lamina".into(),
+                    key: format!("k-{w}-{i}"),
+                    parent: String::new(),
+                    labels: HashMap::new(),
+                });
+                // From 20 µs to 5 ms: some expire before the record, some after it, some
+                // not at all.
+                req.set_timeout(Duration::from_micros(20 + (w * 25 + i) * 137 % 5000));
+                match c.inner.prepare(req).await {
+                    Ok(_) => answered += 1,
+                    Err(s) if matches!(s.code(), Code::Cancelled | Code::DeadlineExceeded) => {
+                        gave_up += 1
+                    }
+                    Err(s) => panic!("unexpected answer: {s:?}"),
+                }
+            }
+            (answered, gave_up)
+        }));
+    }
+    let (mut answered, mut gave_up) = (0, 0);
+    for t in tasks {
+        let (a, g) = t.await.unwrap();
+        answered += a;
+        gave_up += g;
+    }
+    assert!(gave_up > 0, "no request was given up ({answered} answered)");
+    eprintln!("{answered} Prepares answered, {gave_up} given up");
+
+    // A given-up Prepare finishes in the background; give it a moment, no more.
+    let mut c = d.client().await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let mut missing = Vec::new();
+        let keys = c.list(&[]).await.unwrap();
+        for key in &keys {
+            let mounts = c.mounts(key).await.unwrap();
+            let fs = bind_source_of(&mounts);
+            let work = fs.parent().unwrap().join("work");
+            if !fs.is_dir() || !work.is_dir() {
+                missing.push(key.clone());
+            }
+        }
+        if missing.is_empty() {
+            assert!(
+                keys.len() >= answered,
+                "{} snapshots listed, {answered} Prepares answered",
+                keys.len()
+            );
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "snapshots without their directories ({gave_up} Prepares given up): {missing:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The `fs` directory a parentless active snapshot's bind mount names.
+fn bind_source_of(mounts: &[Mount]) -> PathBuf {
+    assert_eq!(mounts.len(), 1, "{mounts:?}");
+    assert_eq!(mounts[0].r#type, "bind", "{mounts:?}");
+    PathBuf::from(&mounts[0].source)
+}
