@@ -256,8 +256,21 @@ fn committer(handle: Arc<Handle>, queue: Arc<Queue>) {
                 state = queue.more.wait(state).unwrap_or_else(|e| e.into_inner());
             }
         };
-        write_batch(&handle, first, || queue.pop());
+        write_contained(&handle, first, || queue.pop());
         queue.done();
+    }
+}
+
+/// [`write_batch`], surviving a panic inside it (redb asserts on some damaged files): the
+/// batch's requests fail (their answers are dropped), the database is reopened, and the
+/// writer - the committer thread or a request's own thread - stays usable.
+fn write_contained(handle: &Handle, first: Job, next: impl FnMut() -> Option<Job>) {
+    let wrote = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        write_batch(handle, first, next)
+    }));
+    if wrote.is_err() {
+        tracing::error!("the store panicked while writing; that batch's requests failed");
+        reopen(handle);
     }
 }
 
@@ -474,7 +487,7 @@ impl Store {
             // fsync. At most one caller ever blocks here.
             state.writing = true;
             drop(state);
-            write_batch(&self.db, job, || None);
+            write_contained(&self.db, job, || None);
             self.queue.done();
             true
         } else {
@@ -489,7 +502,9 @@ impl Store {
                 return Err(Error::Internal(format!("{what}: the store is closed")));
             }
             answer.await.map_err(|_| {
-                Error::Internal(format!("{what}: the store's committer thread died"))
+                Error::Internal(format!(
+                    "{what}: the store failed while writing (see lamina's log); retry"
+                ))
             })?
         }
     }
@@ -764,6 +779,26 @@ mod tests {
         wait(s.remove("c")).unwrap();
         let c2 = wait(s.create("c", "B", Kind::View, BTreeMap::new(), now())).unwrap();
         assert!(c2.id > c.id, "a removed ID must not be handed out again");
+    }
+
+    #[test]
+    fn a_panic_while_writing_fails_its_request_and_nothing_else() {
+        let (_d, s) = store();
+        let boom = wait(s.write("injected panic", |_| -> Result<()> {
+            panic!("injected panic inside a write")
+        }));
+        assert!(matches!(boom, Err(Error::Internal(_))), "{boom:?}");
+        // Written in place (no other change under way) and through the committer thread.
+        let a = wait(s.create("a", "", Kind::Active, BTreeMap::new(), now())).unwrap();
+        let _busy = s.enter();
+        let _other = s.enter();
+        let boom = wait(s.write("injected panic", |_| -> Result<()> {
+            panic!("injected panic inside a queued write")
+        }));
+        assert!(matches!(boom, Err(Error::Internal(_))), "{boom:?}");
+        let b = wait(s.create("b", "", Kind::Active, BTreeMap::new(), now())).unwrap();
+        assert_eq!(s.get("a").unwrap(), a);
+        assert_eq!(s.get("b").unwrap(), b);
     }
 
     #[test]
