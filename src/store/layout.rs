@@ -87,17 +87,11 @@ impl Layout {
     /// can finish what a crash interrupted. `owner` is applied to `fs` (a child's upper directory
     /// takes the owner of its parent's, as containerd's overlay snapshotter does).
     pub fn create_dirs(&self, id: u64, with_work: bool, owner: Option<(u32, u32)>) -> Result<()> {
-        let fs_dir = self.fs(id);
-        make_dir(&self.dir(id), 0o700)?;
-        make_dir(&fs_dir, 0o755)?;
-        if with_work {
-            make_dir(&self.work(id), 0o711)?;
+        make_tree(&self.dir(id), with_work)?;
+        match owner {
+            Some(owner) => set_owner(&self.fs(id), owner),
+            None => Ok(()),
         }
-        if let Some((uid, gid)) = owner {
-            std::os::unix::fs::chown(&fs_dir, Some(uid), Some(gid))
-                .map_err(|e| Error::io("changing owner of", &fs_dir, e))?;
-        }
-        Ok(())
     }
 
     pub(super) fn make_spare_root(&self) -> Result<()> {
@@ -110,11 +104,7 @@ impl Layout {
         let tree = self
             .spare_dir()
             .join(format!("{}-{n}", if with_work { "a" } else { "v" }));
-        make_dir(&tree, 0o700)?;
-        make_dir(&tree.join("fs"), 0o755)?;
-        if with_work {
-            make_dir(&tree.join("work"), 0o711)?;
-        }
+        make_tree(&tree, with_work)?;
         Ok(tree)
     }
 
@@ -128,12 +118,10 @@ impl Layout {
             nix::unistd::geteuid().as_raw(),
             nix::unistd::getegid().as_raw(),
         );
-        if let Some((uid, gid)) = owner.filter(|&o| o != ours) {
-            let fs_dir = self.fs(id);
-            std::os::unix::fs::chown(&fs_dir, Some(uid), Some(gid))
-                .map_err(|e| Error::io("changing owner of", &fs_dir, e))?;
+        match owner.filter(|&o| o != ours) {
+            Some(owner) => set_owner(&self.fs(id), owner),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     /// The uid and gid of snapshot `id`'s `fs` directory.
@@ -182,6 +170,22 @@ fn parse_entry(name: &str) -> DirEntry {
         Ok(id) if id.to_string() == name => DirEntry::Id(id),
         _ => DirEntry::Foreign(name.to_string()),
     }
+}
+
+/// The directories of one snapshot, with the modes of the contract: `dir` 0700, `dir/fs`
+/// 0755, and `dir/work` 0711 when asked. Idempotent.
+fn make_tree(dir: &Path, with_work: bool) -> Result<()> {
+    make_dir(dir, 0o700)?;
+    make_dir(&dir.join("fs"), 0o755)?;
+    if with_work {
+        make_dir(&dir.join("work"), 0o711)?;
+    }
+    Ok(())
+}
+
+fn set_owner(path: &Path, (uid, gid): (u32, u32)) -> Result<()> {
+    std::os::unix::fs::chown(path, Some(uid), Some(gid))
+        .map_err(|e| Error::io("changing owner of", path, e))
 }
 
 fn make_dir(path: &Path, mode: u32) -> Result<()> {
