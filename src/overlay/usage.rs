@@ -127,11 +127,8 @@ impl Shared {
             Task::Entries(entries) => {
                 let mut dirs = Vec::new();
                 for entry in entries {
-                    let meta = match entry.metadata() {
-                        Ok(m) => m,
-                        // Removed while we walked: it no longer uses space.
-                        Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                        Err(e) => return Err(e),
+                    let Some(meta) = metadata(&entry)? else {
+                        continue;
                     };
                     tally.add(&meta);
                     if meta.is_dir() && meta.dev() == self.dev {
@@ -154,6 +151,9 @@ struct Tally {
 
 impl Tally {
     fn add(&mut self, meta: &fs::Metadata) {
+        // A file with one link can be met only once, so only hard-linked files (and
+        // directories, which a same-device bind mount could show twice) need remembering: a
+        // layer of 20,000 plain files then costs no set of 20,000 inodes.
         let size = meta.blocks() as i64 * 512;
         if !meta.is_dir() && meta.nlink() == 1 {
             self.once.inodes += 1;
@@ -182,9 +182,8 @@ pub fn walk_up_to(root: &Path, limit: usize) -> io::Result<Option<Usage>> {
     let mut seen_entries = 0usize;
     let meta = fs::symlink_metadata(root)?;
     let dev = meta.dev();
-    let mut seen = HashSet::new();
-    let mut usage = Usage::default();
-    add(&meta, &mut seen, &mut usage);
+    let mut tally = Tally::default();
+    tally.add(&meta);
     // An explicit stack: layer trees can be deeper than a thread's stack allows recursion.
     let mut stack = vec![root.to_path_buf()];
     while let Some(dir) = stack.pop() {
@@ -194,29 +193,25 @@ pub fn walk_up_to(root: &Path, limit: usize) -> io::Result<Option<Usage>> {
             if seen_entries > limit {
                 return Ok(None);
             }
-            let meta = match entry.metadata() {
-                Ok(m) => m,
-                // Removed while we walked: it no longer uses space.
-                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(e),
+            let Some(meta) = metadata(&entry)? else {
+                continue;
             };
-            add(&meta, &mut seen, &mut usage);
+            tally.add(&meta);
             if meta.is_dir() && meta.dev() == dev {
                 stack.push(entry.path());
             }
         }
     }
-    Ok(Some(usage))
+    Ok(Some(tally.total()))
 }
 
-fn add(meta: &fs::Metadata, seen: &mut HashSet<(u64, u64)>, usage: &mut Usage) {
-    // A file with one link can be met only once, so only hard-linked files (and directories,
-    // which a same-device bind mount could show twice) need remembering: a layer of 20,000
-    // plain files then costs no set of 20,000 inodes.
-    let once = !meta.is_dir() && meta.nlink() == 1;
-    if once || seen.insert((meta.dev(), meta.ino())) {
-        usage.inodes += 1;
-        usage.size += meta.blocks() as i64 * 512;
+/// An entry's metadata, or `None` if it was removed while we walked (it no longer uses
+/// space).
+fn metadata(entry: &fs::DirEntry) -> io::Result<Option<fs::Metadata>> {
+    match entry.metadata() {
+        Ok(m) => Ok(Some(m)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
     }
 }
 
