@@ -15,7 +15,7 @@ use std::{
 };
 
 use crate::{
-    oci_support::{sha256, write_oci_archive},
+    oci_support::{layer_tar, sha256, write_oci_archive, Entry},
     util::{require_root, TestDaemon},
 };
 
@@ -311,45 +311,6 @@ fn parse_snapshot_list(out: &str) -> Vec<(String, String, String)> {
 // ---------------------------------------------------------------------------------------------
 // An OCI image archive, built here.
 
-enum Entry<'a> {
-    Dir(&'a str),
-    File(&'a str, &'a [u8], u32),
-    Symlink(&'a str, &'a str),
-}
-
-/// An uncompressed layer tar with deterministic headers (root-owned, fixed mtime).
-fn layer_tar(entries: &[Entry]) -> Vec<u8> {
-    let mut b = tar::Builder::new(Vec::new());
-    for e in entries {
-        let mut h = tar::Header::new_ustar();
-        h.set_uid(0);
-        h.set_gid(0);
-        h.set_mtime(1_700_000_000);
-        match e {
-            Entry::Dir(p) => {
-                h.set_entry_type(tar::EntryType::Directory);
-                h.set_mode(0o755);
-                h.set_size(0);
-                b.append_data(&mut h, p, std::io::empty()).unwrap();
-            }
-            Entry::File(p, data, mode) => {
-                h.set_entry_type(tar::EntryType::Regular);
-                h.set_mode(*mode);
-                h.set_size(data.len() as u64);
-                b.append_data(&mut h, p, *data).unwrap();
-            }
-            Entry::Symlink(p, target) => {
-                h.set_entry_type(tar::EntryType::Symlink);
-                h.set_mode(0o777);
-                h.set_size(0);
-                h.set_link_name(target).unwrap();
-                b.append_data(&mut h, p, std::io::empty()).unwrap();
-            }
-        }
-    }
-    b.into_inner().unwrap()
-}
-
 /// The chain IDs of layers with these diff IDs: what containerd names the committed snapshots.
 fn chain_ids(diff_ids: &[String]) -> Vec<String> {
     let mut out: Vec<String> = Vec::new();
@@ -372,7 +333,7 @@ fn image_layers(extra: &[Vec<u8>]) -> Vec<Vec<u8>> {
         Entry::Dir("bin"),
         Entry::File("bin/busybox", &busybox, 0o755),
     ];
-    l1.extend(links.iter().map(|l| Entry::Symlink(l, "busybox")));
+    l1.extend(links.iter().map(|l| Entry::Symlink(l.as_str(), "busybox")));
     l1.extend([
         Entry::Dir("etc"),
         Entry::File("etc/msg", b"one", 0o644),

@@ -36,6 +36,38 @@ fn header(kind: tar::EntryType, mode: u32, size: usize) -> tar::Header {
     h
 }
 
+/// One entry of a layer: a directory (0755), a file with its contents and mode, or a symlink
+/// and its target. `S` is the path: `&str` or `String`.
+pub enum Entry<'a, S: AsRef<str> = &'a str> {
+    Dir(S),
+    File(S, &'a [u8], u32),
+    Symlink(S, &'a str),
+}
+
+/// An uncompressed layer tar of `entries`, in order, with deterministic headers.
+pub fn layer_tar<S: AsRef<str>>(entries: &[Entry<'_, S>]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for e in entries {
+        match e {
+            Entry::Dir(p) => {
+                let mut h = header(tar::EntryType::Directory, 0o755, 0);
+                b.append_data(&mut h, p.as_ref(), std::io::empty())
+            }
+            Entry::File(p, data, mode) => {
+                let mut h = header(tar::EntryType::Regular, *mode, data.len());
+                b.append_data(&mut h, p.as_ref(), *data)
+            }
+            Entry::Symlink(p, target) => {
+                let mut h = header(tar::EntryType::Symlink, 0o777, 0);
+                h.set_link_name(target).expect("tar link name");
+                b.append_data(&mut h, p.as_ref(), std::io::empty())
+            }
+        }
+        .expect("tar entry");
+    }
+    b.into_inner().expect("tar")
+}
+
 /// Writes to `path` an OCI image layout tar holding one image, for `ctr images import`:
 /// `oci-layout`, `index.json`, and under `blobs/sha256/` the layers, the image config and the
 /// manifest.
