@@ -190,44 +190,8 @@ impl Containerd {
                 }
             }
         }
-        if let Some(mut child) = self.child.take() {
-            let pid = nix::unistd::Pid::from_raw(child.id() as i32);
-            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        for pid in crate::containerd_support::shims_of(&self.address) {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-        }
-        let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-        let prefix = self.dir.to_string_lossy().into_owned();
-        let mut targets: Vec<&str> = mountinfo
-            .lines()
-            .filter_map(|l| l.split(' ').nth(4))
-            .filter(|t| t.starts_with(&prefix))
-            .collect();
-        targets.sort_by_key(|t| std::cmp::Reverse(t.len()));
-        for t in targets {
-            let _ = nix::mount::umount2(t, nix::mount::MntFlags::MNT_DETACH);
-        }
-        // runc's per-namespace state directories and the namespaces' (empty) cgroups.
-        for ns in self.namespaces.borrow().iter() {
-            let _ = fs::remove_dir(format!("/run/containerd/runc/{ns}"));
-            let mut cgroups = vec![PathBuf::from("/sys/fs/cgroup")];
-            if let Ok(entries) = fs::read_dir("/sys/fs/cgroup") {
-                cgroups.extend(entries.filter_map(|e| Some(e.ok()?.path())));
-            }
-            for c in cgroups {
-                let _ = fs::remove_dir(c.join(ns));
-            }
-        }
+        let namespaces = self.namespaces.borrow().clone();
+        crate::containerd_support::stop(self.child.take(), &self.address, &self.dir, &namespaces);
     }
 }
 

@@ -242,43 +242,12 @@ impl Containerd {
                 }
             }
         }
-        if let Some(mut child) = self.child.take() {
-            let pid = nix::unistd::Pid::from_raw(child.id() as i32);
-            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        for pid in crate::containerd_support::shims_of(&self.address) {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-        }
-        let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-        let prefix = self.dir.path().to_string_lossy().into_owned();
-        let mut targets: Vec<&str> = mountinfo
-            .lines()
-            .filter_map(|l| l.split(' ').nth(4))
-            .filter(|t| t.starts_with(&prefix))
-            .collect();
-        targets.sort_by_key(|t| std::cmp::Reverse(t.len()));
-        for t in targets {
-            let _ = nix::mount::umount2(t, nix::mount::MntFlags::MNT_DETACH);
-        }
-        // runc leaves its per-namespace state directory and the namespace's (now empty)
-        // cgroups behind; remove_dir only removes them when empty.
-        let _ = fs::remove_dir(format!("/run/containerd/runc/{}", self.ns));
-        let mut cgroups = vec![PathBuf::from("/sys/fs/cgroup")];
-        if let Ok(entries) = fs::read_dir("/sys/fs/cgroup") {
-            cgroups.extend(entries.filter_map(|e| Some(e.ok()?.path())));
-        }
-        for c in cgroups {
-            let _ = fs::remove_dir(c.join(&self.ns));
-        }
+        crate::containerd_support::stop(
+            self.child.take(),
+            &self.address,
+            self.dir.path(),
+            std::slice::from_ref(&self.ns),
+        );
     }
 }
 

@@ -2,7 +2,12 @@
 //! finding its shims. Shared by the end-to-end tests and the benchmark (each includes this
 //! file with `#[path]`).
 
-use std::{fs, path::Path};
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::Child,
+    time::{Duration, Instant},
+};
 
 /// containerd's config (version 2) with everything under `dir`: its root, state, gRPC, ttrpc
 /// and debug sockets; CRI and the snapshotters this machine cannot use are off.
@@ -67,4 +72,47 @@ pub fn shims_of(address: &Path) -> Vec<i32> {
                     .any(|w| w[0] == "-address" && w[1] == address)
         })
         .collect()
+}
+
+/// Stops a private containerd for good (SIGTERM, SIGKILL after 10 s), ends the shims it
+/// started, detaches mounts left under `dir`, and removes what runc leaves per namespace (its
+/// state directory, the now empty cgroups; `remove_dir` only removes them when empty).
+pub fn stop(child: Option<Child>, address: &Path, dir: &Path, namespaces: &[String]) {
+    if let Some(mut child) = child {
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    for pid in shims_of(address) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let prefix = dir.to_string_lossy().into_owned();
+    let mut targets: Vec<&str> = mountinfo
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|t| t.starts_with(&prefix))
+        .collect();
+    targets.sort_by_key(|t| std::cmp::Reverse(t.len()));
+    for t in targets {
+        let _ = nix::mount::umount2(t, nix::mount::MntFlags::MNT_DETACH);
+    }
+    for ns in namespaces {
+        let _ = fs::remove_dir(format!("/run/containerd/runc/{ns}"));
+        let mut cgroups = vec![PathBuf::from("/sys/fs/cgroup")];
+        if let Ok(entries) = fs::read_dir("/sys/fs/cgroup") {
+            cgroups.extend(entries.filter_map(|e| Some(e.ok()?.path())));
+        }
+        for c in cgroups {
+            let _ = fs::remove_dir(c.join(ns));
+        }
+    }
 }
