@@ -25,7 +25,7 @@ use std::{
     time::SystemTime,
 };
 
-use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition};
+use redb::{Database, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
@@ -681,15 +681,12 @@ impl Store {
 
     /// Every snapshot, in key order, from one consistent read snapshot.
     pub fn list(&self) -> Result<Vec<(String, Record)>> {
-        self.read("listing snapshots", |tx| {
-            let table = tx.open_table(SNAPSHOTS)?;
-            let mut out = Vec::with_capacity(table.len()? as usize);
-            for entry in table.iter()? {
-                let (k, v) = entry?;
-                out.push((k.value().to_string(), decode(k.value(), v.value())?));
-            }
-            Ok(out)
-        })
+        let mut out = Vec::new();
+        self.each(|key, record| {
+            out.push((key.to_string(), record));
+            true
+        })?;
+        Ok(out)
     }
 
     /// Calls `each` on every snapshot in key order, from one consistent read snapshot, until
