@@ -7,6 +7,7 @@ pub mod error;
 pub mod grpc;
 pub mod metrics;
 pub mod overlay;
+pub mod pool;
 pub mod server;
 pub mod snapshot;
 pub mod store;

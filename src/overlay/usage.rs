@@ -5,7 +5,6 @@ use std::{
     fs, io,
     os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
-    sync::{Condvar, Mutex},
 };
 
 use crate::store::Usage;
@@ -24,30 +23,39 @@ const CHUNK: usize = 512;
 /// not only its subdirectories.
 pub fn walk_parallel(root: &Path, threads: usize) -> io::Result<Usage> {
     let meta = fs::symlink_metadata(root)?;
-    let shared = Shared {
-        dev: meta.dev(),
-        state: Mutex::new(State {
-            tasks: vec![Task::Dir(root.to_path_buf())],
-            busy: 0,
-            failed: None,
-        }),
-        more: Condvar::new(),
-    };
+    let dev = meta.dev();
     let mut tally = Tally::default();
     tally.add(&meta);
-    let tallies: Vec<Tally> = std::thread::scope(|scope| {
-        let workers: Vec<_> = (0..threads.max(1))
-            .map(|_| scope.spawn(|| shared.work()))
-            .collect();
-        workers
-            .into_iter()
-            .map(|w| w.join().unwrap_or_default())
-            .collect()
-    });
-    let state = shared.state.into_inner().unwrap_or_else(|e| e.into_inner());
-    if let Some(err) = state.failed {
-        return Err(err);
-    }
+    let tallies = crate::pool::run(
+        threads,
+        vec![Task::Dir(root.to_path_buf())],
+        |task, tally: &mut Tally| -> io::Result<Vec<Task>> {
+            match task {
+                Task::Dir(dir) => {
+                    let entries = fs::read_dir(&dir)?.collect::<io::Result<Vec<_>>>()?;
+                    let mut chunks = Vec::new();
+                    let mut rest = entries.into_iter().peekable();
+                    while rest.peek().is_some() {
+                        chunks.push(Task::Entries(rest.by_ref().take(CHUNK).collect()));
+                    }
+                    Ok(chunks)
+                }
+                Task::Entries(entries) => {
+                    let mut dirs = Vec::new();
+                    for entry in entries {
+                        let Some(meta) = metadata(&entry)? else {
+                            continue;
+                        };
+                        tally.add(&meta);
+                        if meta.is_dir() && meta.dev() == dev {
+                            dirs.push(Task::Dir(entry.path()));
+                        }
+                    }
+                    Ok(dirs)
+                }
+            }
+        },
+    )?;
     for t in tallies {
         tally.once.size += t.once.size;
         tally.once.inodes += t.once.inodes;
@@ -59,86 +67,6 @@ pub fn walk_parallel(root: &Path, threads: usize) -> io::Result<Usage> {
 enum Task {
     Dir(PathBuf),
     Entries(Vec<fs::DirEntry>),
-}
-
-struct State {
-    tasks: Vec<Task>,
-    /// Threads working on a task (and so possibly about to add more).
-    busy: usize,
-    failed: Option<io::Error>,
-}
-
-struct Shared {
-    dev: u64,
-    state: Mutex<State>,
-    more: Condvar,
-}
-
-impl Shared {
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// One thread: takes tasks until there are none and nobody can add any.
-    fn work(&self) -> Tally {
-        let mut tally = Tally::default();
-        loop {
-            let task = {
-                let mut state = self.lock();
-                loop {
-                    if state.failed.is_some() {
-                        return tally;
-                    }
-                    if let Some(task) = state.tasks.pop() {
-                        state.busy += 1;
-                        break task;
-                    }
-                    if state.busy == 0 {
-                        self.more.notify_all();
-                        return tally;
-                    }
-                    state = self.more.wait(state).unwrap_or_else(|e| e.into_inner());
-                }
-            };
-            let found = self.run(task, &mut tally);
-            let mut state = self.lock();
-            state.busy -= 1;
-            match found {
-                Ok(tasks) => state.tasks.extend(tasks),
-                Err(e) => {
-                    state.failed.get_or_insert(e);
-                }
-            }
-            self.more.notify_all();
-        }
-    }
-
-    fn run(&self, task: Task, tally: &mut Tally) -> io::Result<Vec<Task>> {
-        match task {
-            Task::Dir(dir) => {
-                let entries = fs::read_dir(&dir)?.collect::<io::Result<Vec<_>>>()?;
-                let mut chunks = Vec::new();
-                let mut rest = entries.into_iter().peekable();
-                while rest.peek().is_some() {
-                    chunks.push(Task::Entries(rest.by_ref().take(CHUNK).collect()));
-                }
-                Ok(chunks)
-            }
-            Task::Entries(entries) => {
-                let mut dirs = Vec::new();
-                for entry in entries {
-                    let Some(meta) = metadata(&entry)? else {
-                        continue;
-                    };
-                    tally.add(&meta);
-                    if meta.is_dir() && meta.dev() == self.dev {
-                        dirs.push(Task::Dir(entry.path()));
-                    }
-                }
-                Ok(dirs)
-            }
-        }
-    }
 }
 
 /// One thread's count: files met once summed as they come, inodes that could be met twice
