@@ -10,6 +10,7 @@
 //! No operation here scans the whole store except [`Store::list`] and [`Store::owned_ids`],
 //! which List, Cleanup and start-up recovery call.
 
+mod delete;
 pub mod layout;
 mod record;
 pub mod spares;

@@ -1,0 +1,472 @@
+//! Deleting many directory trees at once, for Cleanup.
+//!
+//! On a filesystem mounted with `discard` (this project's VM and many cloud disks), freeing a
+//! file's blocks waits for the disk to acknowledge their discard: deletion is bound by I/O
+//! latency, not by CPU, and goes faster the more unlinks are in flight. The evicting part of an
+//! unlink runs after the kernel has let go of the directory's lock, so even one directory of
+//! 20,000 files can be emptied by many threads at once. Measured on this VM, three layers of
+//! 20,000 files plus 3,000 small trees: `rm -rf` 6.4 s, 16 parallel deleters 1.9 s.
+//!
+//! Every directory is opened relative to its parent with `O_NOFOLLOW` and its entries are
+//! unlinked relative to that descriptor, so a symlink put in place of a directory meanwhile
+//! is unlinked, never followed, and no path outside the tree is ever touched. A tree that has
+//! another filesystem mounted inside it is left (that part of it) and reported.
+
+use std::{
+    ffi::{CStr, CString, OsStr},
+    io,
+    os::{
+        fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
+        unix::ffi::OsStrExt,
+    },
+    path::{Path, PathBuf},
+    sync::{
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+        Arc, Mutex,
+    },
+};
+
+use nix::{
+    dir::{Dir, Type},
+    errno::Errno,
+    fcntl::{openat, AtFlags, OFlag},
+    sys::stat::{fstat, fstatat, FileStat, Mode},
+    unistd::{unlinkat, UnlinkatFlags},
+};
+
+use crate::error::{Error, Result};
+
+/// Entries one task unlinks: a big directory is shared among the threads in chunks.
+const CHUNK: usize = 256;
+
+/// Deletes the trees `names` (entries of the directory `parent`) on up to `threads` threads.
+/// For each tree: the bytes its deletion freed, or the first thing that stopped part of it
+/// from being deleted. A tree that does not exist is deleted already (0 bytes).
+pub fn remove_trees(parent: &Path, names: &[String], threads: usize) -> Result<Vec<Result<u64>>> {
+    let base = open_dir(None, parent).map_err(|e| Error::io("opening", parent, e.into()))?;
+    let dev = fstat(base.as_raw_fd())
+        .map_err(|e| Error::io("reading", parent, e.into()))?
+        .st_dev;
+    let mut tasks = Vec::with_capacity(names.len());
+    for (tree, name) in names.iter().enumerate() {
+        let name = CString::new(name.as_str()).map_err(|_| {
+            Error::Internal(format!(
+                "tree name {name:?} has a NUL byte; not deleting it"
+            ))
+        })?;
+        tasks.push(Task::Open {
+            parent: None,
+            name,
+            tree,
+        });
+    }
+    let deleter = Deleter {
+        base,
+        base_path: parent,
+        dev,
+        trees: names.iter().map(|_| Tree::default()).collect(),
+    };
+    crate::pool::run(threads, tasks, |task, _: &mut ()| {
+        Ok::<_, std::convert::Infallible>(deleter.run(task))
+    })
+    .unwrap_or_else(|never| match never {});
+    Ok(deleter
+        .trees
+        .into_iter()
+        .map(
+            |t| match t.failed.into_inner().unwrap_or_else(|e| e.into_inner()) {
+                Some(err) => Err(err),
+                None => Ok(t.bytes.into_inner()),
+            },
+        )
+        .collect())
+}
+
+#[derive(Default)]
+struct Tree {
+    bytes: AtomicU64,
+    failed: Mutex<Option<Error>>,
+}
+
+/// A directory being emptied, kept open so that its entries are unlinked relative to it.
+struct Node {
+    fd: OwnedFd,
+    path: PathBuf,
+    /// Its name in its parent.
+    name: CString,
+    /// `None` for a tree's top, whose parent is the base directory.
+    parent: Option<Arc<Node>>,
+    tree: usize,
+    /// Tasks still working inside it; the last one to finish removes it.
+    pending: AtomicUsize,
+}
+
+enum Task {
+    /// Open directory `name` of `parent` (the base if `None`) and hand out its entries.
+    Open {
+        parent: Option<Arc<Node>>,
+        name: CString,
+        tree: usize,
+    },
+    /// Unlink these entries (not directories, as far as the listing said) of `node`.
+    Unlink {
+        node: Arc<Node>,
+        names: Vec<CString>,
+    },
+}
+
+struct Deleter<'a> {
+    base: OwnedFd,
+    base_path: &'a Path,
+    dev: u64,
+    trees: Vec<Tree>,
+}
+
+impl Deleter<'_> {
+    fn run(&self, task: Task) -> Vec<Task> {
+        match task {
+            Task::Open { parent, name, tree } => self.open(parent, name, tree),
+            Task::Unlink { node, names } => {
+                let mut more = Vec::new();
+                for name in names {
+                    if let Some(dir) = self.unlink(&node, name) {
+                        more.push(dir);
+                    }
+                }
+                self.finished(Some(node));
+                more
+            }
+        }
+    }
+
+    fn dir_of<'s>(&'s self, parent: &'s Option<Arc<Node>>) -> (RawFd, &'s Path) {
+        match parent {
+            Some(p) => (p.fd.as_raw_fd(), &p.path),
+            None => (self.base.as_raw_fd(), self.base_path),
+        }
+    }
+
+    fn fail(&self, tree: usize, context: &'static str, path: PathBuf, err: Errno) {
+        let mut failed = self.trees[tree]
+            .failed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        failed.get_or_insert_with(|| Error::io(context, path, io::Error::from(err)));
+    }
+
+    fn freed(&self, tree: usize, stat: &FileStat) {
+        // Blocks are freed with an inode's last link; a file linked twice counts once.
+        if stat.st_nlink <= 1 || is_dir(stat) {
+            self.trees[tree]
+                .bytes
+                .fetch_add(stat.st_blocks as u64 * 512, Ordering::Relaxed);
+        }
+    }
+
+    fn open(&self, parent: Option<Arc<Node>>, name: CString, tree: usize) -> Vec<Task> {
+        let (at, at_path) = self.dir_of(&parent);
+        let path = at_path.join(OsStr::from_bytes(name.to_bytes()));
+        let fd = match open_dir(Some(at), name.as_c_str()) {
+            Ok(fd) => fd,
+            // Deleted already (a tree removed twice, or its parent's listing is stale).
+            Err(Errno::ENOENT) => {
+                self.finished(parent);
+                return Vec::new();
+            }
+            // Not a directory any more: unlink whatever it is instead, without following it.
+            Err(Errno::ENOTDIR | Errno::ELOOP) => {
+                if let Err(err) = unlinkat(Some(at), name.as_c_str(), UnlinkatFlags::NoRemoveDir) {
+                    if err != Errno::ENOENT {
+                        self.fail(tree, "removing", path, err);
+                    }
+                }
+                self.finished(parent);
+                return Vec::new();
+            }
+            Err(err) => {
+                self.fail(tree, "opening", path, err);
+                self.finished(parent);
+                return Vec::new();
+            }
+        };
+        let listed = fstat(fd.as_raw_fd()).and_then(|stat| {
+            if stat.st_dev != self.dev {
+                return Err(Errno::EXDEV);
+            }
+            self.freed(tree, &stat);
+            list(&fd)
+        });
+        let (dirs, files) = match listed {
+            Ok(found) => found,
+            Err(Errno::EXDEV) => {
+                let err = Error::Unsupported(format!(
+                    "{} is another filesystem mounted inside a snapshot's tree: not deleting \
+                     into it; unmount it, then run Cleanup again",
+                    path.display()
+                ));
+                let mut failed = self.trees[tree]
+                    .failed
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
+                failed.get_or_insert(err);
+                drop(failed);
+                self.finished(parent);
+                return Vec::new();
+            }
+            Err(err) => {
+                self.fail(tree, "listing", path, err);
+                self.finished(parent);
+                return Vec::new();
+            }
+        };
+        let chunks = files.len().div_ceil(CHUNK);
+        let node = Arc::new(Node {
+            fd,
+            path,
+            name,
+            parent,
+            tree,
+            pending: AtomicUsize::new(dirs.len() + chunks),
+        });
+        if dirs.is_empty() && chunks == 0 {
+            self.remove(node);
+            return Vec::new();
+        }
+        let mut tasks: Vec<Task> = dirs
+            .into_iter()
+            .map(|name| Task::Open {
+                parent: Some(Arc::clone(&node)),
+                name,
+                tree,
+            })
+            .collect();
+        let mut files = files.into_iter().peekable();
+        while files.peek().is_some() {
+            tasks.push(Task::Unlink {
+                node: Arc::clone(&node),
+                names: files.by_ref().take(CHUNK).collect(),
+            });
+        }
+        tasks
+    }
+
+    /// Unlinks one entry of `node`; a directory found in its place becomes a task to open.
+    fn unlink(&self, node: &Arc<Node>, name: CString) -> Option<Task> {
+        let stat = match fstatat(
+            Some(node.fd.as_raw_fd()),
+            name.as_c_str(),
+            AtFlags::AT_SYMLINK_NOFOLLOW,
+        ) {
+            Ok(stat) => stat,
+            Err(Errno::ENOENT) => return None,
+            Err(err) => {
+                self.fail(
+                    node.tree,
+                    "reading",
+                    node.path.join(OsStr::from_bytes(name.to_bytes())),
+                    err,
+                );
+                return None;
+            }
+        };
+        if is_dir(&stat) {
+            node.pending.fetch_add(1, Ordering::Relaxed);
+            return Some(Task::Open {
+                parent: Some(Arc::clone(node)),
+                name,
+                tree: node.tree,
+            });
+        }
+        match unlinkat(
+            Some(node.fd.as_raw_fd()),
+            name.as_c_str(),
+            UnlinkatFlags::NoRemoveDir,
+        ) {
+            Ok(()) => self.freed(node.tree, &stat),
+            Err(Errno::ENOENT) => {}
+            Err(err) => self.fail(
+                node.tree,
+                "removing",
+                node.path.join(OsStr::from_bytes(name.to_bytes())),
+                err,
+            ),
+        }
+        None
+    }
+
+    /// One task inside `parent` is over; the last one removes it (and so on upwards).
+    fn finished(&self, parent: Option<Arc<Node>>) {
+        if let Some(node) = parent {
+            if node.pending.fetch_sub(1, Ordering::AcqRel) == 1 {
+                self.remove(node);
+            }
+        }
+    }
+
+    /// Removes `node`, now empty, from its parent.
+    fn remove(&self, node: Arc<Node>) {
+        let (at, _) = self.dir_of(&node.parent);
+        match unlinkat(Some(at), node.name.as_c_str(), UnlinkatFlags::RemoveDir) {
+            Ok(()) | Err(Errno::ENOENT) => {}
+            // Not empty: something inside failed (and was reported), or was created meanwhile.
+            Err(Errno::ENOTEMPTY)
+                if self.trees[node.tree]
+                    .failed
+                    .lock()
+                    .is_ok_and(|f| f.is_some()) => {}
+            Err(err) => self.fail(node.tree, "removing", node.path.clone(), err),
+        }
+        let parent = node.parent.clone();
+        drop(node);
+        self.finished(parent);
+    }
+}
+
+fn is_dir(stat: &FileStat) -> bool {
+    stat.st_mode & libc::S_IFMT == libc::S_IFDIR
+}
+
+fn open_dir<P: ?Sized + nix::NixPath>(at: Option<RawFd>, path: &P) -> nix::Result<OwnedFd> {
+    let fd = openat(
+        at,
+        path,
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )?;
+    // SAFETY: `openat` just returned this descriptor, and nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// The entries of an open directory: (subdirectories, everything else).
+fn list(fd: &OwnedFd) -> nix::Result<(Vec<CString>, Vec<CString>)> {
+    // `Dir` closes what it is given; it gets a duplicate, and `fd` stays open for the unlinks.
+    let dup = fd
+        .try_clone()
+        .map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(0)))?;
+    let mut dir = Dir::from(dup)?;
+    let (mut dirs, mut files) = (Vec::new(), Vec::new());
+    for entry in dir.iter() {
+        let entry = entry?;
+        let name: &CStr = entry.file_name();
+        if name.to_bytes() == b"." || name.to_bytes() == b".." {
+            continue;
+        }
+        // Without a type in the listing, the unlink task looks (and opens a directory).
+        match entry.file_type() {
+            Some(Type::Directory) => dirs.push(name.to_owned()),
+            _ => files.push(name.to_owned()),
+        }
+    }
+    Ok((dirs, files))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::{fs, os::unix::fs::PermissionsExt};
+
+    fn names(ids: &[&str]) -> Vec<String> {
+        ids.iter().map(|s| s.to_string()).collect()
+    }
+
+    /// Two trees like layers: a big directory, a deep one, a symlink; optionally a file
+    /// linked twice.
+    fn make_trees(base: &Path, hard_link: bool) {
+        for t in ["1", "2"] {
+            let d = base.join(t).join("fs/deep/er");
+            fs::create_dir_all(&d).unwrap();
+            // More than a chunk in one directory, so it is shared among threads.
+            for f in 0..(CHUNK * 3 + 7) {
+                fs::write(base.join(t).join(format!("fs/f{f}")), vec![1u8; 5000]).unwrap();
+            }
+            fs::write(d.join("x"), b"x").unwrap();
+            std::os::unix::fs::symlink("/etc/passwd", d.join("link")).unwrap();
+            if hard_link {
+                fs::hard_link(d.join("x"), base.join(t).join("fs/x2")).unwrap();
+            }
+        }
+    }
+
+    #[test]
+    fn deletes_whole_trees_and_counts_what_they_freed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let base = tmp.path();
+        fs::create_dir(base.join("keep")).unwrap();
+        // Two links unlinked at the same instant by two threads may both look shared, so the
+        // exact count of a hard-linked file is checked on one thread.
+        for (threads, hard_link) in [(1, true), (16, false)] {
+            make_trees(base, hard_link);
+            let want: Vec<u64> = ["1", "2"]
+                .iter()
+                .map(|t| crate::overlay::usage::walk(&base.join(t)).unwrap().size as u64)
+                .collect();
+            let out = remove_trees(base, &names(&["1", "2", "missing"]), threads).unwrap();
+            let got: Vec<u64> = out.into_iter().map(|r| r.unwrap()).collect();
+            assert_eq!(got, vec![want[0], want[1], 0], "{threads} threads");
+            assert!(!base.join("1").exists() && !base.join("2").exists());
+            assert!(base.join("keep").is_dir());
+        }
+        assert!(
+            fs::metadata("/etc/passwd").is_ok(),
+            "a symlink is not followed"
+        );
+    }
+
+    #[test]
+    fn a_tree_that_is_a_symlink_is_unlinked_not_followed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let outside = tmp.path().join("outside");
+        fs::create_dir(&outside).unwrap();
+        fs::write(outside.join("precious"), b"p").unwrap();
+        let base = tmp.path().join("base");
+        fs::create_dir(&base).unwrap();
+        std::os::unix::fs::symlink(&outside, base.join("7")).unwrap();
+        let out = remove_trees(&base, &names(&["7"]), 4).unwrap();
+        assert!(out[0].is_ok(), "{out:?}");
+        assert!(!base.join("7").exists());
+        assert!(outside.join("precious").exists());
+    }
+
+    #[test]
+    fn a_failure_is_reported_for_its_tree_only() {
+        let tmp = tempfile::tempdir().unwrap();
+        let base = tmp.path();
+        fs::create_dir_all(base.join("1/fs")).unwrap();
+        fs::create_dir_all(base.join("2/fs")).unwrap();
+        fs::write(base.join("2/fs/f"), b"f").unwrap();
+        // A file whose name cannot be passed on is refused up front, deleting nothing.
+        assert!(remove_trees(base, &names(&["1", "a\0b"]), 2).is_err());
+        assert!(base.join("1").exists());
+        // A tree that cannot be listed: its error names the path; the other tree goes.
+        let unreadable = base.join("2/fs");
+        let out = if nix::unistd::geteuid().is_root() {
+            // Root reads anything; a mount inside the tree is what stops it instead.
+            nix::mount::mount(
+                Some("tmpfs"),
+                &unreadable,
+                Some("tmpfs"),
+                nix::mount::MsFlags::empty(),
+                None::<&str>,
+            )
+            .unwrap();
+            let out = remove_trees(base, &names(&["1", "2"]), 2);
+            crate::sys::unmount(&unreadable).unwrap();
+            let out = out.unwrap();
+            assert!(
+                unreadable.join("f").exists(),
+                "nothing deleted inside the mount"
+            );
+            out
+        } else {
+            fs::set_permissions(&unreadable, fs::Permissions::from_mode(0o000)).unwrap();
+            let out = remove_trees(base, &names(&["1", "2"]), 2).unwrap();
+            fs::set_permissions(&unreadable, fs::Permissions::from_mode(0o755)).unwrap();
+            out
+        };
+        assert!(out[0].is_ok(), "{out:?}");
+        let err = out[1].as_ref().unwrap_err().to_string();
+        assert!(err.contains("2/fs"), "{err}");
+        assert!(!base.join("1").exists());
+        assert!(base.join("2/fs").exists());
+    }
+}
