@@ -187,7 +187,7 @@ pub fn start(config: &Config) -> Result<Arc<Admin>> {
         directories = reclaimed.directories,
         "start-up recovery done"
     );
-    snapshotter.keep_spares()?;
+    snapshotter.start_background()?;
     Ok(Arc::new(Admin {
         snapshotter,
         config: config.clone(),

@@ -11,7 +11,8 @@
 //! Where work runs: reads of the store and the few mkdirs of a creation run on the runtime
 //! worker that received the request (microseconds: cheaper than a hand-off to another thread);
 //! writes wait for the store's committer thread without holding a thread; work of unbounded
-//! length (walking or deleting a tree, reading the whole store) runs on tokio's blocking pool.
+//! length (walking a tree, reading the whole store) runs on tokio's blocking pool, and deleting
+//! trees on the reaper's thread (see `store/reaper.rs`).
 
 pub mod filter;
 pub mod fsck;
@@ -37,6 +38,7 @@ use crate::{
     overlay::{self, usage, Dirs, Mount},
     store::{
         layout::{DirEntry, Layout},
+        reaper::Reaper,
         spares::Spares,
         Kind, Record, Store, Usage,
     },
@@ -94,6 +96,9 @@ pub struct Snapshotter {
     closing: AtomicBool,
     /// Ready-made directories for creations; only a serving lamina keeps them.
     spares: OnceLock<Spares>,
+    /// Deletes removed snapshots' directories in the background; only a serving lamina has
+    /// one (without it, they wait for Cleanup).
+    reaper: OnceLock<Reaper>,
 }
 
 impl Snapshotter {
@@ -107,14 +112,23 @@ impl Snapshotter {
             options,
             closing: AtomicBool::new(false),
             spares: OnceLock::new(),
+            reaper: OnceLock::new(),
         }))
     }
 
-    /// Starts keeping ready-made directories for creations (see [`Spares`]). For a serving
-    /// lamina, after [`Snapshotter::recover`]; offline tools do without.
-    pub fn keep_spares(&self) -> Result<()> {
+    /// Starts the background threads of a serving lamina: ready-made directories for
+    /// creations (see [`Spares`]) and the deletion of removed snapshots' directories (see
+    /// [`Reaper`]). After [`Snapshotter::recover`]; offline tools do without.
+    pub fn start_background(&self) -> Result<()> {
         if self.spares.get().is_none() {
             let _ = self.spares.set(Spares::start(self.layout.clone())?);
+        }
+        if self.reaper.get().is_none() {
+            let layout = self.layout.clone();
+            let report = Box::new(move |id: u64, result: &Result<u64>| {
+                report_deleted(&layout, id, result, "no snapshot owns it")
+            });
+            let _ = self.reaper.set(Reaper::start(self.layout.clone(), report)?);
         }
         Ok(())
     }
@@ -252,18 +266,25 @@ impl Snapshotter {
         .await
     }
 
+    /// Deletes `key`'s record, then its directory: before answering with `sync_remove`, else
+    /// in the background right after (Cleanup waits for it).
     pub async fn remove(self: &Arc<Self>, key: String) -> Result<()> {
         self.change(|s| async move {
             check_key("key", &key)?;
             let record = s.store.remove(&key).await?;
+            // The record is gone, so the removal stands; a directory left behind is an orphan
+            // that Cleanup or the next start-up deletes.
+            let id = record.id;
             if s.options.sync_remove {
-                // The record is gone, so the removal stands; a directory left behind here is
-                // an orphan that Cleanup or the next start-up deletes.
-                let id = record.id;
-                let removed = s.run(move |s| s.layout.remove_dirs(id)).await;
+                let removed = s
+                    .run(move |s| s.delete(vec![id], "removed"))
+                    .await
+                    .and_then(|mut r| r.pop().unwrap_or(Ok(0)));
                 if let Err(e) = removed {
                     warn!(id, error = %chain(&e), "removed, but its directory stays until Cleanup");
                 }
+            } else if let Some(reaper) = s.reaper.get() {
+                reaper.push(id);
             }
             info!(id = record.id, "removed");
             Ok(())
@@ -373,7 +394,8 @@ impl Snapshotter {
         .await
     }
 
-    /// Deletes every directory under `<root>/snapshots` that no snapshot owns.
+    /// Deletes every directory under `<root>/snapshots` that no snapshot owns, including those
+    /// of removed snapshots still queued for deletion, and returns once they are gone.
     pub async fn cleanup(self: &Arc<Self>) -> Result<Reclaimed> {
         self.run(|s| s.reclaim("not owned by any snapshot (Cleanup)"))
             .await
@@ -420,17 +442,13 @@ impl Snapshotter {
             }
         }
         // All at once, so that the deleter's threads share the whole job (see `delete.rs`).
-        let results = self.layout.remove_trees(&orphans)?;
+        let results = self.delete(orphans, why)?;
         let mut reclaimed = Reclaimed::default();
         let mut failure = None;
-        for (id, result) in orphans.into_iter().zip(results) {
+        for result in results {
             match result {
-                Ok(bytes) => {
-                    self.reclaimed(id, bytes, why);
-                    reclaimed.directories += 1;
-                }
+                Ok(_) => reclaimed.directories += 1,
                 Err(err) => {
-                    warn!(id, path = %self.layout.dir(id).display(), error = %chain(&err), "could not remove directory");
                     failure.get_or_insert(err);
                 }
             }
@@ -443,14 +461,20 @@ impl Snapshotter {
 
     /// Deletes the directory of an ID no snapshot owns.
     fn remove_orphan(&self, id: u64, why: &str) -> Result<()> {
-        let bytes = self.layout.remove_trees(&[id])?.pop().unwrap_or(Ok(0))?;
-        self.reclaimed(id, bytes, why);
-        Ok(())
+        self.delete(vec![id], why)?.pop().unwrap_or(Ok(0)).map(drop)
     }
 
-    fn reclaimed(&self, id: u64, bytes: u64, why: &str) {
-        metrics::global().reclaimed(bytes);
-        info!(id, path = %self.layout.dir(id).display(), bytes, reason = why, "removed directory");
+    /// Deletes the directories of `ids` (which no snapshot owns) and reports each: through the
+    /// reaper when there is one, so that no directory is deleted by two threads at once.
+    fn delete(&self, ids: Vec<u64>, why: &str) -> Result<Vec<Result<u64>>> {
+        if let Some(reaper) = self.reaper.get() {
+            return reaper.remove(ids);
+        }
+        let results = self.layout.remove_trees(&ids)?;
+        for (id, result) in ids.iter().zip(&results) {
+            report_deleted(&self.layout, *id, result, why);
+        }
+        Ok(results)
     }
 
     async fn create(
@@ -482,6 +506,8 @@ impl Snapshotter {
             // Undo, so that a failed Prepare leaves nothing behind (the key can be retried).
             if let Err(e) = self.store.remove(&key).await {
                 error!(error = %chain(&e), "could not undo a failed create; recovery will finish it");
+            } else if let Some(reaper) = self.reaper.get() {
+                reaper.push(record.id);
             } else if let Err(e) = self.layout.remove_dirs(record.id) {
                 warn!(error = %chain(&e), "partial directory stays until Cleanup");
             }
@@ -580,6 +606,20 @@ where
                 // Only when the runtime itself is going away; start-up recovery finishes it.
                 Err(_) => warn!("a change was abandoned midway as lamina stopped"),
             }
+        }
+    }
+}
+
+/// Logs (and counts, for the metrics) the deletion of snapshot `id`'s directory.
+fn report_deleted(layout: &Layout, id: u64, result: &Result<u64>, why: &str) {
+    let path = layout.dir(id);
+    match result {
+        Ok(bytes) => {
+            metrics::global().reclaimed(*bytes);
+            info!(id, path = %path.display(), bytes, reason = why, "removed directory");
+        }
+        Err(err) => {
+            warn!(id, path = %path.display(), error = %chain(err), "could not remove directory; Cleanup tries again")
         }
     }
 }

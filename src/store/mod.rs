@@ -12,6 +12,7 @@
 
 mod delete;
 pub mod layout;
+pub mod reaper;
 mod record;
 pub mod spares;
 

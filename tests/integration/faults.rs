@@ -593,7 +593,7 @@ async fn files_that_are_not_lamina_s_survive_recovery_and_cleanup() {
     let mut c = d.client().await;
     c.prepare("keep", "").await.unwrap();
     c.prepare("gone", "").await.unwrap();
-    c.remove("gone").await.unwrap(); // its directory is an orphan until Cleanup
+    c.remove("gone").await.unwrap(); // its directory goes in the background
     let snaps = d.root.join("snapshots");
     let outside = d.scratch("outside");
     std::fs::write(outside.join("precious"), b"not lamina's").unwrap();

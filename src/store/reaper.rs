@@ -1,0 +1,169 @@
+//! Deletes the directories of removed snapshots in the background, soon after each Remove,
+//! instead of leaving all of them to the next Cleanup.
+//!
+//! Why: deleting a tree is slow (every freed file can wait for the disk, see `delete.rs`) and
+//! a Remove must not wait for it; but left to Cleanup, all of it happens in one go at the end
+//! of a garbage collection, after every Remove, while the disk stays full. Started right away,
+//! the deletion overlaps the Removes that follow (they mostly wait for fsync), and the space
+//! comes back sooner.
+//!
+//! One thread takes whatever is queued as one batch and deletes it with [`Layout::remove_trees`],
+//! so no tree is ever deleted by two batches at once. A caller that needs the directories
+//! gone (Cleanup, a synchronous Remove) queues them too and waits for its batch: as batches go
+//! in order, everything queued before it is gone as well. Nothing queued is durable: after a
+//! crash, a removed snapshot's directory is an orphan that start-up recovery deletes.
+
+use std::{
+    collections::HashMap,
+    sync::{mpsc, Arc, Condvar, Mutex},
+};
+
+use super::layout::Layout;
+use crate::error::{chain, Error, Result};
+
+/// What the reaper reports of each tree it deleted (bytes freed) or failed to.
+pub type Report = Box<dyn Fn(u64, &Result<u64>) + Send + Sync>;
+
+pub struct Reaper {
+    shared: Arc<Shared>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+struct Shared {
+    layout: Layout,
+    report: Report,
+    state: Mutex<State>,
+    wake: Condvar,
+}
+
+#[derive(Default)]
+struct State {
+    jobs: Vec<Job>,
+    stopping: bool,
+}
+
+struct Job {
+    ids: Vec<u64>,
+    /// Where the results go, if somebody waits for them.
+    done: Option<mpsc::Sender<Vec<Result<u64>>>>,
+}
+
+impl Reaper {
+    pub fn start(layout: Layout, report: Report) -> Result<Reaper> {
+        let shared = Arc::new(Shared {
+            layout,
+            report,
+            state: Mutex::new(State::default()),
+            wake: Condvar::new(),
+        });
+        let worker = Arc::clone(&shared);
+        let thread = std::thread::Builder::new()
+            .name("lamina-reaper".into())
+            .spawn(move || reap(&worker))
+            .map_err(|e| Error::Internal(format!("starting the deletion thread: {e}")))?;
+        Ok(Reaper {
+            shared,
+            thread: Some(thread),
+        })
+    }
+
+    /// Queues the tree of `id` for deletion and returns at once.
+    pub fn push(&self, id: u64) {
+        self.queue(Job {
+            ids: vec![id],
+            done: None,
+        });
+    }
+
+    /// Deletes the trees of `ids`, after everything queued before them, and returns the result
+    /// for each. Blocks the calling thread until then.
+    pub fn remove(&self, ids: Vec<u64>) -> Result<Vec<Result<u64>>> {
+        let (tx, rx) = mpsc::channel();
+        self.queue(Job {
+            ids,
+            done: Some(tx),
+        });
+        rx.recv().map_err(|_| {
+            Error::Unavailable("lamina is stopping; the deletion was not finished".into())
+        })
+    }
+
+    fn queue(&self, job: Job) {
+        let mut state = self.shared.lock();
+        if !state.stopping {
+            state.jobs.push(job);
+            self.shared.wake.notify_one();
+        }
+    }
+}
+
+impl Drop for Reaper {
+    /// Finishes the batch under way (its trees would be left half deleted otherwise) and drops
+    /// the rest: they are orphans that the next start-up deletes.
+    fn drop(&mut self) {
+        self.shared.lock().stopping = true;
+        self.shared.wake.notify_all();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // Only a queue and a flag change under this lock; a panic cannot leave them torn.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+fn reap(shared: &Shared) {
+    loop {
+        let jobs = {
+            let mut state = shared.lock();
+            while state.jobs.is_empty() && !state.stopping {
+                state = shared.wake.wait(state).unwrap_or_else(|e| e.into_inner());
+            }
+            if state.stopping {
+                return;
+            }
+            std::mem::take(&mut state.jobs)
+        };
+        // A tree asked for twice (queued by its Remove, then found as an orphan by Cleanup)
+        // is deleted once, by one set of threads.
+        let mut unique: Vec<u64> = jobs.iter().flat_map(|j| j.ids.iter().copied()).collect();
+        unique.sort_unstable();
+        unique.dedup();
+        let mut results: HashMap<u64, Result<u64>> = match shared.layout.remove_trees(&unique) {
+            Ok(results) => unique.iter().copied().zip(results).collect(),
+            Err(err) => {
+                let message = chain(&err);
+                unique
+                    .iter()
+                    .map(|&id| (id, Err(Error::Internal(message.clone()))))
+                    .collect()
+            }
+        };
+        for (id, result) in &results {
+            (shared.report)(*id, result);
+        }
+        // Each result goes to the first job that asked; a repeat gets a copy.
+        let copies: HashMap<u64, std::result::Result<u64, String>> = results
+            .iter()
+            .map(|(id, r)| (*id, r.as_ref().copied().map_err(|e| chain(e))))
+            .collect();
+        for job in jobs {
+            if let Some(done) = job.done {
+                let out = job
+                    .ids
+                    .iter()
+                    .map(|id| {
+                        results
+                            .remove(id)
+                            .unwrap_or_else(|| copies[id].clone().map_err(Error::Internal))
+                    })
+                    .collect();
+                let _ = done.send(out);
+            }
+        }
+    }
+}
