@@ -1010,10 +1010,18 @@ async fn list_streams_batches_of_at_most_100() {
     }
     let d = TestDaemon::start().await;
     let c = d.client().await;
+    // Enough for ten full batches, and for a filter that matches only the last snapshot to
+    // pass over a thousand that it does not.
+    let n = 1050;
     let mut tasks = tokio::task::JoinSet::new();
-    for i in 0..250 {
+    for w in 0..16 {
         let mut c = c.clone();
-        tasks.spawn(async move { c.view(&format!("v{i:03}"), "").await.map(|_| ()) });
+        tasks.spawn(async move {
+            for i in (w..n).step_by(16) {
+                c.view(&format!("v{i:04}"), "").await?;
+            }
+            Ok::<_, tonic::Status>(())
+        });
     }
     while let Some(r) = tasks.join_next().await {
         r.unwrap().unwrap();
@@ -1031,16 +1039,21 @@ async fn list_streams_batches_of_at_most_100() {
         sizes.push(msg.info.len());
         seen.extend(msg.info.into_iter().map(|i| i.name));
     }
-    assert!(
-        sizes.iter().all(|&n| n > 0 && n <= 100),
-        "batch sizes {sizes:?}"
-    );
-    assert_eq!(sizes.len(), 3, "250 snapshots in 3 batches: {sizes:?}");
-    let want: BTreeSet<String> = (0..250).map(|i| format!("v{i:03}")).collect();
+    let mut want_sizes = vec![100; 10];
+    want_sizes.push(50);
+    assert_eq!(sizes, want_sizes, "1050 snapshots in batches of 100");
+    let want: BTreeSet<String> = (0..n).map(|i| format!("v{i:04}")).collect();
     assert_eq!(seen, want, "each snapshot exactly once");
 
-    let (infos, batches) = c.list_batches(&["name~=^v0"]).await.unwrap();
+    let (infos, batches) = c.list_batches(&["name~=^v00"]).await.unwrap();
     assert_eq!((infos.len(), batches), (100, 1));
+    let (infos, batches) = c.list_batches(&["name==v1049"]).await.unwrap();
+    assert_eq!(
+        infos.len(),
+        1,
+        "the last snapshot, after 1049 that do not match"
+    );
+    assert_eq!((infos[0].name.as_str(), batches), ("v1049", 1));
     let (infos, _) = c.list_batches(&["name==none"]).await.unwrap();
     assert!(infos.is_empty());
 }
