@@ -547,13 +547,16 @@ fn machine(dir: &Path) -> String {
         };
         let (point, opts) = (f[4], f[5]);
         if dir.starts_with(point) && best.as_ref().is_none_or(|(n, _)| point.len() >= *n) {
-            let (fstype, source) = (
+            let (fstype, source, fs_opts) = (
                 f.get(sep + 1).unwrap_or(&"?"),
                 f.get(sep + 2).unwrap_or(&"?"),
+                f.get(sep + 3).unwrap_or(&"?"),
             );
+            // The filesystem's own options matter: with `discard`, every freed block waits
+            // for the disk, which is most of what deleting a tree costs.
             best = Some((
                 point.len(),
-                format!("{fstype} on {source} (mounted at {point}, {opts})"),
+                format!("{fstype} on {source} (mounted at {point}, {opts}; filesystem options {fs_opts})"),
             ));
         }
     }
