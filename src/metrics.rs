@@ -79,12 +79,12 @@ impl Metrics {
         );
         r.register(
             "cleanup_reclaimed_directories",
-            "Snapshot directories deleted by Cleanup and recovery",
+            "Snapshot directories deleted (after Remove, by Cleanup, by recovery)",
             m.reclaimed_dirs.clone(),
         );
         r.register(
             "cleanup_reclaimed_bytes",
-            "Bytes freed by Cleanup and recovery",
+            "Bytes freed by deleting snapshot directories (after Remove, by Cleanup, by recovery)",
             m.reclaimed_bytes.clone(),
         );
         m
