@@ -147,11 +147,16 @@ impl Deleter<'_> {
     }
 
     fn fail(&self, tree: usize, context: &'static str, path: PathBuf, err: Errno) {
+        self.failed(tree, Error::io(context, path, io::Error::from(err)));
+    }
+
+    /// Keeps the first error of a tree; the rest of it is still deleted as far as it can be.
+    fn failed(&self, tree: usize, err: Error) {
         let mut failed = self.trees[tree]
             .failed
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        failed.get_or_insert_with(|| Error::io(context, path, io::Error::from(err)));
+        failed.get_or_insert(err);
     }
 
     fn freed(&self, tree: usize, stat: &FileStat) {
@@ -204,12 +209,7 @@ impl Deleter<'_> {
                      into it; unmount it, then run Cleanup again",
                     path.display()
                 ));
-                let mut failed = self.trees[tree]
-                    .failed
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner());
-                failed.get_or_insert(err);
-                drop(failed);
+                self.failed(tree, err);
                 self.finished(parent);
                 return Vec::new();
             }
