@@ -189,3 +189,47 @@ fn reap(shared: &Shared) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_waiting_caller_gets_its_trees_and_everything_queued_before_them_deleted() {
+        let tmp = tempfile::tempdir().unwrap();
+        let layout = Layout::new(tmp.path());
+        layout.init().unwrap();
+        for id in 1..=4 {
+            layout.create_dirs(id, true, None).unwrap();
+            std::fs::write(layout.fs(id).join("f"), vec![1u8; 10_000]).unwrap();
+        }
+        let reported = Arc::new(Mutex::new(Vec::new()));
+        let seen = Arc::clone(&reported);
+        let report: Report = Box::new(move |id, result| {
+            seen.lock().unwrap().push((id, result.is_ok()));
+        });
+        let reaper = Reaper::start(layout.clone(), report).unwrap();
+        reaper.push(1);
+        reaper.push(2);
+        // 2 asked for again, and 99 never existed: every one answered, none an error.
+        let out = reaper.remove(vec![2, 3, 99]).unwrap();
+        assert_eq!(out.len(), 3);
+        assert!(out.iter().all(|r| r.is_ok()), "{out:?}");
+        assert!(*out[1].as_ref().unwrap() >= 10_000, "3 freed its file");
+        assert_eq!(*out[2].as_ref().unwrap(), 0, "99 had nothing to free");
+        for id in [1, 2, 3] {
+            assert!(
+                !layout.dir(id).exists(),
+                "{id} is gone once remove() returns"
+            );
+        }
+        assert!(layout.fs(4).join("f").exists(), "4 was never asked for");
+        let mut ids: Vec<u64> = reported.lock().unwrap().iter().map(|(id, _)| *id).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        assert_eq!(ids, vec![1, 2, 3, 99], "each deletion is reported");
+        assert!(reported.lock().unwrap().iter().all(|(_, ok)| *ok));
+        drop(reaper);
+        assert!(layout.fs(4).join("f").exists());
+    }
+}
