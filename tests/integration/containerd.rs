@@ -530,8 +530,17 @@ async fn containerd_imports_runs_inspects_and_collects() {
 
     // mounts: a view on L1 is a read-only bind of L1's directory; a view on L2 is a read-only
     // overlay of both; an active snapshot on L2 is a writable overlay over both.
-    c.snap_ok(&["view", "e2e-view1", &chain[0]]);
-    c.snap_ok(&["view", "e2e-view2", &chain[1]]);
+    //
+    // `ctr snapshots view` gives its view no GC root (unlike `prepare`), so containerd's
+    // collector would remove a view whenever it runs, and the containers run above queue runs
+    // of it. A synchronous collection first settles them (later runs only come from new
+    // deletions), and each view is made a root right after it is created.
+    c.ctr_ok(&["leases", "create", "--id", "e2e-settle"]);
+    c.ctr_ok(&["leases", "delete", "--sync", "e2e-settle"]);
+    for (view, parent) in [("e2e-view1", &chain[0]), ("e2e-view2", &chain[1])] {
+        c.snap_ok(&["view", view, parent]);
+        c.snap_ok(&["label", view, "containerd.io/gc.root=e2e"]);
+    }
     c.snap_ok(&["prepare", "e2e-active", &chain[1]]);
     let (ty, l1_fs, opts) = parse_mount_line(&c.snap_ok(&["mounts", "/mnt/x", "e2e-view1"]));
     assert_eq!(ty, "bind", "view on one layer");
