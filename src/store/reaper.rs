@@ -91,7 +91,13 @@ impl Reaper {
             done: Some(tx),
         });
         rx.recv().map_err(|_| {
-            Error::Unavailable("lamina is stopping; the deletion was not finished".into())
+            if self.shared.lock().stopping {
+                Error::Unavailable("lamina is stopping; the deletion was not finished".into())
+            } else {
+                Error::Internal(
+                    "deleting the directories failed (see lamina's log); retry Cleanup".into(),
+                )
+            }
         })
     }
 
@@ -150,42 +156,53 @@ fn reap(shared: &Shared) {
             }
             std::mem::take(&mut state.jobs)
         };
-        // A tree asked for twice (queued by its Remove, then found as an orphan by Cleanup)
-        // is deleted once, by one set of threads.
-        let mut unique: Vec<u64> = jobs.iter().flat_map(|j| j.ids.iter().copied()).collect();
-        unique.sort_unstable();
-        unique.dedup();
-        let mut results: HashMap<u64, Result<u64>> = match shared.layout.remove_trees(&unique) {
-            Ok(results) => unique.iter().copied().zip(results).collect(),
-            Err(err) => {
-                let message = chain(&err);
-                unique
-                    .iter()
-                    .map(|&id| (id, Err(Error::Internal(message.clone()))))
-                    .collect()
-            }
-        };
-        for (id, result) in &results {
-            (shared.report)(*id, result);
+        // A panic must not end the thread: every later Remove would queue for nobody, and
+        // every Cleanup would wait forever. The batch's waiters get an error (their answer
+        // channels drop), its trees stay orphans for the next Cleanup, and the thread goes on.
+        let batch = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| delete(shared, jobs)));
+        if batch.is_err() {
+            tracing::error!("deleting a batch of directories panicked; Cleanup retries them");
         }
-        // Each result goes to the first job that asked; a repeat gets a copy.
-        let copies: HashMap<u64, std::result::Result<u64, String>> = results
-            .iter()
-            .map(|(id, r)| (*id, r.as_ref().copied().map_err(|e| chain(e))))
-            .collect();
-        for job in jobs {
-            if let Some(done) = job.done {
-                let out = job
-                    .ids
-                    .iter()
-                    .map(|id| {
-                        results
-                            .remove(id)
-                            .unwrap_or_else(|| copies[id].clone().map_err(Error::Internal))
-                    })
-                    .collect();
-                let _ = done.send(out);
-            }
+    }
+}
+
+/// Deletes one batch and answers whoever waits for it.
+fn delete(shared: &Shared, jobs: Vec<Job>) {
+    // A tree asked for twice (queued by its Remove, then found as an orphan by Cleanup)
+    // is deleted once, by one set of threads.
+    let mut unique: Vec<u64> = jobs.iter().flat_map(|j| j.ids.iter().copied()).collect();
+    unique.sort_unstable();
+    unique.dedup();
+    let mut results: HashMap<u64, Result<u64>> = match shared.layout.remove_trees(&unique) {
+        Ok(results) => unique.iter().copied().zip(results).collect(),
+        Err(err) => {
+            let message = chain(&err);
+            unique
+                .iter()
+                .map(|&id| (id, Err(Error::Internal(message.clone()))))
+                .collect()
+        }
+    };
+    for (id, result) in &results {
+        (shared.report)(*id, result);
+    }
+    // Each result goes to the first job that asked; a repeat gets a copy.
+    let copies: HashMap<u64, std::result::Result<u64, String>> = results
+        .iter()
+        .map(|(id, r)| (*id, r.as_ref().copied().map_err(|e| chain(e))))
+        .collect();
+    for job in jobs {
+        if let Some(done) = job.done {
+            let out = job
+                .ids
+                .iter()
+                .map(|id| {
+                    results
+                        .remove(id)
+                        .unwrap_or_else(|| copies[id].clone().map_err(Error::Internal))
+                })
+                .collect();
+            let _ = done.send(out);
         }
     }
 }
@@ -231,5 +248,35 @@ mod tests {
         assert!(reported.lock().unwrap().iter().all(|(_, ok)| *ok));
         drop(reaper);
         assert!(layout.fs(4).join("f").exists());
+    }
+
+    #[test]
+    fn a_panicking_batch_fails_its_callers_and_the_reaper_goes_on() {
+        let tmp = tempfile::tempdir().unwrap();
+        let layout = Layout::new(tmp.path());
+        layout.init().unwrap();
+        for id in [13, 14] {
+            layout.create_dirs(id, false, None).unwrap();
+        }
+        // The report runs inside the batch: a panic there stands for one anywhere in it.
+        let report: Report = Box::new(|id, _| assert_ne!(id, 13, "injected failure"));
+        let reaper = Reaper::start(layout.clone(), report).unwrap();
+        let quiet = std::panic::take_hook();
+        std::panic::set_hook(Box::new(|_| {}));
+        let failed = reaper.remove(vec![13]);
+        std::panic::set_hook(quiet);
+        let err = failed.expect_err("the batch panicked").to_string();
+        assert!(err.contains("retry Cleanup"), "{err}");
+        // The thread is still there: the next caller is served (a dead thread would leave it
+        // waiting forever, hence the time limit).
+        let reaper = Arc::new(reaper);
+        let (tx, rx) = mpsc::channel();
+        let caller = Arc::clone(&reaper);
+        std::thread::spawn(move || tx.send(caller.remove(vec![14])));
+        let out = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("the reaper answers after a panicking batch");
+        assert!(out.unwrap()[0].is_ok());
+        assert!(!layout.dir(14).exists());
     }
 }
