@@ -171,53 +171,10 @@ impl Deleter<'_> {
     fn open(&self, parent: Option<Arc<Node>>, name: CString, tree: usize) -> Vec<Task> {
         let (at, at_path) = self.dir_of(&parent);
         let path = at_path.join(OsStr::from_bytes(name.to_bytes()));
-        let fd = match open_dir(Some(at), name.as_c_str()) {
-            Ok(fd) => fd,
-            // Deleted already (a tree removed twice, or its parent's listing is stale).
-            Err(Errno::ENOENT) => {
-                self.finished(parent);
-                return Vec::new();
-            }
-            // Not a directory any more: unlink whatever it is instead, without following it.
-            Err(Errno::ENOTDIR | Errno::ELOOP) => {
-                if let Err(err) = unlinkat(Some(at), name.as_c_str(), UnlinkatFlags::NoRemoveDir) {
-                    if err != Errno::ENOENT {
-                        self.fail(tree, "removing", path, err);
-                    }
-                }
-                self.finished(parent);
-                return Vec::new();
-            }
-            Err(err) => {
-                self.fail(tree, "opening", path, err);
-                self.finished(parent);
-                return Vec::new();
-            }
-        };
-        let listed = fstat(fd.as_raw_fd()).and_then(|stat| {
-            if stat.st_dev != self.dev {
-                return Err(Errno::EXDEV);
-            }
-            self.freed(tree, &stat);
-            list(&fd)
-        });
-        let (dirs, files) = match listed {
-            Ok(found) => found,
-            Err(Errno::EXDEV) => {
-                let err = Error::Unsupported(format!(
-                    "{} is another filesystem mounted inside a snapshot's tree: not deleting \
-                     into it; unmount it, then run Cleanup again",
-                    path.display()
-                ));
-                self.failed(tree, err);
-                self.finished(parent);
-                return Vec::new();
-            }
-            Err(err) => {
-                self.fail(tree, "listing", path, err);
-                self.finished(parent);
-                return Vec::new();
-            }
+        let Some((fd, dirs, files)) = self.read(at, &name, &path, tree) else {
+            // Nothing to descend into: the parent waits for this entry no longer.
+            self.finished(parent);
+            return Vec::new();
         };
         let chunks = files.len().div_ceil(CHUNK);
         let node = Arc::new(Node {
@@ -248,6 +205,60 @@ impl Deleter<'_> {
             });
         }
         tasks
+    }
+
+    /// Opens and lists directory `name` of `at`. `None` when there is nothing to descend
+    /// into: it is gone already, it was not a directory (and is unlinked instead), or it
+    /// failed (recorded for `tree`).
+    fn read(
+        &self,
+        at: RawFd,
+        name: &CStr,
+        path: &Path,
+        tree: usize,
+    ) -> Option<(OwnedFd, Vec<CString>, Vec<CString>)> {
+        let fd = match open_dir(Some(at), name) {
+            Ok(fd) => fd,
+            // Deleted already (a tree removed twice, or its parent's listing is stale).
+            Err(Errno::ENOENT) => return None,
+            // Not a directory any more: unlink whatever it is instead, without following it.
+            Err(Errno::ENOTDIR | Errno::ELOOP) => {
+                match unlinkat(Some(at), name, UnlinkatFlags::NoRemoveDir) {
+                    Ok(()) | Err(Errno::ENOENT) => {}
+                    Err(err) => self.fail(tree, "removing", path.to_path_buf(), err),
+                }
+                return None;
+            }
+            Err(err) => {
+                self.fail(tree, "opening", path.to_path_buf(), err);
+                return None;
+            }
+        };
+        let listed = fstat(fd.as_raw_fd()).and_then(|stat| {
+            if stat.st_dev != self.dev {
+                return Err(Errno::EXDEV);
+            }
+            self.freed(tree, &stat);
+            list(&fd)
+        });
+        match listed {
+            Ok((dirs, files)) => Some((fd, dirs, files)),
+            Err(Errno::EXDEV) => {
+                self.failed(
+                    tree,
+                    Error::Unsupported(format!(
+                        "{} is another filesystem mounted inside a snapshot's tree: not \
+                         deleting into it; unmount it, then run Cleanup again",
+                        path.display()
+                    )),
+                );
+                None
+            }
+            Err(err) => {
+                self.fail(tree, "listing", path.to_path_buf(), err);
+                None
+            }
+        }
     }
 
     /// Unlinks one entry of `node`; a directory found in its place becomes a task to open.
