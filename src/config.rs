@@ -52,7 +52,8 @@ pub struct Config {
     pub root: PathBuf,
     /// The unix socket lamina serves on.
     pub address: PathBuf,
-    /// Delete a snapshot's directories before Remove answers, instead of at the next Cleanup.
+    /// Delete a snapshot's directories before Remove answers, instead of in the background
+    /// right after it.
     pub sync_remove: bool,
     /// Report `containerd.io/snapshot/overlay.upperdir` in Info labels.
     pub upperdir_label: bool,
