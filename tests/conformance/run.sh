@@ -5,7 +5,8 @@
 #   e.g. tests/conformance/run.sh target/debug/lamina
 #        tests/conformance/run.sh target/debug/lamina -run 'TestLaminaConformance/^(Basic|Walk)$'
 #        tests/conformance/run.sh --self-test   # harness check: runs the suite
-#            against containerd's own overlayfs snapshotter (src/lamina/refd)
+#            against containerd's own overlayfs snapshotter (the benchmark's
+#            benches/go/src/laminabench/overlayd)
 #
 # The lamina binary comes from $1 or, if $1 is absent/empty, from $LAMINA_BIN.
 # Must run as root (the suite mounts filesystems).
@@ -68,7 +69,8 @@ trap cleanup EXIT
 
 # Hermetic, offline GOPATH-mode build against Debian's packaged Go sources.
 export GO111MODULE=off
-export GOPATH="$script_dir:/usr/share/gocode"
+# benches/go holds overlayd, which --self-test builds.
+export GOPATH="$script_dir:$script_dir/../../benches/go:/usr/share/gocode"
 export GOFLAGS=""
 export GOPROXY=off
 export GOSUMDB=off
@@ -88,9 +90,9 @@ log="$work/go-test.log"
 
 echo "conformance: $("$GO" version)"
 if [[ $self_test -eq 1 ]]; then
-    echo "conformance: self-test: building lamina/refd (containerd's overlayfs snapshotter behind the Snapshots API)"
-    "$GO" build -o "$work/refd" lamina/refd
-    LAMINA_BIN="$work/refd"
+    echo "conformance: self-test: building laminabench/overlayd (containerd's overlayfs snapshotter behind the Snapshots API)"
+    "$GO" build -o "$work/overlayd" laminabench/overlayd
+    LAMINA_BIN="$work/overlayd"
     export LAMINA_BIN
 fi
 echo "conformance: lamina binary: $LAMINA_BIN"

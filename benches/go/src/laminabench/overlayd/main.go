@@ -2,7 +2,9 @@
 // (github.com/containerd/containerd/snapshots/overlay) over containerd's
 // Snapshots gRPC API on a unix socket, so that lamina's benchmark can drive it
 // exactly as it drives lamina: same client code, its own process, its own
-// socket.
+// socket. The conformance harness's self-test (tests/conformance/run.sh
+// --self-test) runs containerd's suite against it, to check the harness apart
+// from lamina.
 //
 //	overlayd [serve] --root DIR --address SOCK
 //
@@ -10,7 +12,7 @@
 // (snapshots/overlay/plugin: AsynchronousRemove, no upperdir label), and the
 // same service adapter containerd uses for proxy snapshotters
 // (contrib/snapshotservice). Build it in GOPATH mode against Debian's
-// packaged containerd sources (benches/run.sh or the benchmark does this):
+// packaged containerd sources (the benchmark does this):
 //
 //	GO111MODULE=off GOPATH=$PWD/benches/go:/usr/share/gocode go build laminabench/overlayd
 package main
