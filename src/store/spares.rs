@@ -126,8 +126,12 @@ impl Spares {
     }
 
     fn take(&self, with_work: bool) -> Option<PathBuf> {
-        let mut state = self.shared.state.lock().unwrap_or_else(|e| e.into_inner());
-        let tree = state.queue(with_work).pop_front();
+        let tree = {
+            let mut state = self.shared.state.lock().unwrap_or_else(|e| e.into_inner());
+            state.queue(with_work).pop_front()
+        };
+        // Woken after the lock is released, so the filler does not wake only to wait for it
+        // while the request still holds it.
         if tree.is_some() {
             self.shared.wake.notify_one();
         }
