@@ -10,7 +10,8 @@ use std::{
 /// Runs `work` on `tasks`, and on every task it adds, on up to `threads` threads: the
 /// caller's, and more only while tasks wait with no thread free to take them, so that a small
 /// job never pays for starting threads. Each thread keeps its own state `S`; all of them are
-/// returned. The first error stops every thread before its next task and is returned.
+/// returned. The first error stops every thread before its next task and is returned. A panic
+/// in `work` stops every thread the same way, then goes on unwinding in the caller.
 pub fn run<T, S, E>(
     threads: usize,
     tasks: Vec<T>,
@@ -28,6 +29,7 @@ where
             waiting: 0,
             threads: 1,
             failed: None,
+            panicked: false,
         }),
         more: Condvar::new(),
         max: threads.max(1),
@@ -59,6 +61,24 @@ struct State<T, E> {
     /// Threads started (the caller's included).
     threads: usize,
     failed: Option<E>,
+    /// A task panicked: the others stop as on an error, and the panic reaches the caller
+    /// when the scope ends.
+    panicked: bool,
+}
+
+/// Held while a task runs. Dropped by unwinding, it does what the end of the task would
+/// have: without it, the other threads would wait forever for a busy thread that is gone.
+struct Running<'a, T, S, E>(&'a Pool<T, S, E>);
+
+impl<T, S, E> Drop for Running<'_, T, S, E> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let mut state = self.0.state.lock().unwrap_or_else(|e| e.into_inner());
+            state.busy -= 1;
+            state.panicked = true;
+            self.0.more.notify_all();
+        }
+    }
 }
 
 impl<T: Send, S: Default + Send, E: Send> Pool<T, S, E> {
@@ -76,7 +96,7 @@ impl<T: Send, S: Default + Send, E: Send> Pool<T, S, E> {
             let (task, another) = {
                 let mut state = self.lock();
                 let task = loop {
-                    if state.failed.is_some() {
+                    if state.failed.is_some() || state.panicked {
                         break None;
                     }
                     if let Some(task) = state.tasks.pop() {
@@ -102,9 +122,16 @@ impl<T: Send, S: Default + Send, E: Send> Pool<T, S, E> {
                 (task, another)
             };
             if another {
-                scope.spawn(move || self.worker(scope, work));
+                let started = std::thread::Builder::new()
+                    .spawn_scoped(scope, move || self.worker(scope, work));
+                // Refused (a limit on threads or tasks): the threads already running carry on.
+                if started.is_err() {
+                    self.lock().threads -= 1;
+                }
             }
+            let running = Running(self);
             let result = work(task, &mut mine);
+            std::mem::forget(running);
             let mut state = self.lock();
             state.busy -= 1;
             match result {
@@ -183,5 +210,36 @@ mod tests {
         assert_eq!(out.unwrap_err(), "task 2 failed");
         // One thread takes the stack from the top: 1, then 2, which fails; 3, 4, 5 never run.
         assert_eq!(ran.into_inner(), 2);
+    }
+
+    #[test]
+    fn a_panicking_task_stops_the_others_and_reaches_the_caller() {
+        // Run where a hang shows as a failure, not as a test that never ends.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for threads in [1, 4] {
+                panicking_task(threads);
+            }
+            let _ = tx.send(());
+        });
+        rx.recv_timeout(std::time::Duration::from_secs(60))
+            .expect("the pool hung (or the panic did not reach the caller)");
+    }
+
+    fn panicking_task(threads: usize) {
+        // Task 0, the first taken, panics while the other 63 wait or run on other threads.
+        let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            run(threads, (0..64).rev().collect(), |n: u32, _: &mut ()| {
+                if n == 0 {
+                    panic!("task {n} panicked");
+                }
+                std::thread::sleep(std::time::Duration::from_millis(1));
+                Ok::<_, ()>(vec![])
+            })
+        }));
+        assert!(
+            out.is_err(),
+            "{threads} threads: the panic reaches the caller"
+        );
     }
 }
