@@ -10,7 +10,15 @@
 //! Every directory is opened relative to its parent with `O_NOFOLLOW` and its entries are
 //! unlinked relative to that descriptor, so a symlink put in place of a directory meanwhile
 //! is unlinked, never followed, and no path outside the tree is ever touched. A tree that has
-//! another filesystem mounted inside it is left (that part of it) and reported.
+//! something mounted inside it (another filesystem, or a bind mount of a directory elsewhere on
+//! this one, such as a volume propagated back from a container) is left (that part of it) and
+//! reported.
+//!
+//! A container can nest directories far beyond PATH_MAX. Memory grows with such a tree's depth,
+//! not with its square (a directory being emptied holds its name, not its path), and the climb
+//! back up, removing directories that are done, is a loop, not a recursion that could overflow
+//! the stack. Each level does hold a descriptor while it is emptied, so the depth deleted is
+//! bounded by the open-file limit (lamina's unit allows a million); what is left is reported.
 
 use std::{
     ffi::{CStr, CString, OsStr},
@@ -44,9 +52,7 @@ const CHUNK: usize = 256;
 /// from being deleted. A tree that does not exist is deleted already (0 bytes).
 pub fn remove_trees(parent: &Path, names: &[String], threads: usize) -> Result<Vec<Result<u64>>> {
     let base = open_dir(None, parent).map_err(|e| Error::io("opening", parent, e.into()))?;
-    let dev = fstat(base.as_raw_fd())
-        .map_err(|e| Error::io("reading", parent, e.into()))?
-        .st_dev;
+    let mount = mount_of(&base).map_err(|e| Error::io("reading", parent, e.into()))?;
     let mut tasks = Vec::with_capacity(names.len());
     for (tree, name) in names.iter().enumerate() {
         let name = CString::new(name.as_str()).map_err(|_| {
@@ -63,7 +69,7 @@ pub fn remove_trees(parent: &Path, names: &[String], threads: usize) -> Result<V
     let deleter = Deleter {
         base,
         base_path: parent,
-        dev,
+        mount,
         trees: names.iter().map(|_| Tree::default()).collect(),
     };
     crate::pool::run(threads, tasks, |task, _: &mut ()| {
@@ -91,7 +97,6 @@ struct Tree {
 /// A directory being emptied, kept open so that its entries are unlinked relative to it.
 struct Node {
     fd: OwnedFd,
-    path: PathBuf,
     /// Its name in its parent.
     name: CString,
     /// `None` for a tree's top, whose parent is the base directory.
@@ -99,6 +104,20 @@ struct Node {
     tree: usize,
     /// Tasks still working inside it; the last one to finish removes it.
     pending: AtomicUsize,
+}
+
+impl Drop for Node {
+    /// Lets go of the ancestors that only this node kept alive one by one, rather than by the
+    /// recursion of nested drops, which a deep enough tree would overflow.
+    fn drop(&mut self) {
+        let mut next = self.parent.take();
+        while let Some(node) = next {
+            next = match Arc::try_unwrap(node) {
+                Ok(mut node) => node.parent.take(),
+                Err(_) => None,
+            };
+        }
+    }
 }
 
 enum Task {
@@ -118,7 +137,8 @@ enum Task {
 struct Deleter<'a> {
     base: OwnedFd,
     base_path: &'a Path,
-    dev: u64,
+    /// What a directory must be on to be deleted into (see [`mount_of`]).
+    mount: Mount,
     trees: Vec<Tree>,
 }
 
@@ -139,11 +159,25 @@ impl Deleter<'_> {
         }
     }
 
-    fn dir_of<'s>(&'s self, parent: &'s Option<Arc<Node>>) -> (RawFd, &'s Path) {
+    fn dir_of(&self, parent: Option<&Node>) -> RawFd {
         match parent {
-            Some(p) => (p.fd.as_raw_fd(), &p.path),
-            None => (self.base.as_raw_fd(), self.base_path),
+            Some(p) => p.fd.as_raw_fd(),
+            None => self.base.as_raw_fd(),
         }
+    }
+
+    /// The path of entry `name` of `at` (the base if `None`), for messages.
+    fn path(&self, mut at: Option<&Node>, name: &CStr) -> PathBuf {
+        let mut names = vec![name];
+        while let Some(node) = at {
+            names.push(&node.name);
+            at = node.parent.as_deref();
+        }
+        let mut path = self.base_path.to_path_buf();
+        for name in names.iter().rev() {
+            path.push(OsStr::from_bytes(name.to_bytes()));
+        }
+        path
     }
 
     fn fail(&self, tree: usize, context: &'static str, path: PathBuf, err: Errno) {
@@ -169,9 +203,7 @@ impl Deleter<'_> {
     }
 
     fn open(&self, parent: Option<Arc<Node>>, name: CString, tree: usize) -> Vec<Task> {
-        let (at, at_path) = self.dir_of(&parent);
-        let path = at_path.join(OsStr::from_bytes(name.to_bytes()));
-        let Some((fd, dirs, files)) = self.read(at, &name, &path, tree) else {
+        let Some((fd, dirs, files)) = self.read(parent.as_deref(), &name, tree) else {
             // Nothing to descend into: the parent waits for this entry no longer.
             self.finished(parent);
             return Vec::new();
@@ -179,7 +211,6 @@ impl Deleter<'_> {
         let chunks = files.len().div_ceil(CHUNK);
         let node = Arc::new(Node {
             fd,
-            path,
             name,
             parent,
             tree,
@@ -212,11 +243,12 @@ impl Deleter<'_> {
     /// failed (recorded for `tree`).
     fn read(
         &self,
-        at: RawFd,
+        parent: Option<&Node>,
         name: &CStr,
-        path: &Path,
         tree: usize,
     ) -> Option<(OwnedFd, Vec<CString>, Vec<CString>)> {
+        let at = self.dir_of(parent);
+        let path = || self.path(parent, name);
         let fd = match open_dir(Some(at), name) {
             Ok(fd) => fd,
             // Deleted already (a tree removed twice, or its parent's listing is stale).
@@ -225,17 +257,17 @@ impl Deleter<'_> {
             Err(Errno::ENOTDIR | Errno::ELOOP) => {
                 match unlinkat(Some(at), name, UnlinkatFlags::NoRemoveDir) {
                     Ok(()) | Err(Errno::ENOENT) => {}
-                    Err(err) => self.fail(tree, "removing", path.to_path_buf(), err),
+                    Err(err) => self.fail(tree, "removing", path(), err),
                 }
                 return None;
             }
             Err(err) => {
-                self.fail(tree, "opening", path.to_path_buf(), err);
+                self.fail(tree, "opening", path(), err);
                 return None;
             }
         };
         let listed = fstat(fd.as_raw_fd()).and_then(|stat| {
-            if stat.st_dev != self.dev {
+            if mount_of(&fd)? != self.mount {
                 return Err(Errno::EXDEV);
             }
             self.freed(tree, &stat);
@@ -247,15 +279,15 @@ impl Deleter<'_> {
                 self.failed(
                     tree,
                     Error::Unsupported(format!(
-                        "{} is another filesystem mounted inside a snapshot's tree: not \
-                         deleting into it; unmount it, then run Cleanup again",
-                        path.display()
+                        "{} is a mount point inside a snapshot's tree: not deleting into \
+                         it; unmount it, then run Cleanup again",
+                        path().display()
                     )),
                 );
                 None
             }
             Err(err) => {
-                self.fail(tree, "listing", path.to_path_buf(), err);
+                self.fail(tree, "listing", path(), err);
                 None
             }
         }
@@ -271,12 +303,7 @@ impl Deleter<'_> {
             Ok(stat) => stat,
             Err(Errno::ENOENT) => return None,
             Err(err) => {
-                self.fail(
-                    node.tree,
-                    "reading",
-                    node.path.join(OsStr::from_bytes(name.to_bytes())),
-                    err,
-                );
+                self.fail(node.tree, "reading", self.path(Some(node), &name), err);
                 return None;
             }
         };
@@ -295,12 +322,7 @@ impl Deleter<'_> {
         ) {
             Ok(()) => self.freed(node.tree, &stat),
             Err(Errno::ENOENT) => {}
-            Err(err) => self.fail(
-                node.tree,
-                "removing",
-                node.path.join(OsStr::from_bytes(name.to_bytes())),
-                err,
-            ),
+            Err(err) => self.fail(node.tree, "removing", self.path(Some(node), &name), err),
         }
         None
     }
@@ -314,23 +336,60 @@ impl Deleter<'_> {
         }
     }
 
-    /// Removes `node`, now empty, from its parent.
-    fn remove(&self, node: Arc<Node>) {
-        let (at, _) = self.dir_of(&node.parent);
-        match unlinkat(Some(at), node.name.as_c_str(), UnlinkatFlags::RemoveDir) {
-            Ok(()) | Err(Errno::ENOENT) => {}
-            // Not empty: something inside failed (and was reported), or was created meanwhile.
-            Err(Errno::ENOTEMPTY)
-                if self.trees[node.tree]
-                    .failed
-                    .lock()
-                    .is_ok_and(|f| f.is_some()) => {}
-            Err(err) => self.fail(node.tree, "removing", node.path.clone(), err),
+    /// Removes `node`, now empty, from its parent; then the parent too if that was the last
+    /// thing it waited for, and so on upwards.
+    fn remove(&self, mut node: Arc<Node>) {
+        loop {
+            let at = self.dir_of(node.parent.as_deref());
+            match unlinkat(Some(at), node.name.as_c_str(), UnlinkatFlags::RemoveDir) {
+                Ok(()) | Err(Errno::ENOENT) => {}
+                // Not empty: something inside failed (and was reported), or was created
+                // meanwhile.
+                Err(Errno::ENOTEMPTY)
+                    if self.trees[node.tree]
+                        .failed
+                        .lock()
+                        .is_ok_and(|f| f.is_some()) => {}
+                Err(err) => {
+                    let path = self.path(node.parent.as_deref(), &node.name);
+                    self.fail(node.tree, "removing", path, err)
+                }
+            }
+            let Some(parent) = node.parent.clone() else {
+                return;
+            };
+            drop(node);
+            if parent.pending.fetch_sub(1, Ordering::AcqRel) != 1 {
+                return;
+            }
+            node = parent;
         }
-        let parent = node.parent.clone();
-        drop(node);
-        self.finished(parent);
     }
+}
+
+/// The mount a directory is reached through: its device and, where the kernel reports it
+/// (5.8 and later), its mount ID. The device alone tells filesystems apart but not a bind
+/// mount from the same filesystem.
+type Mount = (u64, Option<u64>);
+
+fn mount_of(fd: &OwnedFd) -> nix::Result<Mount> {
+    // SAFETY: `statx` is plain data, for which all zeroes is a valid value.
+    let mut buf: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: statx only writes into `buf`, which has the right type, and reads the empty,
+    // NUL-terminated path; the descriptor stays open for the whole call.
+    let rc = unsafe {
+        libc::statx(
+            fd.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW,
+            libc::STATX_MNT_ID,
+            &mut buf,
+        )
+    };
+    Errno::result(rc)?;
+    let dev = libc::makedev(buf.stx_dev_major, buf.stx_dev_minor);
+    let id = (buf.stx_mask & libc::STATX_MNT_ID != 0).then_some(buf.stx_mnt_id);
+    Ok((dev, id))
 }
 
 fn is_dir(stat: &FileStat) -> bool {
@@ -420,6 +479,83 @@ mod tests {
         assert!(
             fs::metadata("/etc/passwd").is_ok(),
             "a symlink is not followed"
+        );
+    }
+
+    #[test]
+    fn a_tree_deeper_than_path_max_is_deleted() {
+        use nix::sys::resource::{getrlimit, setrlimit, Resource};
+        // The deleter holds a descriptor per level while it works down a tree; lamina's unit
+        // allows a million. Here: as many as the limits allow (root may raise them).
+        let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+        let want = hard.max(if nix::unistd::geteuid().is_root() {
+            65_536
+        } else {
+            0
+        });
+        let limit = match setrlimit(Resource::RLIMIT_NOFILE, want, want) {
+            Ok(()) => want,
+            Err(_) => {
+                setrlimit(Resource::RLIMIT_NOFILE, hard, hard).unwrap();
+                hard
+            }
+        };
+        let depth = 20_000.min(limit.saturating_sub(500) as usize);
+        // Not a TempDir: on failure, its recursive cleanup would overflow the stack on this
+        // tree and hide the assertion's message.
+        let base = tempfile::tempdir().unwrap().keep();
+        // Nested directories (a path of 2 bytes a level) made relative to each other, as a
+        // container can. Deleting them climbs back up every level, which recursion would do
+        // on a thread's stack at its peril.
+        fs::create_dir(base.join("9")).unwrap();
+        let mut at = open_dir(None, &base.join("9")).unwrap();
+        let mode = Mode::from_bits_truncate(0o755);
+        for _ in 0..depth {
+            nix::sys::stat::mkdirat(Some(at.as_raw_fd()), "d", mode).unwrap();
+            at = open_dir(Some(at.as_raw_fd()), "d").unwrap();
+        }
+        nix::sys::stat::mkdirat(Some(at.as_raw_fd()), "leaf", mode).unwrap();
+        drop(at);
+        let out = remove_trees(&base, &names(&["9"]), 4).unwrap();
+        assert!(out[0].is_ok(), "{depth} levels: {:.300?}", out[0]);
+        assert!(!base.join("9").exists());
+        fs::remove_dir(&base).unwrap();
+    }
+
+    #[test]
+    fn a_bind_mount_inside_a_tree_is_not_deleted_into() {
+        if !nix::unistd::geteuid().is_root() {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "needs root (it bind-mounts); CI is set"
+            );
+            eprintln!("skipped: needs root (it bind-mounts)");
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let base = tmp.path().join("base");
+        let outside = tmp.path().join("volume");
+        fs::create_dir_all(base.join("3/fs/vol")).unwrap();
+        fs::create_dir(&outside).unwrap();
+        fs::write(outside.join("precious"), b"p").unwrap();
+        // Same filesystem, so the same device: only the mount ID tells it apart (as with a
+        // volume propagated back into a snapshot from a container).
+        nix::mount::mount(
+            Some(&outside),
+            &base.join("3/fs/vol"),
+            None::<&str>,
+            nix::mount::MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .unwrap();
+        let out = remove_trees(&base, &names(&["3"]), 2);
+        crate::sys::unmount(&base.join("3/fs/vol")).unwrap();
+        let err = out.unwrap().remove(0).unwrap_err();
+        assert!(matches!(err, Error::Unsupported(_)), "{err}");
+        assert!(err.to_string().contains("3/fs/vol"), "{err}");
+        assert!(
+            outside.join("precious").exists(),
+            "nothing deleted through the mount"
         );
     }
 
