@@ -147,7 +147,18 @@ impl Handle {
                 std::thread::sleep(std::time::Duration::from_millis(1));
             }
         }
-        let db = Database::create(&self.path).map_err(|e| e.to_string())?;
+        // Open, never create: a store file deleted or emptied meanwhile must not come back as
+        // a new, empty store, which would hand out IDs again and orphan every snapshot.
+        if std::fs::metadata(&self.path).map_or(true, |m| m.len() == 0) {
+            return Err(format!(
+                "store {} is missing or empty: not starting a new one over existing snapshots; \
+                 restore it, then restart lamina",
+                self.path.display()
+            ));
+        }
+        let db = open_guarded(&self.path, false)
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
         *slot = Some(Arc::new(db));
         Ok(())
     }
@@ -380,7 +391,7 @@ impl Store {
                 path.display()
             )));
         }
-        let db = open_guarded(path)?.map_err(|e| match e {
+        let db = open_guarded(path, true)?.map_err(|e| match e {
             redb::DatabaseError::DatabaseAlreadyOpen => Error::Config(format!(
                 "store {} is in use by another process (a running lamina?): stop it, or use \
                  its socket",
@@ -717,12 +728,19 @@ impl Store {
     }
 }
 
-/// Opens the database, turning a panic inside redb (it asserts on some damaged files, e.g. one
-/// truncated below its recorded length) into a Corrupt error instead of a crash.
-fn open_guarded(path: &Path) -> Result<Result<Database, redb::DatabaseError>> {
+/// Opens the database (creating the file if `create`), turning a panic inside redb (it asserts
+/// on some damaged files, e.g. one truncated below its recorded length) into a Corrupt error
+/// instead of a crash.
+fn open_guarded(path: &Path, create: bool) -> Result<Result<Database, redb::DatabaseError>> {
     let quiet = std::panic::take_hook();
     std::panic::set_hook(Box::new(|_| {}));
-    let opened = std::panic::catch_unwind(|| Database::create(path));
+    let opened = std::panic::catch_unwind(|| {
+        if create {
+            Database::create(path)
+        } else {
+            Database::open(path)
+        }
+    });
     std::panic::set_hook(quiet);
     opened.map_err(|panic| {
         let why = panic
@@ -798,6 +816,24 @@ mod tests {
         let b = wait(s.create("b", "", Kind::Active, BTreeMap::new(), now())).unwrap();
         assert_eq!(s.get("a").unwrap(), a);
         assert_eq!(s.get("b").unwrap(), b);
+    }
+
+    #[test]
+    fn a_store_file_deleted_while_open_is_not_recreated_empty() {
+        let (d, s) = store();
+        wait(s.create("a", "", Kind::Active, BTreeMap::new(), now())).unwrap();
+        let path = d.path().join("db");
+        std::fs::remove_file(&path).unwrap();
+        // A failed write makes the store reopen its file.
+        let boom = wait(s.write("injected panic", |_| -> Result<()> {
+            panic!("injected panic inside a write")
+        }));
+        assert!(boom.is_err());
+        // An empty store would hand out ID 1 again, and Cleanup would then take every
+        // existing snapshot's directory for an orphan.
+        let again = wait(s.create("b", "", Kind::Active, BTreeMap::new(), now()));
+        assert!(again.is_err(), "{again:?}");
+        assert!(!path.exists(), "no new, empty store file");
     }
 
     #[test]
