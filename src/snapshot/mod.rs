@@ -504,12 +504,22 @@ impl Snapshotter {
             });
         if let Err(err) = made {
             // Undo, so that a failed Prepare leaves nothing behind (the key can be retried).
-            if let Err(e) = self.store.remove(&key).await {
-                error!(error = %chain(&e), "could not undo a failed create; recovery will finish it");
-            } else if let Some(reaper) = self.reaper.get() {
-                reaper.push(record.id);
-            } else if let Err(e) = self.layout.remove_dirs(record.id) {
-                warn!(error = %chain(&e), "partial directory stays until Cleanup");
+            // By ID: the key may have been removed and prepared again meanwhile (by a client
+            // that reuses keys), and that snapshot is not this one to undo. Either way this
+            // ID's record is then gone, and whatever part of its directory was made goes too.
+            let undone = match self.store.remove_if(&key, Some(record.id)).await {
+                Ok(_) | Err(Error::NotFound(_)) => true,
+                Err(e) => {
+                    error!(error = %chain(&e), "could not undo a failed create; recovery will finish it");
+                    false
+                }
+            };
+            if undone {
+                if let Some(reaper) = self.reaper.get() {
+                    reaper.push(record.id);
+                } else if let Err(e) = self.layout.remove_dirs(record.id) {
+                    warn!(error = %chain(&e), "partial directory stays until Cleanup");
+                }
             }
             return Err(err);
         }

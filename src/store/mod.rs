@@ -649,11 +649,27 @@ impl Store {
 
     /// Deletes the record of `key`, refusing while it has children. Returns what was removed.
     pub fn remove(&self, key: &str) -> impl Future<Output = Result<Record>> + Send + 'static {
+        self.remove_if(key, None)
+    }
+
+    /// [`Store::remove`], only while `key` is still snapshot `id` (NotFound otherwise): for
+    /// undoing a creation, which must not remove whatever took the key since.
+    pub fn remove_if(
+        &self,
+        key: &str,
+        id: Option<u64>,
+    ) -> impl Future<Output = Result<Record>> + Send + 'static {
         let key = key.to_string();
         self.write("removing a snapshot", move |tx| {
             let key = key.as_str();
             let mut snapshots = tx.open_table(SNAPSHOTS)?;
             let record = lookup(&snapshots, key)?;
+            if id.is_some_and(|id| id != record.id) {
+                return Err(Error::NotFound(format!(
+                    "snapshot {key:?} is no longer snapshot {}",
+                    id.unwrap_or_default()
+                )));
+            }
             let mut children = tx.open_table(CHILDREN)?;
             let first_child = children
                 .range((key, "")..)?
@@ -834,6 +850,19 @@ mod tests {
         let again = wait(s.create("b", "", Kind::Active, BTreeMap::new(), now()));
         assert!(again.is_err(), "{again:?}");
         assert!(!path.exists(), "no new, empty store file");
+    }
+
+    #[test]
+    fn a_conditional_remove_leaves_a_key_that_changed_hands() {
+        let (_d, s) = store();
+        let first = wait(s.create("k", "", Kind::Active, BTreeMap::new(), now())).unwrap();
+        wait(s.remove("k")).unwrap();
+        let second = wait(s.create("k", "", Kind::Active, BTreeMap::new(), now())).unwrap();
+        let stale = wait(s.remove_if("k", Some(first.id)));
+        assert!(matches!(stale, Err(Error::NotFound(_))), "{stale:?}");
+        assert_eq!(s.get("k").unwrap(), second);
+        wait(s.remove_if("k", Some(second.id))).unwrap();
+        assert!(matches!(s.get("k"), Err(Error::NotFound(_))));
     }
 
     #[test]
