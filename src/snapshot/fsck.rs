@@ -11,7 +11,7 @@ use std::{
 use super::Snapshotter;
 use crate::{
     error::{chain, Result},
-    store::{layout::DirEntry, Kind},
+    store::{layout::DirEntry, Kind, Record},
 };
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -102,10 +102,26 @@ impl Snapshotter {
     /// committed snapshot's lost data and a dangling parent cannot be repaired and are only
     /// reported, as are entries that are not lamina's.
     pub fn fsck(&self, repair: bool) -> Result<Report> {
-        let mut report = Report::default();
         // Directories first, then the store: a snapshot prepared meanwhile is in the store read.
         let entries = self.layout.list()?;
         let records = self.store.list()?;
+        Ok(self.compare(repair, entries, records))
+    }
+
+    /// Whether `key` is still snapshot `id`. Online, a Remove (perhaps followed by a Prepare
+    /// of the same key) can land after the store was read: what was seen of that snapshot is
+    /// then stale, not wrong, and repairing it would recreate directories nobody owns.
+    fn still_is(&self, key: &str, id: u64) -> bool {
+        self.store.get(key).is_ok_and(|r| r.id == id)
+    }
+
+    fn compare(
+        &self,
+        repair: bool,
+        entries: Vec<DirEntry>,
+        records: Vec<(String, Record)>,
+    ) -> Report {
+        let mut report = Report::default();
         let by_key: HashMap<&str, u64> = records.iter().map(|(k, r)| (k.as_str(), r.id)).collect();
         let owned: HashMap<u64, &str> = records.iter().map(|(k, r)| (r.id, k.as_str())).collect();
         report.snapshots_checked = records.len() as u64;
@@ -145,6 +161,9 @@ impl Snapshotter {
         for (key, record) in &records {
             let id = record.id;
             if !layout.fs(id).is_dir() {
+                if !self.still_is(key, id) {
+                    continue;
+                }
                 let detail = format!("{} snapshot has no data directory", record.kind.as_str());
                 if record.kind == Kind::Committed {
                     c.found(
@@ -176,7 +195,7 @@ impl Snapshotter {
             if record.kind == Kind::Active {
                 if layout.work(id).is_dir() {
                     c.mode(key, &layout.work(id), 0o711);
-                } else {
+                } else if self.still_is(key, id) {
                     let mut fix = || layout.create_dirs(id, true, None);
                     c.found(
                         "missing_workdir",
@@ -190,6 +209,7 @@ impl Snapshotter {
             }
             if !record.parent.is_empty()
                 && by_key.get(record.parent.as_str()) != record.parent_ids.first()
+                && self.still_is(key, id)
             {
                 c.found(
                     "dangling_parent",
@@ -204,6 +224,52 @@ impl Snapshotter {
                 );
             }
         }
-        Ok(report)
+        report
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{collections::BTreeMap, time::SystemTime};
+
+    use super::*;
+    use crate::{snapshot::Options, store::layout::Layout};
+
+    #[test]
+    fn a_snapshot_removed_after_the_store_was_read_is_neither_reported_nor_recreated() {
+        let tmp = tempfile::tempdir().unwrap();
+        let s = Snapshotter::open(
+            Layout::new(tmp.path().join("root")),
+            Options {
+                mount_options: Vec::new(),
+                sync_remove: true,
+                upperdir_label: false,
+            },
+        )
+        .unwrap();
+        use futures::executor::block_on as wait;
+        for key in ["gone", "kept"] {
+            let r = wait(
+                s.store
+                    .create(key, "", Kind::Active, BTreeMap::new(), SystemTime::now()),
+            )
+            .unwrap();
+            s.layout.create_dirs(r.id, true, None).unwrap();
+        }
+        // What fsck read, then a Remove lands (record, then directory) before it looks.
+        let records = s.store.list().unwrap();
+        let gone = wait(s.store.remove("gone")).unwrap();
+        s.layout.remove_dirs(gone.id).unwrap();
+        let kept = s.store.get("kept").unwrap();
+        std::fs::remove_dir_all(s.layout.dir(kept.id)).unwrap();
+        let report = s.compare(true, s.layout.list().unwrap(), records);
+        let keys: Vec<&str> = report.findings.iter().map(|f| f.key.as_str()).collect();
+        // "kept" really lost its directory and gets it back; "gone" is nobody's any more.
+        assert_eq!(keys, vec!["kept"], "{:?}", report.findings);
+        assert!(s.layout.fs(kept.id).is_dir());
+        assert!(
+            !s.layout.dir(gone.id).exists(),
+            "a removed snapshot's directory came back"
+        );
     }
 }
