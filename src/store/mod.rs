@@ -119,33 +119,60 @@ struct Handle {
 impl Handle {
     /// The database for one transaction; hold it no longer than that transaction.
     fn get(&self) -> Result<Arc<Database>> {
-        self.db
-            .read()
-            .ok()
-            .and_then(|db| db.clone())
-            .ok_or_else(|| {
-                Error::Internal(format!(
-                    "store {} is being reopened after an I/O error; retry",
-                    self.path.display()
-                ))
-            })
+        if let Some(db) = self.current() {
+            return Ok(db);
+        }
+        // A reopen gave up waiting for a long read; once that read is over, whoever comes
+        // next (a read as well as a write) opens the file again.
+        if let Err(e) = self.reopen() {
+            tracing::debug!(error = %e, "store not reopened yet");
+        }
+        self.current().ok_or_else(|| {
+            Error::Unavailable(format!(
+                "store {} is being reopened after a failed write; retry",
+                self.path.display()
+            ))
+        })
+    }
+
+    fn current(&self) -> Option<Arc<Database>> {
+        self.db.read().ok().and_then(|db| db.clone())
     }
 
     /// Closes the database once no transaction uses it, and opens the file again.
     fn reopen(&self) -> std::result::Result<(), String> {
-        let mut slot = self
+        // Taken out under the lock, waited for outside it: a reader holds its clone for one
+        // read transaction, and a List's lasts as long as its client takes to read the
+        // stream. Meanwhile other readers get Unavailable at once instead of blocking a
+        // runtime thread, which a List waiting for its client could otherwise deadlock.
+        let old = self
             .db
             .write()
-            .map_err(|_| "store lock poisoned".to_string())?;
-        if let Some(mut old) = slot.take() {
-            // Readers hold a clone only for one read transaction; none can start meanwhile.
+            .map_err(|_| "store lock poisoned".to_string())?
+            .take();
+        if let Some(mut old) = old {
+            let deadline = std::time::Instant::now() + REOPEN_WAIT;
             loop {
                 match Arc::try_unwrap(old) {
                     Ok(db) => break drop(db),
                     Err(still) => old = still,
                 }
+                if std::time::Instant::now() > deadline {
+                    // The last reader closes it; a later failed write tries again.
+                    return Err(format!(
+                        "a read still uses the store after {REOPEN_WAIT:?}; writes fail until \
+                         it ends and a write reopens the store"
+                    ));
+                }
                 std::thread::sleep(std::time::Duration::from_millis(1));
             }
+        }
+        let mut slot = self
+            .db
+            .write()
+            .map_err(|_| "store lock poisoned".to_string())?;
+        if slot.is_some() {
+            return Ok(());
         }
         // Open, never create: a store file deleted or emptied meanwhile must not come back as
         // a new, empty store, which would hand out IDs again and orphan every snapshot.
@@ -163,6 +190,10 @@ impl Handle {
         Ok(())
     }
 }
+
+/// How long a reopen waits for reads of the old database to end before giving up until the
+/// next failed write (it holds the writer meanwhile).
+const REOPEN_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Why a batch was not committed.
 struct Failure {
@@ -863,6 +894,52 @@ mod tests {
         assert_eq!(s.get("k").unwrap(), second);
         wait(s.remove_if("k", Some(second.id))).unwrap();
         assert!(matches!(s.get("k"), Err(Error::NotFound(_))));
+    }
+
+    #[test]
+    fn a_reopen_does_not_wait_forever_for_a_long_read() {
+        // Run where a hang shows as a failure, not as a test that never ends.
+        let (done, finished) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            a_long_read_during_a_reopen();
+            let _ = done.send(());
+        });
+        finished
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .expect("the store hung (or a check failed) while a read outlived a reopen");
+    }
+
+    fn a_long_read_during_a_reopen() {
+        let (_d, s) = store();
+        let s = Arc::new(s);
+        let a = wait(s.create("a", "", Kind::Active, BTreeMap::new(), now())).unwrap();
+        // A List whose client does not read: it holds its read transaction.
+        let (started, reading) = std::sync::mpsc::channel();
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let lister = {
+            let s = Arc::clone(&s);
+            std::thread::spawn(move || {
+                s.each(|_, _| {
+                    started.send(()).unwrap();
+                    released.recv().unwrap();
+                    true
+                })
+            })
+        };
+        reading.recv().unwrap();
+        // A failed write reopens the store; it gives up waiting for the read instead of
+        // blocking every later request behind it.
+        let boom = wait(s.write("injected panic", |_| -> Result<()> {
+            panic!("injected panic inside a write")
+        }));
+        assert!(boom.is_err());
+        let busy = s.get("a");
+        assert!(matches!(busy, Err(Error::Unavailable(_))), "{busy:?}");
+        release.send(()).unwrap();
+        lister.join().unwrap().unwrap();
+        // Once the read is over, the next request opens the store again, with everything.
+        assert_eq!(s.get("a").unwrap(), a);
+        wait(s.create("b", "", Kind::Active, BTreeMap::new(), now())).unwrap();
     }
 
     #[test]
