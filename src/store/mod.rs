@@ -512,9 +512,13 @@ impl Store {
             let ok = !matches!(result, Err(Error::Store { .. }));
             let finish: Finish = Box::new(move |failed: Option<&Failure>| {
                 let out = match (failed, result) {
-                    (_, Err(e)) => Err(e),
-                    (Some(failure), Ok(_)) => Err(failure.to_error(what)),
-                    (None, Ok(v)) => Ok(v),
+                    (None, result) => result,
+                    // This job's own store error: the cause of the failure, said precisely.
+                    (Some(_), Err(e @ Error::Store { .. })) => Err(e),
+                    // A request error (AlreadyExists, NotFound…) was decided against the
+                    // batch's uncommitted writes, which are now undone: it may be false
+                    // ("exists" of a key whose creation just failed). Only the failure is true.
+                    (Some(failure), _) => Err(failure.to_error(what)),
                 };
                 let _ = reply.send(out);
             });
@@ -940,6 +944,53 @@ mod tests {
         // Once the read is over, the next request opens the store again, with everything.
         assert_eq!(s.get("a").unwrap(), a);
         wait(s.create("b", "", Kind::Active, BTreeMap::new(), now())).unwrap();
+    }
+
+    #[test]
+    fn a_failed_batch_answers_no_request_error_decided_on_its_undone_writes() {
+        let (_d, s) = store();
+        // Two changes under way: writes queue for the committer and share its batches.
+        let _busy = s.enter();
+        let _other = s.enter();
+        let (inside, is_inside) = std::sync::mpsc::channel();
+        let (go, wait_go) = std::sync::mpsc::channel::<()>();
+        let holder = s.write("holding the batch open", move |_| -> Result<()> {
+            inside.send(()).unwrap();
+            wait_go.recv().unwrap();
+            Ok(())
+        });
+        is_inside.recv().unwrap();
+        // Queued while the committer is inside the batch: they join it.
+        let first = s.create("k", "", Kind::Active, BTreeMap::new(), now());
+        let second = s.create("k", "", Kind::Active, BTreeMap::new(), now());
+        let broken = s.write("injected", |_| -> Result<()> {
+            Err(Error::store(
+                "injected",
+                redb::StorageError::Corrupted("injected".into()),
+            ))
+        });
+        go.send(()).unwrap();
+        assert!(wait(holder).is_err());
+        assert!(wait(first).is_err());
+        // The second saw the first's record, which was never committed.
+        let second = wait(second);
+        assert!(
+            second
+                .as_ref()
+                .is_err_and(|e| !matches!(e, Error::AlreadyExists(_))),
+            "{second:?}"
+        );
+        assert!(matches!(wait(broken), Err(Error::Store { .. })));
+        // The store reopens after the failed batch; a read meanwhile may be told to retry.
+        let mut k = s.get("k");
+        for _ in 0..500 {
+            if !matches!(k, Err(Error::Unavailable(_))) {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+            k = s.get("k");
+        }
+        assert!(matches!(k, Err(Error::NotFound(_))), "{k:?}");
     }
 
     #[test]
