@@ -49,9 +49,13 @@ use filter::{Fields, Filter};
 pub const MAX_KEY_BYTES: usize = 4096;
 /// containerd's own limit on one label's key plus value.
 pub const MAX_LABEL_BYTES: usize = 4096;
-/// lamina's limit on all of one snapshot's labels together, so that every snapshot's Info
-/// fits in one gRPC message (containerd's limit is 16 MiB) with room to spare.
+/// lamina's limit on all of one snapshot's labels together, as encoded (see [`check_labels_total`]),
+/// so that every snapshot's Info fits in one gRPC message (containerd's limit is 16 MiB) with
+/// room to spare.
 pub const MAX_LABELS_TOTAL_BYTES: usize = 12 << 20;
+/// What one label costs in an Info beyond its key and value: protobuf's map-entry framing (a
+/// tag and a length for the entry, its key and its value), rounded up.
+const LABEL_ENCODING_BYTES: usize = 16;
 /// The label that reports a snapshot's upper directory when `upperdir_label` is on.
 pub const UPPERDIR_LABEL: &str = "containerd.io/snapshot/overlay.upperdir";
 
@@ -334,7 +338,8 @@ impl Snapshotter {
                             )));
                         }
                     }
-                    Ok(())
+                    // Updates of single labels add up: the result must fit too.
+                    check_labels_total(labels.iter())
                 })
                 .await?;
             Ok(s.info(key, record))
@@ -683,15 +688,27 @@ fn check_key(what: &str, key: &str) -> Result<()> {
     Ok(())
 }
 
-fn check_labels(labels: HashMap<String, String>) -> Result<BTreeMap<String, String>> {
-    let total: usize = labels.iter().map(|(k, v)| k.len() + v.len()).sum();
+/// Refuses labels that would take more than [`MAX_LABELS_TOTAL_BYTES`] in an Info, counting
+/// each one's encoding: many tiny labels cost far more than their text.
+fn check_labels_total<'a>(
+    labels: impl IntoIterator<Item = (&'a String, &'a String)>,
+) -> Result<()> {
+    let (mut n, mut total) = (0, 0);
+    for (k, v) in labels {
+        n += 1;
+        total += k.len() + v.len() + LABEL_ENCODING_BYTES;
+    }
     if total > MAX_LABELS_TOTAL_BYTES {
         return Err(Error::invalid(format!(
-            "{} labels of {total} bytes in all; at most {MAX_LABELS_TOTAL_BYTES} bytes are \
-             accepted per snapshot",
-            labels.len()
+            "{n} labels of {total} bytes in all (counting {LABEL_ENCODING_BYTES} bytes of \
+             encoding each); at most {MAX_LABELS_TOTAL_BYTES} bytes are accepted per snapshot"
         )));
     }
+    Ok(())
+}
+
+fn check_labels(labels: HashMap<String, String>) -> Result<BTreeMap<String, String>> {
+    check_labels_total(&labels)?;
     for (k, v) in &labels {
         if k.is_empty() {
             return Err(Error::invalid("label keys must not be empty"));

@@ -700,6 +700,52 @@ async fn list_answers_when_all_labels_together_exceed_one_message() {
     report("labels beyond one message", 2);
 }
 
+/// Updates of one label at a time add up. What they add up to is held to the same limit as
+/// one request, or a snapshot could grow past what one message carries: then its Stat fails,
+/// and so does every List that includes it (containerd's garbage collector with it).
+#[tokio::test]
+async fn label_updates_cannot_grow_a_snapshot_past_the_limit() {
+    if !require_root() {
+        return;
+    }
+    let d = TestDaemon::start().await;
+    let mut c = big_client(&d).await;
+    c.prepare_with("grown", "", HashMap::new()).await.unwrap();
+    // Batches of 1000 labels of 4000 bytes: about 4 MB each, within the 12 MiB limit until
+    // the fourth.
+    let batch = |b: usize| -> HashMap<String, String> {
+        (0..1000)
+            .map(|i| (format!("containerd.io/l{b}-{i:04}"), "v".repeat(4000)))
+            .collect()
+    };
+    let mut all = HashMap::new();
+    for b in 0..4 {
+        let labels = batch(b);
+        let paths: Vec<String> = labels.keys().map(|k| format!("labels.{k}")).collect();
+        let paths: Vec<&str> = paths.iter().map(String::as_str).collect();
+        // Only the count, so that a failure does not print megabytes of labels.
+        let updated = c
+            .update(info("grown", labels.clone()), &paths)
+            .await
+            .map(|i| i.labels.len());
+        if b < 3 {
+            tried(1);
+            assert_eq!(updated.unwrap(), 1000 * (b + 1));
+            all.extend(labels);
+        } else {
+            refused(
+                "an Update of single labels past the total",
+                updated,
+                Code::InvalidArgument,
+                &["4000 labels", "bytes in all"],
+            );
+        }
+    }
+    assert_eq!(c.stat("grown").await.unwrap().labels, all);
+    assert_eq!(c.list(&[]).await.unwrap(), vec!["grown"]);
+    report("label updates past the total", 4);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Filters and field paths
 // ---------------------------------------------------------------------------------------------
