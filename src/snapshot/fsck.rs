@@ -6,6 +6,7 @@ use std::{
     fs,
     os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
+    time::{Duration, SystemTime},
 };
 
 use super::Snapshotter;
@@ -42,6 +43,10 @@ impl Report {
             .all(|f| f.kind == "foreign" || f.repaired)
     }
 }
+
+/// How long after its record a creation may still be making its directories, as far as an
+/// online fsck is concerned (it takes milliseconds; this leaves room for a stalled disk).
+const IN_FLIGHT: Duration = Duration::from_secs(10);
 
 struct Check<'a> {
     report: &'a mut Report,
@@ -100,7 +105,8 @@ impl Snapshotter {
     /// Compares the store with `<root>/snapshots`. With `repair`: deletes orphan directories,
     /// recreates missing directories of active snapshots and views, and fixes modes; a
     /// committed snapshot's lost data and a dangling parent cannot be repaired and are only
-    /// reported, as are entries that are not lamina's.
+    /// reported, as are entries that are not lamina's. While lamina serves, an active snapshot
+    /// or view created in the last 10 s may still be making its directories and is left alone.
     pub fn fsck(&self, repair: bool) -> Result<Report> {
         // Directories first, then the store: a snapshot prepared meanwhile is in the store read.
         let entries = self.layout.list()?;
@@ -122,6 +128,15 @@ impl Snapshotter {
         records: Vec<(String, Record)>,
     ) -> Report {
         let mut report = Report::default();
+        // Serving: creations are under way, and one whose record is committed but whose
+        // directories are not made yet is no finding (repairing it would fail that Prepare).
+        let online = self.reaper.get().is_some();
+        let in_flight = |r: &Record| {
+            r.kind != Kind::Committed
+                && SystemTime::now()
+                    .duration_since(r.created)
+                    .is_ok_and(|age| age < IN_FLIGHT)
+        };
         let by_key: HashMap<&str, u64> = records.iter().map(|(k, r)| (k.as_str(), r.id)).collect();
         let owned: HashMap<u64, &str> = records.iter().map(|(k, r)| (r.id, k.as_str())).collect();
         report.snapshots_checked = records.len() as u64;
@@ -161,7 +176,7 @@ impl Snapshotter {
         for (key, record) in &records {
             let id = record.id;
             if !layout.fs(id).is_dir() {
-                if !self.still_is(key, id) {
+                if !self.still_is(key, id) || (online && in_flight(record)) {
                     continue;
                 }
                 let detail = format!("{} snapshot has no data directory", record.kind.as_str());
@@ -195,7 +210,7 @@ impl Snapshotter {
             if record.kind == Kind::Active {
                 if layout.work(id).is_dir() {
                     c.mode(key, &layout.work(id), 0o711);
-                } else if self.still_is(key, id) {
+                } else if self.still_is(key, id) && !(online && in_flight(record)) {
                     let mut fix = || layout.create_dirs(id, true, None);
                     c.found(
                         "missing_workdir",
@@ -271,5 +286,43 @@ mod tests {
             !s.layout.dir(gone.id).exists(),
             "a removed snapshot's directory came back"
         );
+    }
+
+    #[test]
+    fn online_a_creation_under_way_is_left_to_finish() {
+        use futures::executor::block_on as wait;
+        let tmp = tempfile::tempdir().unwrap();
+        let open = || {
+            Snapshotter::open(
+                Layout::new(tmp.path().join("root")),
+                Options {
+                    mount_options: Vec::new(),
+                    sync_remove: false,
+                    upperdir_label: false,
+                },
+            )
+            .unwrap()
+        };
+        let s = open();
+        s.start_background().unwrap();
+        // A Prepare between its record and its directories.
+        let r = wait(
+            s.store
+                .create("new", "", Kind::Active, BTreeMap::new(), SystemTime::now()),
+        )
+        .unwrap();
+        let report = s.fsck(true).unwrap();
+        assert!(report.findings.is_empty(), "{:?}", report.findings);
+        assert!(
+            !s.layout.dir(r.id).exists(),
+            "fsck made the directories first"
+        );
+        drop(s);
+        // Stopped (after a crash, say), the same record is a creation that never finished.
+        let s = open();
+        let report = s.fsck(true).unwrap();
+        let kinds: Vec<&str> = report.findings.iter().map(|f| f.kind).collect();
+        assert_eq!(kinds, vec!["missing_directory"]);
+        assert!(s.layout.fs(r.id).is_dir());
     }
 }
