@@ -210,7 +210,7 @@ impl Snapshotter {
             if record.kind == Kind::Active {
                 if layout.work(id).is_dir() {
                     c.mode(key, &layout.work(id), 0o711);
-                } else if self.still_is(key, id) && !(online && in_flight(record)) {
+                } else if self.still_is(key, id) {
                     let mut fix = || layout.create_dirs(id, true, None);
                     c.found(
                         "missing_workdir",
