@@ -49,9 +49,9 @@ use filter::{Fields, Filter};
 pub const MAX_KEY_BYTES: usize = 4096;
 /// containerd's own limit on one label's key plus value.
 pub const MAX_LABEL_BYTES: usize = 4096;
-/// lamina's limit on all of one snapshot's labels together, as encoded (see [`check_labels_total`]),
-/// so that every snapshot's Info fits in one gRPC message (containerd's limit is 16 MiB) with
-/// room to spare.
+/// lamina's limit on all of one snapshot's labels together, as encoded (see
+/// [`check_labels_total`]), so that every snapshot's Info fits in one gRPC message
+/// (containerd's limit is 16 MiB) with room to spare.
 pub const MAX_LABELS_TOTAL_BYTES: usize = 12 << 20;
 /// What one label costs in an Info beyond its key and value: protobuf's map-entry framing (a
 /// tag and a length for the entry, its key and its value), rounded up.

@@ -158,10 +158,10 @@ impl Handle {
                     Err(still) => old = still,
                 }
                 if std::time::Instant::now() > deadline {
-                    // The last reader closes it; a later failed write tries again.
+                    // The last reader closes it; the next request after that reopens.
                     return Err(format!(
-                        "a read still uses the store after {REOPEN_WAIT:?}; writes fail until \
-                         it ends and a write reopens the store"
+                        "a read still uses the store after {REOPEN_WAIT:?}; requests get \
+                         Unavailable until it ends, and the next one reopens the store"
                     ));
                 }
                 std::thread::sleep(std::time::Duration::from_millis(1));
@@ -191,8 +191,8 @@ impl Handle {
     }
 }
 
-/// How long a reopen waits for reads of the old database to end before giving up until the
-/// next failed write (it holds the writer meanwhile).
+/// How long a reopen waits for reads of the old database to end before leaving the reopen
+/// to a later request (it holds the writer meanwhile).
 const REOPEN_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Why a batch was not committed.
