@@ -38,7 +38,7 @@ use nix::{
     dir::{Dir, Type},
     errno::Errno,
     fcntl::{openat, AtFlags, OFlag},
-    sys::stat::{fstat, fstatat, FileStat, Mode},
+    sys::stat::{fstatat, FileStat, Mode},
     unistd::{unlinkat, UnlinkatFlags},
 };
 
@@ -52,7 +52,7 @@ const CHUNK: usize = 256;
 /// from being deleted. A tree that does not exist is deleted already (0 bytes).
 pub fn remove_trees(parent: &Path, names: &[String], threads: usize) -> Result<Vec<Result<u64>>> {
     let base = open_dir(None, parent).map_err(|e| Error::io("opening", parent, e.into()))?;
-    let mount = mount_of(&base).map_err(|e| Error::io("reading", parent, e.into()))?;
+    let (mount, _) = stat_dir(&base).map_err(|e| Error::io("reading", parent, e.into()))?;
     let mut tasks = Vec::with_capacity(names.len());
     for (tree, name) in names.iter().enumerate() {
         let name = CString::new(name.as_str()).map_err(|_| {
@@ -137,7 +137,7 @@ enum Task {
 struct Deleter<'a> {
     base: OwnedFd,
     base_path: &'a Path,
-    /// What a directory must be on to be deleted into (see [`mount_of`]).
+    /// What a directory must be on to be deleted into (see [`Mount`]).
     mount: Mount,
     trees: Vec<Tree>,
 }
@@ -193,13 +193,8 @@ impl Deleter<'_> {
         failed.get_or_insert(err);
     }
 
-    fn freed(&self, tree: usize, stat: &FileStat) {
-        // Blocks are freed with an inode's last link; a file linked twice counts once.
-        if stat.st_nlink <= 1 || is_dir(stat) {
-            self.trees[tree]
-                .bytes
-                .fetch_add(stat.st_blocks as u64 * 512, Ordering::Relaxed);
-        }
+    fn freed(&self, tree: usize, bytes: u64) {
+        self.trees[tree].bytes.fetch_add(bytes, Ordering::Relaxed);
     }
 
     fn open(&self, parent: Option<Arc<Node>>, name: CString, tree: usize) -> Vec<Task> {
@@ -266,11 +261,11 @@ impl Deleter<'_> {
                 return None;
             }
         };
-        let listed = fstat(fd.as_raw_fd()).and_then(|stat| {
-            if mount_of(&fd)? != self.mount {
+        let listed = stat_dir(&fd).and_then(|(mount, bytes)| {
+            if mount != self.mount {
                 return Err(Errno::EXDEV);
             }
-            self.freed(tree, &stat);
+            self.freed(tree, bytes);
             list(&fd)
         });
         match listed {
@@ -320,7 +315,9 @@ impl Deleter<'_> {
             name.as_c_str(),
             UnlinkatFlags::NoRemoveDir,
         ) {
-            Ok(()) => self.freed(node.tree, &stat),
+            // Blocks are freed with an inode's last link; a file linked twice counts once.
+            Ok(()) if stat.st_nlink <= 1 => self.freed(node.tree, stat.st_blocks as u64 * 512),
+            Ok(()) => {}
             Err(Errno::ENOENT) => {}
             Err(err) => self.fail(node.tree, "removing", self.path(Some(node), &name), err),
         }
@@ -372,7 +369,8 @@ impl Deleter<'_> {
 /// mount from the same filesystem.
 type Mount = (u64, Option<u64>);
 
-fn mount_of(fd: &OwnedFd) -> nix::Result<Mount> {
+/// An open directory's mount and the bytes of its own blocks, from one `statx`.
+fn stat_dir(fd: &OwnedFd) -> nix::Result<(Mount, u64)> {
     // SAFETY: `statx` is plain data, for which all zeroes is a valid value.
     let mut buf: libc::statx = unsafe { std::mem::zeroed() };
     // SAFETY: statx only writes into `buf`, which has the right type, and reads the empty,
@@ -382,14 +380,14 @@ fn mount_of(fd: &OwnedFd) -> nix::Result<Mount> {
             fd.as_raw_fd(),
             c"".as_ptr(),
             libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW,
-            libc::STATX_MNT_ID,
+            libc::STATX_BLOCKS | libc::STATX_MNT_ID,
             &mut buf,
         )
     };
     Errno::result(rc)?;
     let dev = libc::makedev(buf.stx_dev_major, buf.stx_dev_minor);
     let id = (buf.stx_mask & libc::STATX_MNT_ID != 0).then_some(buf.stx_mnt_id);
-    Ok((dev, id))
+    Ok(((dev, id), buf.stx_blocks * 512))
 }
 
 fn is_dir(stat: &FileStat) -> bool {
