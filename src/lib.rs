@@ -12,3 +12,5 @@ pub mod server;
 pub mod snapshot;
 pub mod store;
 pub mod sys;
+#[cfg(test)]
+mod testing;

@@ -214,16 +214,15 @@ mod tests {
 
     #[test]
     fn a_panicking_task_stops_the_others_and_reaches_the_caller() {
-        // Run where a hang shows as a failure, not as a test that never ends.
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for threads in [1, 4] {
-                panicking_task(threads);
-            }
-            let _ = tx.send(());
-        });
-        rx.recv_timeout(std::time::Duration::from_secs(60))
-            .expect("the pool hung (or the panic did not reach the caller)");
+        crate::testing::within(
+            std::time::Duration::from_secs(60),
+            "the pool after a task panicked",
+            || {
+                for threads in [1, 4] {
+                    panicking_task(threads);
+                }
+            },
+        );
     }
 
     fn panicking_task(threads: usize) {

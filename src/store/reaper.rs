@@ -269,13 +269,11 @@ mod tests {
         assert!(err.contains("retry Cleanup"), "{err}");
         // The thread is still there: the next caller is served (a dead thread would leave it
         // waiting forever, hence the time limit).
-        let reaper = Arc::new(reaper);
-        let (tx, rx) = mpsc::channel();
-        let caller = Arc::clone(&reaper);
-        std::thread::spawn(move || tx.send(caller.remove(vec![14])));
-        let out = rx
-            .recv_timeout(Duration::from_secs(20))
-            .expect("the reaper answers after a panicking batch");
+        let out = crate::testing::within(
+            Duration::from_secs(20),
+            "the reaper after a panicking batch",
+            move || reaper.remove(vec![14]),
+        );
         assert!(out.unwrap()[0].is_ok());
         assert!(!layout.dir(14).exists());
     }
