@@ -699,10 +699,9 @@ impl Store {
             let key = key.as_str();
             let mut snapshots = tx.open_table(SNAPSHOTS)?;
             let record = lookup(&snapshots, key)?;
-            if id.is_some_and(|id| id != record.id) {
+            if let Some(id) = id.filter(|&id| id != record.id) {
                 return Err(Error::NotFound(format!(
-                    "snapshot {key:?} is no longer snapshot {}",
-                    id.unwrap_or_default()
+                    "snapshot {key:?} is no longer snapshot {id}"
                 )));
             }
             let mut children = tx.open_table(CHILDREN)?;
