@@ -245,24 +245,27 @@ impl Snapshotter {
 
 #[cfg(test)]
 mod tests {
-    use std::{collections::BTreeMap, time::SystemTime};
+    use std::{collections::BTreeMap, sync::Arc, time::SystemTime};
+
+    use futures::executor::block_on as wait;
 
     use super::*;
     use crate::{snapshot::Options, store::layout::Layout};
 
+    /// A snapshotter on `<dir>/root`, not serving (see `start_background`).
+    fn open(dir: &Path) -> Arc<Snapshotter> {
+        let options = Options {
+            mount_options: Vec::new(),
+            sync_remove: false,
+            upperdir_label: false,
+        };
+        Snapshotter::open(Layout::new(dir.join("root")), options).unwrap()
+    }
+
     #[test]
     fn a_snapshot_removed_after_the_store_was_read_is_neither_reported_nor_recreated() {
         let tmp = tempfile::tempdir().unwrap();
-        let s = Snapshotter::open(
-            Layout::new(tmp.path().join("root")),
-            Options {
-                mount_options: Vec::new(),
-                sync_remove: true,
-                upperdir_label: false,
-            },
-        )
-        .unwrap();
-        use futures::executor::block_on as wait;
+        let s = open(tmp.path());
         for key in ["gone", "kept"] {
             let r = wait(
                 s.store
@@ -290,20 +293,8 @@ mod tests {
 
     #[test]
     fn online_a_creation_under_way_is_left_to_finish() {
-        use futures::executor::block_on as wait;
         let tmp = tempfile::tempdir().unwrap();
-        let open = || {
-            Snapshotter::open(
-                Layout::new(tmp.path().join("root")),
-                Options {
-                    mount_options: Vec::new(),
-                    sync_remove: false,
-                    upperdir_label: false,
-                },
-            )
-            .unwrap()
-        };
-        let s = open();
+        let s = open(tmp.path());
         s.start_background().unwrap();
         // A Prepare between its record and its directories.
         let r = wait(
@@ -319,7 +310,7 @@ mod tests {
         );
         drop(s);
         // Stopped (after a crash, say), the same record is a creation that never finished.
-        let s = open();
+        let s = open(tmp.path());
         let report = s.fsck(true).unwrap();
         let kinds: Vec<&str> = report.findings.iter().map(|f| f.kind).collect();
         assert_eq!(kinds, vec!["missing_directory"]);
