@@ -382,7 +382,8 @@ fn reopen(handle: &Handle) {
     }
 }
 
-use record::{decode, encode};
+use record::{decode, encode, view};
+pub use record::{Labels, RecordView};
 
 /// Rewrites every schema-1 (JSON) record in schema 2. Reads and decodes them all before writing
 /// any, so that an unreadable record fails the migration with nothing changed.
@@ -767,10 +768,26 @@ impl Store {
         })
     }
 
+    /// [`Store::each`] with each record read in place instead of decoded: no allocation per
+    /// snapshot, for List and the counts that read every record.
+    pub fn each_view(&self, mut each: impl FnMut(&str, RecordView<'_>) -> bool) -> Result<()> {
+        self.read("listing snapshots", |tx| {
+            let table = tx.open_table(SNAPSHOTS)?;
+            for entry in table.iter()? {
+                let (k, v) = entry?;
+                let (key, bytes) = (k.value(), v.value());
+                if !each(key, view(key, bytes)?) {
+                    break;
+                }
+            }
+            Ok(())
+        })
+    }
+
     /// IDs of every snapshot that has a record.
     pub fn owned_ids(&self) -> Result<HashSet<u64>> {
         let mut ids = HashSet::new();
-        self.each(|_, r| {
+        self.each_view(|_, r| {
             ids.insert(r.id);
             true
         })?;

@@ -8,7 +8,10 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use prost::Message;
+use prost::{
+    encoding::{decode_key, decode_varint, skip_field, DecodeContext, WireType},
+    Message,
+};
 
 use super::{Kind, Record, Usage};
 use crate::error::{Error, Result};
@@ -91,6 +94,152 @@ pub(super) fn decode(key: &str, bytes: &[u8]) -> Result<Record> {
     })
 }
 
+/// A stored record read in place: its strings borrow the stored bytes. List reads every
+/// record, and decoding each into owned strings and maps was most of what a List cost.
+#[derive(Debug, Clone, Copy)]
+pub struct RecordView<'a> {
+    pub id: u64,
+    pub kind: Kind,
+    /// The parent's key, or empty.
+    pub parent: &'a str,
+    pub labels: Labels<'a>,
+    pub created: SystemTime,
+    pub updated: SystemTime,
+}
+
+/// The labels of a [`RecordView`]: the part of the stored message that holds them, scanned
+/// again on each use (a record has a few labels; scanning is cheaper than collecting them).
+/// [`view`] has checked every entry.
+#[derive(Debug, Clone, Copy)]
+pub struct Labels<'a>(&'a [u8]);
+
+impl<'a> Labels<'a> {
+    /// The entries in stored order. lamina writes records from a map, so no key repeats.
+    pub fn iter(self) -> impl Iterator<Item = (&'a str, &'a str)> {
+        let mut buf = self.0;
+        // The entries were checked when the view was made, so an error cannot occur here;
+        // should one anyway, the iteration ends.
+        std::iter::from_fn(move || next_label(&mut buf).ok().flatten())
+    }
+
+    /// The value of `key`; were a key stored twice, the last one, as protobuf decoders read it.
+    pub fn get(self, key: &str) -> Option<&'a str> {
+        self.iter()
+            .filter(|(k, _)| *k == key)
+            .last()
+            .map(|(_, v)| v)
+    }
+}
+
+const LABELS_TAG: u32 = 5;
+
+/// Reads a record in place. Checks every field it reads as [`decode`] does (wire type, UTF-8,
+/// lengths) and skips the others, unknown ones included.
+pub(super) fn view<'a>(key: &str, bytes: &'a [u8]) -> Result<RecordView<'a>> {
+    let unreadable =
+        |why: String| Error::Internal(format!("record of snapshot {key:?} is unreadable: {why}"));
+    let (mut id, mut kind, mut parent, mut created, mut updated) = (0, 0, "", 0, 0);
+    // From the first label to the end of the last: all that scanning them needs to read (prost
+    // writes them as one run of fields; any other field in between is skipped).
+    let mut labels: Option<(usize, usize)> = None;
+    let mut buf = bytes;
+    while !buf.is_empty() {
+        let start = bytes.len() - buf.len();
+        let (tag, wire) = decode_key(&mut buf).map_err(|e| unreadable(e.to_string()))?;
+        let expected = match tag {
+            1 | 2 | 6 | 7 => WireType::Varint,
+            3 => WireType::LengthDelimited,
+            // prost reads a map entry whatever wire type its key gives (see `next_label`).
+            _ => wire,
+        };
+        if wire != expected {
+            return Err(unreadable(format!("field {tag} has wire type {wire:?}")));
+        }
+        match tag {
+            1 => id = varint(&mut buf).map_err(&unreadable)?,
+            2 => kind = varint(&mut buf).map_err(&unreadable)? as u32,
+            3 => parent = string(&mut buf).map_err(&unreadable)?,
+            LABELS_TAG => {
+                label_entry(&mut buf).map_err(&unreadable)?;
+                let end = bytes.len() - buf.len();
+                labels = Some((labels.map_or(start, |(first, _)| first), end));
+            }
+            6 => created = varint(&mut buf).map_err(&unreadable)?,
+            7 => updated = varint(&mut buf).map_err(&unreadable)?,
+            // parent_ids (4), usage (8, 9) and fields of later schemas: List needs none of them.
+            _ => skip_field(wire, tag, &mut buf, DecodeContext::default())
+                .map_err(|e| unreadable(e.to_string()))?,
+        }
+    }
+    let kind = match kind {
+        1 => Kind::View,
+        2 => Kind::Active,
+        3 => Kind::Committed,
+        other => return Err(unreadable(format!("unknown kind {other}"))),
+    };
+    Ok(RecordView {
+        id,
+        kind,
+        parent,
+        labels: Labels(labels.map_or(&[], |(first, end)| &bytes[first..end])),
+        created: time(created),
+        updated: time(updated),
+    })
+}
+
+fn varint(buf: &mut &[u8]) -> std::result::Result<u64, String> {
+    decode_varint(buf).map_err(|e| e.to_string())
+}
+
+/// The bytes of a length-delimited field, after its key.
+fn delimited<'a>(buf: &mut &'a [u8]) -> std::result::Result<&'a [u8], String> {
+    let len = varint(buf)?;
+    let len = usize::try_from(len)
+        .ok()
+        .filter(|&len| len <= buf.len())
+        .ok_or("field runs past the end of the record")?;
+    let (field, rest) = buf.split_at(len);
+    *buf = rest;
+    Ok(field)
+}
+
+fn string<'a>(buf: &mut &'a [u8]) -> std::result::Result<&'a str, String> {
+    std::str::from_utf8(delimited(buf)?).map_err(|e| format!("a string is not UTF-8: {e}"))
+}
+
+/// One map entry (the field's key already read): its key and value, either of which may be
+/// left out when empty.
+fn label_entry<'a>(buf: &mut &'a [u8]) -> std::result::Result<(&'a str, &'a str), String> {
+    let mut entry = delimited(buf)?;
+    let (mut k, mut v) = ("", "");
+    while !entry.is_empty() {
+        match decode_key(&mut entry).map_err(|e| e.to_string())? {
+            (1, WireType::LengthDelimited) => k = string(&mut entry)?,
+            (2, WireType::LengthDelimited) => v = string(&mut entry)?,
+            (tag @ (1 | 2), wire) => {
+                return Err(format!("label field {tag} has wire type {wire:?}"))
+            }
+            (tag, wire) => skip_field(wire, tag, &mut entry, DecodeContext::default())
+                .map_err(|e| e.to_string())?,
+        }
+    }
+    Ok((k, v))
+}
+
+/// The next label after `buf`, skipping the record's other fields.
+fn next_label<'a>(buf: &mut &'a [u8]) -> std::result::Result<Option<(&'a str, &'a str)>, String> {
+    while !buf.is_empty() {
+        match decode_key(buf).map_err(|e| e.to_string())? {
+            // Like prost, whose map fields read a length and an entry whatever the wire type.
+            (LABELS_TAG, _) => return label_entry(buf).map(Some),
+            (tag, wire) => {
+                skip_field(wire, tag, buf, DecodeContext::default()).map_err(|e| e.to_string())?
+            }
+        }
+    }
+    Ok(None)
+}
+
 /// A record as schema 1 stored it (JSON), for the migration to schema 2.
 pub(super) fn decode_v1(key: &str, bytes: &[u8]) -> Result<Record> {
     serde_json::from_slice(bytes).map_err(|e| {
@@ -126,6 +275,102 @@ mod tests {
             let r = Record { kind, ..record() };
             assert_eq!(decode("k", &encode(&r)).unwrap(), r);
         }
+    }
+
+    /// The fields a view reads, as a decoded record has them.
+    fn seen(
+        r: &Record,
+    ) -> (
+        u64,
+        Kind,
+        &str,
+        BTreeMap<&str, &str>,
+        SystemTime,
+        SystemTime,
+    ) {
+        let labels = r.labels.iter().map(|(k, v)| (&k[..], &v[..])).collect();
+        (r.id, r.kind, &r.parent, labels, r.created, r.updated)
+    }
+
+    fn seen_in_view<'a>(
+        v: &RecordView<'a>,
+    ) -> (
+        u64,
+        Kind,
+        &'a str,
+        BTreeMap<&'a str, &'a str>,
+        SystemTime,
+        SystemTime,
+    ) {
+        // Collected as a decoder would: a repeated key keeps its last value.
+        let labels = v.labels.iter().collect();
+        (v.id, v.kind, v.parent, labels, v.created, v.updated)
+    }
+
+    #[test]
+    fn a_view_reads_what_decode_reads() {
+        let plain = Record {
+            parent: String::new(),
+            parent_ids: Vec::new(),
+            labels: BTreeMap::new(),
+            ..record()
+        };
+        let mut unknown = encode(&record());
+        // Fields of some later schema: a varint (15) and a string (14).
+        unknown.extend_from_slice(&[15 << 3, 1, (14 << 3) | 2, 2, b'h', b'i']);
+        // A label after the fields that follow the others: the labels are no longer one run.
+        let mut scattered = encode(&record());
+        scattered.extend_from_slice(&[(5 << 3) | 2, 6, 10, 1, b'z', 18, 1, b'9']);
+        let r = decode("k", &scattered).unwrap();
+        assert_eq!(r.labels.len(), 3);
+        let mut cases = vec![encode(&plain), unknown, scattered];
+        for kind in [Kind::View, Kind::Active, Kind::Committed] {
+            cases.push(encode(&Record { kind, ..record() }));
+        }
+        for bytes in cases {
+            let r = decode("k", &bytes).unwrap();
+            let v = view("k", &bytes).unwrap();
+            assert_eq!(seen_in_view(&v), seen(&r));
+            for key in ["a", "é\0", "z", "missing"] {
+                assert_eq!(v.labels.get(key), r.labels.get(key).map(|s| &s[..]));
+            }
+        }
+    }
+
+    /// Every prefix and every one-byte change of a record: a view reads exactly what decode
+    /// reads, and refuses what decode refuses (for damage in the fields it reads).
+    #[test]
+    fn a_damaged_record_gives_a_view_the_same_answer_as_decode() {
+        let bytes = encode(&record());
+        let mut damaged: Vec<Vec<u8>> = (0..bytes.len()).map(|n| bytes[..n].to_vec()).collect();
+        for i in 0..bytes.len() {
+            for flip in [0x01, 0x80, 0xff] {
+                let mut b = bytes.clone();
+                b[i] ^= flip;
+                damaged.push(b);
+            }
+        }
+        let mut refused = 0;
+        for b in &damaged {
+            match (decode("k", b), view("k", b)) {
+                (Ok(r), Ok(v)) => assert_eq!(seen_in_view(&v), seen(&r), "{b:?}"),
+                (Ok(r), Err(e)) => panic!("decode read {r:?} where the view failed: {e}"),
+                (Err(_), Err(_)) => refused += 1,
+                // Damage inside a field the view skips (parent IDs, usage).
+                (Err(_), Ok(_)) => {}
+            }
+        }
+        assert!(refused > bytes.len(), "only {refused} refused");
+        // Truncated inside the parent's key, and with a parent that is not UTF-8.
+        assert!(view("k", &bytes[..6]).is_err());
+        let mut bad = bytes.clone();
+        let p = bad.iter().position(|&b| b == b'p').unwrap();
+        bad[p] = 0xff;
+        let err = view("k", &bad).unwrap_err().to_string();
+        assert!(
+            err.contains("snapshot \"k\"") && err.contains("UTF-8"),
+            "{err}"
+        );
     }
 
     #[test]
