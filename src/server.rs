@@ -245,9 +245,7 @@ pub async fn serve(
     // Health: SERVING from here (recovery is done), NOT_SERVING once shutdown starts.
     let (mut health, health_service) = tonic_health::server::health_reporter();
     health.set_service_status("", ServingStatus::Serving).await;
-    health
-        .set_serving::<grpc::SnapshotsServer<grpc::Service>>()
-        .await;
+    health.set_serving::<grpc::SnapshotsApi>().await;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tonic::transport::Server::builder()
         .add_service(health_service)
@@ -265,9 +263,7 @@ pub async fn serve(
     health
         .set_service_status("", ServingStatus::NotServing)
         .await;
-    health
-        .set_not_serving::<grpc::SnapshotsServer<grpc::Service>>()
-        .await;
+    health.set_not_serving::<grpc::SnapshotsApi>().await;
     snapshotter.close();
     let _ = stop_tx.send(());
     match tokio::time::timeout(DRAIN, &mut server).await {

@@ -3,14 +3,14 @@
 
 pub mod admin;
 pub mod client;
+mod list;
 
-use std::{future::Future, pin::Pin, sync::Arc, time::SystemTime};
+use std::{future::Future, sync::Arc, time::SystemTime};
 
 use containerd_snapshots::api::{
     snapshots::v1::{snapshots_server::Snapshots, *},
     types,
 };
-use futures::Stream;
 use tonic::{Request, Response, Status};
 use tracing::{debug, error, info_span, Instrument, Span};
 
@@ -21,7 +21,8 @@ use crate::{
     store::Kind,
 };
 
-pub use containerd_snapshots::api::snapshots::v1::snapshots_server::SnapshotsServer;
+use containerd_snapshots::api::snapshots::v1::snapshots_server::SnapshotsServer;
+pub use list::SnapshotsApi;
 
 /// Serves containerd's Snapshots API over a [`Snapshotter`].
 pub struct Service {
@@ -31,10 +32,13 @@ pub struct Service {
 /// containerd's largest message (it sends and accepts up to 16 MiB on proxy connections).
 pub const MAX_MESSAGE_BYTES: usize = 16 << 20;
 
-pub fn server(snapshotter: Arc<Snapshotter>) -> SnapshotsServer<Service> {
-    SnapshotsServer::new(Service { snapshotter })
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES)
+pub fn server(snapshotter: Arc<Snapshotter>) -> SnapshotsApi {
+    let generated = SnapshotsServer::new(Service {
+        snapshotter: Arc::clone(&snapshotter),
+    })
+    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+    .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    SnapshotsApi::new(generated, snapshotter)
 }
 
 /// Runs one request inside its span, logs how it ended and counts it in the metrics; errors
@@ -118,67 +122,6 @@ fn domain_info(info: Info) -> snapshot::Info {
         labels: info.labels.into_iter().collect(),
         created: SystemTime::UNIX_EPOCH,
         updated: SystemTime::UNIX_EPOCH,
-    }
-}
-
-/// Batch size of List responses, as containerd's own server sends them.
-const LIST_BATCH: usize = 100;
-/// Most bytes of Info in one List message.
-const LIST_BATCH_BYTES: usize = 4 << 20;
-
-/// List messages ready ahead of the reader; beyond that the listing waits for it.
-const LIST_QUEUE: usize = 2;
-
-type ListStream = Pin<Box<dyn Stream<Item = Result<ListSnapshotsResponse, Status>> + Send>>;
-
-/// Cuts a List into messages as it is read: batches of 100 as containerd sends them, cut
-/// earlier when large labels would push a message towards the 16 MiB limit. Runs on the
-/// listing's blocking thread, which waits when the reader is [`LIST_QUEUE`] messages behind.
-struct Batches {
-    tx: tokio::sync::mpsc::Sender<Result<ListSnapshotsResponse, Status>>,
-    batch: Vec<Info>,
-    bytes: usize,
-}
-
-impl Batches {
-    fn new(tx: tokio::sync::mpsc::Sender<Result<ListSnapshotsResponse, Status>>) -> Self {
-        Batches {
-            tx,
-            batch: Vec::with_capacity(LIST_BATCH),
-            bytes: 0,
-        }
-    }
-
-    /// Adds one snapshot; false once the reader has gone (the listing then stops).
-    fn push(&mut self, info: snapshot::Info) -> bool {
-        let info = wire_info(info);
-        let len = prost::Message::encoded_len(&info);
-        if !self.batch.is_empty()
-            && (self.batch.len() == LIST_BATCH || self.bytes + len > LIST_BATCH_BYTES)
-            && !self.flush()
-        {
-            return false;
-        }
-        self.bytes += len;
-        self.batch.push(info);
-        true
-    }
-
-    fn flush(&mut self) -> bool {
-        let info = std::mem::replace(&mut self.batch, Vec::with_capacity(LIST_BATCH));
-        self.bytes = 0;
-        self.tx
-            .blocking_send(Ok(ListSnapshotsResponse { info }))
-            .is_ok()
-    }
-}
-
-impl Drop for Batches {
-    /// Sends the last, partial batch once the listing is done.
-    fn drop(&mut self) {
-        if !self.batch.is_empty() {
-            self.flush();
-        }
     }
 }
 
@@ -289,34 +232,16 @@ impl Snapshots for Service {
         .await
     }
 
-    type ListStream = ListStream;
+    type ListStream = futures::stream::Empty<Result<ListSnapshotsResponse, Status>>;
 
+    /// Not in use: [`SnapshotsApi`] routes List to `list.rs`, which encodes its messages itself.
     async fn list(
         &self,
-        req: Request<ListSnapshotsRequest>,
+        _: Request<ListSnapshotsRequest>,
     ) -> Result<Response<Self::ListStream>, Status> {
-        let ns = namespace(&req);
-        let r = req.into_inner();
-        let span = info_span!("list", filters = ?r.filters, ns);
-        let s = &self.snapshotter;
-        traced("List", span, async {
-            // A bad filter fails the call itself; what fails later ends the stream.
-            let filter = snapshot::parse_filters(&r.filters)?;
-            let (tx, rx) = tokio::sync::mpsc::channel(LIST_QUEUE);
-            let s = Arc::clone(s);
-            tokio::spawn(
-                async move {
-                    let mut batches = Batches::new(tx.clone());
-                    let listed = s.list(filter, move |info| batches.push(info)).await;
-                    if let Err(err) = listed {
-                        let _ = tx.send(Err(Status::from(err))).await;
-                    }
-                }
-                .in_current_span(),
-            );
-            Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)) as ListStream)
-        })
-        .await
+        Err(Status::internal(
+            "List reached the generated handler, which lamina does not use",
+        ))
     }
 
     async fn usage(&self, req: Request<UsageRequest>) -> Result<Response<UsageResponse>, Status> {

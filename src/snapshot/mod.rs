@@ -40,7 +40,7 @@ use crate::{
         layout::{DirEntry, Layout},
         reaper::Reaper,
         spares::Spares,
-        Kind, Record, Store, Usage,
+        Kind, Labels, Record, RecordView, Store, Usage,
     },
 };
 use filter::{Fields, Filter};
@@ -68,6 +68,31 @@ pub struct Info {
     pub labels: BTreeMap<String, String>,
     pub created: SystemTime,
     pub updated: SystemTime,
+}
+
+/// A snapshot as List hands it out, borrowed from the store's read for one call of `each`: List
+/// reads every snapshot, and an owned [`Info`] for each was most of what it cost.
+pub struct Listed<'a> {
+    pub name: &'a str,
+    pub parent: &'a str,
+    pub kind: Kind,
+    pub created: SystemTime,
+    pub updated: SystemTime,
+    labels: Labels<'a>,
+    /// The upperdir label's value, when `upperdir_label` is on.
+    upperdir: Option<String>,
+}
+
+impl Listed<'_> {
+    /// The labels as Stat reports them: the stored ones, with the upperdir label (when on) in
+    /// place of any stored label of that name.
+    pub fn labels(&self) -> impl Iterator<Item = (&str, &str)> {
+        let upperdir = self.upperdir.as_deref();
+        self.labels
+            .iter()
+            .filter(move |(k, _)| upperdir.is_none() || *k != UPPERDIR_LABEL)
+            .chain(upperdir.map(|v| (UPPERDIR_LABEL, v)))
+    }
 }
 
 /// Settings the rules depend on.
@@ -144,7 +169,7 @@ impl Snapshotter {
     /// Snapshots by kind; reads the whole store, for status and metrics only.
     pub fn counts(&self) -> Result<Counts> {
         let mut c = Counts::default();
-        self.store.each(|_, record| {
+        self.store.each_view(|_, record| {
             match record.kind {
                 Kind::Active => c.active += 1,
                 Kind::View => c.views += 1,
@@ -385,15 +410,25 @@ impl Snapshotter {
     pub async fn list(
         self: &Arc<Self>,
         filter: Filter,
-        mut each: impl FnMut(Info) -> bool + Send + 'static,
+        mut each: impl FnMut(&Listed<'_>) -> bool + Send + 'static,
     ) -> Result<()> {
         self.run(move |s| {
-            s.store.each(|key, record| {
-                if filter.matches(&Fielded(key, &record)) {
-                    each(s.info(key.to_string(), record))
-                } else {
-                    true
+            s.store.each_view(|key, record| {
+                if !filter.matches(&Fielded(key, &record)) {
+                    return true;
                 }
+                each(&Listed {
+                    name: key,
+                    parent: record.parent,
+                    kind: record.kind,
+                    created: record.created,
+                    updated: record.updated,
+                    labels: record.labels,
+                    upperdir: s
+                        .options
+                        .upperdir_label
+                        .then(|| s.layout.fs(record.id).display().to_string()),
+                })
             })
         })
         .await
@@ -644,17 +679,20 @@ pub fn parse_filters(filters: &[String]) -> Result<Filter> {
     Filter::parse_all(filters).map_err(|e| Error::invalid(e.to_string()))
 }
 
-/// The fields containerd's filters see on a snapshot.
-struct Fielded<'a>(&'a str, &'a Record);
+/// The fields containerd's filters see on a snapshot: its stored fields (the upperdir label,
+/// made up for the answer, is not among them).
+struct Fielded<'a>(&'a str, &'a RecordView<'a>);
 
 impl Fields for Fielded<'_> {
     fn field(&self, path: &[String]) -> Option<String> {
         let Fielded(name, record) = self;
         match path.first()?.as_str() {
             "name" => Some(name.to_string()),
-            "parent" => Some(record.parent.clone()),
+            "parent" => Some(record.parent.to_string()),
             "kind" => Some(record.kind.as_str().to_string()),
-            "labels" if path.len() > 1 => record.labels.get(&path[1..].join(".")).cloned(),
+            "labels" if path.len() > 1 => {
+                record.labels.get(&path[1..].join(".")).map(str::to_string)
+            }
             _ => None,
         }
     }
