@@ -165,8 +165,25 @@ fn inherited_listener() -> Result<Option<UnixListener>> {
     })
 }
 
+/// Raises the soft limit on open files to the hard one, as Go programs (containerd among them)
+/// do at start. Deleting a tree holds a descriptor per level, and each connection holds one;
+/// the default soft limit (1024) is far below what the hard limit allows, and a limit hit
+/// halfway through a deletion leaves the tree for a later Cleanup.
+fn raise_open_files_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => info!(from = soft, to = hard, "raised the open files limit"),
+            Err(e) => warn!(soft, hard, "cannot raise the open files limit: {e}"),
+        },
+        Ok(_) => {}
+        Err(e) => warn!("cannot read the open files limit: {e}"),
+    }
+}
+
 /// Checks the host, opens the store and recovers from whatever a crash left behind.
 pub fn start(config: &Config) -> Result<Arc<Admin>> {
+    raise_open_files_limit();
     let layout = Layout::new(&config.root);
     layout.init()?;
     let host = Host::detect();

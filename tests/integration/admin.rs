@@ -404,3 +404,35 @@ async fn health_turns_not_serving_on_shutdown() {
     drop(c);
     assert!(d.stop_async_after_signal().await.success());
 }
+
+/// Started with a low soft limit on open files (as by a shell or a unit without LimitNOFILE),
+/// lamina raises it to the hard limit: deleting a deep tree holds a descriptor per level.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raises_its_open_files_limit_to_the_hard_one() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    use std::os::unix::process::CommandExt;
+
+    let mut d = TestDaemon::start().await;
+    d.stop();
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+    let hard = hard.min(4096);
+    let soft = hard.min(256);
+    d.spawn_with(|cmd| {
+        // SAFETY: the closure runs between fork and exec; it only makes one system call, which
+        // is async-signal-safe, and allocates nothing.
+        unsafe {
+            cmd.pre_exec(move || {
+                setrlimit(Resource::RLIMIT_NOFILE, soft, hard).map_err(Into::into)
+            });
+        }
+    })
+    .await;
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", d.pid())).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    let values: Vec<&str> = line.split_whitespace().skip(3).take(2).collect();
+    let hard = hard.to_string();
+    assert_eq!(values, [&hard[..], &hard[..]], "{line}");
+}

@@ -83,12 +83,15 @@ impl TestDaemon {
     }
 
     pub async fn spawn(&mut self) {
+        self.spawn_with(|_| {}).await
+    }
+
+    /// [`TestDaemon::spawn`], with `adjust` applied to the command first.
+    pub async fn spawn_with(&mut self, adjust: impl FnOnce(&mut Command)) {
         assert!(self.child.is_none(), "already running");
-        let child = self
-            .command()
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("starting lamina");
+        let mut cmd = self.command();
+        adjust(&mut cmd);
+        let child = cmd.stdin(Stdio::null()).spawn().expect("starting lamina");
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
