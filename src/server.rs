@@ -187,8 +187,7 @@ pub fn start(config: &Config) -> Result<Arc<Admin>> {
     let layout = Layout::new(&config.root);
     layout.init()?;
     let host = Host::detect();
-    let mount_options = probe::overlay_options(&config.mount_options, host);
-    probe::check(layout.root(), &mount_options)?;
+    let mount_options = probe::usable_options(layout.root(), &config.mount_options, host)?;
     info!(?host, options = ?mount_options, "overlayfs works on the root");
     let features = probe::features(layout.root(), &config.mount_options);
     let snapshotter = Snapshotter::open(

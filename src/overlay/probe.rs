@@ -45,6 +45,51 @@ pub fn overlay_options(configured: &[String], host: Host) -> Vec<String> {
     options
 }
 
+/// The options lamina hands out, proven by a probe mount under `root`: [`overlay_options`], or
+/// the same without the `userxattr` lamina added when only that keeps overlayfs from mounting
+/// (kernels before 5.11 do not know the option; containerd likewise adds it only where a mount
+/// with it works). A `userxattr` the user configured stays: then the probe's error stands.
+pub fn usable_options(
+    root: &Path,
+    configured: &[String],
+    host: Host,
+) -> Result<Vec<String>, Error> {
+    first_that_mounts(candidates(configured, host), |options| check(root, options))
+}
+
+/// The option sets to try, in order.
+fn candidates(configured: &[String], host: Host) -> Vec<Vec<String>> {
+    let options = overlay_options(configured, host);
+    let added_userxattr =
+        options.iter().any(|o| o == "userxattr") && !configured.iter().any(|o| o == "userxattr");
+    if !added_userxattr {
+        return vec![options];
+    }
+    let without = options
+        .iter()
+        .filter(|o| *o != "userxattr")
+        .cloned()
+        .collect();
+    vec![options, without]
+}
+
+/// The first candidate `check` accepts; if none, the first candidate's error.
+fn first_that_mounts(
+    candidates: Vec<Vec<String>>,
+    mut check: impl FnMut(&[String]) -> Result<(), Error>,
+) -> Result<Vec<String>, Error> {
+    let mut first_error = None;
+    for options in candidates {
+        match check(&options) {
+            Ok(()) => return Ok(options),
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    Err(first_error.unwrap_or_else(|| Error::Unsupported("no mount options to try".into())))
+}
+
 fn in_user_namespace() -> bool {
     // The initial namespace maps the whole 32-bit uid range onto itself.
     match fs::read_to_string("/proc/self/uid_map") {
@@ -169,6 +214,48 @@ mod tests {
             vec!["volatile"]
         );
     }
+
+    /// Inside a user namespace on a kernel that does not know `userxattr` (before 5.11), the
+    /// probe with it fails and lamina starts without it; a configured one is never dropped.
+    #[test]
+    fn an_added_userxattr_is_dropped_when_only_it_keeps_overlayfs_from_mounting() {
+        let userns = Host {
+            in_user_namespace: true,
+            ..PLAIN
+        };
+        let old_kernel = |o: &[String]| {
+            if o.iter().any(|o| o == "userxattr") {
+                Err(Error::Unsupported("unknown option userxattr".into()))
+            } else {
+                Ok(())
+            }
+        };
+        fn pick(
+            configured: &[String],
+            host: Host,
+            check: impl FnMut(&[String]) -> Result<(), Error>,
+        ) -> Result<Vec<String>, Error> {
+            first_that_mounts(candidates(configured, host), check)
+        }
+        let volatile = vec!["volatile".to_string()];
+        assert_eq!(pick(&volatile, userns, &old_kernel).unwrap(), volatile);
+        let new_kernel = |_: &[String]| Ok(());
+        assert_eq!(
+            pick(&volatile, userns, &new_kernel).unwrap(),
+            ["volatile", "userxattr"]
+        );
+        // Configured by the user: kept, and the probe's error is the answer.
+        let err = pick(&["userxattr".into()], userns, &old_kernel).unwrap_err();
+        assert!(err.to_string().contains("userxattr"), "{err}");
+        // Outside a user namespace there is nothing to drop: one try, its error.
+        let tries = std::cell::Cell::new(0);
+        let failing = |_: &[String]| {
+            tries.set(tries.get() + 1);
+            Err(Error::Unsupported("no overlay".into()))
+        };
+        assert!(pick(&volatile, PLAIN, &failing).is_err());
+        assert_eq!(tries.get(), 1);
+    }
 }
 
 /// One kernel or filesystem capability, what was seen, and what lamina does about it.
@@ -183,7 +270,7 @@ pub struct Feature {
 /// it, the mount-based answers say they could not be tried.
 pub fn features(root: &Path, configured: &[String]) -> Vec<Feature> {
     let host = Host::detect();
-    let options = overlay_options(configured, host);
+    let options = usable_options(root, configured, host);
     let param = |name: &str| {
         fs::read_to_string(format!("/sys/module/overlay/parameters/{name}"))
             .ok()
@@ -191,12 +278,14 @@ pub fn features(root: &Path, configured: &[String]) -> Vec<Feature> {
     };
     let mut out = Vec::new();
 
-    let overlay = check(root, &options);
     out.push(Feature {
         name: "overlayfs",
-        supported: overlay.is_ok(),
-        detail: match &overlay {
-            Ok(()) => format!("a probe overlay mounts under {}", root.display()),
+        supported: options.is_ok(),
+        detail: match &options {
+            Ok(o) => format!(
+                "a probe overlay mounts under {} with options {o:?}",
+                root.display()
+            ),
             Err(e) => format!("lamina will not start: {e}"),
         },
     });
