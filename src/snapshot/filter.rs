@@ -12,7 +12,9 @@
 //! The scanner follows containerd's token by token (where whitespace may stand, which runes end a
 //! value), so a filter means here what it means to containerd. One deliberate difference: a
 //! regular expression that does not compile is a parse error, not a selector that silently
-//! never matches.
+//! never matches. One known difference: expressions are Rust's (the regex crate), whose `\d`,
+//! `\w`, `\s` and `\b` are Unicode-aware where Go's are ASCII-only, so `\d` also matches the
+//! digits of other scripts.
 
 use regex::Regex;
 
