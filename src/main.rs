@@ -133,7 +133,12 @@ fn run(cli: Cli) -> Result<(), Error> {
                 .max_blocking_threads(32)
                 .build()
                 .map_err(|e| Error::Internal(format!("starting the async runtime: {e}")))?;
-            runtime.block_on(lamina::server::run(config))
+            let result = runtime.block_on(lamina::server::run(config));
+            // Blocking work still running after the drain's deadline (a long Cleanup, a big
+            // usage walk) is cut off, not waited for: dropping the runtime would wait for it
+            // all. What it leaves half done, start-up recovery finishes, as after a crash.
+            runtime.shutdown_timeout(std::time::Duration::from_millis(100));
+            result
         }
         Command::Status { settings } => {
             print!("{}", block_on(lamina::cli::status(&settings.load()?))?);

@@ -5,7 +5,7 @@ use std::{
     future::Future,
     io::ErrorKind,
     os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt},
-    path::Path,
+    path::{Path, PathBuf},
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -64,10 +64,13 @@ async fn start_and_serve(
     // since stopping recovery half-way gains nothing, and then exits without serving.
     let cfg = config.clone();
     let mut starting = tokio::task::spawn_blocking(move || start(&cfg));
+    // Removed on a second signal's exit, unless it is systemd's.
+    let own_socket = (!activated).then(|| config.address.clone());
     let started = tokio::select! {
         started = &mut starting => started,
         _ = signals.recv() => {
-            info!("stopping before serving; letting start-up finish first");
+            info!("stopping before serving; letting start-up finish first (a second signal exits now)");
+            exit_on_next_signal(signals, own_socket);
             let _ = starting.await;
             return Ok(());
         }
@@ -87,6 +90,7 @@ async fn start_and_serve(
     let result = serve(listener, admin, async move {
         signals.recv().await;
         notify(sd_notify::NotifyState::Stopping);
+        exit_on_next_signal(signals, own_socket);
     })
     .await;
     if let Some(w) = watchdog {
@@ -321,10 +325,31 @@ impl Signals {
         })
     }
 
-    async fn recv(&mut self) {
+    /// Waits for SIGTERM or SIGINT and returns its number.
+    async fn recv(&mut self) -> i32 {
         tokio::select! {
-            _ = self.term.recv() => info!("SIGTERM"),
-            _ = self.int.recv() => info!("SIGINT"),
+            _ = self.term.recv() => {
+                info!("SIGTERM");
+                libc::SIGTERM
+            }
+            _ = self.int.recv() => {
+                info!("SIGINT");
+                libc::SIGINT
+            }
         }
     }
+}
+
+/// After the first signal, which waits for start-up or drains requests: a second one exits at
+/// once, as an operator pressing Ctrl-C twice expects. What it cuts short is what a crash
+/// would: start-up recovery finishes it next time, and every acknowledged write is durable.
+fn exit_on_next_signal(mut signals: Signals, socket: Option<PathBuf>) {
+    tokio::spawn(async move {
+        let signo = signals.recv().await;
+        warn!("second signal; exiting without waiting");
+        if let Some(socket) = socket {
+            let _ = fs::remove_file(socket);
+        }
+        std::process::exit(128 + signo);
+    });
 }

@@ -220,7 +220,7 @@ impl Drop for TestDaemon {
     }
 }
 
-fn signal(pid: u32, sig: nix::sys::signal::Signal) {
+pub fn signal(pid: u32, sig: nix::sys::signal::Signal) {
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig).unwrap();
 }
 
