@@ -154,8 +154,13 @@ impl std::str::FromStr for Address {
     }
 }
 
-/// Serves `GET /metrics` until the process ends.
-pub async fn serve(address: Address, snapshotter: Arc<Snapshotter>) -> Result<()> {
+/// Binds `address` now and returns the server of `GET /metrics`, to run until the process ends.
+/// Binding up front makes an unusable address fail start-up, where an operator sees it, instead
+/// of a background task that logs one line and leaves lamina serving without its metrics.
+pub fn bind(
+    address: Address,
+    snapshotter: Arc<Snapshotter>,
+) -> Result<futures::future::BoxFuture<'static, Result<()>>> {
     use hyper::{
         service::{make_service_fn, service_fn},
         Body, Request, Response, StatusCode,
@@ -187,25 +192,28 @@ pub async fn serve(address: Address, snapshotter: Arc<Snapshotter>) -> Result<()
             })
         };
     }
-    match address {
+    let server: futures::future::BoxFuture<'static, hyper::Result<()>> = match address {
         Address::Tcp(addr) => {
             let server = hyper::Server::try_bind(&addr)
                 .map_err(|e| Error::Config(format!("metrics_address {addr}: {e}")))?;
             info!(%addr, "metrics endpoint");
-            server.serve(make!(hyper::server::conn::AddrStream)).await
+            Box::pin(server.serve(make!(hyper::server::conn::AddrStream)))
         }
         Address::Unix(path) => {
             let _ = std::fs::remove_file(&path);
-            let listener = tokio::net::UnixListener::bind(&path)
-                .map_err(|e| Error::io("binding metrics socket", &path, e))?;
+            let listener = tokio::net::UnixListener::bind(&path).map_err(|e| {
+                Error::Config(format!("metrics_address unix:{}: {e}", path.display()))
+            })?;
             info!(path = %path.display(), "metrics endpoint");
             let incoming = hyper::server::accept::from_stream(
                 tokio_stream::wrappers::UnixListenerStream::new(listener),
             );
-            hyper::Server::builder(incoming)
-                .serve(make!(tokio::net::UnixStream))
-                .await
+            Box::pin(hyper::Server::builder(incoming).serve(make!(tokio::net::UnixStream)))
         }
-    }
-    .map_err(|e| Error::Internal(format!("metrics endpoint failed: {e}")))
+    };
+    Ok(Box::pin(async move {
+        server
+            .await
+            .map_err(|e| Error::Internal(format!("metrics endpoint failed: {e}")))
+    }))
 }

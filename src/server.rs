@@ -78,9 +78,9 @@ async fn start_and_serve(
     let admin = started.map_err(|e| Error::Internal(format!("start-up task failed: {e}")))??;
     info!(address = %config.address.display(), root = %config.root.display(), activated, "serving");
     if let Some(address) = config.metrics_address.clone() {
-        let s = Arc::clone(&admin.snapshotter);
+        let endpoint = crate::metrics::bind(address, Arc::clone(&admin.snapshotter))?;
         tokio::spawn(async move {
-            if let Err(e) = crate::metrics::serve(address, s).await {
+            if let Err(e) = endpoint.await {
                 error!(error = %crate::error::chain(&e), "metrics endpoint stopped");
             }
         });

@@ -479,3 +479,42 @@ async fn a_second_signal_exits_without_waiting_for_start_up() {
     d.spawn().await;
     assert!(!orphan.exists());
 }
+
+/// A metrics address lamina cannot bind (here a port already taken; under the packaged unit
+/// also one its sandbox forbids) fails start-up with a message naming it, instead of leaving
+/// lamina serving without metrics and one line in its log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unusable_metrics_address_fails_start_up() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        format!("metrics_address = \"{}\"\n", taken.local_addr().unwrap()),
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_lamina"))
+        .arg("serve")
+        .arg("--root")
+        .arg(dir.path().join("root"))
+        .arg("--address")
+        .arg(dir.path().join("lamina.sock"))
+        .arg("--config")
+        .arg(&config)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("lamina kept running without its metrics endpoint");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("metrics_address 127.0.0.1:"), "{stderr}");
+    assert!(!dir.path().join("lamina.sock").exists());
+}
