@@ -38,7 +38,13 @@ pub async fn run(config: Config) -> Result<()> {
     // Listen first: a second lamina fails fast, and containerd's connections wait in the
     // backlog while recovery runs instead of being refused.
     let (listener, activated) = match inherited_listener()? {
-        Some(l) => (l, true),
+        Some(l) => {
+            if config.socket_group.is_some() {
+                // systemd made the socket; its group is lamina.socket's SocketGroup=.
+                warn!("socket_group is ignored: the socket comes from systemd; set SocketGroup= in lamina.socket instead");
+            }
+            (l, true)
+        }
         None => (bind(&config.address, config.socket_group)?, false),
     };
     let result = start_and_serve(&config, listener, signals, activated).await;
@@ -76,7 +82,12 @@ async fn start_and_serve(
         }
     };
     let admin = started.map_err(|e| Error::Internal(format!("start-up task failed: {e}")))??;
-    info!(address = %config.address.display(), root = %config.root.display(), activated, "serving");
+    let address = listener
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_pathname().map(Path::to_path_buf))
+        .unwrap_or_else(|| config.address.clone());
+    info!(address = %address.display(), root = %config.root.display(), activated, "serving");
     if let Some(address) = config.metrics_address.clone() {
         let endpoint = crate::metrics::bind(address, Arc::clone(&admin.snapshotter))?;
         tokio::spawn(async move {

@@ -94,7 +94,9 @@ async fn serves_the_socket_systemd_passes() {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("activated.sock");
     let root = dir.path().join("root");
-    let mut child = Command::new("systemd-socket-activate")
+    let config = dir.path().join("config.toml");
+    std::fs::write(&config, "socket_group = \"daemon\"\n").unwrap();
+    let child = Command::new("systemd-socket-activate")
         .arg("-l")
         .arg(&socket)
         .arg(env!("CARGO_BIN_EXE_lamina"))
@@ -102,8 +104,12 @@ async fn serves_the_socket_systemd_passes() {
         .arg(&root)
         // The address must be ignored under activation: binding it would fail the test below.
         .args(["--address", "/nonexistent/dir/never.sock"])
-        .env("RUST_LOG", "warn")
+        // So must socket_group (systemd's SocketGroup= decides), and lamina says so.
+        .arg("--config")
+        .arg(&config)
+        .env("RUST_LOG", "info")
         .stdin(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .expect("systemd-socket-activate (Debian's systemd package) must be installed");
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -126,9 +132,14 @@ async fn serves_the_socket_systemd_passes() {
         nix::sys::signal::Signal::SIGTERM,
     )
     .unwrap();
-    assert!(child.wait().unwrap().success());
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
     assert!(
         socket.exists(),
         "an inherited socket belongs to systemd and stays"
     );
+    let logs = String::from_utf8_lossy(&out.stderr);
+    assert!(logs.contains("socket_group is ignored"), "{logs}");
+    let serving = logs.lines().find(|l| l.contains(" serving ")).unwrap();
+    assert!(serving.contains("activated.sock"), "{serving}");
 }
