@@ -1,7 +1,7 @@
 //! The operator commands: `status`, `fsck`, `check`, `mount`. Each prints what it found in
 //! plain text and returns an error (non-zero exit) when something needs attention.
 
-use std::{fmt::Write as _, path::Path};
+use std::{fmt::Write as _, fs, os::unix::fs::DirBuilderExt, path::Path};
 
 use crate::{
     config::Config,
@@ -107,12 +107,35 @@ fn offline_fsck(root: &Path, repair: bool) -> Result<crate::snapshot::fsck::Repo
 }
 
 /// `lamina check`: what this kernel and the root's filesystem support, without a daemon.
+///
+/// It only looks: the probes run in a scratch directory that is removed afterwards, and a root
+/// that does not exist yet is neither created nor has its mode changed (it is probed in its
+/// nearest existing ancestor, on whose filesystem it would be created).
 pub fn check(config: &Config) -> Result<(String, bool)> {
-    let layout = Layout::new(&config.root);
-    layout.init()?;
-    let features = probe::features(layout.root(), &config.mount_options);
+    let root = &config.root;
     let (major, minor) = probe::kernel_version();
-    let mut out = format!("kernel {major}.{minor}, root {}\n", config.root.display());
+    let mut out = format!("kernel {major}.{minor}, root {}\n", root.display());
+    let features = if root.is_dir() {
+        probe::features(root, &config.mount_options)
+    } else {
+        let near = root
+            .ancestors()
+            .skip(1)
+            .find(|a| a.is_dir())
+            .ok_or_else(|| Error::Config(format!("no directory above {}", root.display())))?;
+        out.push_str(&format!(
+            "(the root does not exist yet: probed on the filesystem of {})\n",
+            near.display()
+        ));
+        let scratch = near.join(format!(".lamina-check-{}", std::process::id()));
+        fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&scratch)
+            .map_err(|e| Error::io("creating a scratch directory", &scratch, e))?;
+        let features = probe::features(&scratch, &config.mount_options);
+        let _ = fs::remove_dir_all(&scratch);
+        features
+    };
     for f in &features {
         out.push_str(&feature_line(f.name, f.supported, &f.detail));
     }

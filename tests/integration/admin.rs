@@ -266,6 +266,23 @@ async fn check_reports_without_a_daemon() {
     assert!(text.contains("  d_type           yes"), "{text}");
     let index = std::path::Path::new("/sys/module/overlay/parameters/index").exists();
     assert_eq!(text.contains("lamina adds index=off"), index, "{text}");
+    // It only looks: a missing root is not created, nothing is left beside it, and an existing
+    // directory keeps its mode and gets no snapshots directory.
+    assert!(!dir.path().join("root").exists());
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    use std::os::unix::fs::PermissionsExt;
+    let shared = dir.path().join("shared");
+    std::fs::create_dir(&shared).unwrap();
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_lamina"))
+        .args(["check", "--root"])
+        .arg(&shared)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let mode = std::fs::metadata(&shared).unwrap().permissions().mode();
+    assert_eq!(mode & 0o7777, 0o1777);
+    assert_eq!(std::fs::read_dir(&shared).unwrap().count(), 0);
 }
 
 /// `lamina mount` of the top of a 200-layer chain: its options are far over one page, so it
