@@ -215,10 +215,9 @@ pub fn start(config: &Config) -> Result<Arc<Admin>> {
     )?;
     let reclaimed = snapshotter.recover()?;
     info!(
-        directories = reclaimed.directories,
-        "start-up recovery done"
+        orphans = reclaimed.directories,
+        "start-up recovery done; orphan directories are deleted in the background"
     );
-    snapshotter.start_background()?;
     Ok(Arc::new(Admin {
         snapshotter,
         config: config.clone(),

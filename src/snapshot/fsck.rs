@@ -101,6 +101,14 @@ impl Check<'_> {
     }
 }
 
+/// What repairing an orphan directory does.
+pub(super) enum Orphans<'a> {
+    /// Delete it now, and say whether that worked.
+    Delete,
+    /// Only note its ID, for the caller to hand to the reaper (start-up recovery).
+    Collect(&'a mut Vec<u64>),
+}
+
 impl Snapshotter {
     /// Compares the store with `<root>/snapshots`. With `repair`: deletes orphan directories,
     /// recreates missing directories of active snapshots and views, and fixes modes; a
@@ -108,10 +116,14 @@ impl Snapshotter {
     /// reported, as are entries that are not lamina's. While lamina serves, an active snapshot
     /// or view created in the last 10 s may still be making its directories and is left alone.
     pub fn fsck(&self, repair: bool) -> Result<Report> {
+        self.fsck_with(repair, Orphans::Delete)
+    }
+
+    pub(super) fn fsck_with(&self, repair: bool, orphans: Orphans<'_>) -> Result<Report> {
         // Directories first, then the store: a snapshot prepared meanwhile is in the store read.
         let entries = self.layout.list()?;
         let records = self.store.list()?;
-        Ok(self.compare(repair, entries, records))
+        Ok(self.compare(repair, entries, records, orphans))
     }
 
     /// Whether `key` is still snapshot `id`. Online, a Remove (perhaps followed by a Prepare
@@ -126,6 +138,7 @@ impl Snapshotter {
         repair: bool,
         entries: Vec<DirEntry>,
         records: Vec<(String, Record)>,
+        mut orphans: Orphans<'_>,
     ) -> Report {
         let mut report = Report::default();
         // Serving: creations are under way, and one whose record is committed but whose
@@ -152,13 +165,26 @@ impl Snapshotter {
         for entry in entries {
             match entry {
                 DirEntry::Id(id) if !owned.contains_key(&id) => {
-                    let mut fix = || self.remove_orphan(id, "owned by no snapshot (fsck)");
+                    let (did, mut fix): (&str, Box<dyn FnMut() -> Result<()>>) = match &mut orphans
+                    {
+                        Orphans::Delete => (
+                            "removed",
+                            Box::new(move || self.remove_orphan(id, "owned by no snapshot (fsck)")),
+                        ),
+                        Orphans::Collect(ids) => (
+                            "queued for deletion",
+                            Box::new(move || {
+                                ids.push(id);
+                                Ok(())
+                            }),
+                        ),
+                    };
                     c.found(
                         "orphan",
                         "",
                         &layout.dir(id),
                         format!("directory of ID {id}, which no snapshot owns"),
-                        Some(("removed", &mut fix)),
+                        Some((did, &mut *fix)),
                         "",
                     );
                 }
@@ -280,7 +306,7 @@ mod tests {
         s.layout.remove_dirs(gone.id).unwrap();
         let kept = s.store.get("kept").unwrap();
         std::fs::remove_dir_all(s.layout.dir(kept.id)).unwrap();
-        let report = s.compare(true, s.layout.list().unwrap(), records);
+        let report = s.compare(true, s.layout.list().unwrap(), records, Orphans::Delete);
         let keys: Vec<&str> = report.findings.iter().map(|f| f.key.as_str()).collect();
         // "kept" really lost its directory and gets it back; "gone" is nobody's any more.
         assert_eq!(keys, vec!["kept"], "{:?}", report.findings);

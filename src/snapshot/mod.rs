@@ -441,12 +441,20 @@ impl Snapshotter {
             .await
     }
 
-    /// Start-up recovery: finishes what a crash interrupted. It is [`Snapshotter::fsck`] with
-    /// repair: directories no snapshot owns are deleted, missing directories of active
-    /// snapshots and views (a creation that crashed before answering) are recreated, and what
-    /// cannot be repaired (a committed snapshot whose data is gone) is logged as an error.
+    /// Start-up recovery: finishes what a crash interrupted, then starts the background
+    /// threads. It is [`Snapshotter::fsck`] with repair: missing directories of active
+    /// snapshots and views (a creation that crashed before answering) are recreated, what
+    /// cannot be repaired (a committed snapshot whose data is gone) is logged as an error, and
+    /// directories no snapshot owns are deleted.
+    ///
+    /// Those orphans are only queued: once the rest is repaired, the background threads start
+    /// and the reaper deletes them while lamina serves. A node that crashed in the middle
+    /// of a garbage collection can hold tens of gigabytes of them, and deleting them first
+    /// kept containerd (and systemd's start timeout) waiting. Their IDs are never handed out
+    /// again, so nothing can meet them meanwhile but a Cleanup, which waits for them.
     pub fn recover(&self) -> Result<Reclaimed> {
-        let report = self.fsck(true)?;
+        let mut orphans = Vec::new();
+        let report = self.fsck_with(true, fsck::Orphans::Collect(&mut orphans))?;
         let mut reclaimed = Reclaimed::default();
         for f in &report.findings {
             let path = f.path.display();
@@ -459,6 +467,12 @@ impl Snapshotter {
                 (kind, false) => {
                     error!(key = ?f.key, %path, kind, detail = %f.detail, action = %f.action, "cannot recover")
                 }
+            }
+        }
+        self.start_background()?;
+        if let Some(reaper) = self.reaper.get() {
+            for id in orphans {
+                reaper.push(id);
             }
         }
         Ok(reclaimed)
