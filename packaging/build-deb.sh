@@ -18,6 +18,10 @@ install -D -m 0644 packaging/config.toml "$stage/etc/lamina/config.toml"
 install -D -m 0644 packaging/containerd-config.toml "$stage/usr/share/doc/lamina/containerd-config.toml"
 install -D -m 0644 README.md "$stage/usr/share/doc/lamina/README.md"
 
+# The newest glibc symbol version the binary needs: installing on an older glibc would leave a
+# binary that does not start.
+glibc=$(objdump -T target/release/lamina | grep -o 'GLIBC_[0-9.]*' | sed 's/GLIBC_//' | sort -uV | tail -n1)
+
 mkdir -p "$stage/DEBIAN"
 cat > "$stage/DEBIAN/control" <<CONTROL
 Package: lamina
@@ -26,7 +30,7 @@ Architecture: $arch
 Maintainer: lamina developers <lamina@localhost>
 Section: admin
 Priority: optional
-Depends: libc6
+Depends: libc6 (>= $glibc)
 Recommends: containerd
 Description: overlayfs snapshotter for containerd
  lamina serves containerd's Snapshots API as a proxy plugin on a unix socket and
@@ -41,6 +45,16 @@ if [ -d /run/systemd/system ]; then
 fi
 POSTINST
 chmod 0755 "$stage/DEBIAN/postinst"
+# Removing the package stops the daemon: left running, it would go on serving from a deleted
+# binary. An upgrade leaves it alone (the operator restarts it when ready).
+cat > "$stage/DEBIAN/prerm" <<'PRERM'
+#!/bin/sh
+set -e
+if [ "$1" = remove ] && [ -d /run/systemd/system ]; then
+    systemctl stop lamina.service lamina.socket || true
+fi
+PRERM
+chmod 0755 "$stage/DEBIAN/prerm"
 
 out="target/lamina_${version}_${arch}.deb"
 dpkg-deb --root-owner-group --build "$stage" "$out" >/dev/null

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds the .deb, checks its file list and conffiles, installs it, verifies both systemd units
+# Builds the .deb, checks its file list, conffiles, Depends and prerm, installs it, verifies both systemd units
 # with systemd-analyze against the installed binary, checks `lamina config default` against the
 # packaged file, then removes the package again.
 set -euo pipefail
@@ -18,6 +18,13 @@ if [ "$files" != "$expected" ]; then
     echo "packaging: unexpected file list in $deb:"; echo "$files"; exit 1
 fi
 [ "$(dpkg-deb -I "$deb" conffiles)" = /etc/lamina/config.toml ] || { echo "packaging: conffiles wrong"; exit 1; }
+
+case "$(dpkg-deb -f "$deb" Depends)" in
+    "libc6 (>= 2."*) ;;
+    *) echo "packaging: Depends must name the glibc the binary needs: $(dpkg-deb -f "$deb" Depends)"; exit 1 ;;
+esac
+dpkg-deb -I "$deb" prerm | grep -q 'systemctl stop lamina.service lamina.socket' \
+    || { echo "packaging: prerm does not stop the daemon"; exit 1; }
 
 dpkg -i "$deb" >/dev/null
 trap 'dpkg --purge lamina >/dev/null' EXIT
