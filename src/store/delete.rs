@@ -29,7 +29,7 @@ use std::{
     },
     path::{Path, PathBuf},
     sync::{
-        atomic::{AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
         Arc, Mutex,
     },
 };
@@ -50,7 +50,20 @@ const CHUNK: usize = 256;
 /// Deletes the trees `names` (entries of the directory `parent`) on up to `threads` threads.
 /// For each tree: the bytes its deletion freed, or the first thing that stopped part of it
 /// from being deleted. A tree that does not exist is deleted already (0 bytes).
+#[cfg(test)]
 pub fn remove_trees(parent: &Path, names: &[String], threads: usize) -> Result<Vec<Result<u64>>> {
+    remove_trees_until(parent, names, threads, &AtomicBool::new(false))
+}
+
+/// [`remove_trees`], given up between two tasks once `stop` is set (the daemon is stopping and
+/// a tree of millions of files must not hold it up): the error is then `Unavailable`, and what
+/// is left of the trees is nobody's, for the next start-up to delete.
+pub fn remove_trees_until(
+    parent: &Path,
+    names: &[String],
+    threads: usize,
+    stop: &AtomicBool,
+) -> Result<Vec<Result<u64>>> {
     let base = open_dir(None, parent).map_err(|e| Error::io("opening", parent, e.into()))?;
     let (mount, _) = stat_dir(&base).map_err(|e| Error::io("reading", parent, e.into()))?;
     let mut tasks = Vec::with_capacity(names.len());
@@ -72,10 +85,17 @@ pub fn remove_trees(parent: &Path, names: &[String], threads: usize) -> Result<V
         mount,
         trees: names.iter().map(|_| Tree::default()).collect(),
     };
-    crate::pool::run(threads, tasks, |task, _: &mut ()| {
-        Ok::<_, std::convert::Infallible>(deleter.run(task))
-    })
-    .unwrap_or_else(|never| match never {});
+    let stopped = crate::pool::run(threads, tasks, |task, _: &mut ()| {
+        if stop.load(Ordering::Relaxed) {
+            return Err(());
+        }
+        Ok(deleter.run(task))
+    });
+    if stopped.is_err() {
+        return Err(Error::Unavailable(
+            "lamina is stopping; the rest of this deletion is left for its next start".into(),
+        ));
+    }
     Ok(deleter
         .trees
         .into_iter()

@@ -143,8 +143,17 @@ impl Layout {
     /// Deletes the trees of snapshots `ids` at once, on up to [`DELETE_THREADS`] threads (see
     /// `delete.rs` for why so many). For each: the bytes freed, or why it is not all gone.
     pub fn remove_trees(&self, ids: &[u64]) -> Result<Vec<Result<u64>>> {
+        self.remove_trees_until(ids, &std::sync::atomic::AtomicBool::new(false))
+    }
+
+    /// [`Layout::remove_trees`], given up once `stop` is set (see `delete::remove_trees_until`).
+    pub fn remove_trees_until(
+        &self,
+        ids: &[u64],
+        stop: &std::sync::atomic::AtomicBool,
+    ) -> Result<Vec<Result<u64>>> {
         let names: Vec<String> = ids.iter().map(u64::to_string).collect();
-        super::delete::remove_trees(&self.snapshots_dir(), &names, DELETE_THREADS)
+        super::delete::remove_trees_until(&self.snapshots_dir(), &names, DELETE_THREADS, stop)
     }
 
     pub fn exists(&self, id: u64) -> bool {

@@ -18,7 +18,10 @@
 
 use std::{
     collections::HashMap,
-    sync::{mpsc, Arc, Condvar, Mutex},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        mpsc, Arc, Condvar, Mutex,
+    },
     time::{Duration, Instant},
 };
 
@@ -41,6 +44,8 @@ struct Shared {
     report: Report,
     state: Mutex<State>,
     wake: Condvar,
+    /// Set when the reaper is dropped: the batch under way is given up between two tasks.
+    stop: AtomicBool,
 }
 
 #[derive(Default)]
@@ -62,6 +67,7 @@ impl Reaper {
             report,
             state: Mutex::new(State::default()),
             wake: Condvar::new(),
+            stop: AtomicBool::new(false),
         });
         let worker = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
@@ -111,9 +117,11 @@ impl Reaper {
 }
 
 impl Drop for Reaper {
-    /// Finishes the batch under way (its trees would be left half deleted otherwise) and drops
-    /// the rest: they are orphans that the next start-up deletes.
+    /// Gives up the batch under way and drops the rest: the daemon is stopping, and a tree of
+    /// millions of files must not hold it past its deadline. What is left, half-deleted trees
+    /// included, is nobody's, and the next start-up queues it again.
     fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Relaxed);
         self.shared.lock().stopping = true;
         self.shared.wake.notify_all();
         if let Some(thread) = self.thread.take() {
@@ -173,16 +181,34 @@ fn delete(shared: &Shared, jobs: Vec<Job>) {
     let mut unique: Vec<u64> = jobs.iter().flat_map(|j| j.ids.iter().copied()).collect();
     unique.sort_unstable();
     unique.dedup();
-    let mut results: HashMap<u64, Result<u64>> = match shared.layout.remove_trees(&unique) {
-        Ok(results) => unique.iter().copied().zip(results).collect(),
-        Err(err) => {
-            let message = chain(&err);
-            unique
-                .iter()
-                .map(|&id| (id, Err(Error::Internal(message.clone()))))
-                .collect()
-        }
-    };
+    let mut results: HashMap<u64, Result<u64>> =
+        match shared.layout.remove_trees_until(&unique, &shared.stop) {
+            Ok(results) => unique.iter().copied().zip(results).collect(),
+            Err(err) if shared.stop.load(Ordering::Relaxed) => {
+                // Stopping: nothing failed, so nothing is reported as failing; waiters are told.
+                tracing::info!(
+                    trees = unique.len(),
+                    "stopping: deletion left for the next start"
+                );
+                let stopped = |done: mpsc::Sender<Vec<Result<u64>>>, n: usize| {
+                    let why = || Error::Unavailable(err.to_string());
+                    let _ = done.send((0..n).map(|_| Err(why())).collect());
+                };
+                for job in jobs {
+                    if let Some(done) = job.done {
+                        stopped(done, job.ids.len());
+                    }
+                }
+                return;
+            }
+            Err(err) => {
+                let message = chain(&err);
+                unique
+                    .iter()
+                    .map(|&id| (id, Err(Error::Internal(message.clone()))))
+                    .collect()
+            }
+        };
     for (id, result) in &results {
         (shared.report)(*id, result);
     }
@@ -210,6 +236,46 @@ fn delete(shared: &Shared, jobs: Vec<Job>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Dropped while it deletes a big tree (the daemon stopping), the reaper gives the tree up
+    /// instead of holding the daemon until it is gone; a caller waiting for it is told so.
+    #[test]
+    fn dropping_the_reaper_gives_up_the_batch_under_way() {
+        let tmp = tempfile::tempdir().unwrap();
+        let layout = Layout::new(tmp.path());
+        layout.init().unwrap();
+        layout.create_dirs(1, true, None).unwrap();
+        let files = 100_000;
+        for d in 0..100 {
+            let dir = layout.fs(1).join(d.to_string());
+            std::fs::create_dir(&dir).unwrap();
+            for f in 0..files / 100 {
+                std::fs::File::create(dir.join(f.to_string())).unwrap();
+            }
+        }
+        let count = |dir: &std::path::Path| std::fs::read_dir(dir).map_or(0, |d| d.count());
+        let reaper = Reaper::start(layout.clone(), Box::new(|_, _| {})).unwrap();
+        let (tx, rx) = mpsc::channel();
+        reaper.queue(Job {
+            ids: vec![1],
+            done: Some(tx),
+        });
+        // Under way: some of the first directories are gone or emptied.
+        let started = Instant::now();
+        while (0..100).all(|d| count(&layout.fs(1).join(d.to_string())) == files / 100) {
+            assert!(started.elapsed() < Duration::from_secs(30), "never started");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        crate::testing::within(Duration::from_secs(30), "dropping the reaper", move || {
+            drop(reaper)
+        });
+        assert!(layout.dir(1).exists(), "the tree was deleted to the end");
+        let answer = rx.recv().unwrap();
+        assert!(
+            matches!(&answer[..], [Err(Error::Unavailable(_))]),
+            "{answer:?}"
+        );
+    }
 
     #[test]
     fn a_waiting_caller_gets_its_trees_and_everything_queued_before_them_deleted() {
