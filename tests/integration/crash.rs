@@ -167,19 +167,16 @@ async fn acknowledged_work_survives_sigkill() {
             "round {round}: snapshots without directories: {:?}",
             owned.difference(&on_disk).collect::<Vec<_>>()
         );
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        loop {
-            let on_disk: BTreeSet<String> = d.snapshot_dirs().into_iter().collect();
-            if on_disk == owned {
-                break;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "round {round}: orphans left 30 s after start-up: {:?}",
-                on_disk.difference(&owned).collect::<Vec<_>>()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let settled = d
+            .snapshot_dirs_when(Duration::from_secs(30), |dirs| {
+                dirs.iter().cloned().collect::<BTreeSet<_>>() == owned
+            })
+            .await;
+        let on_disk: BTreeSet<String> = settled.into_iter().collect();
+        assert_eq!(
+            on_disk, owned,
+            "round {round}: directories on disk vs snapshots in the store, 30 s after start-up"
+        );
 
         let doubtful = std::mem::take(&mut *in_doubt.lock().unwrap());
         for name in doubtful {

@@ -953,14 +953,13 @@ async fn run_sequence(seed: u64, steps: u64, sync_remove: bool, totals: &mut Tot
         // Directories: only decimal names; one per snapshot once nothing is pending removal.
         // After a restart, what the stopped lamina had still queued for deletion is found by
         // start-up recovery and deleted in the background: wait for it (a Cleanup would too).
-        let mut dirs = d.snapshot_dirs();
-        if matches!(op, Op::Restart) {
-            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-            while dirs.len() > model.snaps.len() && std::time::Instant::now() < deadline {
-                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-                dirs = d.snapshot_dirs();
-            }
-        }
+        let dirs = if matches!(op, Op::Restart) {
+            let n = model.snaps.len();
+            d.snapshot_dirs_when(std::time::Duration::from_secs(10), |dirs| dirs.len() <= n)
+                .await
+        } else {
+            d.snapshot_dirs()
+        };
         if !all_decimal(&dirs) {
             fail(
                 format!("non-decimal names under snapshots/: {dirs:?}"),

@@ -519,15 +519,16 @@ async fn remove_deletes_the_directory_in_the_background() {
     // Remove answers once the record is gone; the directory follows without a Cleanup.
     c.remove("a").await.unwrap();
     assert_code(c.stat("a").await, Code::NotFound, "a");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while d.snapshot_dirs() != vec![b.clone()] {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the directory of a removed snapshot is still there: {:?}",
-            d.snapshot_dirs()
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    let dirs = d
+        .snapshot_dirs_when(std::time::Duration::from_secs(20), |dirs| {
+            dirs == [b.clone()]
+        })
+        .await;
+    assert_eq!(
+        dirs,
+        vec![b.clone()],
+        "the directory of a removed snapshot is still there"
+    );
     assert!(d.root.join("snapshots").join(&b).join("fs").is_dir());
     assert_eq!(c.stat("b").await.unwrap().kind, ACTIVE);
 

@@ -203,6 +203,23 @@ impl TestDaemon {
         names
     }
 
+    /// [`TestDaemon::snapshot_dirs`] once `until` accepts them, or as they are when `limit`
+    /// has passed (the caller asserts): for deletions lamina finishes in the background.
+    pub async fn snapshot_dirs_when(
+        &self,
+        limit: Duration,
+        until: impl Fn(&[String]) -> bool,
+    ) -> Vec<String> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let dirs = self.snapshot_dirs();
+            if until(&dirs) || Instant::now() > deadline {
+                return dirs;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     /// A fresh directory under the test's temp dir.
     pub fn scratch(&self, name: &str) -> PathBuf {
         let p = self.dir.path().join(name);
@@ -224,7 +241,7 @@ pub fn signal(pid: u32, sig: nix::sys::signal::Signal) {
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig).unwrap();
 }
 
-fn wait_timeout(child: &mut Child, limit: Duration) -> ExitStatus {
+pub fn wait_timeout(child: &mut Child, limit: Duration) -> ExitStatus {
     let deadline = Instant::now() + limit;
     loop {
         if let Some(status) = child.try_wait().unwrap() {
