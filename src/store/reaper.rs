@@ -190,13 +190,13 @@ fn delete(shared: &Shared, jobs: Vec<Job>) {
                     trees = unique.len(),
                     "stopping: deletion left for the next start"
                 );
-                let stopped = |done: mpsc::Sender<Vec<Result<u64>>>, n: usize| {
-                    let why = || Error::Unavailable(err.to_string());
-                    let _ = done.send((0..n).map(|_| Err(why())).collect());
-                };
                 for job in jobs {
                     if let Some(done) = job.done {
-                        stopped(done, job.ids.len());
+                        let out = job
+                            .ids
+                            .iter()
+                            .map(|_| Err(Error::Unavailable(err.to_string())));
+                        let _ = done.send(out.collect());
                     }
                 }
                 return;
