@@ -204,7 +204,12 @@ pub fn start(config: &Config) -> Result<Arc<Admin>> {
     let host = Host::detect();
     let mount_options = probe::usable_options(layout.root(), &config.mount_options, host)?;
     info!(?host, options = ?mount_options, "overlayfs works on the root");
-    let features = probe::features(layout.root(), &config.mount_options);
+    let features = probe::features_with(
+        layout.root(),
+        &config.mount_options,
+        host,
+        Ok(&mount_options),
+    );
     let snapshotter = Snapshotter::open(
         layout,
         Options {

@@ -271,6 +271,17 @@ pub struct Feature {
 pub fn features(root: &Path, configured: &[String]) -> Vec<Feature> {
     let host = Host::detect();
     let options = usable_options(root, configured, host);
+    features_with(root, configured, host, options.as_deref())
+}
+
+/// [`features`], given the answer of [`usable_options`] that the caller already has (start-up
+/// has just probed, and need not mount the probe again).
+pub fn features_with(
+    root: &Path,
+    configured: &[String],
+    host: Host,
+    options: Result<&[String], &Error>,
+) -> Vec<Feature> {
     let param = |name: &str| {
         fs::read_to_string(format!("/sys/module/overlay/parameters/{name}"))
             .ok()
@@ -281,7 +292,7 @@ pub fn features(root: &Path, configured: &[String]) -> Vec<Feature> {
     out.push(Feature {
         name: "overlayfs",
         supported: options.is_ok(),
-        detail: match &options {
+        detail: match options {
             Ok(o) => format!(
                 "a probe overlay mounts under {} with options {o:?}",
                 root.display()
@@ -336,10 +347,15 @@ pub fn features(root: &Path, configured: &[String]) -> Vec<Feature> {
     out.push(Feature {
         name: "userxattr",
         supported: (major, minor) >= (5, 11),
-        detail: if host.in_user_namespace {
-            "running in a user namespace: lamina adds userxattr".into()
-        } else {
-            "not in a user namespace: trusted.* xattrs are used, userxattr is not added".into()
+        detail: match (host.in_user_namespace, options) {
+            (false, _) => {
+                "not in a user namespace: trusted.* xattrs are used, userxattr is not added".into()
+            }
+            (true, Ok(o)) if !o.iter().any(|o| o == "userxattr") => {
+                "running in a user namespace, but overlayfs mounts here only without userxattr"
+                    .into()
+            }
+            (true, _) => "running in a user namespace: lamina adds userxattr".into(),
         },
     });
 
