@@ -47,31 +47,36 @@ pub async fn run(config: Config) -> Result<()> {
         }
         None => (bind(&config.address, config.socket_group)?, false),
     };
-    let result = start_and_serve(&config, listener, signals, activated).await;
     // An inherited socket belongs to systemd, which keeps it open across our restarts.
-    if !activated {
-        match fs::remove_file(&config.address) {
-            Err(e) if e.kind() != ErrorKind::NotFound => {
-                warn!(error = %e, "could not remove the socket")
-            }
-            _ => {}
-        }
+    let own_socket = (!activated).then(|| config.address.clone());
+    let result = start_and_serve(&config, listener, signals, own_socket.clone()).await;
+    if let Some(socket) = &own_socket {
+        remove_socket(socket);
     }
     result
 }
 
+fn remove_socket(path: &Path) {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != ErrorKind::NotFound => {
+            warn!(error = %e, "could not remove the socket")
+        }
+        _ => {}
+    }
+}
+
+/// `own_socket`: the socket lamina bound (none when systemd passed it), removed on exit.
 async fn start_and_serve(
     config: &Config,
     listener: UnixListener,
     mut signals: Signals,
-    activated: bool,
+    own_socket: Option<PathBuf>,
 ) -> Result<()> {
+    let activated = own_socket.is_none();
     // Start-up (probe, store, recovery) is blocking work. A signal meanwhile lets it finish,
     // since stopping recovery half-way gains nothing, and then exits without serving.
     let cfg = config.clone();
     let mut starting = tokio::task::spawn_blocking(move || start(&cfg));
-    // Removed on a second signal's exit, unless it is systemd's.
-    let own_socket = (!activated).then(|| config.address.clone());
     let started = tokio::select! {
         started = &mut starting => started,
         _ = signals.recv() => {
@@ -363,7 +368,7 @@ fn exit_on_next_signal(mut signals: Signals, socket: Option<PathBuf>) {
         let signo = signals.recv().await;
         warn!("second signal; exiting without waiting");
         if let Some(socket) = socket {
-            let _ = fs::remove_file(socket);
+            remove_socket(&socket);
         }
         std::process::exit(128 + signo);
     });
