@@ -165,26 +165,23 @@ impl Snapshotter {
         for entry in entries {
             match entry {
                 DirEntry::Id(id) if !owned.contains_key(&id) => {
-                    let (did, mut fix): (&str, Box<dyn FnMut() -> Result<()>>) = match &mut orphans
-                    {
-                        Orphans::Delete => (
-                            "removed",
-                            Box::new(move || self.remove_orphan(id, "owned by no snapshot (fsck)")),
-                        ),
-                        Orphans::Collect(ids) => (
-                            "queued for deletion",
-                            Box::new(move || {
-                                ids.push(id);
-                                Ok(())
-                            }),
-                        ),
+                    let did = match orphans {
+                        Orphans::Delete => "removed",
+                        Orphans::Collect(_) => "queued for deletion",
+                    };
+                    let mut fix = || match &mut orphans {
+                        Orphans::Delete => self.remove_orphan(id, "owned by no snapshot (fsck)"),
+                        Orphans::Collect(ids) => {
+                            ids.push(id);
+                            Ok(())
+                        }
                     };
                     c.found(
                         "orphan",
                         "",
                         &layout.dir(id),
                         format!("directory of ID {id}, which no snapshot owns"),
-                        Some((did, &mut *fix)),
+                        Some((did, &mut fix)),
                         "",
                     );
                 }
