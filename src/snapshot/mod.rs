@@ -424,10 +424,7 @@ impl Snapshotter {
                     created: record.created,
                     updated: record.updated,
                     labels: record.labels,
-                    upperdir: s
-                        .options
-                        .upperdir_label
-                        .then(|| s.layout.fs(record.id).display().to_string()),
+                    upperdir: s.upperdir_label(record.id),
                 })
             })
         })
@@ -609,13 +606,18 @@ impl Snapshotter {
         }
     }
 
+    /// The value of [`UPPERDIR_LABEL`] for snapshot `id`, when `upperdir_label` is on; it
+    /// replaces a stored label of that name in what Stat, Update and List report.
+    fn upperdir_label(&self, id: u64) -> Option<String> {
+        self.options
+            .upperdir_label
+            .then(|| self.layout.fs(id).display().to_string())
+    }
+
     fn info(&self, name: String, record: Record) -> Info {
         let mut labels = record.labels;
-        if self.options.upperdir_label {
-            labels.insert(
-                UPPERDIR_LABEL.into(),
-                self.layout.fs(record.id).display().to_string(),
-            );
+        if let Some(upperdir) = self.upperdir_label(record.id) {
+            labels.insert(UPPERDIR_LABEL.into(), upperdir);
         }
         Info {
             name,
