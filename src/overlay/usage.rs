@@ -1,13 +1,15 @@
 //! Disk usage of one snapshot directory, counted the way containerd counts it.
+//!
+//! The tree is a container's upper directory: its contents are the container's to change while
+//! lamina measures, a directory swapped for a symlink to `/` included. So every directory is
+//! opened relative to its parent with `O_NOFOLLOW` and every entry is looked at without
+//! following it (see `sys::at`): nothing outside the tree is ever counted or read.
 
-use std::{
-    collections::HashSet,
-    fs, io,
-    os::unix::fs::MetadataExt,
-    path::{Path, PathBuf},
-};
+use std::{collections::HashSet, ffi::CString, io, os::fd::OwnedFd, path::Path, sync::Arc};
 
-use crate::store::Usage;
+use nix::sys::stat::FileStat;
+
+use crate::{store::Usage, sys::at};
 
 /// Sums `st_blocks * 512` over the unique inodes under `root` (itself included), and counts
 /// them. Hard links count once; symlinks are not followed; other mounts are not crossed.
@@ -22,33 +24,43 @@ const CHUNK: usize = 512;
 /// (tens of thousands of files in one `usr/lib`) are cut into chunks that the threads share,
 /// not only its subdirectories.
 pub fn walk_parallel(root: &Path, threads: usize) -> io::Result<Usage> {
-    let meta = fs::symlink_metadata(root)?;
-    let dev = meta.dev();
+    let (fd, meta) = open_root(root)?;
+    let dev = meta.st_dev;
     let mut tally = Tally::default();
     tally.add(&meta);
     let tallies = crate::pool::run(
         threads,
-        vec![Task::Dir(root.to_path_buf())],
+        vec![Task::List(Arc::new(fd))],
         |task, tally: &mut Tally| -> io::Result<Vec<Task>> {
             match task {
-                Task::Dir(dir) => {
-                    let entries = fs::read_dir(&dir)?.collect::<io::Result<Vec<_>>>()?;
+                Task::Open { parent, name } => match open_child(&parent, &name, dev)? {
+                    Some(dir) => Ok(vec![Task::List(Arc::new(dir))]),
+                    None => Ok(Vec::new()),
+                },
+                Task::List(dir) => {
+                    let names = at::names(&dir)?;
                     let mut chunks = Vec::new();
-                    let mut rest = entries.into_iter().peekable();
+                    let mut rest = names.into_iter().peekable();
                     while rest.peek().is_some() {
-                        chunks.push(Task::Entries(rest.by_ref().take(CHUNK).collect()));
+                        chunks.push(Task::Entries {
+                            dir: Arc::clone(&dir),
+                            names: rest.by_ref().take(CHUNK).collect(),
+                        });
                     }
                     Ok(chunks)
                 }
-                Task::Entries(entries) => {
+                Task::Entries { dir, names } => {
                     let mut dirs = Vec::new();
-                    for entry in entries {
-                        let Some(meta) = metadata(&entry)? else {
+                    for name in names {
+                        let Some(meta) = stat_entry(&dir, &name)? else {
                             continue;
                         };
                         tally.add(&meta);
-                        if meta.is_dir() && meta.dev() == dev {
-                            dirs.push(Task::Dir(entry.path()));
+                        if at::is_dir(&meta) && meta.st_dev == dev {
+                            dirs.push(Task::Open {
+                                parent: Arc::clone(&dir),
+                                name,
+                            });
                         }
                     }
                     Ok(dirs)
@@ -64,9 +76,18 @@ pub fn walk_parallel(root: &Path, threads: usize) -> io::Result<Usage> {
     Ok(tally.total())
 }
 
+/// A directory is opened only when its turn comes, and held only while its entries wait: open
+/// descriptors grow with the tree's depth, not with its width.
 enum Task {
-    Dir(PathBuf),
-    Entries(Vec<fs::DirEntry>),
+    Open {
+        parent: Arc<OwnedFd>,
+        name: CString,
+    },
+    List(Arc<OwnedFd>),
+    Entries {
+        dir: Arc<OwnedFd>,
+        names: Vec<CString>,
+    },
 }
 
 /// One thread's count: files met once summed as they come, inodes that could be met twice
@@ -78,16 +99,16 @@ struct Tally {
 }
 
 impl Tally {
-    fn add(&mut self, meta: &fs::Metadata) {
+    fn add(&mut self, meta: &FileStat) {
         // A file with one link can be met only once, so only hard-linked files (and
         // directories, which a same-device bind mount could show twice) need remembering: a
         // layer of 20,000 plain files then costs no set of 20,000 inodes.
-        let size = meta.blocks() as i64 * 512;
-        if !meta.is_dir() && meta.nlink() == 1 {
+        let size = meta.st_blocks * 512;
+        if !at::is_dir(meta) && meta.st_nlink == 1 {
             self.once.inodes += 1;
             self.once.size += size;
         } else {
-            self.shared.push((meta.dev(), meta.ino(), size));
+            self.shared.push((meta.st_dev, meta.st_ino, size));
         }
     }
 
@@ -108,44 +129,130 @@ impl Tally {
 /// caller measure a small tree where it is and send a big one elsewhere.
 pub fn walk_up_to(root: &Path, limit: usize) -> io::Result<Option<Usage>> {
     let mut seen_entries = 0usize;
-    let meta = fs::symlink_metadata(root)?;
-    let dev = meta.dev();
+    let (fd, meta) = open_root(root)?;
+    let dev = meta.st_dev;
     let mut tally = Tally::default();
     tally.add(&meta);
     // An explicit stack: layer trees can be deeper than a thread's stack allows recursion.
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        for entry in fs::read_dir(&dir)? {
-            let entry = entry?;
+    let mut pending: Vec<(Arc<OwnedFd>, Option<CString>)> = vec![(Arc::new(fd), None)];
+    while let Some((parent, name)) = pending.pop() {
+        let dir = match name {
+            None => parent,
+            Some(name) => match open_child(&parent, &name, dev)? {
+                Some(dir) => Arc::new(dir),
+                None => continue,
+            },
+        };
+        for name in at::names(&dir)? {
             seen_entries += 1;
             if seen_entries > limit {
                 return Ok(None);
             }
-            let Some(meta) = metadata(&entry)? else {
+            let Some(meta) = stat_entry(&dir, &name)? else {
                 continue;
             };
             tally.add(&meta);
-            if meta.is_dir() && meta.dev() == dev {
-                stack.push(entry.path());
+            if at::is_dir(&meta) && meta.st_dev == dev {
+                pending.push((Arc::clone(&dir), Some(name)));
             }
         }
     }
     Ok(Some(tally.total()))
 }
 
-/// An entry's metadata, or `None` if it was removed while we walked (it no longer uses
-/// space).
-fn metadata(entry: &fs::DirEntry) -> io::Result<Option<fs::Metadata>> {
-    match entry.metadata() {
+/// The tree's top (which lamina made: it is opened by path, but not followed if a symlink).
+fn open_root(root: &Path) -> io::Result<(OwnedFd, FileStat)> {
+    let fd = at::open_dir(None, root)?;
+    let meta = at::stat_fd(&fd)?;
+    Ok((fd, meta))
+}
+
+/// An entry's status, or `None` if it was removed while we walked (it no longer uses space).
+fn stat_entry(dir: &OwnedFd, name: &CString) -> io::Result<Option<FileStat>> {
+    match at::stat(dir, name.as_c_str()) {
         Ok(m) => Ok(Some(m)),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(e),
     }
 }
 
+/// Opens subdirectory `name` to walk into it, or `None` when it is no longer a directory of
+/// this filesystem: removed, or swapped (for a symlink, a file, a mount) since it was looked at.
+/// Such a swap is the container's doing, and what took its place is not walked.
+fn open_child(parent: &OwnedFd, name: &CString, dev: u64) -> io::Result<Option<OwnedFd>> {
+    match at::open_dir(Some(parent), name.as_c_str()) {
+        Ok(dir) if at::stat_fd(&dir)?.st_dev == dev => Ok(Some(dir)),
+        Ok(_) => Ok(None),
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::ENOENT | libc::ELOOP | libc::ENOTDIR)
+            ) =>
+        {
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
+}
 #[cfg(test)]
 mod tests {
+    use std::{
+        fs,
+        os::unix::fs::MetadataExt,
+        sync::atomic::{AtomicBool, Ordering},
+    };
+
     use super::*;
+
+    /// A container can swap a directory of its upper directory for a symlink (to `/usr` here)
+    /// while lamina measures it: whatever the symlink points to is never walked, nor does the
+    /// walk fail.
+    #[test]
+    fn a_directory_swapped_for_a_symlink_while_walking_is_not_followed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("fs");
+        fs::create_dir_all(root.join("d")).unwrap();
+        for f in 0..3 {
+            fs::write(root.join(format!("d/{f}")), b"x").unwrap();
+        }
+        std::os::unix::fs::symlink("/usr", root.join("x")).unwrap();
+        // root, d, its 3 files, and the symlink, whichever name each has at the moment. A walk
+        // can count fewer (it may see the symlink under both names, one after the other); more
+        // would be something outside the tree.
+        let inodes = 6;
+        let stop = AtomicBool::new(false);
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                let at = at::open_dir(None, &root).unwrap();
+                while !stop.load(Ordering::Relaxed) {
+                    nix::fcntl::renameat2(
+                        Some(std::os::fd::AsRawFd::as_raw_fd(&at)),
+                        "d",
+                        Some(std::os::fd::AsRawFd::as_raw_fd(&at)),
+                        "x",
+                        nix::fcntl::RenameFlags::RENAME_EXCHANGE,
+                    )
+                    .unwrap();
+                }
+            });
+            let mut failures = Vec::new();
+            for _ in 0..300 {
+                for walked in [walk(&root), walk_parallel(&root, 2)] {
+                    match walked {
+                        Ok(u) if u.inodes <= inodes => {}
+                        other => failures.push(format!("{other:?}")),
+                    }
+                }
+            }
+            stop.store(true, Ordering::Relaxed);
+            failures.sort();
+            failures.dedup();
+            assert!(
+                failures.is_empty(),
+                "walks went wrong, with these results: {failures:?}"
+            );
+        });
+    }
 
     #[test]
     fn counts_unique_inodes_and_blocks() {

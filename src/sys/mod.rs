@@ -1,6 +1,8 @@
 //! The only code that calls mount(2) and umount(2). lamina itself mounts only to probe the
 //! kernel at start-up; containerd mounts what lamina returns.
 
+pub mod at;
+
 use std::{io, path::Path};
 
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
