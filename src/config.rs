@@ -149,6 +149,24 @@ fn resolve(file: File, flags: &Flags) -> Result<Config> {
 fn validate(c: &Config) -> Result<()> {
     absolute("root", &c.root)?;
     absolute("address", &c.address)?;
+    // Paths go to containerd in mount specs and to operators in TOML, both UTF-8 only.
+    for (key, path) in [("root", &c.root), ("address", &c.address)] {
+        if path.to_str().is_none() {
+            return Err(Error::Config(format!(
+                "{key}: {} is not valid UTF-8; use a path of UTF-8 names",
+                path.display()
+            )));
+        }
+    }
+    // Overlay mount options are separated by ',' and lower directories by ':', with no
+    // escaping that containerd applies: a root holding either would mount the wrong paths.
+    let root = c.root.to_str().unwrap_or_default();
+    if let Some(sep) = root.chars().find(|ch| matches!(ch, ',' | ':')) {
+        return Err(Error::Config(format!(
+            "root: {root} contains {sep:?}, which overlayfs mount options use as a separator \
+             (lowerdir=a:b,upperdir=…); choose a root without ',' or ':'"
+        )));
+    }
     for opt in &c.mount_options {
         let name = opt.split('=').next().unwrap_or_default();
         if opt.is_empty() || opt.contains(',') {
@@ -203,6 +221,8 @@ fn absolute(key: &str, path: &Path) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::ffi::OsStrExt;
+
     use super::*;
 
     fn from(text: &str, flags: &Flags) -> Result<Config> {
@@ -277,5 +297,13 @@ mod tests {
         assert!(err("metrics_address = \"nowhere\"").contains("metrics_address"));
         assert!(err("socket_group = \"no-such-group-here\"").contains("socket_group"));
         assert!(err("metrics_address = \"unix:rel\"").contains("metrics_address"));
+        assert!(err("root = \"/var/lib/a,b\"").contains("separator"));
+        assert!(err("root = \"/var/lib/a:b\"").contains("separator"));
+        let flags = Flags {
+            root: Some(std::ffi::OsStr::from_bytes(b"/var/lib/\xff").into()),
+            ..Flags::default()
+        };
+        let e = from("", &flags).unwrap_err().to_string();
+        assert!(e.contains("root") && e.contains("UTF-8"), "{e}");
     }
 }
