@@ -8,7 +8,7 @@ use crate::{
     error::{Error, Result},
     grpc::{self, admin::proto},
     overlay::probe,
-    snapshot::{Options, Snapshotter},
+    snapshot::{fsck::Repair, Snapshotter},
     store::layout::Layout,
 };
 
@@ -48,10 +48,13 @@ fn feature_line(name: &str, supported: bool, detail: &str) -> String {
 
 /// `lamina fsck`: through the running daemon when it answers on its socket, else offline on
 /// the root (the store's file lock keeps a second writer out).
-pub async fn fsck(config: &Config, repair: bool) -> Result<(String, bool)> {
+pub async fn fsck(config: &Config, repair: Repair) -> Result<(String, bool)> {
     let report = match grpc::client::connect(&config.address).await {
         Ok(channel) => grpc::client::admin(channel)
-            .fsck(proto::FsckRequest { repair })
+            .fsck(proto::FsckRequest {
+                repair: repair.safe,
+                delete_unknown: repair.unknown,
+            })
             .await
             .map_err(grpc::client::remote)?
             .into_inner(),
@@ -65,9 +68,14 @@ pub async fn fsck(config: &Config, repair: bool) -> Result<(String, bool)> {
     };
     let mut out = String::new();
     let mut clean = true;
+    let (mut unknown, mut unknown_bytes) = (0, 0);
     for f in &report.findings {
         if f.kind != "foreign" && !f.repaired {
             clean = false;
+        }
+        if f.kind == "unknown" && !f.repaired {
+            unknown += 1;
+            unknown_bytes += f.bytes;
         }
         let key = if f.key.is_empty() {
             String::new()
@@ -81,6 +89,27 @@ pub async fn fsck(config: &Config, repair: bool) -> Result<(String, bool)> {
         };
         let _ = writeln!(out, "{}: {}{key}: {}{action}", f.kind, f.path, f.detail);
     }
+    let freed: u64 = report
+        .findings
+        .iter()
+        .filter(|f| f.kind == "unknown" && f.repaired)
+        .map(|f| f.bytes)
+        .sum();
+    if freed > 0 {
+        let _ = writeln!(
+            out,
+            "deleted directories the store did not know: {freed} bytes freed"
+        );
+    }
+    if unknown > 0 {
+        let _ = writeln!(
+            out,
+            "{unknown} directories ({unknown_bytes} bytes) have IDs the store never handed out: \
+             its store is missing or older than they are. Restore the store that knows them, or \
+             give them up: `lamina fsck --repair --delete-unknown` deletes them, freeing \
+             {unknown_bytes} bytes"
+        );
+    }
     let _ = writeln!(
         out,
         "checked {} snapshots and {} directories: {}",
@@ -91,19 +120,22 @@ pub async fn fsck(config: &Config, repair: bool) -> Result<(String, bool)> {
     Ok((out, clean))
 }
 
-fn offline_fsck(root: &Path, repair: bool) -> Result<crate::snapshot::fsck::Report> {
-    if !root.join("metadata.redb").exists() {
+/// fsck on a stopped daemon's root. Without `--repair` nothing is opened for writing: the store
+/// is read through a view that keeps redb's own writes in memory (see `store/readonly.rs`).
+/// A missing store is created only when told to give up what it does not know
+/// (`--delete-unknown`): an empty store over existing directories would be refused at start
+/// anyway, as older than they are.
+fn offline_fsck(root: &Path, repair: Repair) -> Result<crate::snapshot::fsck::Report> {
+    if !root.is_dir() {
         return Err(Error::Config(format!(
-            "{} holds no lamina store, and no daemon answers on the socket",
+            "{} does not exist, and no daemon answers on the socket",
             root.display()
         )));
     }
-    let options = Options {
-        mount_options: Vec::new(),
-        sync_remove: false,
-        upperdir_label: false,
-    };
-    Snapshotter::open(Layout::new(root), options)?.fsck(repair)
+    let layout = Layout::new(root);
+    let writable = repair.safe && (layout.db_path().exists() || repair.unknown);
+    let repair = if writable { repair } else { Repair::default() };
+    Snapshotter::open_offline(layout, writable)?.fsck(repair)
 }
 
 /// `lamina check`: what this kernel and the root's filesystem support, without a daemon.

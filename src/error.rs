@@ -4,7 +4,10 @@
 //! unpacker retries on `AlreadyExists` after Prepare/Commit and treats `NotFound` after Stat as
 //! "not unpacked yet"), so every variant maps to a deliberate code.
 
-use std::{io, path::PathBuf};
+use std::{
+    io,
+    path::{Path, PathBuf},
+};
 
 /// Everything that can go wrong while serving a snapshot request.
 #[derive(Debug, thiserror::Error)]
@@ -68,6 +71,28 @@ pub enum Error {
     /// The store file is damaged; the message says what to do.
     #[error("{0}")]
     Corrupt(String),
+
+    /// A snapshot directory already exists where lamina is about to create one. IDs are never
+    /// handed out twice, so it is not lamina's doing: it is left as it is.
+    #[error(
+        "{0:?} already exists, though its ID was never given to a snapshot before: something \
+         other than lamina writes under the root (`lamina fsck` reports what it finds there)"
+    )]
+    Occupied(PathBuf),
+
+    /// The store does not know some of the snapshot directories beside it: it is missing, or
+    /// older than they are. Starting would hand out their IDs again and delete them.
+    #[error("{}", store_behind(.store, *.missing, *.unknown, *.highest, *.next_id))]
+    StoreBehind {
+        store: PathBuf,
+        /// The store file does not exist at all.
+        missing: bool,
+        /// Directories under `snapshots/` with IDs the store never handed out.
+        unknown: usize,
+        highest: u64,
+        /// The store's next ID (1 when missing).
+        next_id: u64,
+    },
 
     /// The disk is full (or read-only); the message says what to free.
     #[error("{0}")]
@@ -144,9 +169,40 @@ impl Error {
             | Error::Unavailable(_)
             | Error::Remote(_)
             | Error::Corrupt(_)
+            | Error::Occupied(_)
+            | Error::StoreBehind { .. }
             | Error::Internal(_) => Code::Internal,
         }
     }
+}
+
+fn store_behind(store: &Path, missing: bool, unknown: usize, highest: u64, next_id: u64) -> String {
+    let snapshots = store.parent().unwrap_or(store).join("snapshots");
+    let root = store.parent().unwrap_or(store);
+    let what = if missing {
+        format!(
+            "store {} is missing, but {} holds {unknown} snapshot directories (the highest on \
+             disk is {highest})",
+            store.display(),
+            snapshots.display()
+        )
+    } else {
+        format!(
+            "store {} is older than the snapshot directories beside it: {} holds {unknown} \
+             directories with IDs it never handed out (its next ID is {next_id}; the highest on \
+             disk is {highest}), as when a store is put back from a backup",
+            store.display(),
+            snapshots.display()
+        )
+    };
+    format!(
+        "{what}. lamina will not start over them: it would give their IDs to new snapshots and \
+         delete them as orphans. Either restore the store that knows them and start lamina \
+         again, or give those layers up: `lamina fsck --root {root}` says how much space they \
+         take, and `lamina fsck --root {root} --repair --delete-unknown` deletes them (containerd \
+         then unpacks its images again)",
+        root = root.display()
+    )
 }
 
 macro_rules! from_redb {

@@ -40,6 +40,10 @@ enum Command {
         /// Fix what is safe to fix: orphans, missing directories of active snapshots, modes.
         #[arg(long)]
         repair: bool,
+        /// With --repair, also delete the directories whose IDs the store never handed out
+        /// (its store is missing, or older than they are): their layers are given up.
+        #[arg(long, requires = "repair")]
+        delete_unknown: bool,
         #[command(flatten)]
         settings: Settings,
     },
@@ -144,7 +148,15 @@ fn run(cli: Cli) -> Result<(), Error> {
             print!("{}", block_on(lamina::cli::status(&settings.load()?))?);
             Ok(())
         }
-        Command::Fsck { repair, settings } => {
+        Command::Fsck {
+            repair,
+            delete_unknown,
+            settings,
+        } => {
+            let repair = lamina::snapshot::fsck::Repair {
+                safe: repair,
+                unknown: delete_unknown,
+            };
             let (out, clean) = block_on(lamina::cli::fsck(&settings.load()?, repair))?;
             print!("{out}");
             clean.then_some(()).ok_or_else(|| {

@@ -19,12 +19,9 @@ use prometheus_client::{
     },
     registry::Registry,
 };
-use tracing::{info, warn};
+use tracing::info;
 
-use crate::{
-    error::{Error, Result},
-    snapshot::Snapshotter,
-};
+use crate::error::{Error, Result};
 
 type Labels = Vec<(&'static str, String)>;
 
@@ -109,21 +106,12 @@ impl Metrics {
         self.reclaimed_bytes.inc_by(bytes);
     }
 
-    /// The text exposition, with snapshot counts read from the store now.
-    pub fn render(&self, snapshotter: &Snapshotter) -> String {
-        match snapshotter.counts() {
-            Ok(c) => {
-                for (kind, n) in [
-                    ("active", c.active),
-                    ("view", c.views),
-                    ("committed", c.committed),
-                ] {
-                    self.snapshots
-                        .get_or_create(&vec![("kind", kind.to_string())])
-                        .set(n as i64);
-                }
-            }
-            Err(e) => warn!(error = %e, "metrics: could not count snapshots"),
+    /// The text exposition, with `snapshots` (kind, count) as they are now.
+    pub fn render(&self, snapshots: &[(&str, u64)]) -> String {
+        for &(kind, n) in snapshots {
+            self.snapshots
+                .get_or_create(&vec![("kind", kind.to_string())])
+                .set(n as i64);
         }
         let mut out = String::new();
         encode(&mut out, &self.registry).expect("writing to a String cannot fail");
@@ -154,24 +142,25 @@ impl std::str::FromStr for Address {
     }
 }
 
+/// Snapshots by kind as they are now, for each scrape: (kind, count).
+pub type SnapshotCounts = Arc<dyn Fn() -> Vec<(&'static str, u64)> + Send + Sync>;
+
 /// Binds `address` now and returns the server of `GET /metrics`, to run until the process ends.
 /// Binding up front makes an unusable address fail start-up, where an operator sees it, instead
 /// of a background task that logs one line and leaves lamina serving without its metrics.
 pub fn bind(
     address: Address,
-    snapshotter: Arc<Snapshotter>,
+    counts: SnapshotCounts,
 ) -> Result<futures::future::BoxFuture<'static, Result<()>>> {
     use hyper::{
         service::{make_service_fn, service_fn},
         Body, Request, Response, StatusCode,
     };
     let handle = move |req: Request<Body>| {
-        let snapshotter = Arc::clone(&snapshotter);
+        // The counts are kept by the store's writes: a scrape reads no snapshot.
+        let body = (req.uri().path() == "/metrics").then(|| global().render(&counts()));
         async move {
-            let resp = if req.uri().path() == "/metrics" {
-                let body = tokio::task::spawn_blocking(move || global().render(&snapshotter))
-                    .await
-                    .unwrap_or_default();
+            let resp = if let Some(body) = body {
                 Response::builder()
                     .header("content-type", "text/plain; version=0.0.4; charset=utf-8")
                     .body(Body::from(body))

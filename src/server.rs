@@ -94,7 +94,16 @@ async fn start_and_serve(
         .unwrap_or_else(|| config.address.clone());
     info!(address = %address.display(), root = %config.root.display(), activated, "serving");
     if let Some(address) = config.metrics_address.clone() {
-        let endpoint = crate::metrics::bind(address, Arc::clone(&admin.snapshotter))?;
+        let snapshotter = Arc::clone(&admin.snapshotter);
+        let counts = Arc::new(move || {
+            let c = snapshotter.counts();
+            vec![
+                ("active", c.active),
+                ("view", c.views),
+                ("committed", c.committed),
+            ]
+        });
+        let endpoint = crate::metrics::bind(address, counts)?;
         tokio::spawn(async move {
             if let Err(e) = endpoint.await {
                 error!(error = %crate::error::chain(&e), "metrics endpoint stopped");

@@ -35,6 +35,7 @@ fn wire_finding(f: fsck::Finding) -> proto::Finding {
         detail: f.detail,
         action: f.action,
         repaired: f.repaired,
+        bytes: f.bytes,
     }
 }
 
@@ -54,7 +55,7 @@ impl proto::admin_server::Admin for Arc<Admin> {
     ) -> Result<Response<proto::StatusResponse>, Status> {
         let this = Arc::clone(self);
         traced("Status", info_span!("status"), async move {
-            let counts = this.snapshotter.run(|s| s.counts()).await?;
+            let counts = this.snapshotter.counts();
             let store_bytes = std::fs::metadata(this.snapshotter.layout().db_path())
                 .map(|m| m.len())
                 .unwrap_or(0);
@@ -86,9 +87,13 @@ impl proto::admin_server::Admin for Arc<Admin> {
         &self,
         req: Request<proto::FsckRequest>,
     ) -> Result<Response<proto::FsckResponse>, Status> {
-        let repair = req.into_inner().repair;
+        let r = req.into_inner();
+        let repair = fsck::Repair {
+            safe: r.repair,
+            unknown: r.repair && r.delete_unknown,
+        };
         let s = Arc::clone(&self.snapshotter);
-        traced("Fsck", info_span!("fsck", repair), async move {
+        traced("Fsck", info_span!("fsck", ?repair), async move {
             let report = s.run(move |s| s.fsck(repair)).await?;
             Ok(wire_report(report))
         })

@@ -108,10 +108,25 @@ pub fn check(root: &Path, options: &[String]) -> Result<(), Error> {
     let scratch = scratch_dir(root);
     // A lamina killed mid-probe leaves the probe overlay mounted; detach it before deleting.
     let _ = sys::unmount(&scratch.join("merged"));
-    let _ = fs::remove_dir_all(&scratch);
+    remove_scratch(&scratch);
     let result = check_in(&scratch, options);
-    let _ = fs::remove_dir_all(&scratch);
+    remove_scratch(&scratch);
     result
+}
+
+/// Deletes a probe's scratch directory with the deleter, which never descends into a mount:
+/// should the probe overlay still be mounted (its unmount failed), its layers are left, not
+/// deleted through it.
+fn remove_scratch(scratch: &Path) {
+    let (Some(parent), Some(name)) = (scratch.parent(), scratch.file_name()) else {
+        return;
+    };
+    let name = name.to_string_lossy().into_owned();
+    if let Err(e) = crate::store::delete::remove_trees(parent, &[name], 1)
+        .and_then(|mut r| r.pop().unwrap_or(Ok(0)))
+    {
+        tracing::warn!(path = %scratch.display(), error = %crate::error::chain(&e), "could not delete the probe's scratch directory");
+    }
 }
 
 /// The probe's scratch directory; start-up removes a leftover one before anything else.
@@ -306,7 +321,7 @@ pub fn features_with(
         .and_then(|_| fs::write(scratch.join("f"), b""))
         .map_err(|e| Error::io("writing probe file in", &scratch, e))
         .and_then(|_| supports_d_type(&scratch));
-    let _ = fs::remove_dir_all(&scratch);
+    remove_scratch(&scratch);
     out.push(Feature {
         name: "d_type",
         supported: matches!(d_type, Ok(true)),

@@ -9,16 +9,23 @@ use std::{
     time::{Duration, SystemTime},
 };
 
+use nix::sys::stat::FileStat;
+
 use super::Snapshotter;
 use crate::{
     error::{chain, Result},
-    store::{layout::DirEntry, Kind, Record},
+    overlay::usage,
+    store::{
+        layout::{DirEntry, Part},
+        Kind, Record,
+    },
+    sys::at,
 };
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Finding {
-    /// `orphan`, `missing_directory`, `missing_workdir`, `dangling_parent`, `wrong_mode`,
-    /// `foreign`.
+    /// `orphan`, `unknown`, `missing_directory`, `missing_workdir`, `not_a_directory`,
+    /// `dangling_parent`, `wrong_mode`, `foreign`.
     pub kind: &'static str,
     pub key: String,
     pub path: PathBuf,
@@ -26,6 +33,8 @@ pub struct Finding {
     /// What repair did, or why it cannot; empty when not repairing.
     pub action: String,
     pub repaired: bool,
+    /// For `unknown`: the bytes the directory holds (what deleting it frees).
+    pub bytes: u64,
 }
 
 #[derive(Debug, Default)]
@@ -42,6 +51,16 @@ impl Report {
             .iter()
             .all(|f| f.kind == "foreign" || f.repaired)
     }
+}
+
+/// What fsck may change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Repair {
+    /// Fix what is safe: orphans, missing directories of active snapshots and views, modes.
+    pub safe: bool,
+    /// Also delete the directories whose IDs the store never handed out (a missing or
+    /// restored store; see `Snapshotter::open`). Only with `safe`.
+    pub unknown: bool,
 }
 
 /// How long after its record a creation may still be making its directories, as far as an
@@ -78,26 +97,39 @@ impl Check<'_> {
             detail,
             action,
             repaired,
+            bytes: 0,
         });
     }
 
-    fn mode(&mut self, key: &str, path: &Path, want: u32) {
-        let Ok(meta) = fs::metadata(path) else { return };
-        let have = meta.permissions().mode() & 0o7777;
+    /// Reports a mode other than `want`; `fix` sets it.
+    fn mode(
+        &mut self,
+        key: &str,
+        path: &Path,
+        have: u32,
+        want: u32,
+        fix: &mut dyn FnMut() -> Result<()>,
+    ) {
+        let have = have & 0o7777;
         if have != want {
-            let mut fix = || {
-                fs::set_permissions(path, fs::Permissions::from_mode(want))
-                    .map_err(|e| crate::error::Error::io("setting mode of", path, e))
-            };
             self.found(
                 "wrong_mode",
                 key,
                 path,
                 format!("mode {have:04o}, expected {want:04o}"),
-                Some((&format!("set mode {want:04o}"), &mut fix)),
+                Some((&format!("set mode {want:04o}"), fix)),
                 "",
             );
         }
+    }
+
+    /// The root and `snapshots/`: paths the operator chose, so followed like any path.
+    fn path_mode(&mut self, path: &Path, want: u32) {
+        let Ok(meta) = fs::metadata(path) else { return };
+        self.mode("", path, meta.permissions().mode(), want, &mut || {
+            fs::set_permissions(path, fs::Permissions::from_mode(want))
+                .map_err(|e| crate::error::Error::io("setting mode of", path, e))
+        });
     }
 }
 
@@ -109,21 +141,41 @@ pub(super) enum Orphans<'a> {
     Collect(&'a mut Vec<u64>),
 }
 
+/// What is at a place where a snapshot directory should be, symlinks not followed.
+enum Seen {
+    Missing,
+    Dir(FileStat),
+    /// A symlink, a file, or what cannot be looked into: not lamina's, never followed.
+    Other(String),
+}
+
 impl Snapshotter {
-    /// Compares the store with `<root>/snapshots`. With `repair`: deletes orphan directories,
-    /// recreates missing directories of active snapshots and views, and fixes modes; a
-    /// committed snapshot's lost data and a dangling parent cannot be repaired and are only
-    /// reported, as are entries that are not lamina's. While lamina serves, an active snapshot
-    /// or view created in the last 10 s may still be making its directories and is left alone.
-    pub fn fsck(&self, repair: bool) -> Result<Report> {
+    /// Compares the store with `<root>/snapshots`. With `repair.safe`: deletes orphan
+    /// directories, recreates missing directories of active snapshots and views, and fixes
+    /// modes; a committed snapshot's lost data and a dangling parent cannot be repaired and are
+    /// only reported, as are entries that are not lamina's. Directories whose IDs the store
+    /// never handed out are deleted only with `repair.unknown`, and their IDs are then never
+    /// handed out either. While lamina serves, an active snapshot or view created in the last
+    /// 10 s may still be making its directories and is left alone.
+    pub fn fsck(&self, repair: Repair) -> Result<Report> {
         self.fsck_with(repair, Orphans::Delete)
     }
 
-    pub(super) fn fsck_with(&self, repair: bool, orphans: Orphans<'_>) -> Result<Report> {
+    pub(super) fn fsck_with(&self, repair: Repair, orphans: Orphans<'_>) -> Result<Report> {
         // Directories first, then the store: a snapshot prepared meanwhile is in the store read.
         let entries = self.layout.list()?;
-        let records = self.store.list()?;
-        Ok(self.compare(repair, entries, records, orphans))
+        let (records, next_id) = self.store.list_with_next_id()?;
+        let report = self.compare(repair, entries, records, next_id, orphans);
+        let deleted = report
+            .findings
+            .iter()
+            .filter(|f| f.kind == "unknown" && f.repaired)
+            .filter_map(|f| f.path.file_name()?.to_str()?.parse::<u64>().ok())
+            .max();
+        if let Some(highest) = deleted {
+            futures::executor::block_on(self.store.raise_next_id(highest + 1))?;
+        }
+        Ok(report)
     }
 
     /// Whether `key` is still snapshot `id`. Online, a Remove (perhaps followed by a Prepare
@@ -133,11 +185,21 @@ impl Snapshotter {
         self.store.get(key).is_ok_and(|r| r.id == id)
     }
 
+    fn seen(&self, id: u64, part: Part) -> Seen {
+        match self.layout.inspect(id, part) {
+            Ok(None) => Seen::Missing,
+            Ok(Some(st)) if at::is_dir(&st) => Seen::Dir(st),
+            Ok(Some(_)) => Seen::Other("not a directory (a symlink or a file)".into()),
+            Err(e) => Seen::Other(format!("cannot be looked into ({e})")),
+        }
+    }
+
     fn compare(
         &self,
-        repair: bool,
+        repair: Repair,
         entries: Vec<DirEntry>,
         records: Vec<(String, Record)>,
+        next_id: u64,
         mut orphans: Orphans<'_>,
     ) -> Report {
         let mut report = Report::default();
@@ -156,14 +218,46 @@ impl Snapshotter {
         report.directories_checked = entries.len() as u64;
         let mut c = Check {
             report: &mut report,
-            repair,
+            repair: repair.safe,
         };
         let layout = &self.layout;
 
-        c.mode("", layout.root(), 0o700);
-        c.mode("", &layout.snapshots_dir(), 0o700);
+        c.path_mode(layout.root(), 0o700);
+        c.path_mode(&layout.snapshots_dir(), 0o700);
         for entry in entries {
             match entry {
+                DirEntry::Id(id) if id >= next_id => {
+                    let path = layout.dir(id);
+                    let bytes = usage::walk(&path).map_or(0, |u| u.size.max(0) as u64);
+                    let mut fix = || match self
+                        .delete(
+                            vec![id],
+                            "the store never handed out its ID (fsck --delete-unknown)",
+                        )?
+                        .pop()
+                    {
+                        Some(Err(e)) => Err(e),
+                        _ => Ok(()),
+                    };
+                    let fix = repair
+                        .unknown
+                        .then_some(("deleted", &mut fix as &mut dyn FnMut() -> Result<()>));
+                    c.found(
+                        "unknown",
+                        "",
+                        &path,
+                        format!(
+                            "directory of ID {id}, which the store never handed out (its next \
+                             ID is {next_id}): the store is missing or older than this \
+                             directory; it holds {bytes} bytes"
+                        ),
+                        fix,
+                        "left alone: --delete-unknown deletes it",
+                    );
+                    if let Some(f) = c.report.findings.last_mut() {
+                        f.bytes = bytes;
+                    }
+                }
                 DirEntry::Id(id) if !owned.contains_key(&id) => {
                     let did = match orphans {
                         Orphans::Delete => "removed",
@@ -198,7 +292,26 @@ impl Snapshotter {
         }
         for (key, record) in &records {
             let id = record.id;
-            if !layout.fs(id).is_dir() {
+            let (dir, fs) = (self.seen(id, Part::Dir), self.seen(id, Part::Fs));
+            if let Some((part, why)) = match (&dir, &fs) {
+                (Seen::Other(why), _) => Some((Part::Dir, why)),
+                (_, Seen::Other(why)) => Some((Part::Fs, why)),
+                _ => None,
+            } {
+                if self.still_is(key, id) {
+                    c.found(
+                        "not_a_directory",
+                        key,
+                        &layout.part(id, part),
+                        format!("{} snapshot's directory is {why}", record.kind.as_str()),
+                        None,
+                        "left alone: lamina never follows or deletes what it did not make; \
+                         remove it, then run fsck --repair again",
+                    );
+                }
+                continue;
+            }
+            if matches!(fs, Seen::Missing) {
                 if !self.still_is(key, id) || (online && in_flight(record)) {
                     continue;
                 }
@@ -216,7 +329,7 @@ impl Snapshotter {
                 } else {
                     let mut fix = || {
                         let owner = self.parent_owner(record)?;
-                        layout.create_dirs(id, record.kind == Kind::Active, owner)
+                        layout.complete_dirs(id, record.kind == Kind::Active, owner)
                     };
                     c.found(
                         "missing_directory",
@@ -229,20 +342,37 @@ impl Snapshotter {
                 }
                 continue;
             }
-            c.mode(key, &layout.dir(id), 0o700);
+            if let Seen::Dir(st) = &dir {
+                c.mode(key, &layout.dir(id), st.st_mode, 0o700, &mut || {
+                    layout.set_mode(id, Part::Dir, 0o700)
+                });
+            }
             if record.kind == Kind::Active {
-                if layout.work(id).is_dir() {
-                    c.mode(key, &layout.work(id), 0o711);
-                } else if self.still_is(key, id) {
-                    let mut fix = || layout.create_dirs(id, true, None);
-                    c.found(
-                        "missing_workdir",
+                match self.seen(id, Part::Work) {
+                    Seen::Dir(st) => c.mode(key, &layout.work(id), st.st_mode, 0o711, &mut || {
+                        layout.set_mode(id, Part::Work, 0o711)
+                    }),
+                    Seen::Missing if self.still_is(key, id) => {
+                        let mut fix = || layout.complete_dirs(id, true, None);
+                        c.found(
+                            "missing_workdir",
+                            key,
+                            &layout.work(id),
+                            "active snapshot has no overlay work directory".into(),
+                            Some(("recreated", &mut fix)),
+                            "",
+                        );
+                    }
+                    Seen::Missing => {}
+                    Seen::Other(why) => c.found(
+                        "not_a_directory",
                         key,
                         &layout.work(id),
-                        "active snapshot has no overlay work directory".into(),
-                        Some(("recreated", &mut fix)),
-                        "",
-                    );
+                        format!("active snapshot's work directory is {why}"),
+                        None,
+                        "left alone: lamina never follows or deletes what it did not make; \
+                         remove it, then run fsck --repair again",
+                    ),
                 }
             }
             if !record.parent.is_empty()
@@ -275,6 +405,11 @@ mod tests {
     use super::*;
     use crate::{snapshot::Options, store::layout::Layout};
 
+    const REPAIR: Repair = Repair {
+        safe: true,
+        unknown: false,
+    };
+
     /// A snapshotter on `<dir>/root`, not serving (see `start_background`).
     fn open(dir: &Path) -> Arc<Snapshotter> {
         let options = Options {
@@ -298,12 +433,18 @@ mod tests {
             s.layout.create_dirs(r.id, true, None).unwrap();
         }
         // What fsck read, then a Remove lands (record, then directory) before it looks.
-        let records = s.store.list().unwrap();
+        let (records, next_id) = s.store.list_with_next_id().unwrap();
         let gone = wait(s.store.remove("gone")).unwrap();
         s.layout.remove_dirs(gone.id).unwrap();
         let kept = s.store.get("kept").unwrap();
         std::fs::remove_dir_all(s.layout.dir(kept.id)).unwrap();
-        let report = s.compare(true, s.layout.list().unwrap(), records, Orphans::Delete);
+        let report = s.compare(
+            REPAIR,
+            s.layout.list().unwrap(),
+            records,
+            next_id,
+            Orphans::Delete,
+        );
         let keys: Vec<&str> = report.findings.iter().map(|f| f.key.as_str()).collect();
         // "kept" really lost its directory and gets it back; "gone" is nobody's any more.
         assert_eq!(keys, vec!["kept"], "{:?}", report.findings);
@@ -325,7 +466,7 @@ mod tests {
                 .create("new", "", Kind::Active, BTreeMap::new(), SystemTime::now()),
         )
         .unwrap();
-        let report = s.fsck(true).unwrap();
+        let report = s.fsck(REPAIR).unwrap();
         assert!(report.findings.is_empty(), "{:?}", report.findings);
         assert!(
             !s.layout.dir(r.id).exists(),
@@ -334,7 +475,7 @@ mod tests {
         drop(s);
         // Stopped (after a crash, say), the same record is a creation that never finished.
         let s = open(tmp.path());
-        let report = s.fsck(true).unwrap();
+        let report = s.fsck(REPAIR).unwrap();
         let kinds: Vec<&str> = report.findings.iter().map(|f| f.kind).collect();
         assert_eq!(kinds, vec!["missing_directory"]);
         assert!(s.layout.fs(r.id).is_dir());

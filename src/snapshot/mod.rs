@@ -131,18 +131,76 @@ pub struct Snapshotter {
 }
 
 impl Snapshotter {
-    /// Opens the store under the layout's root. Call [`Snapshotter::recover`] before serving.
+    /// Opens the store under the layout's root, for serving. Call [`Snapshotter::recover`]
+    /// before serving.
+    ///
+    /// Refuses with [`Error::StoreBehind`] when `snapshots/` holds directories whose IDs the
+    /// store never handed out: the store is missing, or older than they are (put back from a
+    /// backup). A record always commits before its directory is made, so that cannot happen
+    /// otherwise; and starting would give those IDs to new snapshots (whose mounts would show
+    /// the old layers' files) and delete the directories as orphans. Hence, whenever lamina
+    /// serves, its ID counter is above every ID on disk.
     pub fn open(layout: Layout, options: Options) -> Result<Arc<Snapshotter>> {
         layout.init()?;
-        let store = Store::open(&layout.db_path())?;
-        Ok(Arc::new(Snapshotter {
+        let ids: Vec<u64> = layout
+            .list()?
+            .into_iter()
+            .filter_map(|e| match e {
+                DirEntry::Id(id) => Some(id),
+                DirEntry::Foreign(_) => None,
+            })
+            .collect();
+        let db = layout.db_path();
+        let store = Store::open_existing(&db)?;
+        let next_id = match &store {
+            Some(store) => store.next_id()?,
+            None => 1,
+        };
+        let unknown: Vec<u64> = ids.into_iter().filter(|&id| id >= next_id).collect();
+        if let Some(&highest) = unknown.iter().max() {
+            return Err(Error::StoreBehind {
+                store: db,
+                missing: store.is_none(),
+                unknown: unknown.len(),
+                highest,
+                next_id,
+            });
+        }
+        let store = match store {
+            Some(store) => store,
+            None => Store::open(&db)?,
+        };
+        Ok(Snapshotter::with(layout, store, options))
+    }
+
+    /// Opens a stopped daemon's root for `lamina fsck`, without the check of
+    /// [`Snapshotter::open`] (fsck is how an operator finds out what it refused). With
+    /// `writable` false nothing is changed, nor opened for writing: a missing store reads as
+    /// an empty one.
+    pub fn open_offline(layout: Layout, writable: bool) -> Result<Arc<Snapshotter>> {
+        let store = if writable {
+            layout.init()?;
+            Store::open(&layout.db_path())?
+        } else {
+            Store::open_read_only(&layout.db_path())?
+        };
+        let options = Options {
+            mount_options: Vec::new(),
+            sync_remove: false,
+            upperdir_label: false,
+        };
+        Ok(Snapshotter::with(layout, store, options))
+    }
+
+    fn with(layout: Layout, store: Store, options: Options) -> Arc<Snapshotter> {
+        Arc::new(Snapshotter {
             store,
             layout,
             options,
             closing: AtomicBool::new(false),
             spares: OnceLock::new(),
             reaper: OnceLock::new(),
-        }))
+        })
     }
 
     /// Starts the background threads of a serving lamina: ready-made directories for
@@ -166,18 +224,14 @@ impl Snapshotter {
         &self.layout
     }
 
-    /// Snapshots by kind; reads the whole store, for status and metrics only.
-    pub fn counts(&self) -> Result<Counts> {
-        let mut c = Counts::default();
-        self.store.each_view(|_, record| {
-            match record.kind {
-                Kind::Active => c.active += 1,
-                Kind::View => c.views += 1,
-                Kind::Committed => c.committed += 1,
-            }
-            true
-        })?;
-        Ok(c)
+    /// Snapshots by kind, as the writes keep them: free to call (metrics scrapes, status).
+    pub fn counts(&self) -> Counts {
+        let (active, views, committed) = self.store.counts();
+        Counts {
+            active,
+            views,
+            committed,
+        }
     }
 
     /// Refuses new requests from now on (they get Unavailable); requests already running finish.
@@ -451,7 +505,11 @@ impl Snapshotter {
     /// again, so nothing can meet them meanwhile but a Cleanup, which waits for them.
     pub fn recover(&self) -> Result<Reclaimed> {
         let mut orphans = Vec::new();
-        let report = self.fsck_with(true, fsck::Orphans::Collect(&mut orphans))?;
+        let repair = fsck::Repair {
+            safe: true,
+            unknown: false,
+        };
+        let report = self.fsck_with(repair, fsck::Orphans::Collect(&mut orphans))?;
         let mut reclaimed = Reclaimed::default();
         for f in &report.findings {
             let path = f.path.display();
@@ -480,10 +538,17 @@ impl Snapshotter {
         // only after its record commits, so any directory seen here that belongs to a snapshot
         // being prepared right now is already in the store read below.
         let entries = self.layout.list()?;
-        let owned = self.store.owned_ids()?;
+        let (owned, next_id) = self.store.owned_ids()?;
         let mut orphans = Vec::new();
         for entry in entries {
             match entry {
+                // Not a directory this store's lamina made: only `lamina fsck --repair
+                // --delete-unknown` deletes those (see `Snapshotter::open`).
+                DirEntry::Id(id) if id >= next_id => warn!(
+                    path = %self.layout.dir(id).display(),
+                    next_id,
+                    "the store never handed out this ID; left alone (lamina fsck reports it)"
+                ),
                 DirEntry::Id(id) if !owned.contains(&id) => orphans.push(id),
                 DirEntry::Id(_) => {}
                 DirEntry::Foreign(name) => warn!(
@@ -540,42 +605,90 @@ impl Snapshotter {
             check_key("parent", &parent)?;
         }
         let labels = check_labels(labels)?;
-        let record = self
+        let mut record = self
             .store
             .create(&key, &parent, kind, labels, SystemTime::now())
             .await?;
+        // A directory already at the new ID's place was not made for it (see `create_dirs`):
+        // it is left alone, this record undone, and the snapshot takes the next ID. A third
+        // one in a row would be something making them on purpose: the creation fails.
+        for attempt in 1.. {
+            match self.make_dirs(&key, &record).await {
+                Err(Error::Occupied(path)) => {
+                    self.store.remove_if(&key, Some(record.id)).await?;
+                    if attempt == 3 {
+                        return Err(Error::Occupied(path));
+                    }
+                    warn!(id = record.id, path = %path.display(), "a directory is already where this snapshot's goes; leaving it alone and taking another ID");
+                    record = self
+                        .store
+                        .create(&key, &parent, kind, record.labels, SystemTime::now())
+                        .await?;
+                }
+                done => return done,
+            }
+        }
+        unreachable!("the loop returns by its third attempt")
+    }
+
+    /// Makes the directories of a creation whose record just committed, and answers its
+    /// mounts. A failure undoes the record, so that a failed Prepare leaves nothing behind
+    /// (the key can be retried) - except [`Error::Occupied`], which the caller handles.
+    async fn make_dirs(&self, key: &str, record: &Record) -> Result<Vec<Mount>> {
         // A rename (or a few mkdirs), made where the answer arrived: cheaper than a hand-off to
         // the blocking pool and back.
-        let with_work = kind == Kind::Active;
+        let with_work = record.kind == Kind::Active;
         let made = self
-            .parent_owner(&record)
+            .parent_owner(record)
             .and_then(|owner| match self.spares.get() {
                 Some(spares) => spares.create_dirs(record.id, with_work, owner),
                 None => self.layout.create_dirs(record.id, with_work, owner),
             });
-        if let Err(err) = made {
-            // Undo, so that a failed Prepare leaves nothing behind (the key can be retried).
-            // By ID: the key may have been removed and prepared again meanwhile (by a client
-            // that reuses keys), and that snapshot is not this one to undo. Either way this
-            // ID's record is then gone, and whatever part of its directory was made goes too.
-            let undone = match self.store.remove_if(&key, Some(record.id)).await {
-                Ok(_) | Err(Error::NotFound(_)) => true,
-                Err(e) => {
-                    error!(error = %chain(&e), "could not undo a failed create; recovery will finish it");
-                    false
+        match made {
+            Ok(()) => {}
+            Err(err @ Error::Occupied(_)) => return Err(err),
+            Err(err) => {
+                // By ID: the key may have been removed and prepared again meanwhile (by a
+                // client that reuses keys), and that snapshot is not this one to undo. Either
+                // way this ID's record is then gone, and whatever part of its directory was
+                // made goes too.
+                match self.store.remove_if(key, Some(record.id)).await {
+                    Ok(_) | Err(Error::NotFound(_)) => self.forget(record.id),
+                    Err(e) => {
+                        error!(error = %chain(&e), "could not undo a failed create; recovery will finish it")
+                    }
                 }
-            };
-            if undone {
-                if let Some(reaper) = self.reaper.get() {
-                    reaper.push(record.id);
-                } else if let Err(e) = self.layout.remove_dirs(record.id) {
-                    warn!(error = %chain(&e), "partial directory stays until Cleanup");
+                return Err(err);
+            }
+        }
+        // A Remove of this key may have landed between the record and its directories: its
+        // deletion then found nothing to delete, and the directories just made would be
+        // nobody's. Looked at after they exist, so that a Remove landing later than this look
+        // finds them (and deletes them) itself.
+        match self.store.get(key) {
+            Err(Error::NotFound(_)) => {}
+            Ok(now) if now.id != record.id => {}
+            _ => {
+                info!(id = record.id, kind = record.kind.as_str(), "created");
+                return Ok(self.mounts_of(record));
+            }
+        }
+        self.forget(record.id);
+        Err(Error::NotFound(format!(
+            "snapshot {key:?} was removed while it was being created"
+        )))
+    }
+
+    /// Deletes the directories of `id`, whose record is gone: in the background when serving.
+    fn forget(&self, id: u64) {
+        match self.reaper.get() {
+            Some(reaper) => reaper.push(id),
+            None => {
+                if let Err(e) = self.layout.remove_dirs(id) {
+                    warn!(id, error = %chain(&e), "directory stays until Cleanup");
                 }
             }
-            return Err(err);
         }
-        info!(id = record.id, kind = kind.as_str(), "created");
-        Ok(self.mounts_of(&record))
     }
 
     /// A child's `fs` takes the owner of its parent's, so a layer unpacked by a non-root user
@@ -778,4 +891,80 @@ fn check_labels(labels: HashMap<String, String>) -> Result<BTreeMap<String, Stri
     }
     // containerd's store never keeps a label with an empty value: setting one deletes it.
     Ok(labels.into_iter().filter(|(_, v)| !v.is_empty()).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn open(dir: &std::path::Path) -> Arc<Snapshotter> {
+        let options = Options {
+            mount_options: Vec::new(),
+            sync_remove: false,
+            upperdir_label: false,
+        };
+        Snapshotter::open(Layout::new(dir.join("root")), options).unwrap()
+    }
+
+    /// A Remove that lands between a Prepare's record and its directories finds nothing to
+    /// delete; the Prepare must not then make directories that nobody owns and answer as if
+    /// its snapshot existed.
+    #[tokio::test]
+    async fn a_remove_between_record_and_directories_leaves_no_orphan() {
+        let tmp = tempfile::tempdir().unwrap();
+        let s = open(tmp.path());
+        let record = s
+            .store
+            .create("k", "", Kind::Active, BTreeMap::new(), SystemTime::now())
+            .await
+            .unwrap();
+        s.store.remove("k").await.unwrap();
+        let answer = s.make_dirs("k", &record).await;
+        assert!(matches!(answer, Err(Error::NotFound(_))), "{answer:?}");
+        assert!(!s.layout.dir(record.id).exists(), "orphan left behind");
+        // Prepared again meanwhile: that snapshot is not this one, and keeps what is its own.
+        let record = s
+            .store
+            .create("k", "", Kind::Active, BTreeMap::new(), SystemTime::now())
+            .await
+            .unwrap();
+        s.store.remove("k").await.unwrap();
+        let again = s
+            .prepare("k".into(), String::new(), HashMap::new())
+            .await
+            .unwrap();
+        assert!(s.make_dirs("k", &record).await.is_err());
+        assert!(!s.layout.dir(record.id).exists());
+        let now = s.store.get("k").unwrap();
+        assert!(s.layout.fs(now.id).is_dir());
+        assert_eq!(again, s.mounts("k".into()).await.unwrap());
+    }
+
+    /// The counts that metrics and status report follow exactly what the store committed.
+    #[tokio::test]
+    async fn counts_follow_the_writes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let s = open(tmp.path());
+        let none = HashMap::new;
+        s.prepare("a".into(), String::new(), none()).await.unwrap();
+        s.commit("A".into(), "a".into(), none()).await.unwrap();
+        s.prepare("b".into(), "A".into(), none()).await.unwrap();
+        s.view("v".into(), "A".into(), none()).await.unwrap();
+        s.prepare("gone".into(), String::new(), none())
+            .await
+            .unwrap();
+        s.remove("gone".into()).await.unwrap();
+        // Refused requests change nothing.
+        assert!(s.prepare("b".into(), String::new(), none()).await.is_err());
+        assert!(s.remove("A".into()).await.is_err());
+        let want = Counts {
+            active: 1,
+            views: 1,
+            committed: 1,
+        };
+        assert_eq!(s.counts(), want);
+        // Counted from the store when it opens again.
+        drop(s);
+        assert_eq!(open(tmp.path()).counts(), want);
+    }
 }

@@ -14,11 +14,19 @@
 
 use std::{
     fs, io,
-    os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt},
+    os::{
+        fd::OwnedFd,
+        unix::fs::{DirBuilderExt, PermissionsExt},
+    },
     path::{Path, PathBuf},
 };
 
-use crate::error::{Error, Result};
+use nix::sys::stat::FileStat;
+
+use crate::{
+    error::{Error, Result},
+    sys::at,
+};
 
 /// Most threads deleting trees at once: unlinks wait on the disk (see `delete.rs`), and beyond
 /// 16 in flight this VM's disk gained nothing more.
@@ -37,6 +45,25 @@ pub enum DirEntry {
     Id(u64),
     /// Anything else: not lamina's; reported, never deleted.
     Foreign(String),
+}
+
+/// The directories of one snapshot: `snapshots/<id>`, and its `fs` and `work` inside.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Part {
+    Dir,
+    Fs,
+    Work,
+}
+
+impl Part {
+    /// The name inside `snapshots/<id>` (of the directory itself: itself).
+    fn name(self) -> &'static str {
+        match self {
+            Part::Dir => ".",
+            Part::Fs => "fs",
+            Part::Work => "work",
+        }
+    }
 }
 
 impl Layout {
@@ -73,7 +100,9 @@ impl Layout {
     }
 
     /// Creates the root and `snapshots/` with their modes, fixing the modes of existing ones.
+    /// An existing root that holds anything must be lamina's (see [`Layout::check_ours`]).
     pub fn init(&self) -> Result<()> {
+        self.check_ours()?;
         for dir in [self.root.clone(), self.snapshots_dir()] {
             fs::DirBuilder::new()
                 .recursive(true)
@@ -86,52 +115,175 @@ impl Layout {
         Ok(())
     }
 
-    /// Creates (or completes) the directories of snapshot `id`. Idempotent, so start-up recovery
-    /// can finish what a crash interrupted. `owner` is applied to `fs` (a child's upper directory
-    /// takes the owner of its parent's, as containerd's overlay snapshotter does).
+    /// Refuses a root that exists, holds something, and holds neither a store nor `snapshots/`:
+    /// it is somebody else's directory (`--root /var/lib` by mistake), which lamina would set
+    /// to mode 0700 and fill. Empty, or a fresh filesystem's `lost+found`, is fine.
+    fn check_ours(&self) -> Result<()> {
+        let entries = match fs::read_dir(&self.root) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(Error::io("listing", &self.root, e)),
+            Ok(entries) => entries,
+        };
+        let mut others = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(|e| Error::io("listing", &self.root, e))?;
+            match entry.file_name().to_str() {
+                Some("metadata.redb" | "snapshots") => return Ok(()),
+                // What lamina itself leaves (spares, a probe cut short), and mkfs's own.
+                Some("spare" | ".probe" | "lost+found") => {}
+                _ => others.push(entry.file_name()),
+            }
+        }
+        if others.is_empty() {
+            return Ok(());
+        }
+        others.sort();
+        Err(Error::Config(format!(
+            "root {} is not lamina's: it holds {} entries (such as {:?}) but no lamina store \
+             (metadata.redb) or snapshots/, and lamina would change its mode to 0700. Give \
+             lamina an empty or new directory of its own as root",
+            self.root.display(),
+            others.len(),
+            others[0]
+        )))
+    }
+
+    /// `<root>/snapshots`, open for the operations below, which work relative to it. The root
+    /// itself is the operator's choice and trusted; what is under `snapshots/` is not (see
+    /// `sys::at`).
+    fn open_snapshots(&self) -> Result<OwnedFd> {
+        let dir = self.snapshots_dir();
+        at::open_dir(None, &dir).map_err(|e| Error::io("opening", dir, e))
+    }
+
+    /// Creates the directories of a new snapshot `id`, giving `fs` the `owner` if any (a
+    /// child's upper directory takes the owner of its parent's, as containerd's overlay
+    /// snapshotter does).
+    ///
+    /// `snapshots/<id>` must not exist yet: its record committed just before, and an ID is
+    /// never handed out twice, so whatever is already there was not made for this snapshot. It
+    /// is left as it is, and the answer is [`Error::Occupied`].
     pub fn create_dirs(&self, id: u64, with_work: bool, owner: Option<(u32, u32)>) -> Result<()> {
-        make_tree(&self.dir(id), with_work)?;
-        match owner {
-            Some(owner) => set_owner(&self.fs(id), owner),
-            None => Ok(()),
+        let snapshots = self.open_snapshots()?;
+        make_tree(&snapshots, &id.to_string(), with_work, false)
+            .map_err(|e| self.dir_error(id, e))?;
+        self.set_owner(&snapshots, id, owner)
+    }
+
+    /// Completes the directories of snapshot `id` that a crash left half made (start-up
+    /// recovery, fsck): what exists is kept, but only directories count; a symlink or a file
+    /// where one should be is an error, never followed.
+    pub fn complete_dirs(&self, id: u64, with_work: bool, owner: Option<(u32, u32)>) -> Result<()> {
+        let snapshots = self.open_snapshots()?;
+        make_tree(&snapshots, &id.to_string(), with_work, true)
+            .map_err(|e| self.dir_error(id, e))?;
+        self.set_owner(&snapshots, id, owner)
+    }
+
+    fn dir_error(&self, id: u64, e: io::Error) -> Error {
+        if e.kind() == io::ErrorKind::AlreadyExists {
+            Error::Occupied(self.dir(id))
+        } else {
+            Error::io("creating the directories of", self.dir(id), e)
         }
     }
 
+    fn set_owner(&self, snapshots: &OwnedFd, id: u64, owner: Option<(u32, u32)>) -> Result<()> {
+        let Some(owner) = owner else { return Ok(()) };
+        at::open_dir(Some(snapshots), &*id.to_string())
+            .and_then(|dir| at::chown(&dir, "fs", owner))
+            .map_err(|e| Error::io("changing owner of", self.fs(id), e))
+    }
+
     pub(super) fn make_spare_root(&self) -> Result<()> {
-        make_dir(&self.spare_dir(), 0o700)
+        let root =
+            at::open_dir(None, &self.root).map_err(|e| Error::io("opening", &self.root, e))?;
+        make_dir(&root, "spare", 0o700, true)
+            .map_err(|e| Error::io("creating", self.spare_dir(), e))
     }
 
     /// Makes spare tree `n`: the directories of a snapshot, with the same modes, that belong to
     /// no snapshot yet.
     pub(super) fn make_spare(&self, n: u64, with_work: bool) -> Result<PathBuf> {
-        let tree = self
-            .spare_dir()
-            .join(format!("{}-{n}", if with_work { "a" } else { "v" }));
-        make_tree(&tree, with_work)?;
+        let name = format!("{}-{n}", if with_work { "a" } else { "v" });
+        let tree = self.spare_dir().join(&name);
+        let spare = at::open_dir(None, &self.spare_dir())
+            .map_err(|e| Error::io("opening", self.spare_dir(), e))?;
+        make_tree(&spare, &name, with_work, false).map_err(|e| Error::io("creating", &tree, e))?;
         Ok(tree)
     }
 
     /// Moves a spare tree into place as snapshot `id`'s directories (one rename on the same
-    /// filesystem), then gives `fs` its owner as [`Layout::create_dirs`] does.
+    /// filesystem), then gives `fs` its owner as [`Layout::create_dirs`] does. As there, an
+    /// existing `snapshots/<id>` is [`Error::Occupied`] and left as it is (a plain rename would
+    /// replace an empty directory, and fail on others only by chance of their contents).
     pub(super) fn adopt(&self, tree: &Path, id: u64, owner: Option<(u32, u32)>) -> Result<()> {
-        let dir = self.dir(id);
-        fs::rename(tree, &dir).map_err(|e| Error::io("moving a spare directory to", &dir, e))?;
+        let snapshots = self.open_snapshots()?;
+        at::rename_new(None, tree, &snapshots, &id.to_string()).map_err(|e| {
+            if e.kind() == io::ErrorKind::AlreadyExists {
+                Error::Occupied(self.dir(id))
+            } else {
+                Error::io("moving a spare directory to", self.dir(id), e)
+            }
+        })?;
         // Spares are made by this process, so they already have its owner.
         let ours = (
             nix::unistd::geteuid().as_raw(),
             nix::unistd::getegid().as_raw(),
         );
-        match owner.filter(|&o| o != ours) {
-            Some(owner) => set_owner(&self.fs(id), owner),
-            None => Ok(()),
-        }
+        self.set_owner(&snapshots, id, owner.filter(|&o| o != ours))
     }
 
     /// The uid and gid of snapshot `id`'s `fs` directory.
     pub fn owner(&self, id: u64) -> Result<(u32, u32)> {
-        let path = self.fs(id);
-        let meta = fs::metadata(&path).map_err(|e| Error::io("reading owner of", &path, e))?;
-        Ok((meta.uid(), meta.gid()))
+        match self.inspect(id, Part::Fs) {
+            Ok(Some(st)) if at::is_dir(&st) => Ok((st.st_uid, st.st_gid)),
+            Ok(_) => Err(Error::io(
+                "reading owner of",
+                self.fs(id),
+                io::Error::from_raw_os_error(libc::ENOTDIR),
+            )),
+            Err(e) => Err(Error::io("reading owner of", self.fs(id), e)),
+        }
+    }
+
+    /// The status of `part` of snapshot `id` as it is on disk, symlinks not followed: `None`
+    /// when nothing is there. A symlink or file in place of `snapshots/<id>` makes the parts
+    /// inside it unreachable (ENOTDIR or ELOOP), not followed.
+    pub fn inspect(&self, id: u64, part: Part) -> io::Result<Option<FileStat>> {
+        let snapshots = at::open_dir(None, &self.snapshots_dir())?;
+        let found = match part {
+            Part::Dir => at::stat(&snapshots, &*id.to_string()),
+            Part::Fs | Part::Work => at::open_dir(Some(&snapshots), &*id.to_string())
+                .and_then(|dir| at::stat(&dir, part.name())),
+        };
+        match found {
+            Ok(st) => Ok(Some(st)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Sets the mode of `part` of snapshot `id`, which must be a directory (not followed if it
+    /// is a symlink).
+    pub fn set_mode(&self, id: u64, part: Part, mode: u32) -> Result<()> {
+        let path = self.part(id, part);
+        let snapshots = self.open_snapshots()?;
+        let mut dir = at::open_dir(Some(&snapshots), &*id.to_string());
+        if part != Part::Dir {
+            dir = dir.and_then(|d| at::open_dir(Some(&d), part.name()));
+        }
+        dir.and_then(|d| at::chmod(&d, mode))
+            .map_err(|e| Error::io("setting mode of", path, e))
+    }
+
+    /// The path of `part` of snapshot `id`, for messages and mount specs.
+    pub fn part(&self, id: u64, part: Part) -> PathBuf {
+        match part {
+            Part::Dir => self.dir(id),
+            Part::Fs => self.fs(id),
+            Part::Work => self.work(id),
+        }
     }
 
     /// Deletes snapshot `id`'s directory tree; a missing tree is not an error.
@@ -154,10 +306,6 @@ impl Layout {
     ) -> Result<Vec<Result<u64>>> {
         let names: Vec<String> = ids.iter().map(u64::to_string).collect();
         super::delete::remove_trees_until(&self.snapshots_dir(), &names, DELETE_THREADS, stop)
-    }
-
-    pub fn exists(&self, id: u64) -> bool {
-        self.dir(id).exists()
     }
 
     /// Lists `<root>/snapshots`. Costs one directory read; only Cleanup and start-up call it.
@@ -188,36 +336,40 @@ fn parse_entry(name: &str) -> DirEntry {
     }
 }
 
-/// The directories of one snapshot, with the modes of the contract: `dir` 0700, `dir/fs`
-/// 0755, and `dir/work` 0711 when asked. Idempotent.
-fn make_tree(dir: &Path, with_work: bool) -> Result<()> {
-    make_dir(dir, 0o700)?;
-    make_dir(&dir.join("fs"), 0o755)?;
+/// The directories of one snapshot, with the modes of the contract: `name` 0700, `name/fs`
+/// 0755, and `name/work` 0711 when asked, made in `parent`. With `existing`, what is there
+/// already is kept (completing a half-made tree); else `name` must be new (EEXIST).
+fn make_tree(parent: &OwnedFd, name: &str, with_work: bool, existing: bool) -> io::Result<()> {
+    make_dir(parent, name, 0o700, existing)?;
+    // Inside a directory just made (0700, lamina's own) nothing else can have put anything, but
+    // a half-made tree is completed after a crash, so the names inside are never followed
+    // either.
+    let dir = at::open_dir(Some(parent), name)?;
+    make_dir(&dir, "fs", 0o755, true)?;
     if with_work {
-        make_dir(&dir.join("work"), 0o711)?;
+        make_dir(&dir, "work", 0o711, true)?;
     }
     Ok(())
 }
 
-fn set_owner(path: &Path, (uid, gid): (u32, u32)) -> Result<()> {
-    std::os::unix::fs::chown(path, Some(uid), Some(gid))
-        .map_err(|e| Error::io("changing owner of", path, e))
-}
-
-fn make_dir(path: &Path, mode: u32) -> Result<()> {
-    match fs::DirBuilder::new().mode(mode).create(path) {
-        Err(e) if e.kind() != io::ErrorKind::AlreadyExists => {
-            return Err(Error::io("creating directory", path, e));
+/// Makes directory `name` in `parent` with exactly `mode`. With `existing`, a directory already
+/// there is accepted as it is (but not a symlink or a file).
+fn make_dir(parent: &OwnedFd, name: &str, mode: u32, existing: bool) -> io::Result<()> {
+    match at::mkdir(parent, name, mode) {
+        Ok(()) => {}
+        Err(e) if existing && e.kind() == io::ErrorKind::AlreadyExists => {
+            // Not followed: a symlink here fails to open as a directory.
+            at::open_dir(Some(parent), name)?;
+            return Ok(());
         }
-        _ => {}
+        Err(e) => return Err(e),
     }
     // The process umask may have masked bits off; the modes are part of the contract. Only
     // then is a chmod needed (most umasks, e.g. systemd's 022, leave these modes whole).
     if mode & umask() == 0 {
         return Ok(());
     }
-    fs::set_permissions(path, fs::Permissions::from_mode(mode))
-        .map_err(|e| Error::io("setting mode of", path, e))
+    at::chmod(&at::open_dir(Some(parent), name)?, mode)
 }
 
 /// The process umask, read once from `/proc/self/status` (reading it with umask(2) would have
@@ -266,13 +418,39 @@ mod tests {
         assert_eq!(mode(layout.root().to_path_buf()), 0o700);
         assert_eq!(mode(layout.fs(3)), 0o755);
         assert_eq!(mode(layout.work(3)), 0o711);
-        // Idempotent: recovery calls it again on a half-made snapshot.
+        // A new snapshot's place must be free: what is there is not taken over.
+        let again = layout.create_dirs(3, true, None);
+        assert!(matches!(again, Err(Error::Occupied(_))), "{again:?}");
+        // Recovery completes a half-made snapshot.
         fs::remove_dir(layout.work(3)).unwrap();
-        layout.create_dirs(3, true, None).unwrap();
+        layout.complete_dirs(3, true, None).unwrap();
         assert!(layout.work(3).is_dir());
         assert_eq!(layout.list().unwrap(), vec![DirEntry::Id(3)]);
         layout.remove_dirs(3).unwrap();
         layout.remove_dirs(3).unwrap();
         assert!(layout.list().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_symlink_in_a_snapshot_s_place_is_never_followed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let layout = Layout::new(tmp.path().join("root"));
+        layout.init().unwrap();
+        let outside = tmp.path().join("outside");
+        fs::create_dir(&outside).unwrap();
+        std::os::unix::fs::symlink(&outside, layout.dir(4)).unwrap();
+        assert!(matches!(
+            layout.create_dirs(4, true, Some((1, 1))),
+            Err(Error::Occupied(_))
+        ));
+        assert!(layout.complete_dirs(4, true, Some((1, 1))).is_err());
+        assert!(layout.set_mode(4, Part::Dir, 0o777).is_err());
+        assert!(layout.owner(4).is_err());
+        let st = layout.inspect(4, Part::Dir).unwrap().unwrap();
+        assert!(!at::is_dir(&st));
+        assert!(layout.inspect(4, Part::Fs).is_err());
+        assert_eq!(fs::read_dir(&outside).unwrap().count(), 0);
+        let mode = fs::metadata(&outside).unwrap().permissions().mode() & 0o777;
+        assert_ne!(mode, 0o777);
     }
 }

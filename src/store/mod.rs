@@ -10,8 +10,9 @@
 //! No operation here scans the whole store except [`Store::list`] and [`Store::owned_ids`],
 //! which List, Cleanup and start-up recovery call.
 
-mod delete;
+pub(crate) mod delete;
 pub mod layout;
+mod readonly;
 pub mod reaper;
 mod record;
 pub mod spares;
@@ -21,7 +22,7 @@ use std::{
     future::Future,
     path::Path,
     sync::{
-        atomic::{AtomicUsize, Ordering::Relaxed},
+        atomic::{AtomicI64, AtomicUsize, Ordering::Relaxed},
         Arc, Condvar, Mutex, RwLock,
     },
     time::SystemTime,
@@ -87,6 +88,21 @@ pub struct Record {
     pub usage: Usage,
 }
 
+/// Snapshots by kind (indexed by `Kind as usize`), kept by the writes as they commit, so that
+/// the metrics and `lamina status` need not read the whole store.
+#[derive(Debug, Default)]
+struct Counts([AtomicI64; 3]);
+
+impl Counts {
+    fn add(&self, kind: Kind, n: i64) {
+        self.0[kind as usize].fetch_add(n, Relaxed);
+    }
+
+    fn get(&self, kind: Kind) -> u64 {
+        self.0[kind as usize].load(Relaxed).max(0) as u64
+    }
+}
+
 pub struct Store {
     db: Arc<Handle>,
     /// Writes waiting for a transaction (see [`Store::write`]).
@@ -94,6 +110,7 @@ pub struct Store {
     /// Changes under way (see [`Store::enter`]).
     changes: Arc<AtomicUsize>,
     committer: Option<std::thread::JoinHandle<()>>,
+    counts: Arc<Counts>,
 }
 
 impl Drop for Store {
@@ -114,6 +131,9 @@ impl Drop for Store {
 struct Handle {
     path: std::path::PathBuf,
     db: RwLock<Option<Arc<Database>>>,
+    /// Opened by [`Store::open_read_only`]: writes live in memory and are never reopened from
+    /// the file.
+    read_only: bool,
 }
 
 impl Handle {
@@ -174,6 +194,9 @@ impl Handle {
         if slot.is_some() {
             return Ok(());
         }
+        if self.read_only {
+            return Err("a store opened read-only is not reopened".into());
+        }
         // Open, never create: a store file deleted or emptied meanwhile must not come back as
         // a new, empty store, which would hand out IDs again and orphan every snapshot.
         if std::fs::metadata(&self.path).map_or(true, |m| m.len() == 0) {
@@ -183,7 +206,7 @@ impl Handle {
                 self.path.display()
             ));
         }
-        let db = open_guarded(&self.path, false)
+        let db = open_guarded(&self.path, || Database::open(&self.path))
             .map_err(|e| e.to_string())?
             .map_err(|e| e.to_string())?;
         *slot = Some(Arc::new(db));
@@ -423,27 +446,54 @@ impl Store {
                 path.display()
             )));
         }
-        let db = open_guarded(path, true)?.map_err(|e| match e {
-            redb::DatabaseError::DatabaseAlreadyOpen => Error::Config(format!(
-                "store {} is in use by another process (a running lamina?): stop it, or use \
-                 its socket",
-                path.display()
-            )),
+        let db = open_guarded(path, || Database::create(path))?.map_err(|e| match e {
+            redb::DatabaseError::DatabaseAlreadyOpen => in_use(path),
             redb::DatabaseError::Storage(redb::StorageError::Io(io)) => {
                 Error::io("opening store", path, io)
             }
             other => Error::Corrupt(format!(
                 "store {} cannot be opened ({other}). lamina will not start empty over existing \
                  snapshots: restore the file from a backup, or move it aside to start over (the \
-                 snapshots under {} are then lost to lamina and `lamina fsck --repair` removes \
-                 them)",
+                 snapshots under {} are then lost to lamina and `lamina fsck --repair \
+                 --delete-unknown` removes them)",
                 path.display(),
                 path.parent().unwrap_or(path).join("snapshots").display()
             )),
         })?;
+        Store::with(path, db, false)
+    }
+
+    /// [`Store::open`], or `None` when there is no store file at all (which the caller must
+    /// tell apart from an empty store: see `Snapshotter::open`).
+    pub fn open_existing(path: &Path) -> Result<Option<Store>> {
+        match std::fs::symlink_metadata(path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            _ => Store::open(path).map(Some),
+        }
+    }
+
+    /// Opens the store without ever writing to its file (see `readonly.rs`): what it writes,
+    /// creating tables or migrating, stays in memory. A missing file reads as an empty store.
+    pub fn open_read_only(path: &Path) -> Result<Store> {
+        let opened = match readonly::ReadOnlyFile::open(path) {
+            Ok(file) => open_guarded(path, || Database::builder().create_with_backend(file)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => open_guarded(path, || {
+                Database::builder().create_with_backend(redb::backends::InMemoryBackend::new())
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Err(in_use(path)),
+            Err(e) => return Err(Error::io("opening store", path, e)),
+        };
+        let db = opened?.map_err(|e| {
+            Error::Corrupt(format!("store {} cannot be read ({e})", path.display()))
+        })?;
+        Store::with(path, db, true)
+    }
+
+    fn with(path: &Path, db: Database, read_only: bool) -> Result<Store> {
         let db = Arc::new(Handle {
             path: path.to_path_buf(),
             db: RwLock::new(Some(Arc::new(db))),
+            read_only,
         });
         let queue = Arc::new(Queue {
             state: Mutex::new(QueueState::default()),
@@ -459,6 +509,7 @@ impl Store {
             queue,
             changes: Arc::new(AtomicUsize::new(0)),
             committer: Some(thread),
+            counts: Arc::default(),
         };
         // Called outside the async runtime (start-up, tools), so waiting here blocks nobody.
         futures::executor::block_on(store.write("initialising tables", |tx| {
@@ -488,6 +539,18 @@ impl Store {
             }
             Ok(())
         }))?;
+        // The one whole read of the store that the counts need; writes keep them after it.
+        let mut counts = [0u64; 3];
+        store.each_view(|_, record| {
+            counts[record.kind as usize] += 1;
+            true
+        })?;
+        for (kind, n) in [Kind::View, Kind::Active, Kind::Committed]
+            .into_iter()
+            .zip(counts)
+        {
+            store.counts.add(kind, n as i64);
+        }
         Ok(store)
     }
 
@@ -504,6 +567,17 @@ impl Store {
         what: &'static str,
         f: impl FnOnce(&redb::WriteTransaction) -> Result<T> + Send + 'static,
     ) -> impl Future<Output = Result<T>> + Send + 'static {
+        self.write_then(what, f, |_| {})
+    }
+
+    /// [`Store::write`], calling `committed` with the result once it is durable (whether or not
+    /// anybody still waits for the answer): for what must follow the store exactly, the counts.
+    fn write_then<T: Send + 'static>(
+        &self,
+        what: &'static str,
+        f: impl FnOnce(&redb::WriteTransaction) -> Result<T> + Send + 'static,
+        committed: impl FnOnce(&T) + Send + 'static,
+    ) -> impl Future<Output = Result<T>> + Send + 'static {
         let (reply, answer) = oneshot::channel();
         let job: Job = Box::new(move |tx| {
             let result = match tx {
@@ -513,7 +587,11 @@ impl Store {
             let ok = !matches!(result, Err(Error::Store { .. }));
             let finish: Finish = Box::new(move |failed: Option<&Failure>| {
                 let out = match (failed, result) {
-                    (None, result) => result,
+                    (None, Ok(v)) => {
+                        committed(&v);
+                        Ok(v)
+                    }
+                    (None, Err(e)) => Err(e),
                     // This job's own store error: the cause of the failure, said precisely.
                     (Some(_), Err(e @ Error::Store { .. })) => Err(e),
                     // A request error (AlreadyExists, NotFound…) was decided against the
@@ -592,49 +670,55 @@ impl Store {
         now: SystemTime,
     ) -> impl Future<Output = Result<Record>> + Send + 'static {
         let (key, parent) = (key.to_string(), parent.to_string());
-        self.write("creating a snapshot", move |tx| {
-            let (key, parent) = (key.as_str(), parent.as_str());
-            let mut snapshots = tx.open_table(SNAPSHOTS)?;
-            if snapshots.get(key)?.is_some() {
-                return Err(Error::already_exists(key));
-            }
-            let mut parent_ids = Vec::new();
-            if !parent.is_empty() {
-                let parent_record = lookup(&snapshots, parent).map_err(|e| match e {
-                    Error::NotFound(_) => {
-                        Error::NotFound(format!("parent snapshot {parent:?} does not exist"))
-                    }
-                    other => other,
-                })?;
-                if parent_record.kind != Kind::Committed {
-                    return Err(Error::invalid(format!(
-                        "parent snapshot {parent:?} is {}, not committed: only committed \
-                         snapshots can be parents",
-                        parent_record.kind.as_str()
-                    )));
+        let counts = Arc::clone(&self.counts);
+        let count = move |r: &Record| counts.add(r.kind, 1);
+        self.write_then(
+            "creating a snapshot",
+            move |tx| {
+                let (key, parent) = (key.as_str(), parent.as_str());
+                let mut snapshots = tx.open_table(SNAPSHOTS)?;
+                if snapshots.get(key)?.is_some() {
+                    return Err(Error::already_exists(key));
                 }
-                parent_ids.push(parent_record.id);
-                parent_ids.extend(parent_record.parent_ids);
-            }
-            let mut meta = tx.open_table(META)?;
-            let id = meta.get(NEXT_ID)?.map(|v| v.value()).unwrap_or(1);
-            meta.insert(NEXT_ID, id + 1)?;
-            let record = Record {
-                id,
-                kind,
-                parent: parent.to_string(),
-                parent_ids,
-                labels,
-                created: now,
-                updated: now,
-                usage: Usage::default(),
-            };
-            snapshots.insert(key, encode(&record).as_slice())?;
-            if !parent.is_empty() {
-                tx.open_table(CHILDREN)?.insert((parent, key), ())?;
-            }
-            Ok(record)
-        })
+                let mut parent_ids = Vec::new();
+                if !parent.is_empty() {
+                    let parent_record = lookup(&snapshots, parent).map_err(|e| match e {
+                        Error::NotFound(_) => {
+                            Error::NotFound(format!("parent snapshot {parent:?} does not exist"))
+                        }
+                        other => other,
+                    })?;
+                    if parent_record.kind != Kind::Committed {
+                        return Err(Error::invalid(format!(
+                            "parent snapshot {parent:?} is {}, not committed: only committed \
+                         snapshots can be parents",
+                            parent_record.kind.as_str()
+                        )));
+                    }
+                    parent_ids.push(parent_record.id);
+                    parent_ids.extend(parent_record.parent_ids);
+                }
+                let mut meta = tx.open_table(META)?;
+                let id = next_id(&meta)?;
+                meta.insert(NEXT_ID, id + 1)?;
+                let record = Record {
+                    id,
+                    kind,
+                    parent: parent.to_string(),
+                    parent_ids,
+                    labels,
+                    created: now,
+                    updated: now,
+                    usage: Usage::default(),
+                };
+                snapshots.insert(key, encode(&record).as_slice())?;
+                if !parent.is_empty() {
+                    tx.open_table(CHILDREN)?.insert((parent, key), ())?;
+                }
+                Ok(record)
+            },
+            count,
+        )
     }
 
     /// Turns active snapshot `key` (which must still have ID `id`) into committed `name`.
@@ -648,39 +732,48 @@ impl Store {
         now: SystemTime,
     ) -> impl Future<Output = Result<Record>> + Send + 'static {
         let (key, name) = (key.to_string(), name.to_string());
-        self.write("committing a snapshot", move |tx| {
-            let (key, name) = (key.as_str(), name.as_str());
-            let mut snapshots = tx.open_table(SNAPSHOTS)?;
-            if snapshots.get(name)?.is_some() {
-                return Err(Error::already_exists(name));
-            }
-            let active = lookup(&snapshots, key)?;
-            if active.kind != Kind::Active {
-                return Err(commit_wrong_kind(key, active.kind));
-            }
-            if active.id != id {
-                // Removed and prepared again while its usage was being computed.
-                return Err(Error::precondition(format!(
-                    "snapshot {key:?} was replaced while being committed; retry"
-                )));
-            }
-            snapshots.remove(key)?;
-            let record = Record {
-                kind: Kind::Committed,
-                labels,
-                created: now,
-                updated: now,
-                usage,
-                ..active
-            };
-            snapshots.insert(name, encode(&record).as_slice())?;
-            if !record.parent.is_empty() {
-                let mut children = tx.open_table(CHILDREN)?;
-                children.remove((record.parent.as_str(), key))?;
-                children.insert((record.parent.as_str(), name), ())?;
-            }
-            Ok(record)
-        })
+        let counts = Arc::clone(&self.counts);
+        let count = move |_: &Record| {
+            counts.add(Kind::Active, -1);
+            counts.add(Kind::Committed, 1);
+        };
+        self.write_then(
+            "committing a snapshot",
+            move |tx| {
+                let (key, name) = (key.as_str(), name.as_str());
+                let mut snapshots = tx.open_table(SNAPSHOTS)?;
+                if snapshots.get(name)?.is_some() {
+                    return Err(Error::already_exists(name));
+                }
+                let active = lookup(&snapshots, key)?;
+                if active.kind != Kind::Active {
+                    return Err(commit_wrong_kind(key, active.kind));
+                }
+                if active.id != id {
+                    // Removed and prepared again while its usage was being computed.
+                    return Err(Error::precondition(format!(
+                        "snapshot {key:?} was replaced while being committed; retry"
+                    )));
+                }
+                snapshots.remove(key)?;
+                let record = Record {
+                    kind: Kind::Committed,
+                    labels,
+                    created: now,
+                    updated: now,
+                    usage,
+                    ..active
+                };
+                snapshots.insert(name, encode(&record).as_slice())?;
+                if !record.parent.is_empty() {
+                    let mut children = tx.open_table(CHILDREN)?;
+                    children.remove((record.parent.as_str(), key))?;
+                    children.insert((record.parent.as_str(), name), ())?;
+                }
+                Ok(record)
+            },
+            count,
+        )
     }
 
     /// Deletes the record of `key`, refusing while it has children. Returns what was removed.
@@ -696,32 +789,38 @@ impl Store {
         id: Option<u64>,
     ) -> impl Future<Output = Result<Record>> + Send + 'static {
         let key = key.to_string();
-        self.write("removing a snapshot", move |tx| {
-            let key = key.as_str();
-            let mut snapshots = tx.open_table(SNAPSHOTS)?;
-            let record = lookup(&snapshots, key)?;
-            if let Some(id) = id.filter(|&id| id != record.id) {
-                return Err(Error::NotFound(format!(
-                    "snapshot {key:?} is no longer snapshot {id}"
-                )));
-            }
-            let mut children = tx.open_table(CHILDREN)?;
-            let first_child = children
-                .range((key, "")..)?
-                .next()
-                .transpose()?
-                .map(|(k, _)| k.value().0 == key);
-            if first_child == Some(true) {
-                return Err(Error::precondition(format!(
-                    "cannot remove snapshot {key:?}: it has children; remove them first"
-                )));
-            }
-            snapshots.remove(key)?;
-            if !record.parent.is_empty() {
-                children.remove((record.parent.as_str(), key))?;
-            }
-            Ok(record)
-        })
+        let counts = Arc::clone(&self.counts);
+        let count = move |r: &Record| counts.add(r.kind, -1);
+        self.write_then(
+            "removing a snapshot",
+            move |tx| {
+                let key = key.as_str();
+                let mut snapshots = tx.open_table(SNAPSHOTS)?;
+                let record = lookup(&snapshots, key)?;
+                if let Some(id) = id.filter(|&id| id != record.id) {
+                    return Err(Error::NotFound(format!(
+                        "snapshot {key:?} is no longer snapshot {id}"
+                    )));
+                }
+                let mut children = tx.open_table(CHILDREN)?;
+                let first_child = children
+                    .range((key, "")..)?
+                    .next()
+                    .transpose()?
+                    .map(|(k, _)| k.value().0 == key);
+                if first_child == Some(true) {
+                    return Err(Error::precondition(format!(
+                        "cannot remove snapshot {key:?}: it has children; remove them first"
+                    )));
+                }
+                snapshots.remove(key)?;
+                if !record.parent.is_empty() {
+                    children.remove((record.parent.as_str(), key))?;
+                }
+                Ok(record)
+            },
+            count,
+        )
     }
 
     /// Applies `change` to the labels of `key` and stamps the update time.
@@ -784,30 +883,77 @@ impl Store {
         })
     }
 
-    /// IDs of every snapshot that has a record.
-    pub fn owned_ids(&self) -> Result<HashSet<u64>> {
-        let mut ids = HashSet::new();
-        self.each_view(|_, r| {
-            ids.insert(r.id);
-            true
-        })?;
-        Ok(ids)
+    /// IDs of every snapshot that has a record, and the next ID the store will hand out, from
+    /// one read: a directory whose ID is at or above it was not made by this store's lamina.
+    pub fn owned_ids(&self) -> Result<(HashSet<u64>, u64)> {
+        self.read("listing snapshots", |tx| {
+            let mut ids = HashSet::new();
+            for entry in tx.open_table(SNAPSHOTS)?.iter()? {
+                let (k, v) = entry?;
+                ids.insert(view(k.value(), v.value())?.id);
+            }
+            Ok((ids, next_id(&tx.open_table(META)?)?))
+        })
+    }
+
+    /// [`Store::list`], and the next ID, from one read.
+    pub fn list_with_next_id(&self) -> Result<(Vec<(String, Record)>, u64)> {
+        self.read("listing snapshots", |tx| {
+            let mut out = Vec::new();
+            for entry in tx.open_table(SNAPSHOTS)?.iter()? {
+                let (k, v) = entry?;
+                out.push((k.value().to_string(), decode(k.value(), v.value())?));
+            }
+            Ok((out, next_id(&tx.open_table(META)?)?))
+        })
+    }
+
+    /// The ID the next creation gets.
+    pub fn next_id(&self) -> Result<u64> {
+        self.read("reading the ID counter", |tx| {
+            next_id(&tx.open_table(META)?)
+        })
+    }
+
+    /// Makes the next ID at least `at_least`: after directories the store did not know were
+    /// deleted, their IDs are still never handed out again.
+    pub fn raise_next_id(
+        &self,
+        at_least: u64,
+    ) -> impl Future<Output = Result<()>> + Send + 'static {
+        self.write("raising the ID counter", move |tx| {
+            let mut meta = tx.open_table(META)?;
+            if next_id(&meta)? < at_least {
+                meta.insert(NEXT_ID, at_least)?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Snapshots by kind: (active, views, committed). Kept by the writes, so free to call.
+    pub fn counts(&self) -> (u64, u64, u64) {
+        let c = &self.counts;
+        (
+            c.get(Kind::Active),
+            c.get(Kind::View),
+            c.get(Kind::Committed),
+        )
     }
 }
 
-/// Opens the database (creating the file if `create`), turning a panic inside redb (it asserts
-/// on some damaged files, e.g. one truncated below its recorded length) into a Corrupt error
-/// instead of a crash.
-fn open_guarded(path: &Path, create: bool) -> Result<Result<Database, redb::DatabaseError>> {
+fn next_id(meta: &impl ReadableTable<&'static str, u64>) -> Result<u64> {
+    Ok(meta.get(NEXT_ID)?.map(|v| v.value()).unwrap_or(1))
+}
+
+/// Opens the database with `open`, turning a panic inside redb (it asserts on some damaged
+/// files, e.g. one truncated below its recorded length) into a Corrupt error instead of a crash.
+fn open_guarded(
+    path: &Path,
+    open: impl FnOnce() -> std::result::Result<Database, redb::DatabaseError>,
+) -> Result<std::result::Result<Database, redb::DatabaseError>> {
     let quiet = std::panic::take_hook();
     std::panic::set_hook(Box::new(|_| {}));
-    let opened = std::panic::catch_unwind(|| {
-        if create {
-            Database::create(path)
-        } else {
-            Database::open(path)
-        }
-    });
+    let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(open));
     std::panic::set_hook(quiet);
     opened.map_err(|panic| {
         let why = panic
@@ -818,11 +964,19 @@ fn open_guarded(path: &Path, create: bool) -> Result<Result<Database, redb::Data
         Error::Corrupt(format!(
             "store {} is damaged ({why}). lamina will not start empty over existing snapshots: \
              restore the file from a backup, or move it aside to start over (the snapshots \
-             under {} are then lost to lamina and `lamina fsck --repair` removes them)",
+             under {} are then lost to lamina and `lamina fsck --repair --delete-unknown` \
+             removes them)",
             path.display(),
             path.parent().unwrap_or(path).join("snapshots").display()
         ))
     })
+}
+
+fn in_use(path: &Path) -> Error {
+    Error::Config(format!(
+        "store {} is in use by another process (a running lamina?): stop it, or use its socket",
+        path.display()
+    ))
 }
 
 fn commit_wrong_kind(key: &str, kind: Kind) -> Error {

@@ -14,8 +14,6 @@
 
 use std::{
     collections::VecDeque,
-    fs,
-    io::ErrorKind,
     path::PathBuf,
     sync::{Arc, Condvar, Mutex},
     time::Duration,
@@ -23,7 +21,7 @@ use std::{
 
 use tracing::{debug, warn};
 
-use super::layout::Layout;
+use super::layout::{Layout, DELETE_THREADS};
 use crate::error::{chain, Error, Result};
 
 /// Trees kept ready per shape: enough for a burst of creations (unpacking a many-layer image,
@@ -79,13 +77,17 @@ impl State {
 impl Spares {
     /// Deletes what earlier runs left under `<root>/spare` and starts filling it.
     pub fn start(layout: Layout) -> Result<Spares> {
-        let dir = layout.spare_dir();
-        match fs::remove_dir_all(&dir) {
-            Err(e) if e.kind() != ErrorKind::NotFound => {
-                return Err(Error::io("removing leftover spare directories", &dir, e))
-            }
-            _ => {}
-        }
+        // With the deleter, which never follows a symlink nor descends into a mount: whatever
+        // was left there, nothing outside `spare/` is touched.
+        super::delete::remove_trees(layout.root(), &["spare".to_string()], DELETE_THREADS)
+            .and_then(|mut r| r.pop().unwrap_or(Ok(0)))
+            .map_err(|e| {
+                Error::Internal(format!(
+                    "removing leftover spare directories under {}: {}",
+                    layout.spare_dir().display(),
+                    chain(&e)
+                ))
+            })?;
         layout.make_spare_root()?;
         let shared = Arc::new(Shared {
             layout,
@@ -110,13 +112,37 @@ impl Spares {
         if let Some(tree) = self.take(with_work) {
             match layout.adopt(&tree, id, owner) {
                 Ok(()) => return Ok(()),
+                Err(e @ Error::Occupied(_)) => {
+                    // The spare is as good as new; only the place it was to go is taken.
+                    self.put_back(with_work, tree);
+                    return Err(e);
+                }
                 Err(e) => {
                     warn!(id, error = %chain(&e), "could not use a spare directory; making one");
-                    let _ = fs::remove_dir_all(&tree);
+                    self.discard(&tree);
                 }
             }
         }
         layout.create_dirs(id, with_work, owner)
+    }
+
+    fn put_back(&self, with_work: bool, tree: PathBuf) {
+        let mut state = self.shared.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.queue(with_work).push_front(tree);
+    }
+
+    /// Deletes a spare tree that could not be used, with the deleter that never crosses into
+    /// a mount (nothing should be mounted in a spare, but nothing is assumed).
+    fn discard(&self, tree: &std::path::Path) {
+        let (Some(parent), Some(name)) = (tree.parent(), tree.file_name()) else {
+            return;
+        };
+        let name = name.to_string_lossy().into_owned();
+        if let Err(e) = super::delete::remove_trees(parent, &[name], 1)
+            .and_then(|mut r| r.pop().unwrap_or(Ok(0)))
+        {
+            warn!(path = %tree.display(), error = %chain(&e), "could not delete an unused spare directory");
+        }
     }
 
     /// Spare trees ready now, of each shape (active, view).
@@ -196,7 +222,7 @@ fn fill(shared: &Shared) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::PermissionsExt;
+    use std::{fs, os::unix::fs::PermissionsExt};
 
     fn wait_full(spares: &Spares) {
         for _ in 0..500 {

@@ -83,7 +83,9 @@ async fn fsck_finds_and_repairs_online_and_offline() {
     assert!(stdout(&clean).contains("clean"));
 
     // An orphan, a foreign entry, a lost work directory, a wrong mode.
-    let orphan = d.root.join("snapshots/999999");
+    let orphan = d
+        .root
+        .join(format!("snapshots/{}", spent_id(&d, &mut c).await));
     std::fs::create_dir_all(orphan.join("fs")).unwrap();
     std::fs::create_dir(d.root.join("snapshots/not-ours")).unwrap();
     std::fs::remove_dir(dir.join("work")).unwrap();
@@ -109,12 +111,16 @@ async fn fsck_finds_and_repairs_online_and_offline() {
     assert!(dir.join("work").is_dir());
 
     // Offline, on the stopped daemon's root.
+    let orphan = d
+        .root
+        .join(format!("snapshots/{}", spent_id(&d, &mut c).await));
+    drop(c);
     d.stop_async().await;
-    std::fs::create_dir_all(d.root.join("snapshots/888888/fs")).unwrap();
+    std::fs::create_dir_all(orphan.join("fs")).unwrap();
     let offline = lamina(&["fsck", "--repair"], &d);
     assert!(offline.status.success(), "{offline:?}");
     assert!(stdout(&offline).contains("orphan:"));
-    assert!(!d.root.join("snapshots/888888").exists());
+    assert!(!orphan.exists());
 
     // While a daemon runs, an offline fsck on its root is refused (one writer at a time).
     d.spawn().await;
@@ -128,6 +134,46 @@ async fn fsck_finds_and_repairs_online_and_offline() {
         String::from_utf8_lossy(&blocked.stderr).contains("in use by another process"),
         "{blocked:?}"
     );
+}
+
+/// An offline `lamina fsck` without `--repair` only looks: the store file keeps every byte (even
+/// after a SIGKILL, when opening it would repair it), and no mode it reports is changed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offline_fsck_without_repair_changes_nothing() {
+    use std::os::unix::fs::PermissionsExt;
+    if !require_root() {
+        return;
+    }
+    let mut d = TestDaemon::start().await;
+    let mut c = d.client().await;
+    let fs = std::path::PathBuf::from(&c.prepare("a", "").await.unwrap()[0].source);
+    c.commit("A", "a").await.unwrap();
+    c.prepare("b", "A").await.unwrap();
+    drop(c);
+    d.kill();
+    let dir = fs.parent().unwrap();
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    std::fs::set_permissions(&d.root, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let db = d.root.join("metadata.redb");
+    let before = std::fs::read(&db).unwrap();
+    let modified = std::fs::metadata(&db).unwrap().modified().unwrap();
+
+    let out = lamina(&["fsck"], &d);
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(text.contains("wrong_mode:"), "{text}");
+    assert!(text.contains("checked 2 snapshots"), "{text}");
+    assert!(
+        std::fs::read(&db).unwrap() == before,
+        "fsck wrote to the store"
+    );
+    assert_eq!(
+        std::fs::metadata(&db).unwrap().modified().unwrap(),
+        modified
+    );
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode(&d.root), 0o755, "fsck changed the root's mode");
+    assert_eq!(mode(dir), 0o777, "fsck changed a snapshot's mode");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -464,8 +510,9 @@ async fn orphans_go_after_start_up_and_a_second_signal_cuts_the_drain() {
     use nix::sys::signal::Signal;
 
     let mut d = TestDaemon::start().await;
+    let id = spent_id(&d, &mut d.client().await).await;
     d.stop();
-    let orphan = d.root.join("snapshots/999999");
+    let orphan = d.root.join(format!("snapshots/{id}"));
     for dir in 0..200 {
         let dir = orphan.join(format!("fs/{dir}"));
         std::fs::create_dir_all(&dir).unwrap();

@@ -7,7 +7,7 @@ use std::{
     collections::BTreeMap,
     io::{Read, Seek, SeekFrom, Write},
     path::{Path, PathBuf},
-    process::{Child, Stdio},
+    process::Stdio,
     sync::atomic::{AtomicUsize, Ordering},
     time::{Duration, Instant},
 };
@@ -81,88 +81,6 @@ async fn daemon_on_tmpfs(options: &str) -> OnTmpfs {
     let fs = Tmpfs::mount(&d.root, options);
     d.spawn().await;
     OnTmpfs { d, fs }
-}
-
-/// How a `lamina serve` that may or may not start ended up.
-enum Started {
-    Exited(std::process::Output),
-    /// It answered a List: serving.
-    Serving(Child),
-}
-
-/// Starts lamina on `d`'s root and socket (d must be stopped) and waits until it either exits
-/// or answers a request, for at most 20 s.
-async fn start_or_exit(d: &TestDaemon) -> Started {
-    let mut child = d
-        .command()
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("starting lamina");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if child.try_wait().unwrap().is_some() {
-            return Started::Exited(child.wait_with_output().unwrap());
-        }
-        // The socket is bound before start-up checks run: only an answer means serving.
-        if std::os::unix::net::UnixStream::connect(&d.socket).is_ok() {
-            let answered = tokio::time::timeout(Duration::from_secs(1), async {
-                let mut c = Client::connect(&d.socket).await;
-                c.list(&[]).await.is_ok()
-            })
-            .await;
-            if answered == Ok(true) {
-                return Started::Serving(child);
-            }
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("lamina neither exited nor served within 20 s");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// The line where lamina says why it exits (`lamina: …`), else the last line of `stderr`.
-fn final_line(stderr: &[u8]) -> String {
-    let text = String::from_utf8_lossy(stderr);
-    text.lines()
-        .rev()
-        .find(|l| l.starts_with("lamina:"))
-        .or_else(|| text.lines().rev().find(|l| !l.trim().is_empty()))
-        .unwrap_or("")
-        .to_string()
-}
-
-fn stop_child(mut child: Child) {
-    let _ = child.kill();
-    let _ = child.wait();
-}
-
-/// Every file under `dir` with its contents, for before/after comparisons.
-fn contents(dir: &Path) -> BTreeMap<String, Vec<u8>> {
-    let mut out = BTreeMap::new();
-    fn go(base: &Path, dir: &Path, out: &mut BTreeMap<String, Vec<u8>>) {
-        let Ok(entries) = std::fs::read_dir(dir) else {
-            return;
-        };
-        for e in entries {
-            let p = e.unwrap().path();
-            let rel = p.strip_prefix(base).unwrap().display().to_string();
-            let meta = std::fs::symlink_metadata(&p).unwrap();
-            if meta.is_dir() {
-                out.insert(format!("{rel}/"), Vec::new());
-                go(base, &p, out);
-            } else if meta.is_file() {
-                out.insert(rel, std::fs::read(&p).unwrap());
-            } else {
-                out.insert(format!("{rel}@"), Vec::new());
-            }
-        }
-    }
-    go(dir, dir, &mut out);
-    out
 }
 
 /// What List says, sorted: name, kind, parent, labels.
@@ -770,4 +688,175 @@ async fn sigterm_during_start_up_exits_cleanly() {
     let mut c = d.client().await;
     assert_eq!(c.list(&[]).await.unwrap().len(), 200);
     assert!(bad.is_empty(), "SIGTERM during start-up: {bad:#?}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// (f) A root that cannot be lamina's
+// ---------------------------------------------------------------------------------------------
+
+/// Runs `lamina ARGS` and returns its output once it exits, or kills it and returns None if it
+/// is still running after 20 s (it started serving).
+fn exits(args: &[&std::ffi::OsStr]) -> Option<std::process::Output> {
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_lamina"))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            stop_child(child);
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Some(child.wait_with_output().unwrap())
+}
+
+/// `lamina serve --root /var/lib` by mistake, a root whose path breaks overlay options, a root
+/// whose name is not UTF-8: each is refused at once with a message that says why (no panic),
+/// and nothing in the directory is changed.
+#[tokio::test]
+async fn a_root_that_cannot_be_lamina_s_is_refused_untouched() {
+    use std::os::unix::{ffi::OsStrExt, fs::PermissionsExt};
+    if !require_root() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let socket = tmp.path().join("s.sock");
+    let system = tmp.path().join("var-lib");
+    std::fs::create_dir(&system).unwrap();
+    for f in ["dpkg", "apt", "containerd"] {
+        std::fs::create_dir(system.join(f)).unwrap();
+    }
+    std::fs::set_permissions(&system, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let comma = tmp.path().join("a,b");
+    let bad_utf8 = tmp.path().join(std::ffi::OsStr::from_bytes(b"r\xff"));
+    let mut problems = Vec::new();
+    for (root, why) in [
+        (&system, "not lamina's"),
+        (&comma, "separator"),
+        (&bad_utf8, "UTF-8"),
+    ] {
+        let args = [
+            "serve".as_ref(),
+            "--root".as_ref(),
+            root.as_os_str(),
+            "--address".as_ref(),
+            socket.as_os_str(),
+        ];
+        match exits(&args) {
+            None => problems.push(format!("{}: lamina started serving", root.display())),
+            Some(out) => {
+                let line = final_line(&out.stderr);
+                eprintln!("faults: --root {}: {} {line}", root.display(), out.status);
+                if out.status.code() != Some(1) || !line.contains(why) {
+                    problems.push(format!("{}: {} {line:?}", root.display(), out.status));
+                }
+            }
+        }
+        let _ = std::fs::remove_file(&socket);
+    }
+    // Commands that only read the configuration must not panic on it either.
+    for cmd in ["status", "fsck", "check"] {
+        let args = [
+            cmd.as_ref(),
+            "--root".as_ref(),
+            bad_utf8.as_os_str(),
+            "--address".as_ref(),
+            socket.as_os_str(),
+        ];
+        let out = exits(&args).unwrap();
+        if out.status.code() != Some(1) {
+            problems.push(format!("{cmd}: {} {}", out.status, final_line(&out.stderr)));
+        }
+    }
+    let out = exits(&[
+        "config".as_ref(),
+        "dump".as_ref(),
+        "--root".as_ref(),
+        bad_utf8.as_os_str(),
+    ])
+    .unwrap();
+    if out.status.code() != Some(1) {
+        problems.push(format!(
+            "config dump: {} {}",
+            out.status,
+            final_line(&out.stderr)
+        ));
+    }
+    let mode = std::fs::metadata(&system).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(
+        mode, 0o755,
+        "the mode of a directory that is not lamina's changed"
+    );
+    let mut names: Vec<_> = std::fs::read_dir(&system)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["apt", "containerd", "dpkg"], "lamina wrote into it");
+    assert!(problems.is_empty(), "{problems:#?}");
+}
+
+/// Something replaced an active snapshot's directory with a symlink to a directory elsewhere
+/// while lamina was stopped. Recovery (and fsck) report it, but never create, chmod or chown
+/// anything through it.
+#[tokio::test]
+async fn recovery_never_works_through_a_symlink_in_a_snapshot_s_place() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    if !require_root() {
+        return;
+    }
+    let mut d = TestDaemon::start().await;
+    let mut c = d.client().await;
+    let base = bind_source(&c.prepare("base", "").await.unwrap());
+    // Owned by someone else, so that a child's directories would be chowned to match it.
+    std::os::unix::fs::chown(&base, Some(1234), Some(1234)).unwrap();
+    c.commit("Base", "base").await.unwrap();
+    let m = c.prepare("active", "Base").await.unwrap();
+    let upper = m[0]
+        .options
+        .iter()
+        .find_map(|o| o.strip_prefix("upperdir="))
+        .map(PathBuf::from)
+        .unwrap();
+    drop(c);
+    assert!(d.stop_async().await.success());
+    let dir = upper.parent().unwrap();
+    std::fs::remove_dir_all(dir).unwrap();
+    let outside = d.scratch("outside");
+    std::fs::set_permissions(&outside, std::fs::Permissions::from_mode(0o750)).unwrap();
+    std::os::unix::fs::symlink(&outside, dir).unwrap();
+    injected("a symlink in place of an active snapshot's directory");
+
+    d.spawn().await;
+    let meta = std::fs::metadata(&outside).unwrap();
+    assert_eq!(
+        meta.permissions().mode() & 0o7777,
+        0o750,
+        "chmod through a symlink"
+    );
+    assert_eq!(meta.uid(), 0, "chown through a symlink");
+    assert_eq!(
+        std::fs::read_dir(&outside).unwrap().count(),
+        0,
+        "recovery created directories where the symlink points"
+    );
+    assert!(std::fs::symlink_metadata(dir)
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_lamina"))
+        .args(["fsck", "--repair", "--address"])
+        .arg(&d.socket)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("not_a_directory:"), "{text}");
+    assert!(!out.status.success());
+    assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0);
 }

@@ -17,5 +17,6 @@ mod layers;
 mod model;
 #[path = "../support/oci.rs"]
 mod oci_support;
+mod rollback;
 mod rpc;
 mod systemd;

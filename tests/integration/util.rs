@@ -3,7 +3,7 @@
 #![allow(dead_code)]
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Stdio},
     time::{Duration, Instant},
@@ -536,4 +536,116 @@ impl Drop for Mounted {
     fn drop(&mut self) {
         let _ = umount2(&self.target, MntFlags::MNT_DETACH);
     }
+}
+
+/// How a `lamina serve` that may or may not start ended up.
+pub enum Started {
+    Exited(std::process::Output),
+    /// It answered a List: serving.
+    Serving(Child),
+}
+
+/// Starts lamina on `d`'s root and socket (d must be stopped) and waits until it either exits
+/// or answers a request, for at most 20 s.
+pub async fn start_or_exit(d: &TestDaemon) -> Started {
+    let mut child = d
+        .command()
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting lamina");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            return Started::Exited(child.wait_with_output().unwrap());
+        }
+        // The socket is bound before start-up checks run: only an answer means serving.
+        if std::os::unix::net::UnixStream::connect(&d.socket).is_ok() {
+            let answered = tokio::time::timeout(Duration::from_secs(1), async {
+                let mut c = Client::connect(&d.socket).await;
+                c.list(&[]).await.is_ok()
+            })
+            .await;
+            if answered == Ok(true) {
+                return Started::Serving(child);
+            }
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("lamina neither exited nor served within 20 s");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The line where lamina says why it exits (`lamina: …`), else the last line of `stderr`.
+pub fn final_line(stderr: &[u8]) -> String {
+    let text = String::from_utf8_lossy(stderr);
+    text.lines()
+        .rev()
+        .find(|l| l.starts_with("lamina:"))
+        .or_else(|| text.lines().rev().find(|l| !l.trim().is_empty()))
+        .unwrap_or("")
+        .to_string()
+}
+
+pub fn stop_child(mut child: Child) {
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// Every file under `dir` with its contents, for before/after comparisons.
+pub fn contents(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+    let mut out = BTreeMap::new();
+    fn go(base: &Path, dir: &Path, out: &mut BTreeMap<String, Vec<u8>>) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for e in entries {
+            let p = e.unwrap().path();
+            let rel = p.strip_prefix(base).unwrap().display().to_string();
+            let meta = std::fs::symlink_metadata(&p).unwrap();
+            if meta.is_dir() {
+                out.insert(format!("{rel}/"), Vec::new());
+                go(base, &p, out);
+            } else if meta.is_file() {
+                out.insert(rel, std::fs::read(&p).unwrap());
+            } else {
+                out.insert(format!("{rel}@"), Vec::new());
+            }
+        }
+    }
+    go(dir, dir, &mut out);
+    out
+}
+
+/// An ID the daemon handed out and no snapshot owns any more, its directory deleted: where a
+/// test can plant an orphan, as a crash between a Remove and its deletion would leave one.
+/// (A directory with an ID the store never handed out is not an orphan: lamina refuses to
+/// start over it, and never deletes it unless told to.)
+pub async fn spent_id(d: &TestDaemon, c: &mut Client) -> u64 {
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let key = format!(
+        "spent-{}",
+        N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    );
+    let mounts = c.prepare(&key, "").await.unwrap();
+    let fs = Path::new(&mounts[0].source);
+    let id = fs
+        .parent()
+        .unwrap()
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    c.remove(&key).await.unwrap();
+    let gone = d
+        .snapshot_dirs_when(Duration::from_secs(30), |dirs| !dirs.contains(&id))
+        .await;
+    assert!(
+        !gone.contains(&id),
+        "the directory of {key} was never deleted"
+    );
+    id.parse().unwrap()
 }
