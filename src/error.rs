@@ -60,7 +60,9 @@ pub enum Error {
     )]
     AddressInUse(PathBuf),
 
-    /// The daemon cannot be reached (operator commands).
+    /// lamina cannot do it now but may a moment later: the store is being reopened after a
+    /// failed write, a deletion was cut short by a stop, or (operator commands) the daemon
+    /// cannot be reached. The message says to retry, or that lamina is stopping.
     #[error("{0}")]
     Unavailable(String),
 
@@ -156,7 +158,9 @@ impl Error {
             Error::AlreadyExists(_) => Code::AlreadyExists,
             Error::FailedPrecondition(_) => Code::FailedPrecondition,
             Error::InvalidArgument(_) => Code::InvalidArgument,
-            Error::ShuttingDown => Code::Unavailable,
+            // Transient: containerd's errdefs reads Unavailable as "try again", which is what
+            // each of these messages asks for; Internal would mean a fault for a human to fix.
+            Error::ShuttingDown | Error::Unavailable(_) => Code::Unavailable,
             // A full disk or a read-only root is something an operator can fix and retry.
             Error::Io { source, .. } if is_resource_error(source) => Code::ResourceExhausted,
             Error::Exhausted(_) => Code::ResourceExhausted,
@@ -166,7 +170,6 @@ impl Error {
             | Error::Unsupported(_)
             | Error::Config(_)
             | Error::AddressInUse(_)
-            | Error::Unavailable(_)
             | Error::Remote(_)
             | Error::Corrupt(_)
             | Error::Occupied(_)
@@ -306,5 +309,27 @@ mod tests {
         let store_full = Error::store("committing", redb_full);
         assert_eq!(store_full.code(), tonic::Code::ResourceExhausted);
         assert!(status.message().contains("creating \"/x\": No space left"));
+    }
+
+    /// Every error that asks the client to retry, or says lamina is stopping, is answered
+    /// Unavailable: with these messages, the store being reopened after a failed write and a
+    /// deletion cut short by a stop (the reaper, the deleter) answer their requests.
+    #[test]
+    fn retry_and_stopping_are_unavailable() {
+        for err in [
+            Error::Unavailable(
+                "store /r/metadata.redb is being reopened after a failed write; retry".into(),
+            ),
+            Error::Unavailable("lamina is stopping; the deletion was not finished".into()),
+            Error::Unavailable(
+                "lamina is stopping; the rest of this deletion is left for its next start".into(),
+            ),
+            Error::ShuttingDown,
+        ] {
+            let message = err.to_string();
+            let status = tonic::Status::from(err);
+            assert_eq!(status.code(), tonic::Code::Unavailable, "{message}");
+            assert_eq!(status.message(), message);
+        }
     }
 }
