@@ -25,7 +25,38 @@ struct File {
     log_level: Option<String>,
     log_format: Option<LogFormat>,
     metrics_address: Option<String>,
-    socket_group: Option<String>,
+    socket_group: Option<Group>,
+}
+
+/// `socket_group` as written: a name, or a number, either as a TOML integer (as `lamina config
+/// dump` writes it) or as a string of digits.
+#[derive(Debug)]
+enum Group {
+    Id(u32),
+    Name(String),
+}
+
+impl<'de> Deserialize<'de> for Group {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Group, D::Error> {
+        use serde::de::{Error as _, Unexpected, Visitor};
+        struct NameOrNumber;
+        impl Visitor<'_> for NameOrNumber {
+            type Value = Group;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a group name or number")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> std::result::Result<Group, E> {
+                Ok(Group::Name(v.to_string()))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> std::result::Result<Group, E> {
+                u32::try_from(v)
+                    .map(Group::Id)
+                    .map_err(|_| E::invalid_value(Unexpected::Signed(v), &self))
+            }
+        }
+        d.deserialize_any(NameOrNumber)
+            .map_err(|e| D::Error::custom(e.to_string()))
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -140,7 +171,11 @@ fn resolve(file: File, flags: &Flags) -> Result<Config> {
                     .map_err(|e| Error::Config(format!("metrics_address: {e}")))
             })
             .transpose()?,
-        socket_group: file.socket_group.as_deref().map(group_id).transpose()?,
+        socket_group: match file.socket_group {
+            None => None,
+            Some(Group::Id(gid)) => Some(gid),
+            Some(Group::Name(name)) => Some(group_id(&name)?),
+        },
     };
     validate(&config)?;
     Ok(config)
@@ -246,17 +281,78 @@ mod tests {
         );
     }
 
+    /// A config with every key set to something other than its default. A struct literal, with
+    /// no `..` base, on purpose: a new key does not compile until it is given a value here,
+    /// and from then on the tests below round-trip it and look for it in the packaged file.
+    fn every_key_set(metrics: &str) -> Config {
+        Config {
+            root: "/srv/lamina root".into(),
+            address: "/srv/run/l.sock".into(),
+            sync_remove: true,
+            upperdir_label: true,
+            mount_options: vec!["volatile".into(), "metacopy=on".into()],
+            log_level: "lamina=debug,warn".into(),
+            log_format: LogFormat::Json,
+            socket_group: Some(4321),
+            metrics_address: Some(metrics.parse().unwrap()),
+        }
+    }
+
+    fn table(text: &str) -> toml::Table {
+        text.parse().unwrap_or_else(|e| panic!("{text}: {e}"))
+    }
+
+    /// The keys as `config dump` writes them, from the config itself, so that a new key is
+    /// never left out of the list.
+    fn every_key() -> std::collections::BTreeSet<String> {
+        table(&every_key_set("127.0.0.1:9100").to_toml())
+            .keys()
+            .cloned()
+            .collect()
+    }
+
     #[test]
-    fn a_dump_reads_back_as_the_same_config() {
-        let flags = Flags {
-            address: Some("/x.sock".into()),
-            ..Flags::default()
-        };
-        let c = from(
-            "sync_remove = true\nmount_options = [\"volatile\"]\nmetrics_address = \"unix:/m.sock\"",
-            &flags,
-        )
-        .unwrap();
+    fn a_dump_reads_back_as_the_same_config_with_every_key() {
+        let defaults = table(&from("", &Flags::default()).unwrap().to_toml());
+        for metrics in ["127.0.0.1:9100", "[::1]:9100", "unix:/run/lamina/m.sock"] {
+            let c = every_key_set(metrics);
+            let dump = c.to_toml();
+            let written = table(&dump);
+            // Each key is in the dump with a value of its own, or the round trip proves little.
+            for key in every_key() {
+                assert!(written.contains_key(&key), "{key} missing from {dump}");
+                assert_ne!(
+                    written.get(&key),
+                    defaults.get(&key),
+                    "{key}: give it a non-default value in every_key_set"
+                );
+            }
+            let back = from(&dump, &Flags::default())
+                .unwrap_or_else(|e| panic!("the dump does not read back: {e}\n{dump}"));
+            assert_eq!(back, c, "{dump}");
+        }
+    }
+
+    /// The packaged file states every key (commented out where it has no default), and with
+    /// each of them uncommented it still reads, and its dump reads back the same.
+    #[test]
+    fn the_packaged_file_names_every_key_and_each_round_trips() {
+        let assignment = regex::Regex::new(r"^(?:# )?([a-z_]+) = ").unwrap();
+        let mut named = std::collections::BTreeSet::new();
+        let mut uncommented = String::new();
+        for line in DEFAULT_FILE.lines() {
+            match assignment.captures(line) {
+                Some(key) => {
+                    named.insert(key[1].to_string());
+                    uncommented.push_str(line.trim_start_matches("# "));
+                }
+                None => uncommented.push_str(line),
+            }
+            uncommented.push('\n');
+        }
+        assert_eq!(named, every_key(), "keys of packaging/config.toml");
+        let c = from(&uncommented, &Flags::default()).unwrap();
+        assert!(c.socket_group.is_some() && c.metrics_address.is_some());
         assert_eq!(from(&c.to_toml(), &Flags::default()).unwrap(), c);
     }
 
@@ -265,7 +361,12 @@ mod tests {
         let c = |t: &str| from(t, &Flags::default()).unwrap().socket_group;
         assert_eq!(c("socket_group = \"root\""), Some(0));
         assert_eq!(c("socket_group = \"1234\""), Some(1234));
+        assert_eq!(c("socket_group = 1234"), Some(1234));
         assert_eq!(c(""), None);
+        let err = |t: &str| from(t, &Flags::default()).unwrap_err().to_string();
+        assert!(err("socket_group = -1").contains("socket_group"));
+        assert!(err("socket_group = 4294967296").contains("a group name or number"));
+        assert!(err("socket_group = true").contains("a group name or number"));
     }
 
     #[test]
