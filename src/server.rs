@@ -87,11 +87,15 @@ async fn start_and_serve(
         }
     };
     let admin = started.map_err(|e| Error::Internal(format!("start-up task failed: {e}")))??;
-    let address = listener
-        .local_addr()
-        .ok()
-        .and_then(|a| a.as_pathname().map(Path::to_path_buf))
-        .unwrap_or_else(|| config.address.clone());
+    // lamina's own socket was bound in a private directory and then renamed (see `bind`), so
+    // its bound name is not where clients find it; systemd's is.
+    let address = own_socket.clone().unwrap_or_else(|| {
+        listener
+            .local_addr()
+            .ok()
+            .and_then(|a| a.as_pathname().map(Path::to_path_buf))
+            .unwrap_or_else(|| config.address.clone())
+    });
     info!(address = %address.display(), root = %config.root.display(), activated, "serving");
     if let Some(address) = config.metrics_address.clone() {
         let snapshotter = Arc::clone(&admin.snapshotter);
@@ -248,21 +252,30 @@ pub fn start(config: &Config) -> Result<Arc<Admin>> {
 
 /// Binds the unix socket with mode 0660, replacing a stale socket file but never one that a
 /// live process still answers on.
+///
+/// bind(2) creates the socket with the mode the umask leaves (0777 under umask 000), and it
+/// listens from then on: bound at `path` and chmodded after, it would be open to everyone for
+/// a moment. So it is bound in a private 0700 directory beside `path`, given its mode and
+/// group there, and renamed into place: a rename keeps the bound inode, so `path` names a
+/// listening socket with its final mode from the moment it exists. (Setting the umask instead
+/// would change it for every thread of the process, which may be creating files meanwhile.)
 pub fn bind(path: &Path, group: Option<u32>) -> Result<UnixListener> {
-    if let Some(dir) = path.parent() {
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o711)
-            .create(dir)
-            .map_err(|e| Error::io("creating the socket's directory", dir, e))?;
-    }
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o711)
+        .create(dir)
+        .map_err(|e| Error::io("creating the socket's directory", dir, e))?;
     match fs::symlink_metadata(path) {
         Ok(meta) if meta.file_type().is_socket() => {
             if std::os::unix::net::UnixStream::connect(path).is_ok() {
                 return Err(Error::AddressInUse(path.to_path_buf()));
             }
+            // The rename below replaces it in one step.
             info!(path = %path.display(), "replacing a stale socket");
-            fs::remove_file(path).map_err(|e| Error::io("removing stale socket", path, e))?;
         }
         Ok(_) => {
             return Err(Error::Config(format!(
@@ -273,14 +286,74 @@ pub fn bind(path: &Path, group: Option<u32>) -> Result<UnixListener> {
         Err(e) if e.kind() == ErrorKind::NotFound => {}
         Err(e) => return Err(Error::io("inspecting", path, e)),
     }
-    let listener = UnixListener::bind(path).map_err(|e| Error::io("binding", path, e))?;
-    fs::set_permissions(path, fs::Permissions::from_mode(0o660))
-        .map_err(|e| Error::io("setting mode 0660 on", path, e))?;
+    let private = PrivateDir::create(dir)?;
+    let listener = private.bind()?;
+    let bound = private.socket();
+    fs::set_permissions(&bound, fs::Permissions::from_mode(0o660))
+        .map_err(|e| Error::io("setting mode 0660 on", &bound, e))?;
     if let Some(gid) = group {
-        std::os::unix::fs::chown(path, None, Some(gid))
-            .map_err(|e| Error::io("setting the group of", path, e))?;
+        std::os::unix::fs::chown(&bound, None, Some(gid))
+            .map_err(|e| Error::io("setting the group of", &bound, e))?;
     }
-    Ok(listener)
+    fs::rename(&bound, path).map_err(|e| Error::io("moving the socket to", path, e))?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| Error::io("configuring the socket", path, e))?;
+    UnixListener::from_std(listener).map_err(|e| Error::io("listening on", path, e))
+}
+
+/// A directory only root can enter, beside the socket's final path, removed (with a socket
+/// left in it by a failure) when dropped.
+struct PrivateDir {
+    path: PathBuf,
+    /// Held open so that the socket can be bound through `/proc/self/fd`.
+    fd: std::os::fd::OwnedFd,
+}
+
+impl PrivateDir {
+    const SOCKET: &'static str = "socket";
+
+    fn create(beside: &Path) -> Result<PrivateDir> {
+        use nix::fcntl::{open, OFlag};
+        // mkdtemp makes it 0700 whatever the umask, under a name nobody can claim first.
+        let path = nix::unistd::mkdtemp(&beside.join(".lamina-bind-XXXXXX"))
+            .map_err(|e| Error::io("creating a private directory in", beside, e.into()))?;
+        let flags = OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+        match open(&path, flags, nix::sys::stat::Mode::empty()) {
+            Ok(fd) => Ok(PrivateDir {
+                // SAFETY: open just returned this descriptor, and nothing else owns it.
+                fd: unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) },
+                path,
+            }),
+            Err(e) => {
+                let _ = fs::remove_dir(&path);
+                Err(Error::io("opening", path, e.into()))
+            }
+        }
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.path.join(Self::SOCKET)
+    }
+
+    /// Binds through the directory's descriptor: a socket's path must fit in 108 bytes, and
+    /// the private directory's name must not make a path that fits at its final place too long.
+    fn bind(&self) -> Result<std::os::unix::net::UnixListener> {
+        use std::os::fd::AsRawFd;
+        let via_fd = format!("/proc/self/fd/{}/{}", self.fd.as_raw_fd(), Self::SOCKET);
+        std::os::unix::net::UnixListener::bind(via_fd)
+            .map_err(|e| Error::io("binding a socket in", &self.path, e))
+    }
+}
+
+impl Drop for PrivateDir {
+    fn drop(&mut self) {
+        // Only this process made entries here: after a successful rename there are none.
+        let _ = fs::remove_file(self.socket());
+        if let Err(e) = fs::remove_dir(&self.path) {
+            warn!(path = %self.path.display(), error = %e, "could not remove the private directory");
+        }
+    }
 }
 
 /// Serves on `listener` until `shutdown` completes, then stops accepting, lets in-flight

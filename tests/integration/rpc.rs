@@ -1512,6 +1512,123 @@ async fn socket_group_owns_the_socket() {
     assert_eq!(meta.permissions().mode() & 0o777, 0o660);
 }
 
+/// Started with umask 000, lamina's socket is never at its address with a mode wider than
+/// 0660, not even for a moment: an inotify watch on its directory sees the name appear, its
+/// mode is read at once, and it must never be changed afterwards (a chmod or chown after the
+/// name appeared means it had another mode before). Half the rounds start over a stale
+/// socket, which must be replaced the same way. The log names the address clients use.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_socket_never_has_a_wider_mode_than_0660() {
+    use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+    use std::os::unix::process::CommandExt;
+    if !require_root() {
+        return;
+    }
+    for round in 0..10 {
+        let dir = tempfile::tempdir().unwrap();
+        let run = dir.path().join("run");
+        std::fs::create_dir(&run).unwrap();
+        let socket = run.join("lamina.sock");
+        if round % 2 == 1 {
+            // Stale: nobody listens on it any more.
+            drop(std::os::unix::net::UnixListener::bind(&socket).unwrap());
+        }
+        let inotify = Inotify::init(InitFlags::IN_CLOEXEC | InitFlags::IN_NONBLOCK).unwrap();
+        inotify
+            .add_watch(
+                &run,
+                AddWatchFlags::IN_CREATE | AddWatchFlags::IN_MOVED_TO | AddWatchFlags::IN_ATTRIB,
+            )
+            .unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_lamina"));
+        cmd.arg("serve")
+            .arg("--root")
+            .arg(dir.path().join("root"))
+            .arg("--address")
+            .arg(&socket)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stderr(Stdio::piped());
+        // SAFETY: umask(2) is async-signal-safe and allocates nothing.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::umask(0);
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().unwrap();
+
+        // (what happened to the name, its mode in octal read right then)
+        let mut seen: Vec<(String, Option<String>)> = Vec::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let mut answered = false;
+        while !answered {
+            assert!(std::time::Instant::now() < deadline, "lamina did not serve");
+            assert!(child.try_wait().unwrap().is_none(), "lamina exited");
+            // Once it answers, every event of its start-up is queued already.
+            answered = std::os::unix::net::UnixStream::connect(&socket).is_ok();
+            loop {
+                let events = match inotify.read_events() {
+                    Ok(events) => events,
+                    Err(nix::errno::Errno::EAGAIN) => break,
+                    Err(e) => panic!("inotify: {e}"),
+                };
+                for e in events {
+                    if e.name.as_deref() != Some(std::ffi::OsStr::new("lamina.sock")) {
+                        continue;
+                    }
+                    let mode = std::fs::symlink_metadata(&socket)
+                        .ok()
+                        .map(|m| format!("{:o}", m.permissions().mode() & 0o7777));
+                    seen.push((format!("{:?}", e.mask), mode));
+                }
+            }
+            if !answered {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }
+        let appeared = seen
+            .iter()
+            .position(|(what, _)| what.contains("IN_CREATE") || what.contains("IN_MOVED_TO"))
+            .unwrap_or_else(|| panic!("round {round}: the socket never appeared: {seen:?}"));
+        for (what, mode) in &seen[appeared..] {
+            assert!(
+                !what.contains("IN_ATTRIB"),
+                "round {round}: the socket's mode or owner changed after it appeared at its \
+                 address, so it had another mode there before: {seen:?}"
+            );
+            assert_eq!(mode.as_deref(), Some("660"), "round {round}: {seen:?}");
+        }
+        assert_eq!(mode(&socket), 0o660);
+
+        // Serving (a SIGTERM during start-up would exit before the line below is logged).
+        let mut c = Client::connect(&socket).await;
+        assert_eq!(c.list(&[]).await.unwrap(), Vec::<String>::new());
+        drop(c);
+        let names: Vec<_> = std::fs::read_dir(&run)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(
+            names,
+            ["lamina.sock"],
+            "once serving, nothing else is left beside it"
+        );
+        signal(child.id(), nix::sys::signal::Signal::SIGTERM);
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let logs = String::from_utf8_lossy(&out.stderr);
+        let serving = logs
+            .lines()
+            .find(|l| l.contains(" serving "))
+            .unwrap_or_else(|| panic!("no serving line: {logs}"));
+        assert!(
+            serving.contains(&format!("address={}", socket.display())),
+            "{serving}"
+        );
+    }
+}
+
 /// A client that gives up on a Prepare (here: a grpc-timeout shorter than the call, which makes
 /// the server drop the request) may drop it anywhere, even between the record and its
 /// directories. Every snapshot that exists afterwards must have its directories.
