@@ -159,13 +159,21 @@ pub fn check(config: &Config) -> Result<(String, bool)> {
             "(the root does not exist yet: probed on the filesystem of {})\n",
             near.display()
         ));
-        let scratch = near.join(format!(".lamina-check-{}", std::process::id()));
+        let name = format!(".lamina-check-{}", std::process::id());
+        let scratch = near.join(&name);
         fs::DirBuilder::new()
             .mode(0o700)
             .create(&scratch)
             .map_err(|e| Error::io("creating a scratch directory", &scratch, e))?;
         let features = probe::features(&scratch, &config.mount_options);
-        let _ = fs::remove_dir_all(&scratch);
+        if let Err(e) = remove_scratch(near, &name) {
+            let _ = writeln!(
+                out,
+                "(could not remove {}: {}; remove it by hand)",
+                scratch.display(),
+                crate::error::chain(&e)
+            );
+        }
         features
     };
     for f in &features {
@@ -178,6 +186,13 @@ pub fn check(config: &Config) -> Result<(String, bool)> {
     Ok((out, usable))
 }
 
+/// Removes `check`'s scratch directory `name` in `parent` with the deleter, not
+/// `remove_dir_all`: should a probe mount be left inside it (an unmount that failed, or one
+/// made meanwhile), `remove_dir_all` would delete what that mount shows.
+fn remove_scratch(parent: &Path, name: &str) -> Result<()> {
+    crate::store::layout::remove_tree(parent, name).map(drop)
+}
+
 /// `lamina mount KEY TARGET`: mounts a snapshot for inspection, as containerd would.
 pub async fn mount(config: &Config, key: &str, target: &Path) -> Result<()> {
     let channel = grpc::client::connect(&config.address).await?;
@@ -186,4 +201,52 @@ pub async fn mount(config: &Config, key: &str, target: &Path) -> Result<()> {
         crate::sys::mount_spec(m, target).map_err(|e| Error::io("mounting at", target, e))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A mount left inside `check`'s scratch directory: removing the directory must not delete
+    /// what the mount shows (here a directory elsewhere on the same filesystem).
+    #[test]
+    fn removing_the_scratch_directory_does_not_delete_through_a_mount() {
+        if !nix::unistd::geteuid().is_root() {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "needs root (it bind-mounts); CI is set"
+            );
+            eprintln!("skipped: needs root (it bind-mounts)");
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let precious = tmp.path().join("precious");
+        fs::create_dir(&precious).unwrap();
+        fs::write(precious.join("data"), "keep me").unwrap();
+        let scratch = tmp.path().join(".lamina-check-1");
+        fs::create_dir_all(scratch.join("merged")).unwrap();
+        fs::write(scratch.join("upper-file"), "scratch").unwrap();
+        nix::mount::mount(
+            Some(&precious),
+            &scratch.join("merged"),
+            None::<&str>,
+            nix::mount::MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .unwrap();
+        let removed = remove_scratch(tmp.path(), ".lamina-check-1");
+        let _ = crate::sys::unmount(&scratch.join("merged"));
+        assert_eq!(
+            fs::read_to_string(precious.join("data")).ok().as_deref(),
+            Some("keep me"),
+            "deleted through the mount"
+        );
+        let err = removed.expect_err("a mount inside is reported");
+        assert!(
+            crate::error::chain(&err).contains("mount point"),
+            "{}",
+            crate::error::chain(&err)
+        );
+        assert!(!scratch.join("upper-file").exists(), "the rest is deleted");
+    }
 }

@@ -328,6 +328,15 @@ impl Layout {
     }
 }
 
+/// Deletes the tree `name` inside `parent` the way snapshot trees are deleted (see
+/// `delete.rs`): never following a symlink, never descending into anything mounted inside it
+/// (that part is left, and reported). For lamina's scratch directories outside `snapshots/`.
+pub fn remove_tree(parent: &Path, name: &str) -> Result<u64> {
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let mut out = super::delete::remove_trees_until(parent, &[name.to_string()], 1, &stop)?;
+    out.pop().unwrap_or(Ok(0))
+}
+
 /// Only canonical decimal names are IDs: `007` or `+7` were not written by lamina.
 fn parse_entry(name: &str) -> DirEntry {
     match name.parse::<u64>() {
