@@ -1,13 +1,18 @@
 //! The operator commands: `status`, `fsck`, `check`, `mount`. Each prints what it found in
 //! plain text and returns an error (non-zero exit) when something needs attention.
 
-use std::{fmt::Write as _, fs, os::unix::fs::DirBuilderExt, path::Path};
+use std::{
+    fmt::Write as _,
+    fs,
+    os::unix::fs::DirBuilderExt,
+    path::{Path, PathBuf},
+};
 
 use crate::{
     config::Config,
     error::{Error, Result},
     grpc::{self, admin::proto},
-    overlay::probe,
+    overlay::{self, probe},
     snapshot::{fsck::Repair, Snapshotter},
     store::layout::Layout,
 };
@@ -193,14 +198,59 @@ fn remove_scratch(parent: &Path, name: &str) -> Result<()> {
     crate::store::layout::remove_tree(parent, name).map(drop)
 }
 
-/// `lamina mount KEY TARGET`: mounts a snapshot for inspection, as containerd would.
-pub async fn mount(config: &Config, key: &str, target: &Path) -> Result<()> {
+/// `lamina mount KEY TARGET [--rw]`: mounts a snapshot for inspection.
+///
+/// Read-only unless `writable`: an active snapshot is likely mounted by containerd already, and
+/// a second writable overlay on the same upper and work directories corrupts them (overlayfs
+/// only warns with `index=off`). Read-only, its upper directory is the topmost lower of an
+/// overlay with no upper (or, without parents, a read-only bind), which changes nothing.
+/// `writable` mounts exactly what containerd would, and only while no mount in this mount
+/// namespace uses the directories it writes; a mount made after that check is not seen.
+pub async fn mount(config: &Config, key: &str, target: &Path, writable: bool) -> Result<()> {
     let channel = grpc::client::connect(&config.address).await?;
     let mounts = grpc::client::mounts(channel, key).await?;
+    let mounts = if writable {
+        refuse_if_in_use(key, &mounts)?;
+        mounts
+    } else {
+        overlay::read_only(&mounts)
+    };
     for m in &mounts {
         crate::sys::mount_spec(m, target).map_err(|e| Error::io("mounting at", target, e))?;
     }
     Ok(())
+}
+
+fn refuse_if_in_use(key: &str, mounts: &[overlay::Mount]) -> Result<()> {
+    let written: Vec<PathBuf> = mounts.iter().flat_map(overlay::written_dirs).collect();
+    if written.is_empty() {
+        return Err(Error::precondition(format!(
+            "snapshot {key:?} is a view: its mounts are read-only, and --rw cannot change that"
+        )));
+    }
+    let info = Path::new("/proc/self/mountinfo");
+    let mountinfo = fs::read_to_string(info).map_err(|e| Error::io("reading", info, e))?;
+    let mut users = Vec::new();
+    for dir in &written {
+        let canonical = fs::canonicalize(dir).map_err(|e| Error::io("resolving", dir, e))?;
+        for u in overlay::mountinfo::users(&mountinfo, &canonical, &[dir]) {
+            if !users.contains(&u) {
+                users.push(u);
+            }
+        }
+    }
+    if users.is_empty() {
+        return Ok(());
+    }
+    let list: Vec<String> = users
+        .iter()
+        .map(|u| format!("{} ({})", u.mount_point.display(), u.how))
+        .collect();
+    Err(Error::precondition(format!(
+        "snapshot {key:?} is mounted already, at {}: a second writable mount of it would \
+         corrupt it. Leave out --rw to inspect it read-only, or unmount it there first",
+        list.join(", ")
+    )))
 }
 
 #[cfg(test)]

@@ -52,10 +52,14 @@ enum Command {
         #[command(flatten)]
         settings: Settings,
     },
-    /// Mount snapshot KEY at TARGET for inspection, as containerd would.
+    /// Mount snapshot KEY at TARGET for inspection, read-only.
     Mount {
         key: String,
         target: PathBuf,
+        /// Mount an active snapshot writable, exactly as containerd would; refused while
+        /// anything else mounts it (two writable mounts of one snapshot corrupt it).
+        #[arg(long)]
+        rw: bool,
         #[command(flatten)]
         settings: Settings,
     },
@@ -173,8 +177,9 @@ fn run(cli: Cli) -> Result<(), Error> {
         Command::Mount {
             key,
             target,
+            rw,
             settings,
-        } => block_on(lamina::cli::mount(&settings.load()?, &key, &target)),
+        } => block_on(lamina::cli::mount(&settings.load()?, &key, &target, rw)),
         Command::Config(ConfigCommand::Default) => {
             print!("{}", lamina::config::DEFAULT_FILE);
             Ok(())

@@ -1,6 +1,7 @@
 //! Overlayfs knowledge: the mount specs lamina answers with (pure data from pure functions),
 //! the kernel feature probes run at start-up, and the disk-usage walk.
 
+pub mod mountinfo;
 pub mod probe;
 pub mod usage;
 
@@ -73,6 +74,68 @@ pub fn view_mounts(dirs: Dirs<'_>, options: &[String]) -> Vec<Mount> {
                 options: opts,
             }]
         }
+    }
+}
+
+/// `mounts` (what Mounts answers) made read-only, for `lamina mount` to inspect a snapshot
+/// without writing to it. An active snapshot's overlay loses its `upperdir` and `workdir`, and
+/// its upper directory becomes the topmost lower: read-only by construction, and it never
+/// touches the work directory a mount by containerd may be using. A bind becomes read-only.
+/// Mounts that are read-only already (a view's) are returned as they are.
+pub fn read_only(mounts: &[Mount]) -> Vec<Mount> {
+    mounts.iter().map(read_only_one).collect()
+}
+
+fn read_only_one(m: &Mount) -> Mount {
+    match m.kind.as_str() {
+        "bind" => Mount {
+            options: m
+                .options
+                .iter()
+                .map(|o| if o == "rw" { "ro".into() } else { o.clone() })
+                .chain((!m.options.iter().any(|o| o == "rw" || o == "ro")).then(|| "ro".into()))
+                .collect(),
+            ..m.clone()
+        },
+        "overlay" => {
+            let Some(upper) = m.options.iter().find_map(|o| o.strip_prefix("upperdir=")) else {
+                return m.clone();
+            };
+            let mut lowers = vec![upper];
+            let mut rest = Vec::new();
+            for o in &m.options {
+                match o.split_once('=') {
+                    Some(("lowerdir", list)) => lowers.extend(list.split(':')),
+                    Some(("upperdir" | "workdir", _)) => {}
+                    _ => rest.push(o.clone()),
+                }
+            }
+            let mut options = vec![format!("lowerdir={}", lowers.join(":"))];
+            options.extend(rest);
+            Mount {
+                options,
+                ..m.clone()
+            }
+        }
+        _ => m.clone(),
+    }
+}
+
+/// The directories mount `m` writes to: an overlay's upper and work directories, or the source
+/// of a bind that is not read-only. None for a read-only mount.
+pub fn written_dirs(m: &Mount) -> Vec<PathBuf> {
+    match m.kind.as_str() {
+        "bind" if !m.options.iter().any(|o| o == "ro") => vec![PathBuf::from(&m.source)],
+        "overlay" => m
+            .options
+            .iter()
+            .filter_map(|o| {
+                o.strip_prefix("upperdir=")
+                    .or_else(|| o.strip_prefix("workdir="))
+            })
+            .map(PathBuf::from)
+            .collect(),
+        _ => Vec::new(),
     }
 }
 
@@ -183,5 +246,64 @@ mod tests {
             vec!["lowerdir=/r/snapshots/4/fs:/r/snapshots/2/fs", "x"],
             "no upperdir or workdir: the overlay is read-only"
         );
+    }
+
+    #[test]
+    fn read_only_inspection_of_an_active_overlay_has_its_upper_as_top_lower() {
+        let (fs, work) = (p("/r/snapshots/3/fs"), p("/r/snapshots/3/work"));
+        let lowers = [p("/r/snapshots/2/fs"), p("/r/snapshots/1/fs")];
+        let active = active_mounts(
+            Dirs {
+                fs: &fs,
+                work: &work,
+                lowers: &lowers,
+            },
+            &["index=off".into(), "userxattr".into()],
+        );
+        assert_eq!(
+            written_dirs(&active[0]),
+            vec![p("/r/snapshots/3/work"), p("/r/snapshots/3/fs")]
+        );
+        let ro = read_only(&active);
+        assert_eq!(
+            opts(&ro[0]),
+            vec![
+                "lowerdir=/r/snapshots/3/fs:/r/snapshots/2/fs:/r/snapshots/1/fs",
+                "index=off",
+                "userxattr",
+            ],
+            "no upperdir or workdir: read-only, and the work directory is left alone"
+        );
+        assert!(written_dirs(&ro[0]).is_empty());
+        assert_eq!(read_only(&ro), ro, "a read-only mount stays as it is");
+    }
+
+    #[test]
+    fn read_only_inspection_of_an_active_bind_is_a_read_only_bind() {
+        let (fs, work) = (p("/r/snapshots/1/fs"), p("/r/snapshots/1/work"));
+        let dirs = Dirs {
+            fs: &fs,
+            work: &work,
+            lowers: &[],
+        };
+        let active = active_mounts(dirs, &[]);
+        assert_eq!(written_dirs(&active[0]), vec![p("/r/snapshots/1/fs")]);
+        let ro = read_only(&active);
+        assert_eq!(ro[0].source, "/r/snapshots/1/fs");
+        assert_eq!(opts(&ro[0]), vec!["ro", "rbind"]);
+        assert!(written_dirs(&ro[0]).is_empty());
+        // Views are read-only already.
+        for lowers in [vec![], vec![p("/r/snapshots/4/fs")], vec![p("/a"), p("/b")]] {
+            let view = view_mounts(
+                Dirs {
+                    fs: &fs,
+                    work: &work,
+                    lowers: &lowers,
+                },
+                &[],
+            );
+            assert_eq!(read_only(&view), view);
+            assert!(written_dirs(&view[0]).is_empty(), "{view:?}");
+        }
     }
 }

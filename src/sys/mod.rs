@@ -1,5 +1,6 @@
-//! The only code that calls mount(2) and umount(2). lamina itself mounts only to probe the
-//! kernel at start-up; containerd mounts what lamina returns.
+//! The only code that calls mount(2) and umount(2) and the new mount API. lamina itself mounts
+//! only to probe the kernel at start-up (and `lamina mount`, for an operator); containerd
+//! mounts what lamina returns.
 
 pub mod at;
 
@@ -119,13 +120,9 @@ impl FsContext {
     }
 
     fn create_and_attach(self, target: &Path) -> io::Result<()> {
-        use std::os::{
-            fd::{AsRawFd, FromRawFd},
-            unix::ffi::OsStrExt,
-        };
+        use std::os::fd::{AsRawFd, FromRawFd};
         const FSCONFIG_CMD_CREATE: libc::c_uint = 6;
         const FSMOUNT_CLOEXEC: libc::c_uint = 1;
-        const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 4;
         self.config(FSCONFIG_CMD_CREATE, None, None)?;
         // SAFETY: the descriptor is a created fs context; fsmount returns a new descriptor.
         let mfd = check(unsafe {
@@ -133,21 +130,78 @@ impl FsContext {
         })?;
         // SAFETY: mfd was just returned by fsmount and is owned by nothing else.
         let mfd = unsafe { std::os::fd::OwnedFd::from_raw_fd(mfd as i32) };
-        let empty = cstr(b"")?;
-        let to = cstr(target.as_os_str().as_bytes())?;
-        // SAFETY: mfd is a detached mount; both paths are NUL-terminated and outlive the call.
-        check(unsafe {
-            libc::syscall(
-                libc::SYS_move_mount,
-                mfd.as_raw_fd(),
-                empty.as_ptr(),
-                libc::AT_FDCWD,
-                to.as_ptr(),
-                MOVE_MOUNT_F_EMPTY_PATH,
-            )
-        })?;
-        Ok(())
+        attach(&mfd, target)
     }
+}
+
+/// Attaches the detached mount `mfd` (from fsmount or open_tree) at `target`.
+fn attach(mfd: &std::os::fd::OwnedFd, target: &Path) -> io::Result<()> {
+    use std::os::{fd::AsRawFd, unix::ffi::OsStrExt};
+    const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 4;
+    let empty = cstr(b"")?;
+    let to = cstr(target.as_os_str().as_bytes())?;
+    // SAFETY: mfd is a detached mount; both paths are NUL-terminated and outlive the call.
+    check(unsafe {
+        libc::syscall(
+            libc::SYS_move_mount,
+            mfd.as_raw_fd(),
+            empty.as_ptr(),
+            libc::AT_FDCWD,
+            to.as_ptr(),
+            MOVE_MOUNT_F_EMPTY_PATH,
+        )
+    })?;
+    Ok(())
+}
+
+/// Binds `source` at `target` read-only from the start: the copy of the mount is made read-only
+/// while still detached, then attached. (A bind followed by a read-only remount would leave
+/// `target` writable in between.) `recursive`: mounts under `source` come along, read-only too.
+pub fn bind_read_only(source: &Path, target: &Path, recursive: bool) -> io::Result<()> {
+    use std::os::{
+        fd::{AsRawFd, FromRawFd},
+        unix::ffi::OsStrExt,
+    };
+    const OPEN_TREE_CLONE: libc::c_uint = 1;
+    const MOUNT_ATTR_RDONLY: u64 = 1;
+    /// `struct mount_attr` of linux/mount.h (its first version, which mount_setattr takes by
+    /// size).
+    #[repr(C)]
+    struct MountAttr {
+        attr_set: u64,
+        attr_clr: u64,
+        propagation: u64,
+        userns_fd: u64,
+    }
+    let recursive = if recursive { libc::AT_RECURSIVE } else { 0 } as libc::c_uint;
+    let from = cstr(source.as_os_str().as_bytes())?;
+    let flags = OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint | recursive;
+    // SAFETY: the path is NUL-terminated and outlives the call; open_tree returns a new
+    // descriptor or -1.
+    let fd =
+        check(unsafe { libc::syscall(libc::SYS_open_tree, libc::AT_FDCWD, from.as_ptr(), flags) })?;
+    // SAFETY: fd was just returned by open_tree and is owned by nothing else.
+    let tree = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
+    let attr = MountAttr {
+        attr_set: MOUNT_ATTR_RDONLY,
+        attr_clr: 0,
+        propagation: 0,
+        userns_fd: 0,
+    };
+    let empty = cstr(b"")?;
+    // SAFETY: tree is a detached mount; the empty path is NUL-terminated, and attr is a
+    // mount_attr of the size passed, all outliving the call.
+    check(unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            tree.as_raw_fd(),
+            empty.as_ptr(),
+            libc::AT_EMPTY_PATH as libc::c_uint | recursive,
+            &attr as *const MountAttr,
+            std::mem::size_of::<MountAttr>(),
+        )
+    })?;
+    attach(&tree, target)
 }
 
 /// The most mount data one mount(2) call takes.
@@ -158,6 +212,7 @@ const PAGE: usize = 4096;
 pub fn mount_spec(spec: &crate::overlay::Mount, target: &Path) -> io::Result<()> {
     let has = |o: &str| spec.options.iter().any(|x| x == o);
     match spec.kind.as_str() {
+        "bind" if has("ro") => bind_read_only(Path::new(&spec.source), target, has("rbind")),
         "bind" => {
             let mut flags = MsFlags::MS_BIND;
             if has("rbind") {
@@ -170,10 +225,6 @@ pub fn mount_spec(spec: &crate::overlay::Mount, target: &Path) -> io::Result<()>
                 flags,
                 None::<&str>,
             )?;
-            if has("ro") {
-                let ro = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
-                mount(None::<&str>, target, None::<&str>, ro, None::<&str>)?;
-            }
             Ok(())
         }
         "overlay" => {

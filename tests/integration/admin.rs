@@ -373,6 +373,113 @@ async fn mount_command_mounts_deep_chains() {
     assert_eq!(last.unwrap(), "199");
 }
 
+/// Whether something is mounted at `path` in this mount namespace.
+fn is_mount_point(path: &std::path::Path) -> bool {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let path = path.to_str().unwrap();
+    info.lines().any(|l| l.split(' ').nth(4) == Some(path))
+}
+
+/// `lamina mount` inspects an active snapshot read-only, with or without parents, even while
+/// containerd has it mounted; `--rw` is refused while that mount is in place (two writable
+/// mounts of one upper directory corrupt it) and mounts it writable once it is gone. A view
+/// cannot be mounted writable at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mount_command_is_read_only_unless_rw_and_rw_only_when_not_in_use() {
+    if !require_root() {
+        return;
+    }
+    let d = TestDaemon::start().await;
+    let mut c = d.client().await;
+    let lower = c.prepare("lower", "").await.unwrap();
+    {
+        let m = Mounted::new(&lower, &d.scratch("w-lower"));
+        std::fs::write(m.join("from-lower"), "lower").unwrap();
+    }
+    c.commit("L", "lower").await.unwrap();
+    c.prepare("alone", "").await.unwrap();
+    c.prepare("on-l", "L").await.unwrap();
+    for key in ["alone", "on-l"] {
+        let mounts = c.mounts(key).await.unwrap();
+        let upper = std::path::PathBuf::from(match mounts[0].r#type.as_str() {
+            "bind" => mounts[0].source.as_str(),
+            _ => mounts[0]
+                .options
+                .iter()
+                .find_map(|o| o.strip_prefix("upperdir="))
+                .unwrap(),
+        });
+        // As containerd would have it, for a running container.
+        let containerd = Mounted::new(&mounts, &d.scratch(&format!("rootfs-{key}")));
+        std::fs::write(containerd.join("in-use"), "container").unwrap();
+
+        let ro = d.scratch(&format!("ro-{key}"));
+        let out = lamina(&["mount", key, ro.to_str().unwrap()], &d);
+        assert!(out.status.success(), "{key}: {out:?}");
+        let ro = Mounted::adopt(&ro);
+        assert_eq!(
+            std::fs::read_to_string(ro.join("in-use")).unwrap(),
+            "container"
+        );
+        if key == "on-l" {
+            assert_eq!(
+                std::fs::read_to_string(ro.join("from-lower")).unwrap(),
+                "lower"
+            );
+        }
+        let write = std::fs::write(ro.join("new"), "x");
+        assert_eq!(
+            write.as_ref().map_err(|e| e.raw_os_error()),
+            Err(Some(libc::EROFS)),
+            "{key}: the inspection mount must be read-only: {write:?}"
+        );
+        drop(ro);
+
+        let rw = d.scratch(&format!("rw-{key}"));
+        let out = lamina(&["mount", "--rw", key, rw.to_str().unwrap()], &d);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{key}: --rw while in use: {out:?}");
+        assert!(
+            stderr.contains(containerd.path().to_str().unwrap()) && stderr.contains("--rw"),
+            "{key}: the message names the mount in the way and the way out: {stderr}"
+        );
+        assert!(!is_mount_point(&rw), "{key}: nothing was mounted");
+
+        drop(containerd);
+        let out = lamina(&["mount", "--rw", key, rw.to_str().unwrap()], &d);
+        assert!(out.status.success(), "{key}: --rw once not in use: {out:?}");
+        let rw = Mounted::adopt(&rw);
+        std::fs::write(rw.join("written"), "by hand").unwrap();
+        drop(rw);
+        assert_eq!(
+            std::fs::read_to_string(upper.join("written")).unwrap(),
+            "by hand"
+        );
+    }
+
+    c.view("v", "L").await.unwrap();
+    let target = d.scratch("rw-view");
+    let out = lamina(&["mount", "--rw", "v", target.to_str().unwrap()], &d);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("is a view"),
+        "{out:?}"
+    );
+    assert!(!is_mount_point(&target));
+    let out = lamina(&["mount", "v", target.to_str().unwrap()], &d);
+    assert!(out.status.success(), "{out:?}");
+    let view = Mounted::adopt(&target);
+    assert_eq!(
+        std::fs::read_to_string(view.join("from-lower")).unwrap(),
+        "lower"
+    );
+    let write = std::fs::write(view.join("new"), "x");
+    assert_eq!(
+        write.map_err(|e| e.raw_os_error()).err(),
+        Some(Some(libc::EROFS))
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_logs_carry_the_key_in_the_request_span() {
     if !require_root() {

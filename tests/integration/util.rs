@@ -523,6 +523,13 @@ impl Mounted {
         }
     }
 
+    /// A mount someone else made at `target` (`lamina mount`), unmounted on drop.
+    pub fn adopt(target: &Path) -> Mounted {
+        Mounted {
+            target: target.to_path_buf(),
+        }
+    }
+
     pub fn path(&self) -> &Path {
         &self.target
     }
