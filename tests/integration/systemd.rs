@@ -312,11 +312,21 @@ async fn the_packaged_units_run_lamina_in_their_sandbox() {
     };
     let deadline = Instant::now() + Duration::from_secs(30);
     booted.leader = loop {
+        // nspawn's child that is PID 1 of its own PID namespace (NSpid: <here> 1); nspawn's
+        // other, short-lived children are not.
         let leader = std::fs::read_dir("/proc").unwrap().find_map(|e| {
             let pid: u32 = e.ok()?.file_name().to_str()?.parse().ok()?;
             let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-            let ppid = status.lines().find_map(|l| l.strip_prefix("PPid:"))?;
-            (ppid.trim() == nspawn_pid.to_string()).then_some(pid)
+            let field = |name: &str| {
+                status
+                    .lines()
+                    .find_map(|l| l.strip_prefix(name))
+                    .map(|v| v.split_whitespace().collect::<Vec<_>>())
+            };
+            let ppid = field("PPid:")?;
+            let nspid = field("NSpid:")?;
+            (ppid == [nspawn_pid.to_string()] && nspid == [pid.to_string(), "1".to_string()])
+                .then_some(pid)
         });
         if let Some(leader) = leader {
             break leader;
