@@ -121,10 +121,7 @@ fn remove_scratch(scratch: &Path) {
     let (Some(parent), Some(name)) = (scratch.parent(), scratch.file_name()) else {
         return;
     };
-    let name = name.to_string_lossy().into_owned();
-    if let Err(e) = crate::store::delete::remove_trees(parent, &[name], 1)
-        .and_then(|mut r| r.pop().unwrap_or(Ok(0)))
-    {
+    if let Err(e) = crate::store::layout::remove_tree(parent, &name.to_string_lossy()) {
         tracing::warn!(path = %scratch.display(), error = %crate::error::chain(&e), "could not delete the probe's scratch directory");
     }
 }

@@ -50,6 +50,7 @@ const CHUNK: usize = 256;
 /// Deletes the trees `names` (entries of the directory `parent`) on up to `threads` threads.
 /// For each tree: the bytes its deletion freed, or the first thing that stopped part of it
 /// from being deleted. A tree that does not exist is deleted already (0 bytes).
+#[cfg(test)]
 pub fn remove_trees(parent: &Path, names: &[String], threads: usize) -> Result<Vec<Result<u64>>> {
     remove_trees_until(parent, names, threads, &AtomicBool::new(false))
 }

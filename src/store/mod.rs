@@ -10,7 +10,7 @@
 //! No operation here scans the whole store except [`Store::list`] and [`Store::owned_ids`],
 //! which List, Cleanup and start-up recovery call.
 
-pub(crate) mod delete;
+mod delete;
 pub mod layout;
 mod readonly;
 pub mod reaper;

@@ -21,7 +21,7 @@ use std::{
 
 use tracing::{debug, warn};
 
-use super::layout::{Layout, DELETE_THREADS};
+use super::layout::Layout;
 use crate::error::{chain, Error, Result};
 
 /// Trees kept ready per shape: enough for a burst of creations (unpacking a many-layer image,
@@ -79,15 +79,13 @@ impl Spares {
     pub fn start(layout: Layout) -> Result<Spares> {
         // With the deleter, which never follows a symlink nor descends into a mount: whatever
         // was left there, nothing outside `spare/` is touched.
-        super::delete::remove_trees(layout.root(), &["spare".to_string()], DELETE_THREADS)
-            .and_then(|mut r| r.pop().unwrap_or(Ok(0)))
-            .map_err(|e| {
-                Error::Internal(format!(
-                    "removing leftover spare directories under {}: {}",
-                    layout.spare_dir().display(),
-                    chain(&e)
-                ))
-            })?;
+        super::layout::remove_tree(layout.root(), "spare").map_err(|e| {
+            Error::Internal(format!(
+                "removing leftover spare directories under {}: {}",
+                layout.spare_dir().display(),
+                chain(&e)
+            ))
+        })?;
         layout.make_spare_root()?;
         let shared = Arc::new(Shared {
             layout,
@@ -137,10 +135,7 @@ impl Spares {
         let (Some(parent), Some(name)) = (tree.parent(), tree.file_name()) else {
             return;
         };
-        let name = name.to_string_lossy().into_owned();
-        if let Err(e) = super::delete::remove_trees(parent, &[name], 1)
-            .and_then(|mut r| r.pop().unwrap_or(Ok(0)))
-        {
+        if let Err(e) = super::layout::remove_tree(parent, &name.to_string_lossy()) {
             warn!(path = %tree.display(), error = %chain(&e), "could not delete an unused spare directory");
         }
     }
