@@ -10,8 +10,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tokio::net::UnixListener;
-use tokio_stream::wrappers::UnixListenerStream;
+use futures::Stream;
+use tokio::net::{UnixListener, UnixStream};
 use tonic_health::ServingStatus;
 use tracing::{error, info, warn};
 
@@ -373,7 +373,7 @@ pub async fn serve(
         .add_service(health_service)
         .add_service(AdminServer::new(admin))
         .add_service(grpc::server(Arc::clone(&snapshotter)))
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async {
+        .serve_with_incoming_shutdown(incoming(listener), async {
             let _ = stop_rx.await;
         });
     let mut server = tokio::spawn(server);
@@ -394,6 +394,67 @@ pub async fn serve(
             warn!(after = ?DRAIN, "requests or connections still open; exiting anyway");
             server.abort();
             Ok(())
+        }
+    }
+}
+
+/// The connections on `listener`, for as long as lamina serves. A failed accept never ends
+/// serving (tonic would stop the server on the first error it is handed): it is retried after
+/// a pause, and the connections meanwhile wait in the socket's backlog.
+///
+/// Most accept errors are about the listener's process, not the connection: out of
+/// descriptors (EMFILE, ENFILE) or memory (ENOBUFS, ENOMEM). Retrying at once would spin,
+/// since the pending connection is still there, so the pause doubles from 5 ms up to 1 s, as
+/// Go's net/http does; the next accept that succeeds resets it. A connection aborted before it
+/// was accepted (ECONNABORTED) costs one short pause, which is harmless.
+fn incoming(listener: UnixListener) -> impl Stream<Item = std::io::Result<UnixStream>> {
+    futures::stream::unfold(
+        (listener, AcceptFailures::default()),
+        |(listener, mut failures)| async move {
+            loop {
+                match listener.accept().await {
+                    Ok((stream, _)) => {
+                        failures.ended();
+                        return Some((Ok(stream), (listener, failures)));
+                    }
+                    Err(e) => tokio::time::sleep(failures.failed(&e)).await,
+                }
+            }
+        },
+    )
+}
+
+/// A burst of failed accepts: logged when it starts and when it ends, not at every retry
+/// (which would be a line every second for as long as descriptors are short).
+#[derive(Default)]
+struct AcceptFailures {
+    since: Option<Instant>,
+    count: u64,
+    pause: Duration,
+}
+
+impl AcceptFailures {
+    const FIRST_PAUSE: Duration = Duration::from_millis(5);
+    const MAX_PAUSE: Duration = Duration::from_secs(1);
+
+    /// Counts a failure and returns how long to wait before the next accept.
+    fn failed(&mut self, e: &std::io::Error) -> Duration {
+        if self.count == 0 {
+            warn!(error = %e, "cannot accept connections; retrying until it works (pending connections wait in the socket's backlog)");
+            self.since = Some(Instant::now());
+            self.pause = Self::FIRST_PAUSE;
+        } else {
+            self.pause = (self.pause * 2).min(Self::MAX_PAUSE);
+        }
+        self.count += 1;
+        self.pause
+    }
+
+    fn ended(&mut self) {
+        if self.count > 0 {
+            let after = self.since.map(|t| t.elapsed()).unwrap_or_default();
+            info!(failures = self.count, ?after, "accepting connections again");
+            *self = AcceptFailures::default();
         }
     }
 }

@@ -7,6 +7,7 @@
 mod util;
 
 mod admin;
+mod clients;
 mod containerd;
 #[path = "../support/containerd.rs"]
 mod containerd_support;

@@ -44,6 +44,12 @@ impl TestDaemon {
 
     /// Starts with `config` (TOML) as its config file; root and address come from flags.
     pub async fn start_with_config(config: &str) -> TestDaemon {
+        Self::start_with(config, |_| {}).await
+    }
+
+    /// [`TestDaemon::start_with_config`], with `adjust` applied to the command first
+    /// (environment, limits, where its log goes).
+    pub async fn start_with(config: &str, adjust: impl FnOnce(&mut Command)) -> TestDaemon {
         let dir = tempfile::tempdir().expect("tempdir");
         let root = dir.path().join("root");
         let socket = dir.path().join("run/lamina.sock");
@@ -61,7 +67,7 @@ impl TestDaemon {
             config: config_path,
             child: None,
         };
-        d.spawn().await;
+        d.spawn_with(adjust).await;
         d
     }
 
@@ -138,6 +144,11 @@ impl TestDaemon {
 
     pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("running").id()
+    }
+
+    /// How lamina exited, if it has (without waiting).
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        self.child.as_mut().expect("started").try_wait().unwrap()
     }
 
     /// Waits for a daemon already sent a signal to exit.
