@@ -138,7 +138,7 @@ fn run(cli: Cli) -> Result<(), Error> {
             // extra thread costs memory (a stack, a malloc arena).
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
-                .max_blocking_threads(32)
+                .max_blocking_threads(lamina::snapshot::BLOCKING_THREADS)
                 .build()
                 .map_err(|e| Error::Internal(format!("starting the async runtime: {e}")))?;
             let result = runtime.block_on(lamina::server::run(config));

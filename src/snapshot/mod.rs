@@ -59,6 +59,18 @@ const LABEL_ENCODING_BYTES: usize = 16;
 /// The label that reports a snapshot's upper directory when `upperdir_label` is on.
 pub const UPPERDIR_LABEL: &str = "containerd.io/snapshot/overlay.upperdir";
 
+/// Threads of tokio's blocking pool (main.rs builds the runtime with this many), where work of
+/// unbounded length runs: usage walks too long to make in place, Cleanup, synchronous
+/// removes, and Lists.
+pub const BLOCKING_THREADS: usize = 32;
+/// Lists that run at once; more wait for their turn without holding a thread. A List holds a
+/// blocking-pool thread and a read transaction for as long as its reader takes to read it.
+/// Were Lists to take the whole pool, Commit's walk and Cleanup would queue behind them; at
+/// most a quarter of it, they always find a thread. containerd lists rarely (its garbage
+/// collector, one List at a time), so Lists seldom wait even for each other.
+const MAX_LISTS: usize = 8;
+const _: () = assert!(MAX_LISTS <= BLOCKING_THREADS / 4);
+
 /// What Stat, Update and List report of a snapshot.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Info {
@@ -128,6 +140,8 @@ pub struct Snapshotter {
     /// Deletes removed snapshots' directories in the background; only a serving lamina has
     /// one (without it, they wait for Cleanup).
     reaper: OnceLock<Reaper>,
+    /// Turns to run a List (see [`MAX_LISTS`]).
+    lists: Arc<tokio::sync::Semaphore>,
 }
 
 impl Snapshotter {
@@ -200,6 +214,7 @@ impl Snapshotter {
             closing: AtomicBool::new(false),
             spares: OnceLock::new(),
             reaper: OnceLock::new(),
+            lists: Arc::new(tokio::sync::Semaphore::new(MAX_LISTS)),
         })
     }
 
@@ -459,14 +474,23 @@ impl Snapshotter {
     }
 
     /// Hands every snapshot matching `filter` to `each`, from one consistent read of the store,
-    /// until `each` returns false. Runs on the blocking pool; `each` may block (to wait for a
-    /// slow reader) without holding up other requests, which meanwhile read and write as usual.
+    /// until `each` returns false. Runs on the blocking pool, at most [`MAX_LISTS`] at once
+    /// (the others wait for a turn, holding no thread); `each` may block (to wait for a slow
+    /// reader) without holding up other requests, which meanwhile read and write as usual.
     pub async fn list(
         self: &Arc<Self>,
         filter: Filter,
         mut each: impl FnMut(&Listed<'_>) -> bool + Send + 'static,
     ) -> Result<()> {
+        self.admit()?;
+        // Owned, and moved into the listing: if the caller stops waiting, the turn still ends
+        // only when the listing's thread is done.
+        let turn = Arc::clone(&self.lists)
+            .acquire_owned()
+            .await
+            .map_err(|_| Error::ShuttingDown)?;
         self.run(move |s| {
+            let _turn = turn;
             s.store.each_view(|key, record| {
                 if !filter.matches(&Fielded(key, &record)) {
                     return true;

@@ -2,9 +2,15 @@
 
 use std::{
     os::unix::{net::UnixStream, process::CommandExt},
+    path::{Path, PathBuf},
     process::Stdio,
     time::{Duration, Instant},
 };
+
+use containerd_snapshots::api::snapshots::v1::{
+    snapshots_client::SnapshotsClient, ListSnapshotsRequest, ListSnapshotsResponse,
+};
+use tonic::Streaming;
 
 use crate::util::*;
 
@@ -116,4 +122,118 @@ async fn running_out_of_descriptors_never_stops_serving() {
         "{failures} failed accepts over {started} bursts: retries must not log:\n{text}"
     );
     eprintln!("{failures} failed accepts in {started} burst(s), each logged once");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Lists whose reader stops reading
+// ---------------------------------------------------------------------------------------------
+
+/// Snapshots with a 1000-byte label each: 100 make one List message of about 100 KB, so a
+/// List of all of them is far more than a reader with 64 KiB windows holds unread.
+const LISTED: usize = 1000;
+
+async fn fill(c: &Client) {
+    let mut tasks = tokio::task::JoinSet::new();
+    for w in 0..16 {
+        let mut c = c.clone();
+        tasks.spawn(async move {
+            let l = labels(&[("containerd.io/snapshot/pad", &"p".repeat(1000))]);
+            for i in (w..LISTED).step_by(16) {
+                let req = containerd_snapshots::api::snapshots::v1::ViewSnapshotRequest {
+                    snapshotter: "lamina".into(),
+                    key: format!("v{i:04}"),
+                    parent: String::new(),
+                    labels: l.clone(),
+                };
+                c.inner.view(req).await?;
+            }
+            Ok::<_, tonic::Status>(())
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        r.unwrap().unwrap();
+    }
+}
+
+/// A connection whose flow-control windows are HTTP/2's initial 64 KiB, so that a reader that
+/// stops reading stops the stream soon (tonic's client otherwise takes megabytes ahead).
+async fn narrow_client(socket: &Path) -> SnapshotsClient<tonic::transport::Channel> {
+    let socket = socket.to_path_buf();
+    let channel = tonic::transport::Endpoint::try_from("http://lamina.invalid")
+        .unwrap()
+        .initial_stream_window_size(65_535)
+        .initial_connection_window_size(65_535)
+        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+            tokio::net::UnixStream::connect(socket.clone())
+        }))
+        .await
+        .expect("connecting to lamina");
+    SnapshotsClient::new(channel)
+}
+
+/// `n` Lists of everything, over connections of ten Lists each, that nobody reads. Returns
+/// once lamina has answered each with its headers, and the first with a message (so that one
+/// listing at least is surely under way: its reader took the first of its 1000 snapshots).
+async fn stalled_lists(socket: &Path, n: usize) -> Vec<Streaming<ListSnapshotsResponse>> {
+    let mut streams = Vec::new();
+    let mut client = narrow_client(socket).await;
+    for i in 0..n {
+        if i > 0 && i % 10 == 0 {
+            client = narrow_client(socket).await;
+        }
+        let req = ListSnapshotsRequest {
+            snapshotter: "lamina".into(),
+            filters: vec![],
+        };
+        let mut stream = client.list(req).await.unwrap().into_inner();
+        if i == 0 {
+            // Before the others share its connection's window, which they would fill.
+            let first = stream.message().await.unwrap().expect("a first batch");
+            assert_eq!(first.info.len(), 100);
+        }
+        streams.push(stream);
+    }
+    streams
+}
+
+/// More Lists than lamina has threads for work of unbounded length (32), each stalled by a
+/// reader that never reads: Commit's usage walk of a big snapshot and Cleanup, which need
+/// such a thread too, must still answer. The idle deadline is an hour here, so only Lists
+/// having a capacity of their own can make that so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_lists_leave_room_for_commit_and_cleanup() {
+    if !require_root() {
+        return;
+    }
+    let d = TestDaemon::start_with("", |cmd| {
+        cmd.env("LAMINA_LIST_IDLE_TIMEOUT_MS", "3600000");
+    })
+    .await;
+    let mut c = d.client().await;
+    fill(&c).await;
+    // More than the 32 entries a Commit measures in place before handing the walk over.
+    let mounts = c.prepare("big", "").await.unwrap();
+    let fs = PathBuf::from(&mounts[0].source);
+    for i in 0..100 {
+        std::fs::write(fs.join(format!("f{i}")), b"x").unwrap();
+    }
+
+    let stalled = stalled_lists(&d.socket, 40).await;
+    tokio::time::timeout(Duration::from_secs(60), c.commit("big-c", "big"))
+        .await
+        .expect("Commit (its usage walk off the request's thread) must answer while 40 Lists are stalled")
+        .unwrap();
+    assert_eq!(c.usage("big-c").await.unwrap().inodes, 101);
+    tokio::time::timeout(Duration::from_secs(60), c.cleanup())
+        .await
+        .expect("Cleanup must answer while 40 Lists are stalled")
+        .unwrap();
+
+    // Their readers gone, the stalled Lists end, and a List reads everything.
+    drop(stalled);
+    let all = tokio::time::timeout(Duration::from_secs(60), c.list(&[]))
+        .await
+        .expect("a List once the stalled ones are gone")
+        .unwrap();
+    assert_eq!(all.len(), LISTED + 1);
 }
