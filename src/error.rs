@@ -31,6 +31,11 @@ pub enum Error {
     #[error("lamina is shutting down")]
     ShuttingDown,
 
+    /// A client let one of lamina's deadlines pass (a List's reader that stopped reading);
+    /// says which and what to do.
+    #[error("{0}")]
+    TimedOut(String),
+
     #[error("metadata store: {context}")]
     Store {
         context: String,
@@ -161,6 +166,7 @@ impl Error {
             // Transient: containerd's errdefs reads Unavailable as "try again", which is what
             // each of these messages asks for; Internal would mean a fault for a human to fix.
             Error::ShuttingDown | Error::Unavailable(_) => Code::Unavailable,
+            Error::TimedOut(_) => Code::DeadlineExceeded,
             // A full disk or a read-only root is something an operator can fix and retry.
             Error::Io { source, .. } if is_resource_error(source) => Code::ResourceExhausted,
             Error::Exhausted(_) => Code::ResourceExhausted,

@@ -30,6 +30,36 @@ use crate::{
 /// How long in-flight requests may run on after a shutdown signal before lamina exits anyway.
 pub const DRAIN: Duration = Duration::from_secs(5);
 
+/// Deadlines on clients, from the environment when set there, for tests (which cannot wait
+/// minutes) and for an operator chasing a problem. They are not config-file keys: no
+/// deployment should need to change them.
+struct ClientDeadlines {
+    /// `LAMINA_LIST_IDLE_TIMEOUT_MS`: see [`grpc::LIST_IDLE`].
+    list_idle: Duration,
+}
+
+impl ClientDeadlines {
+    fn from_env() -> ClientDeadlines {
+        let ms = |name: &str| {
+            let value = std::env::var(name).ok()?;
+            match value.parse::<u64>() {
+                Ok(ms) if ms > 0 => Some(Duration::from_millis(ms)),
+                _ => {
+                    warn!(%name, %value, "ignored: not a positive number of milliseconds");
+                    None
+                }
+            }
+        };
+        let deadlines = ClientDeadlines {
+            list_idle: ms("LAMINA_LIST_IDLE_TIMEOUT_MS").unwrap_or(grpc::LIST_IDLE),
+        };
+        if deadlines.list_idle != grpc::LIST_IDLE {
+            info!(list_idle = ?deadlines.list_idle, "client deadlines from the environment");
+        }
+        deadlines
+    }
+}
+
 /// Runs `lamina serve` until SIGTERM or SIGINT.
 pub async fn run(config: Config) -> Result<()> {
     // Signals are caught from the very start: SIGTERM during start-up means "do not serve",
@@ -369,10 +399,11 @@ pub async fn serve(
     health.set_service_status("", ServingStatus::Serving).await;
     health.set_serving::<grpc::SnapshotsApi>().await;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let deadlines = ClientDeadlines::from_env();
     let server = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(AdminServer::new(admin))
-        .add_service(grpc::server(Arc::clone(&snapshotter)))
+        .add_service(grpc::server(Arc::clone(&snapshotter), deadlines.list_idle))
         .serve_with_incoming_shutdown(incoming(listener), async {
             let _ = stop_rx.await;
         });

@@ -7,13 +7,15 @@
 //! bytes without an allocation of its own. The bytes are exactly what prost would encode for
 //! the same `Info` (the tests decode them with the generated types).
 
-use std::{convert::Infallible, sync::Arc};
+use std::{convert::Infallible, sync::Arc, time::Duration};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use containerd_snapshots::api::snapshots::v1::{
     snapshots_server::SnapshotsServer, ListSnapshotsRequest,
 };
+use futures::{stream::BoxStream, StreamExt};
 use prost::encoding::{encode_key, encode_varint, encoded_len_varint, key_len, message, WireType};
+use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{
     body::BoxBody,
@@ -22,10 +24,13 @@ use tonic::{
     server::{Grpc, NamedService, ServerStreamingService},
     Request, Response, Status,
 };
-use tracing::{info_span, Instrument};
+use tracing::{error, info_span, warn, Instrument};
 
 use super::{namespace, traced, wire_kind, Service, MAX_MESSAGE_BYTES};
-use crate::snapshot::{self, Listed, Snapshotter};
+use crate::{
+    error::{chain, Error, Result as LaminaResult},
+    snapshot::{self, ListSink, Listed, Snapshotter},
+};
 
 const LIST_PATH: &str = "/containerd.services.snapshots.v1.Snapshots/List";
 
@@ -35,6 +40,12 @@ const LIST_BATCH: usize = 100;
 const LIST_BATCH_BYTES: usize = 4 << 20;
 /// List messages ready ahead of the reader; beyond that the listing waits for it.
 const LIST_QUEUE: usize = 2;
+/// How long a listing waits for its reader to take a message before it gives up, unless
+/// `LAMINA_LIST_IDLE_TIMEOUT_MS` says otherwise (see `server.rs`). A waiting listing holds a
+/// thread, a read transaction (which keeps the store from reusing the pages it reads) and up
+/// to [`LIST_QUEUE`] messages of up to 4 MiB. containerd reads its Lists as fast as they
+/// come; a minute without taking anything means a client that is stuck or gone.
+pub const LIST_IDLE: Duration = Duration::from_secs(60);
 
 /// containerd's Snapshots service as lamina serves it: the generated server for every call but
 /// List, which [`ListSvc`] answers.
@@ -42,13 +53,19 @@ const LIST_QUEUE: usize = 2;
 pub struct SnapshotsApi {
     generated: SnapshotsServer<Service>,
     snapshotter: Arc<Snapshotter>,
+    list_idle: Duration,
 }
 
 impl SnapshotsApi {
-    pub(super) fn new(generated: SnapshotsServer<Service>, snapshotter: Arc<Snapshotter>) -> Self {
+    pub(super) fn new(
+        generated: SnapshotsServer<Service>,
+        snapshotter: Arc<Snapshotter>,
+        list_idle: Duration,
+    ) -> Self {
         SnapshotsApi {
             generated,
             snapshotter,
+            list_idle,
         }
     }
 }
@@ -74,7 +91,7 @@ where
         if req.uri().path() != LIST_PATH {
             return self.generated.call(req);
         }
-        let list = ListSvc(Arc::clone(&self.snapshotter));
+        let list = ListSvc(Arc::clone(&self.snapshotter), self.list_idle);
         Box::pin(async move {
             let mut grpc = Grpc::new(ListCodec)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
@@ -84,15 +101,16 @@ where
     }
 }
 
-struct ListSvc(Arc<Snapshotter>);
+/// Answers List; `.1` is how long a listing waits for its reader (see [`LIST_IDLE`]).
+struct ListSvc(Arc<Snapshotter>, Duration);
 
 impl ServerStreamingService<ListSnapshotsRequest> for ListSvc {
     type Response = Bytes;
-    type ResponseStream = ReceiverStream<Result<Bytes, Status>>;
+    type ResponseStream = BoxStream<'static, Result<Bytes, Status>>;
     type Future = BoxFuture<Response<Self::ResponseStream>, Status>;
 
     fn call(&mut self, req: Request<ListSnapshotsRequest>) -> Self::Future {
-        let s = Arc::clone(&self.0);
+        let (s, idle) = (Arc::clone(&self.0), self.1);
         Box::pin(async move {
             let ns = namespace(&req);
             let r = req.into_inner();
@@ -100,21 +118,44 @@ impl ServerStreamingService<ListSnapshotsRequest> for ListSvc {
             traced("List", span, async {
                 // A bad filter fails the call itself; what fails later ends the stream.
                 let filter = snapshot::parse_filters(&r.filters)?;
-                let (tx, rx) = tokio::sync::mpsc::channel(LIST_QUEUE);
+                let (tx, rx) = mpsc::channel(LIST_QUEUE);
+                // The error that ends the stream, if any, comes after every message queued
+                // before it, even when the queue is full: a listing that gives up on its
+                // reader could not queue it there.
+                let (end_tx, end_rx) = oneshot::channel::<Status>();
+                let reader = tx.clone();
+                let batches = Batches::new(tx, idle);
                 tokio::spawn(
                     async move {
-                        let mut batches = Batches::new(tx.clone());
-                        let listed = s.list(filter, move |l| batches.push(l)).await;
-                        if let Err(err) = listed {
-                            let _ = tx.send(Err(Status::from(err))).await;
+                        tokio::select! {
+                            listed = s.list(filter, batches) => {
+                                if let Err(err) = listed {
+                                    ended_early(&err);
+                                    let _ = end_tx.send(Status::from(err));
+                                }
+                            }
+                            // The reader left while the listing waited for its turn (or
+                            // while it ran: it then stops at its next message).
+                            _ = reader.closed() => {}
                         }
                     }
                     .in_current_span(),
                 );
-                Ok(ReceiverStream::new(rx))
+                let end = futures::stream::once(end_rx)
+                    .filter_map(|end| futures::future::ready(end.ok().map(Err)));
+                Ok(ReceiverStream::new(rx).map(Ok).chain(end).boxed())
             })
             .await
         })
+    }
+}
+
+/// Logs why a List stream ended with an error, as `traced` logs a call's.
+fn ended_early(err: &Error) {
+    if matches!(err.code(), tonic::Code::Internal | tonic::Code::Unknown) {
+        error!(error = %chain(err), "List ended early");
+    } else {
+        warn!(error = %chain(err), "List ended early");
     }
 }
 
@@ -151,51 +192,74 @@ impl Encoder for Encoded {
 /// Cuts a List into encoded `ListSnapshotsResponse`s as it is read: batches of 100 as
 /// containerd sends them, cut earlier when large labels would push a message towards the
 /// 16 MiB limit. Runs on the listing's blocking thread, which waits when the reader is
-/// [`LIST_QUEUE`] messages behind.
+/// [`LIST_QUEUE`] messages behind, and gives up when the reader has taken nothing for `idle`.
 struct Batches {
-    tx: tokio::sync::mpsc::Sender<Result<Bytes, Status>>,
+    tx: mpsc::Sender<Bytes>,
     buf: BytesMut,
     count: usize,
+    idle: Duration,
+    /// To wait for the reader with a deadline from the listing's thread.
+    runtime: tokio::runtime::Handle,
 }
 
 impl Batches {
-    fn new(tx: tokio::sync::mpsc::Sender<Result<Bytes, Status>>) -> Self {
+    /// Call inside the runtime.
+    fn new(tx: mpsc::Sender<Bytes>, idle: Duration) -> Self {
         Batches {
             tx,
             buf: BytesMut::new(),
             count: 0,
+            idle,
+            runtime: tokio::runtime::Handle::current(),
         }
     }
 
-    /// Adds one snapshot; false once the reader has gone (the listing then stops).
-    fn push(&mut self, l: &Listed<'_>) -> bool {
-        let len = info_len(l);
-        if self.count > 0
-            && (self.count == LIST_BATCH || self.buf.len() + framed_len(1, len) > LIST_BATCH_BYTES)
-            && !self.flush()
-        {
-            return false;
-        }
-        put_info(1, l, len, &mut self.buf);
-        self.count += 1;
-        true
-    }
-
-    fn flush(&mut self) -> bool {
+    /// Sends the batch; false once the reader has gone.
+    fn flush(&mut self) -> LaminaResult<bool> {
         // The next message is likely about as long as this one.
         let next = BytesMut::with_capacity(self.buf.len());
         let msg = std::mem::replace(&mut self.buf, next).freeze();
         self.count = 0;
-        self.tx.blocking_send(Ok(msg)).is_ok()
+        // Most messages find room at once; only a reader behind needs the deadline's timer.
+        let msg = match self.tx.try_send(msg) {
+            Ok(()) => return Ok(true),
+            Err(mpsc::error::TrySendError::Closed(_)) => return Ok(false),
+            Err(mpsc::error::TrySendError::Full(msg)) => msg,
+        };
+        let sent = self
+            .runtime
+            .block_on(tokio::time::timeout(self.idle, self.tx.send(msg)));
+        match sent {
+            Ok(sent) => Ok(sent.is_ok()),
+            Err(_) => Err(Error::TimedOut(format!(
+                "List stopped: its reader took no message for {:?}, lamina's limit; list \
+                 again and read the stream as it comes",
+                self.idle
+            ))),
+        }
     }
 }
 
-impl Drop for Batches {
-    /// Sends the last, partial batch once the listing is done.
-    fn drop(&mut self) {
-        if self.count > 0 {
-            self.flush();
+impl ListSink for Batches {
+    fn push(&mut self, l: &Listed<'_>) -> LaminaResult<bool> {
+        let len = info_len(l);
+        if self.count > 0
+            && (self.count == LIST_BATCH || self.buf.len() + framed_len(1, len) > LIST_BATCH_BYTES)
+            && !self.flush()?
+        {
+            return Ok(false);
         }
+        put_info(1, l, len, &mut self.buf);
+        self.count += 1;
+        Ok(true)
+    }
+
+    /// Sends the last, partial batch.
+    fn finish(&mut self) -> LaminaResult<()> {
+        if self.count > 0 {
+            self.flush()?;
+        }
+        Ok(())
     }
 }
 
@@ -341,13 +405,12 @@ mod tests {
             s.update(info, vec!["labels.updated".into()]).await.unwrap();
         }
 
-        let (tx, mut rx) = tokio::sync::mpsc::channel(keys.len());
-        let mut batches = Batches::new(tx);
+        let (tx, mut rx) = mpsc::channel(keys.len());
+        let batches = Batches::new(tx, LIST_IDLE);
         let filter = snapshot::parse_filters(&[]).unwrap();
-        s.list(filter, move |l| batches.push(l)).await.unwrap();
+        s.list(filter, batches).await.unwrap();
         let (mut sizes, mut listed) = (Vec::new(), Vec::new());
         while let Some(bytes) = rx.recv().await {
-            let bytes = bytes.unwrap();
             let msg = ListSnapshotsResponse::decode(bytes.clone()).unwrap();
             // Byte for byte as long as prost's own encoding: nothing repeated or left over.
             assert_eq!(bytes.len(), msg.encoded_len());

@@ -22,7 +22,7 @@ use crate::{
 };
 
 use containerd_snapshots::api::snapshots::v1::snapshots_server::SnapshotsServer;
-pub use list::SnapshotsApi;
+pub use list::{SnapshotsApi, LIST_IDLE};
 
 /// Serves containerd's Snapshots API over a [`Snapshotter`].
 pub struct Service {
@@ -32,13 +32,14 @@ pub struct Service {
 /// containerd's largest message (it sends and accepts up to 16 MiB on proxy connections).
 pub const MAX_MESSAGE_BYTES: usize = 16 << 20;
 
-pub fn server(snapshotter: Arc<Snapshotter>) -> SnapshotsApi {
+/// The Snapshots service; a List whose reader takes no message for `list_idle` is ended.
+pub fn server(snapshotter: Arc<Snapshotter>, list_idle: std::time::Duration) -> SnapshotsApi {
     let generated = SnapshotsServer::new(Service {
         snapshotter: Arc::clone(&snapshotter),
     })
     .max_decoding_message_size(MAX_MESSAGE_BYTES)
     .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    SnapshotsApi::new(generated, snapshotter)
+    SnapshotsApi::new(generated, snapshotter, list_idle)
 }
 
 /// Runs one request inside its span, logs how it ended and counts it in the metrics; errors

@@ -64,10 +64,11 @@ pub const UPPERDIR_LABEL: &str = "containerd.io/snapshot/overlay.upperdir";
 /// removes, and Lists.
 pub const BLOCKING_THREADS: usize = 32;
 /// Lists that run at once; more wait for their turn without holding a thread. A List holds a
-/// blocking-pool thread and a read transaction for as long as its reader takes to read it.
-/// Were Lists to take the whole pool, Commit's walk and Cleanup would queue behind them; at
-/// most a quarter of it, they always find a thread. containerd lists rarely (its garbage
-/// collector, one List at a time), so Lists seldom wait even for each other.
+/// blocking-pool thread and a read transaction for as long as its reader takes to read it,
+/// and a reader that stops reading holds them until the idle deadline ends the stream. Were
+/// Lists to take the whole pool, Commit's walk and Cleanup would queue behind them; at most a
+/// quarter of it, they always find a thread. containerd lists rarely (its garbage collector,
+/// one List at a time), so Lists seldom wait even for each other.
 const MAX_LISTS: usize = 8;
 const _: () = assert!(MAX_LISTS <= BLOCKING_THREADS / 4);
 
@@ -105,6 +106,16 @@ impl Listed<'_> {
             .filter(move |(k, _)| upperdir.is_none() || *k != UPPERDIR_LABEL)
             .chain(upperdir.map(|v| (UPPERDIR_LABEL, v)))
     }
+}
+
+/// Where [`Snapshotter::list`] hands the snapshots it reads, on the listing's thread.
+pub trait ListSink: Send + 'static {
+    /// Takes one snapshot. `Ok(false)` stops the listing (nobody reads it any more); an error
+    /// ends it with that error.
+    fn push(&mut self, l: &Listed<'_>) -> Result<bool>;
+
+    /// Called once after the last snapshot, unless the listing stopped early.
+    fn finish(&mut self) -> Result<()>;
 }
 
 /// Settings the rules depend on.
@@ -473,15 +484,12 @@ impl Snapshotter {
         }
     }
 
-    /// Hands every snapshot matching `filter` to `each`, from one consistent read of the store,
-    /// until `each` returns false. Runs on the blocking pool, at most [`MAX_LISTS`] at once
-    /// (the others wait for a turn, holding no thread); `each` may block (to wait for a slow
-    /// reader) without holding up other requests, which meanwhile read and write as usual.
-    pub async fn list(
-        self: &Arc<Self>,
-        filter: Filter,
-        mut each: impl FnMut(&Listed<'_>) -> bool + Send + 'static,
-    ) -> Result<()> {
+    /// Hands every snapshot matching `filter` to `sink`, from one consistent read of the
+    /// store, until the sink stops it. Runs on the blocking pool, at most [`MAX_LISTS`] at
+    /// once (the others wait for a turn, holding no thread); the sink may block (to wait for
+    /// a slow reader) without holding up other requests, which meanwhile read and write as
+    /// usual.
+    pub async fn list(self: &Arc<Self>, filter: Filter, mut sink: impl ListSink) -> Result<()> {
         self.admit()?;
         // Owned, and moved into the listing: if the caller stops waiting, the turn still ends
         // only when the listing's thread is done.
@@ -491,11 +499,12 @@ impl Snapshotter {
             .map_err(|_| Error::ShuttingDown)?;
         self.run(move |s| {
             let _turn = turn;
+            let (mut stopped, mut failed) = (false, None);
             s.store.each_view(|key, record| {
                 if !filter.matches(&Fielded(key, &record)) {
                     return true;
                 }
-                each(&Listed {
+                let pushed = sink.push(&Listed {
                     name: key,
                     parent: record.parent,
                     kind: record.kind,
@@ -503,8 +512,23 @@ impl Snapshotter {
                     updated: record.updated,
                     labels: record.labels,
                     upperdir: s.upperdir_label(record.id),
-                })
-            })
+                });
+                match pushed {
+                    Ok(more) => {
+                        stopped = !more;
+                        more
+                    }
+                    Err(e) => {
+                        failed = Some(e);
+                        false
+                    }
+                }
+            })?;
+            match failed {
+                Some(e) => Err(e),
+                None if stopped => Ok(()),
+                None => sink.finish(),
+            }
         })
         .await
     }

@@ -10,7 +10,7 @@ use std::{
 use containerd_snapshots::api::snapshots::v1::{
     snapshots_client::SnapshotsClient, ListSnapshotsRequest, ListSnapshotsResponse,
 };
-use tonic::Streaming;
+use tonic::{Code, Streaming};
 
 use crate::util::*;
 
@@ -236,4 +236,74 @@ async fn stalled_lists_leave_room_for_commit_and_cleanup() {
         .expect("a List once the stalled ones are gone")
         .unwrap();
     assert_eq!(all.len(), LISTED + 1);
+}
+
+/// A List whose reader takes nothing for the idle deadline (one second here) is ended: its
+/// thread and read transaction go back, and the reader, should it come back, gets the
+/// messages already queued and then DeadlineExceeded, never a stream that looks complete.
+/// With more stalled Lists than lamina's threads, only that lets a reading List through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_list_ends_after_its_idle_deadline() {
+    if !require_root() {
+        return;
+    }
+    let d = TestDaemon::start_with("", |cmd| {
+        cmd.env("LAMINA_LIST_IDLE_TIMEOUT_MS", "1000");
+    })
+    .await;
+    let mut c = d.client().await;
+    fill(&c).await;
+    let stalled = stalled_lists(&d.socket, 40).await;
+
+    let all = tokio::time::timeout(Duration::from_secs(120), c.list(&[]))
+        .await
+        .expect("a List that reads must get through once stalled ones reach their deadline")
+        .unwrap();
+    assert_eq!(all.len(), LISTED);
+
+    // All read at once: streams that share a connection share its window, which any one of
+    // them left unread would fill.
+    let mut readers = tokio::task::JoinSet::new();
+    for (i, mut s) in stalled.into_iter().enumerate() {
+        readers.spawn(async move {
+            // The first List's first batch was read already.
+            let mut got = if i == 0 { 100 } else { 0 };
+            loop {
+                match s.message().await {
+                    Ok(Some(m)) => got += m.info.len(),
+                    Ok(None) => return (i, got, Ok(())),
+                    Err(status) => return (i, got, Err(status)),
+                }
+            }
+        });
+    }
+    let (mut ended, mut complete) = (0, 0);
+    while let Some(read) = readers.join_next().await {
+        let (i, got, end) = read.unwrap();
+        match end {
+            Ok(()) => {
+                assert_eq!(
+                    got, LISTED,
+                    "List {i} ended without error, so it must be whole"
+                );
+                complete += 1;
+            }
+            Err(status) => {
+                assert_eq!(
+                    status.code(),
+                    Code::DeadlineExceeded,
+                    "List {i}: {status:?}"
+                );
+                assert!(
+                    status.message().contains("1s"),
+                    "List {i}: the message names the deadline: {}",
+                    status.message()
+                );
+                assert!(got < LISTED, "List {i} got everything, yet failed");
+                ended += 1;
+            }
+        }
+    }
+    eprintln!("40 stalled Lists: {ended} ended by the deadline, {complete} read whole later");
+    assert!(ended > 0, "no stalled List was ended by its deadline");
 }
