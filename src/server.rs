@@ -30,12 +30,22 @@ use crate::{
 /// How long in-flight requests may run on after a shutdown signal before lamina exits anyway.
 pub const DRAIN: Duration = Duration::from_secs(5);
 
+/// HTTP/2 pings on a connection with nothing read for this long; one not answered within
+/// [`KEEPALIVE_TIMEOUT`] closes the connection, ending its requests. A peer that dies closes
+/// its socket and the kernel tells lamina, but a frozen one (stopped, hung, or gone without
+/// its socket closing) would otherwise hold its streams, a List's thread among them, for
+/// ever. grpc-go answers pings by itself, whatever its application is doing.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+
 /// Deadlines on clients, from the environment when set there, for tests (which cannot wait
 /// minutes) and for an operator chasing a problem. They are not config-file keys: no
 /// deployment should need to change them.
 struct ClientDeadlines {
     /// `LAMINA_LIST_IDLE_TIMEOUT_MS`: see [`grpc::LIST_IDLE`].
     list_idle: Duration,
+    /// `LAMINA_KEEPALIVE_MS`: the keepalive interval and timeout both.
+    keepalive: (Duration, Duration),
 }
 
 impl ClientDeadlines {
@@ -52,9 +62,13 @@ impl ClientDeadlines {
         };
         let deadlines = ClientDeadlines {
             list_idle: ms("LAMINA_LIST_IDLE_TIMEOUT_MS").unwrap_or(grpc::LIST_IDLE),
+            keepalive: ms("LAMINA_KEEPALIVE_MS")
+                .map_or((KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT), |d| (d, d)),
         };
-        if deadlines.list_idle != grpc::LIST_IDLE {
-            info!(list_idle = ?deadlines.list_idle, "client deadlines from the environment");
+        if deadlines.list_idle != grpc::LIST_IDLE
+            || deadlines.keepalive != (KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT)
+        {
+            info!(list_idle = ?deadlines.list_idle, keepalive = ?deadlines.keepalive, "client deadlines from the environment");
         }
         deadlines
     }
@@ -401,6 +415,8 @@ pub async fn serve(
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let deadlines = ClientDeadlines::from_env();
     let server = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(deadlines.keepalive.0))
+        .http2_keepalive_timeout(Some(deadlines.keepalive.1))
         .add_service(health_service)
         .add_service(AdminServer::new(admin))
         .add_service(grpc::server(Arc::clone(&snapshotter), deadlines.list_idle))

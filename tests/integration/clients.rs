@@ -1,6 +1,7 @@
 //! One client must not be able to stop the daemon, nor to hold what other clients need.
 
 use std::{
+    io::{Read, Write},
     os::unix::{net::UnixStream, process::CommandExt},
     path::{Path, PathBuf},
     process::Stdio,
@@ -306,4 +307,76 @@ async fn a_stalled_list_ends_after_its_idle_deadline() {
     }
     eprintln!("40 stalled Lists: {ended} ended by the deadline, {complete} read whole later");
     assert!(ended > 0, "no stalled List was ended by its deadline");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Raw HTTP/2, to act as no well-behaved client would
+// ---------------------------------------------------------------------------------------------
+
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+const SETTINGS: u8 = 0x4;
+const PING: u8 = 0x6;
+
+fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = payload.len() as u32;
+    let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// The next frame, or None at the end of the connection.
+fn read_frame(s: &mut UnixStream) -> Option<(u8, u8, u32, Vec<u8>)> {
+    let mut head = [0u8; 9];
+    if let Err(e) = s.read_exact(&mut head) {
+        use std::io::ErrorKind::*;
+        match e.kind() {
+            UnexpectedEof | ConnectionReset => return None,
+            WouldBlock | TimedOut => panic!("no frame from lamina, and no end, within 60 s"),
+            _ => panic!("reading from lamina: {e}"),
+        }
+    }
+    let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+    let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+    let mut payload = vec![0u8; len];
+    s.read_exact(&mut payload).ok()?;
+    Some((head[3], head[4], stream, payload))
+}
+
+/// A peer that stops answering (frozen, or gone without closing its socket) must not keep its
+/// connection, and what it holds, for ever: lamina pings an idle connection and closes it when
+/// no answer comes. A client that answers keeps its connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_stops_answering_pings_is_disconnected() {
+    if !require_root() {
+        return;
+    }
+    let d = TestDaemon::start_with("", |cmd| {
+        cmd.env("LAMINA_KEEPALIVE_MS", "500");
+    })
+    .await;
+    let mut live = d.client().await;
+    live.prepare("k", "").await.unwrap();
+
+    let socket = d.socket.clone();
+    let seen = tokio::task::spawn_blocking(move || {
+        let mut s = UnixStream::connect(socket).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        s.write_all(PREFACE).unwrap();
+        s.write_all(&frame(SETTINGS, 0, 0, &[])).unwrap();
+        // Reads whatever comes and answers nothing, not even the server's SETTINGS.
+        let mut kinds = Vec::new();
+        loop {
+            match read_frame(&mut s) {
+                Some((kind, ..)) => kinds.push(kind),
+                None => return kinds,
+            }
+        }
+    });
+    let kinds = seen
+        .await
+        .unwrap_or_else(|e| panic!("the silent peer's connection was not closed within 60 s: {e}"));
+    assert!(kinds.contains(&PING), "lamina never pinged: {kinds:?}");
+    // The client that answers pings kept its connection through several of them.
+    assert_eq!(live.stat("k").await.unwrap().kind, ACTIVE);
 }
