@@ -30,6 +30,16 @@ use crate::{
 /// How long in-flight requests may run on after a shutdown signal before lamina exits anyway.
 pub const DRAIN: Duration = Duration::from_secs(5);
 
+/// Most HTTP/2 streams (requests) open at once on one connection; the client is told so, and a
+/// stream beyond it is refused (REFUSED_STREAM, which a client may retry). containerd sends all
+/// its requests over one connection, and grpc-go waits for a free stream rather than fail when
+/// the server's limit is reached, so the cap must sit far above what containerd has in flight:
+/// requests to a snapshotter come from image unpacks (a few layers at a time) and container
+/// starts (a Prepare and a Mounts each, at most a pod's worth per kubelet worker), a few
+/// hundred at the very most on a node of 110 pods all starting together. 1024 leaves that
+/// room several times over while bounding what one connection can have lamina hold.
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 1024;
+
 /// HTTP/2 pings on a connection with nothing read for this long; one not answered within
 /// [`KEEPALIVE_TIMEOUT`] closes the connection, ending its requests. A peer that dies closes
 /// its socket and the kernel tells lamina, but a frozen one (stopped, hung, or gone without
@@ -415,6 +425,7 @@ pub async fn serve(
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let deadlines = ClientDeadlines::from_env();
     let server = tonic::transport::Server::builder()
+        .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
         .http2_keepalive_interval(Some(deadlines.keepalive.0))
         .http2_keepalive_timeout(Some(deadlines.keepalive.1))
         .add_service(health_service)

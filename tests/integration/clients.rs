@@ -314,8 +314,15 @@ async fn a_stalled_list_ends_after_its_idle_deadline() {
 // ---------------------------------------------------------------------------------------------
 
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+const DATA: u8 = 0x0;
+const HEADERS: u8 = 0x1;
+const RST_STREAM: u8 = 0x3;
 const SETTINGS: u8 = 0x4;
 const PING: u8 = 0x6;
+const GOAWAY: u8 = 0x7;
+const END_HEADERS: u8 = 0x4;
+const ACK: u8 = 0x1;
+const REFUSED_STREAM: u32 = 0x7;
 
 fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
     let len = payload.len() as u32;
@@ -341,6 +348,20 @@ fn read_frame(s: &mut UnixStream) -> Option<(u8, u8, u32, Vec<u8>)> {
     let mut payload = vec![0u8; len];
     s.read_exact(&mut payload).ok()?;
     Some((head[3], head[4], stream, payload))
+}
+
+/// A header block of literal fields without indexing (HPACK's simplest form).
+fn header_block(fields: &[(&str, &str)]) -> Vec<u8> {
+    let mut b = Vec::new();
+    for (name, value) in fields {
+        assert!(name.len() < 127 && value.len() < 127);
+        b.push(0);
+        b.push(name.len() as u8);
+        b.extend_from_slice(name.as_bytes());
+        b.push(value.len() as u8);
+        b.extend_from_slice(value.as_bytes());
+    }
+    b
 }
 
 /// A peer that stops answering (frozen, or gone without closing its socket) must not keep its
@@ -379,4 +400,85 @@ async fn a_peer_that_stops_answering_pings_is_disconnected() {
     assert!(kinds.contains(&PING), "lamina never pinged: {kinds:?}");
     // The client that answers pings kept its connection through several of them.
     assert_eq!(live.stat("k").await.unwrap().kind, ACTIVE);
+}
+
+/// containerd sends all its requests over one connection, and it waits for a free stream when
+/// the server says how many it may open; a client that opens more anyway gets the excess
+/// refused (REFUSED_STREAM, safe to retry) instead of tying up lamina without bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_per_connection_are_capped() {
+    if !require_root() {
+        return;
+    }
+    let d = TestDaemon::start().await;
+    let socket = d.socket.clone();
+    const OPENED: u32 = 1500;
+    let (refused, other) = tokio::task::spawn_blocking(move || {
+        let mut s = UnixStream::connect(socket).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        let mut out = PREFACE.to_vec();
+        out.extend(frame(SETTINGS, 0, 0, &[]));
+        let block = header_block(&[
+            (":method", "POST"),
+            (":scheme", "http"),
+            (":path", "/containerd.services.snapshots.v1.Snapshots/List"),
+            (":authority", "lamina"),
+            ("content-type", "application/grpc"),
+            ("te", "trailers"),
+        ]);
+        // Requests whose body never comes: each stream stays open.
+        for i in 0..OPENED {
+            out.extend(frame(HEADERS, END_HEADERS, 1 + 2 * i, &block));
+        }
+        // lamina answers a PING only once it has dealt with every frame sent before it.
+        out.extend(frame(PING, 0, 0, b"barrier!"));
+        s.write_all(&out).unwrap();
+        let (mut refused, mut other) = (Vec::new(), Vec::new());
+        loop {
+            let Some((kind, flags, stream, payload)) = read_frame(&mut s) else {
+                panic!("lamina closed the connection; frames so far: {other:?}");
+            };
+            match kind {
+                SETTINGS if flags & ACK == 0 => s.write_all(&frame(SETTINGS, ACK, 0, &[])).unwrap(),
+                PING if flags & ACK != 0 && payload == b"barrier!" => break,
+                RST_STREAM => {
+                    let code = u32::from_be_bytes(payload[..4].try_into().unwrap());
+                    if code == REFUSED_STREAM {
+                        refused.push(stream);
+                    } else {
+                        other.push(format!("RST_STREAM {stream} code {code}"));
+                    }
+                }
+                GOAWAY | HEADERS | DATA => other.push(format!("frame {kind} on stream {stream}")),
+                _ => {}
+            }
+        }
+        (refused, other)
+    })
+    .await
+    .unwrap();
+    assert!(
+        other.is_empty(),
+        "streams within the cap must stay open: {other:?}"
+    );
+    assert!(
+        !refused.is_empty(),
+        "{OPENED} streams open at once on one connection, and none refused"
+    );
+    // The refused streams are the last ones: every one past the cap.
+    let accepted = (refused[0] - 1) / 2;
+    let expected: Vec<u32> = (accepted..OPENED).map(|i| 1 + 2 * i).collect();
+    assert_eq!(refused, expected, "refused streams");
+    // Generous: far more than containerd has in flight at once.
+    assert!(
+        accepted >= 256,
+        "only {accepted} streams accepted on one connection"
+    );
+    eprintln!(
+        "{accepted} streams accepted on one connection, {} refused",
+        refused.len()
+    );
+
+    let mut c = d.client().await;
+    assert_code(c.stat("none").await, Code::NotFound, "does not exist");
 }
