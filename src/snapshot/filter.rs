@@ -15,8 +15,28 @@
 //! never matches. One known difference: expressions are Rust's (the regex crate), whose `\d`,
 //! `\w`, `\s` and `\b` are Unicode-aware where Go's are ASCII-only, so `\d` also matches the
 //! digits of other scripts.
+//!
+//! What one List's filters may cost is bounded, since any client can send them and they are
+//! parsed before the List waits for its turn (see [`MAX_FILTERS`] and below).
 
-use regex::Regex;
+use regex::{Regex, RegexBuilder};
+
+/// Most filter strings in one List. containerd sends none (its garbage collector) or the few
+/// an operator gives `ctr snapshots ls`.
+pub const MAX_FILTERS: usize = 64;
+/// Longest filter string: room for an equality on the longest label containerd accepts (4096
+/// bytes of key and value), quoted and escaped.
+pub const MAX_FILTER_BYTES: usize = 16 << 10;
+/// Most regular expressions (`~=`) in one List's filters, all strings together. Each may
+/// compile to [`REGEX_SIZE_LIMIT`] bytes and keep as much again of matching state, so this
+/// bounds what a List's filters hold to a few MiB.
+pub const MAX_REGEXES: usize = 16;
+/// Most bytes one regular expression may compile to, and may use for the lazy DFA that
+/// matches it (the regex crate allows 10 MiB and 2 MiB). Expressions on names and labels are
+/// far smaller: `^sha256:[a-f0-9]{64}$` takes 6 KB, `\w+` 50 KB, `.{100}` 100 KB. Repeated
+/// Unicode classes are what grows (`\w{64}` takes 3 MB), and compiling them costs CPU in
+/// proportion, which this bounds too: compiling stops at the limit.
+pub const REGEX_SIZE_LIMIT: usize = 256 << 10;
 
 /// Gives a filter the value of a field path, or `None` when the field is absent.
 pub trait Fields {
@@ -57,16 +77,46 @@ pub struct ParseError {
     msg: String,
 }
 
+/// Why a List's filters are refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum FilterError {
+    #[error(transparent)]
+    Parse(ParseError),
+    #[error("{0} filters; at most {MAX_FILTERS} are accepted in one List")]
+    TooMany(usize),
+    /// Which filter (from 1) and its length.
+    #[error("filter #{0} is {1} bytes long; at most {MAX_FILTER_BYTES} bytes are accepted")]
+    TooLong(usize, usize),
+    #[error(
+        "more than {MAX_REGEXES} regular expressions (~=) in one List's filters; at most \
+         {MAX_REGEXES} are accepted"
+    )]
+    TooManyRegexes,
+}
+
 impl Filter {
     /// Parses every string; the result matches an object if any of them does.
-    pub fn parse_all(filters: &[String]) -> Result<Filter, ParseError> {
+    pub fn parse_all(filters: &[String]) -> Result<Filter, FilterError> {
+        if filters.len() > MAX_FILTERS {
+            return Err(FilterError::TooMany(filters.len()));
+        }
+        if let Some((i, f)) = filters
+            .iter()
+            .enumerate()
+            .find(|(_, f)| f.len() > MAX_FILTER_BYTES)
+        {
+            return Err(FilterError::TooLong(i + 1, f.len()));
+        }
         let mut any = Vec::with_capacity(filters.len());
+        let mut regexes = 0;
         for f in filters {
             if f.is_empty() {
                 // containerd: the empty filter matches everything.
                 any.push(Vec::new());
             } else {
-                any.push(Parser::new(f).selectors()?);
+                let mut parser = Parser::new(f, regexes);
+                any.push(parser.selectors()?);
+                regexes = parser.regexes;
             }
         }
         Ok(Filter { any })
@@ -110,6 +160,8 @@ struct Parser<'a> {
     pos: usize,
     /// The next token is a value (we just read an operator): values take more runes than fields.
     want_value: bool,
+    /// Regular expressions compiled so far, in this string and the List's earlier ones.
+    regexes: usize,
 }
 
 fn is_field_char(c: char) -> bool {
@@ -125,15 +177,17 @@ fn is_value_char(c: char) -> bool {
 }
 
 impl<'a> Parser<'a> {
-    fn new(input: &'a str) -> Self {
+    /// `regexes`: how many the List's earlier strings hold.
+    fn new(input: &'a str, regexes: usize) -> Self {
         Parser {
             input,
             pos: 0,
             want_value: false,
+            regexes,
         }
     }
 
-    fn err<T>(&self, pos: usize, msg: impl Into<String>) -> Result<T, ParseError> {
+    fn err<T>(&self, pos: usize, msg: impl Into<String>) -> Result<T, FilterError> {
         // The message may quote the input too (a bad regular expression is shown whole by the
         // regex crate): keep it short as well.
         let mut msg: String = msg.into();
@@ -145,11 +199,11 @@ impl<'a> Parser<'a> {
             msg.truncate(end);
             msg.push('…');
         }
-        Err(ParseError {
+        Err(FilterError::Parse(ParseError {
             input: self.input.to_string(),
             pos,
             msg,
-        })
+        }))
     }
 
     fn rest(&self) -> &'a str {
@@ -295,7 +349,7 @@ impl<'a> Parser<'a> {
         }
     }
 
-    fn selectors(&mut self) -> Result<Vec<Selector>, ParseError> {
+    fn selectors(&mut self) -> Result<Vec<Selector>, FilterError> {
         let mut all = vec![self.selector()?];
         loop {
             match self.peek() {
@@ -309,7 +363,7 @@ impl<'a> Parser<'a> {
         }
     }
 
-    fn selector(&mut self) -> Result<Selector, ParseError> {
+    fn selector(&mut self) -> Result<Selector, FilterError> {
         let path = self.fieldpath()?;
         if matches!(self.peek(), None | Some(',')) {
             return Ok(Selector {
@@ -341,16 +395,37 @@ impl<'a> Parser<'a> {
         let op = match op.as_str() {
             "==" => Op::Equal(value),
             "!=" => Op::NotEqual(value),
-            "~=" => match Regex::new(&value) {
-                Ok(re) => Op::Matches(re),
-                Err(e) => return self.err(vpos, format!("bad regular expression: {e}")),
-            },
+            "~=" => {
+                // Counted before compiling: the count bounds the cost of compiling too.
+                self.regexes += 1;
+                if self.regexes > MAX_REGEXES {
+                    return Err(FilterError::TooManyRegexes);
+                }
+                let compiled = RegexBuilder::new(&value)
+                    .size_limit(REGEX_SIZE_LIMIT)
+                    .dfa_size_limit(REGEX_SIZE_LIMIT)
+                    .build();
+                match compiled {
+                    Ok(re) => Op::Matches(re),
+                    Err(regex::Error::CompiledTooBig(_)) => {
+                        return self.err(
+                            vpos,
+                            format!(
+                                "regular expression too big: it compiles to more than \
+                                 {REGEX_SIZE_LIMIT} bytes, lamina's limit (repeated Unicode \
+                                 classes such as \\w{{64}} grow fast; [0-9a-z] does not)"
+                            ),
+                        )
+                    }
+                    Err(e) => return self.err(vpos, format!("bad regular expression: {e}")),
+                }
+            }
             other => return self.err(pos, format!("unsupported operator {other:?}")),
         };
         Ok(Selector { path, op })
     }
 
-    fn fieldpath(&mut self) -> Result<Vec<String>, ParseError> {
+    fn fieldpath(&mut self) -> Result<Vec<String>, FilterError> {
         let mut path = vec![self.field()?];
         while self.peek() == Some('.') {
             self.scan();
@@ -359,7 +434,7 @@ impl<'a> Parser<'a> {
         Ok(path)
     }
 
-    fn field(&mut self) -> Result<String, ParseError> {
+    fn field(&mut self) -> Result<String, FilterError> {
         let (pos, tok) = self.scan();
         match tok {
             Token::Field(f) => Ok(f),
@@ -412,7 +487,10 @@ mod tests {
     }
 
     fn fails(filter: &str) -> ParseError {
-        Filter::parse_all(&[filter.to_string()]).unwrap_err()
+        match Filter::parse_all(&[filter.to_string()]) {
+            Err(FilterError::Parse(e)) => e,
+            other => panic!("{filter:?}: expected a parse error, got {other:?}"),
+        }
     }
 
     #[test]
@@ -521,5 +599,51 @@ mod tests {
             assert!(e.to_string().contains("does not parse"), "{bad:?}: {e}");
         }
         assert_eq!(fails("name==a b").pos, 7);
+    }
+
+    fn all(filters: &[String]) -> Result<Filter, FilterError> {
+        Filter::parse_all(filters)
+    }
+
+    #[test]
+    fn how_many_filters_and_how_long() {
+        let many: Vec<String> = (0..=MAX_FILTERS).map(|i| format!("name==n{i}")).collect();
+        assert!(all(&many[..MAX_FILTERS]).is_ok());
+        assert_eq!(
+            all(&many).unwrap_err(),
+            FilterError::TooMany(MAX_FILTERS + 1)
+        );
+
+        let long = |len: usize| format!("name=={}", "x".repeat(len - 6));
+        assert!(all(&[long(MAX_FILTER_BYTES)]).is_ok());
+        let e = all(&["name".into(), long(MAX_FILTER_BYTES + 1)]).unwrap_err();
+        assert_eq!(e, FilterError::TooLong(2, MAX_FILTER_BYTES + 1));
+        assert!(e.to_string().contains("at most 16384 bytes"), "{e}");
+    }
+
+    #[test]
+    fn regular_expressions_are_counted_over_all_strings() {
+        let half = MAX_REGEXES / 2;
+        let some = |n: usize| vec!["name~=a"; n].join(",");
+        assert!(all(&[some(half), some(MAX_REGEXES - half)]).is_ok());
+        let e = all(&[some(half), some(MAX_REGEXES - half + 1)]).unwrap_err();
+        assert_eq!(e, FilterError::TooManyRegexes);
+        assert!(e.to_string().contains("at most 16"), "{e}");
+    }
+
+    #[test]
+    fn regular_expressions_too_big_compiled_are_refused() {
+        // Each within the regex crate's own 10 MiB; typical ones far below lamina's limit.
+        for ok in ["^sha256:[a-f0-9]{64}$", r"\w+", "/.{100}/"] {
+            assert!(all(&[format!("name~={ok}")]).is_ok(), "{ok}");
+        }
+        for big in ["/.{500}/", r"\w{64}", r"[\p{L}]{20}"] {
+            let e = fails(&format!("name~={big}"));
+            assert_eq!(e.pos, 6, "{big}");
+            assert!(
+                e.to_string().contains("more than 262144 bytes"),
+                "{big}: {e}"
+            );
+        }
     }
 }

@@ -830,11 +830,103 @@ async fn filters_that_do_not_parse_are_invalid_arguments() {
             .unwrap_or_else(|e| panic!("List {ok:?}: {e:?}"));
     }
     tried(1);
-    let many: Vec<String> = (0..10_000).map(|i| format!("name==n{i}")).collect();
+    let many: Vec<String> = (0..64).map(|i| format!("name==n{i}")).collect();
     let refs: Vec<&str> = many.iter().map(String::as_str).collect();
     assert_eq!(c.list(&refs).await.unwrap(), Vec::<String>::new());
     assert_eq!(stored(&mut c, &d).await, before);
     report("filters", TRIED.load(Ordering::Relaxed) - start);
+}
+
+/// What a List's filters may cost is bounded: how many strings, how long each, how many
+/// regular expressions and how big each compiles. Within the limits filters work as ever;
+/// beyond them the List is refused, and the message names the limit.
+#[tokio::test]
+async fn filters_beyond_lamina_s_limits_are_refused_naming_the_limit() {
+    if !require_root() {
+        return;
+    }
+    let d = TestDaemon::start().await;
+    let mut c = big_client(&d).await;
+    seed(&mut c).await;
+    let before = stored(&mut c, &d).await;
+    let start = TRIED.load(Ordering::Relaxed);
+    let strs = |v: &[String]| v.iter().map(String::clone).collect::<Vec<_>>();
+
+    // How many: 64 strings, each a selector of its own.
+    let mut filters: Vec<String> = (1..64).map(|i| format!("name==n{i}")).collect();
+    filters.push("name==base".into());
+    let refs: Vec<&str> = filters.iter().map(String::as_str).collect();
+    tried(1);
+    assert_eq!(c.list(&refs).await.unwrap(), ["base"]);
+    filters.push("name==act".into());
+    let refs: Vec<&str> = filters.iter().map(String::as_str).collect();
+    refused(
+        "List of 65 filters",
+        c.list(&refs).await,
+        Code::InvalidArgument,
+        &["65 filters", "at most 64"],
+    );
+
+    // How long: 16 KiB each, room for an equality on the longest label containerd allows.
+    let long = |len: usize| {
+        let f = format!("name==\"{}\"", "x".repeat(len - 8));
+        assert_eq!(f.len(), len);
+        f
+    };
+    tried(1);
+    assert!(c
+        .list(&["name==none", &long(16 << 10)])
+        .await
+        .unwrap()
+        .is_empty());
+    refused(
+        "List of a 16385-byte filter",
+        c.list(&["name==none", &long((16 << 10) + 1)]).await,
+        Code::InvalidArgument,
+        &["filter #2", "16385 bytes", "at most 16384"],
+    );
+
+    // How many regular expressions: 16 in all the strings together.
+    let regexes = |n: usize| -> Vec<String> {
+        let all: Vec<String> = (0..n).map(|i| format!("name~=^[a-z]{{{i}}}$")).collect();
+        vec![all[..n / 2].join(","), all[n / 2..].join(",")]
+    };
+    let ok = strs(&regexes(16));
+    let refs: Vec<&str> = ok.iter().map(String::as_str).collect();
+    tried(1);
+    c.list(&refs).await.unwrap();
+    let bad = strs(&regexes(17));
+    let refs: Vec<&str> = bad.iter().map(String::as_str).collect();
+    refused(
+        "List of 17 regular expressions",
+        c.list(&refs).await,
+        Code::InvalidArgument,
+        &["regular expressions", "at most 16"],
+    );
+
+    // How big each compiles: 256 KiB. Unicode classes repeated grow fast (`.{500}` is about
+    // 500 KB compiled, well within the regex crate's own 10 MiB default).
+    for ok in [
+        "name~=^sha256:[a-f0-9]{64}$",
+        "name~=\\w+",
+        "name~=/.{100}/",
+    ] {
+        tried(1);
+        c.list(&[ok])
+            .await
+            .unwrap_or_else(|e| panic!("List {ok:?}: {e:?}"));
+    }
+    for big in ["name~=/.{500}/", "labels.l~=\\w{64}", "name~=[\\p{L}]{20}"] {
+        refused(
+            &format!("List {big:?}"),
+            c.list(&[big]).await,
+            Code::InvalidArgument,
+            &["does not parse", "regular expression", "262144 bytes"],
+        );
+    }
+
+    assert_eq!(stored(&mut c, &d).await, before);
+    report("filter limits", TRIED.load(Ordering::Relaxed) - start);
 }
 
 /// A refusal names what was wrong, but does not echo a huge input whole: a status message
@@ -851,11 +943,14 @@ async fn refusals_do_not_echo_huge_input_whole() {
     seed(&mut c).await;
     let before = stored(&mut c, &d).await;
     let big = 64 << 10;
+    // Filters as long as lamina takes them (16 KiB; longer ones are refused for their length
+    // alone), so that they reach the parser.
+    let near = (16 << 10) - 16;
     let filters = [
-        format!("name~={}", "(".repeat(big)),
-        format!("name=={}", "\"".repeat(big)),
-        format!("name==a {}", "b".repeat(big)),
-        format!("{}==a", "\u{1}".repeat(big)),
+        format!("name~={}", "(".repeat(near)),
+        format!("name=={}", "\"".repeat(near)),
+        format!("name==a {}", "b".repeat(near)),
+        format!("{}==a", "\u{1}".repeat(near)),
     ];
     let mut seen = Vec::new();
     for (i, f) in filters.iter().enumerate() {
