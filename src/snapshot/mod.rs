@@ -59,6 +59,12 @@ const LABEL_ENCODING_BYTES: usize = 16;
 /// The label that reports a snapshot's upper directory when `upperdir_label` is on.
 pub const UPPERDIR_LABEL: &str = "containerd.io/snapshot/overlay.upperdir";
 
+/// Most ancestors a snapshot may have. overlayfs stacks at most 500 lower layers
+/// (OVL_MAX_STACK in the kernel's fs/overlayfs), and a snapshot with N ancestors mounts all N
+/// as lowers (an active snapshot always, a view from two on). A deeper one could be recorded
+/// but never mounted: containerd would learn only when its mount failed.
+pub const MAX_ANCESTORS: usize = 500;
+
 /// Threads of tokio's blocking pool (main.rs builds the runtime with this many), where work of
 /// unbounded length runs: usage walks too long to make in place, Cleanup, synchronous
 /// removes, and Lists.
@@ -653,9 +659,20 @@ impl Snapshotter {
             check_key("parent", &parent)?;
         }
         let labels = check_labels(labels)?;
+        let depth = |key: &str, parent: &str| {
+            let (key, parent) = (key.to_string(), parent.to_string());
+            move |chain: &[u64]| check_depth(&key, &parent, chain.len())
+        };
         let mut record = self
             .store
-            .create(&key, &parent, kind, labels, SystemTime::now())
+            .create_checked(
+                &key,
+                &parent,
+                kind,
+                labels,
+                SystemTime::now(),
+                depth(&key, &parent),
+            )
             .await?;
         // A directory already at the new ID's place was not made for it (see `create_dirs`):
         // it is left alone, this record undone, and the snapshot takes the next ID. A third
@@ -670,7 +687,14 @@ impl Snapshotter {
                     warn!(id = record.id, path = %path.display(), "a directory is already where this snapshot's goes; leaving it alone and taking another ID");
                     record = self
                         .store
-                        .create(&key, &parent, kind, record.labels, SystemTime::now())
+                        .create_checked(
+                            &key,
+                            &parent,
+                            kind,
+                            record.labels,
+                            SystemTime::now(),
+                            depth(&key, &parent),
+                        )
                         .await?;
                 }
                 done => return done,
@@ -888,6 +912,20 @@ pub(crate) fn shorten(s: &str) -> String {
         end -= 1;
     }
     format!("{:?}… ({} bytes)", &s[..end], s.len())
+}
+
+/// Refuses a snapshot `key` on `parent` that would have more than [`MAX_ANCESTORS`].
+fn check_depth(key: &str, parent: &str, ancestors: usize) -> Result<()> {
+    if ancestors > MAX_ANCESTORS {
+        return Err(Error::precondition(format!(
+            "cannot create {} on parent {}: it would have {ancestors} layers below it, and \
+             overlayfs mounts at most {MAX_ANCESTORS} (the kernel's OVL_MAX_STACK); an image \
+             this deep must be flattened to fewer layers",
+            shorten(key),
+            shorten(parent)
+        )));
+    }
+    Ok(())
 }
 
 fn check_key(what: &str, key: &str) -> Result<()> {

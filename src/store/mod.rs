@@ -661,6 +661,9 @@ impl Store {
 
     /// Records a new active snapshot or view under a fresh ID. The caller creates its
     /// directories afterwards: a directory never exists before the record that owns it.
+    ///
+    /// [`Store::create_checked`] without a check of the chain: for tools and tests that make
+    /// records directly.
     pub fn create(
         &self,
         key: &str,
@@ -668,6 +671,22 @@ impl Store {
         kind: Kind,
         labels: BTreeMap<String, String>,
         now: SystemTime,
+    ) -> impl Future<Output = Result<Record>> + Send + 'static {
+        self.create_checked(key, parent, kind, labels, now, |_| Ok(()))
+    }
+
+    /// [`Store::create`], refused with `check_chain`'s error if it fails on the new snapshot's
+    /// ancestors (their IDs, nearest first). Checked inside the write transaction, against the
+    /// parent as it is when the snapshot is recorded: a parent removed and committed again
+    /// under the same key meanwhile may have another chain.
+    pub fn create_checked(
+        &self,
+        key: &str,
+        parent: &str,
+        kind: Kind,
+        labels: BTreeMap<String, String>,
+        now: SystemTime,
+        check_chain: impl FnOnce(&[u64]) -> Result<()> + Send + 'static,
     ) -> impl Future<Output = Result<Record>> + Send + 'static {
         let (key, parent) = (key.to_string(), parent.to_string());
         let counts = Arc::clone(&self.counts);
@@ -698,6 +717,7 @@ impl Store {
                     parent_ids.push(parent_record.id);
                     parent_ids.extend(parent_record.parent_ids);
                 }
+                check_chain(&parent_ids)?;
                 let mut meta = tx.open_table(META)?;
                 let id = next_id(&meta)?;
                 meta.insert(NEXT_ID, id + 1)?;

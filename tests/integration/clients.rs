@@ -1,4 +1,6 @@
-//! One client must not be able to stop the daemon, nor to hold what other clients need.
+//! One client must not be able to stop the daemon, nor to hold what other clients need: running
+//! out of descriptors, Lists whose reader stops reading, peers that stop answering, streams
+//! opened by the thousand on one connection, and parent chains deeper than overlayfs mounts.
 
 use std::{
     io::{Read, Write},
@@ -481,4 +483,89 @@ async fn streams_per_connection_are_capped() {
 
     let mut c = d.client().await;
     assert_code(c.stat("none").await, Code::NotFound, "does not exist");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Parent chains
+// ---------------------------------------------------------------------------------------------
+
+/// overlayfs stacks at most 500 lower layers (OVL_MAX_STACK in the kernel's fs/overlayfs).
+/// An active snapshot or a view with 500 ancestors mounts; one with 501 would fail only when
+/// containerd mounts it, so Prepare and View refuse it up front, naming the limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parent_chains_deeper_than_overlayfs_stacks_are_refused() {
+    if !require_root() {
+        return;
+    }
+    let d = TestDaemon::start().await;
+    let mut c = d.client().await;
+    // c1 … c501: c<n> has n-1 ancestors.
+    let mut parent = String::new();
+    for n in 1..=501 {
+        let (key, name) = (format!("a{n}"), format!("c{n}"));
+        c.prepare(&key, &parent)
+            .await
+            .unwrap_or_else(|e| panic!("Prepare on a chain of {} layers: {e:?}", n - 1));
+        c.commit(&name, &key).await.unwrap();
+        parent = name;
+    }
+
+    // 500 ancestors: accepted, and the kernel mounts them.
+    let mounts = c.prepare("top", "c500").await.unwrap();
+    let lowers = |m: &containerd_snapshots::api::types::Mount| {
+        let opt = m
+            .options
+            .iter()
+            .find(|o| o.starts_with("lowerdir="))
+            .unwrap();
+        opt["lowerdir=".len()..].split(':').count()
+    };
+    assert_eq!(lowers(&mounts[0]), 500);
+    {
+        let m = Mounted::new_any(&mounts, &d.scratch("top"));
+        std::fs::write(m.join("f"), b"on 500 layers").unwrap();
+    }
+    let view = c.view("top-view", "c500").await.unwrap();
+    assert_eq!(lowers(&view[0]), 500);
+    drop(Mounted::new_any(&view, &d.scratch("top-view")));
+
+    // 501 ancestors: refused with a clear reason, and nothing is left behind.
+    let dirs = d.snapshot_dirs();
+    for res in [
+        c.prepare("deep", "c501").await,
+        c.view("deep-view", "c501").await,
+    ] {
+        let Err(err) = res else {
+            panic!("a snapshot on 501 layers was accepted");
+        };
+        assert_eq!(err.code(), Code::FailedPrecondition, "{}", err.message());
+        for needle in ["501", "500", "overlayfs"] {
+            assert!(
+                err.message().contains(needle),
+                "{needle:?} in {}",
+                err.message()
+            );
+        }
+    }
+    assert_code(c.stat("deep").await, Code::NotFound, "does not exist");
+    assert_code(c.stat("deep-view").await, Code::NotFound, "does not exist");
+    assert_eq!(d.snapshot_dirs(), dirs);
+
+    // The limit is the kernel's: the same mount with one lower more is refused by overlayfs.
+    let extra = d.scratch("extra-lower");
+    let mut spec = lamina::overlay::Mount {
+        kind: view[0].r#type.clone(),
+        source: view[0].source.clone(),
+        options: view[0].options.clone(),
+    };
+    for o in &mut spec.options {
+        if let Some(list) = o.strip_prefix("lowerdir=") {
+            *o = format!("lowerdir={}:{list}", extra.display());
+        }
+    }
+    let target = d.scratch("501");
+    let refused = lamina::sys::mount_spec(&spec, &target);
+    let _ = nix::mount::umount2(&target, nix::mount::MntFlags::MNT_DETACH);
+    let err = refused.expect_err("overlayfs mounted 501 lower layers");
+    assert_eq!(err.raw_os_error(), Some(libc::EINVAL), "{err}");
 }
