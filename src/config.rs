@@ -20,6 +20,7 @@ struct File {
     root: Option<PathBuf>,
     address: Option<PathBuf>,
     sync_remove: Option<bool>,
+    durable_commit: Option<bool>,
     upperdir_label: Option<bool>,
     mount_options: Option<Vec<String>>,
     log_level: Option<String>,
@@ -86,6 +87,10 @@ pub struct Config {
     /// Delete a snapshot's directories before Remove answers, instead of in the background
     /// right after it.
     pub sync_remove: bool,
+    /// Commit makes the layer durable (syncs the snapshot's filesystem) before it answers;
+    /// false does as containerd's own overlayfs snapshotter does, and a power cut after the
+    /// answer can leave the layer's files empty or missing.
+    pub durable_commit: bool,
     /// Report `containerd.io/snapshot/overlay.upperdir` in Info labels.
     pub upperdir_label: bool,
     /// Extra options for every overlay mount (never for bind mounts).
@@ -153,6 +158,7 @@ fn resolve(file: File, flags: &Flags) -> Result<Config> {
             .or(file.address)
             .unwrap_or_else(|| DEFAULT_ADDRESS.into()),
         sync_remove: file.sync_remove.unwrap_or(false),
+        durable_commit: file.durable_commit.unwrap_or(true),
         upperdir_label: file.upperdir_label.unwrap_or(false),
         mount_options: file.mount_options.unwrap_or_default(),
         log_level: flags
@@ -270,6 +276,10 @@ mod tests {
         assert_eq!(c.root, PathBuf::from(DEFAULT_ROOT));
         assert_eq!(c.address, PathBuf::from(DEFAULT_ADDRESS));
         assert!(!c.sync_remove && !c.upperdir_label);
+        assert!(
+            c.durable_commit,
+            "a Commit is durable unless asked otherwise"
+        );
         assert_eq!(c.log_format, LogFormat::Text);
     }
 
@@ -289,6 +299,7 @@ mod tests {
             root: "/srv/lamina root".into(),
             address: "/srv/run/l.sock".into(),
             sync_remove: true,
+            durable_commit: false,
             upperdir_label: true,
             mount_options: vec!["volatile".into(), "metacopy=on".into()],
             log_level: "lamina=debug,warn".into(),
@@ -376,13 +387,14 @@ mod tests {
             ..Flags::default()
         };
         let c = from(
-            "root = \"/file\"\naddress = \"/a.sock\"\nsync_remove = true",
+            "root = \"/file\"\naddress = \"/a.sock\"\nsync_remove = true\ndurable_commit = false",
             &flags,
         )
         .unwrap();
         assert_eq!(c.root, PathBuf::from("/flag"));
         assert_eq!(c.address, PathBuf::from("/a.sock"));
         assert!(c.sync_remove);
+        assert!(!c.durable_commit);
     }
 
     #[test]
@@ -390,6 +402,7 @@ mod tests {
         let err = |t: &str| from(t, &Flags::default()).unwrap_err().to_string();
         assert!(err("roots = \"/x\"").contains("roots"));
         assert!(err("sync_remove = \"yes\"").contains("sync_remove"));
+        assert!(err("durable_commit = 1").contains("durable_commit"));
         assert!(err("root = \"relative\"").contains("root"));
         assert!(err("mount_options = [\"upperdir=/x\"]").contains("upperdir"));
         assert!(err("mount_options = [\"a,b\"]").contains("mount_options"));

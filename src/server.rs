@@ -288,6 +288,7 @@ pub fn start(config: &Config) -> Result<Arc<Admin>> {
             mount_options: mount_options.clone(),
             sync_remove: config.sync_remove,
             upperdir_label: config.upperdir_label,
+            durable_commit: config.durable_commit,
         },
     )?;
     let reclaimed = snapshotter.recover()?;

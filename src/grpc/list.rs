@@ -359,6 +359,7 @@ mod tests {
             mount_options: Vec::new(),
             sync_remove: false,
             upperdir_label: true,
+            durable_commit: true,
         };
         let s = Snapshotter::open(Layout::new(tmp.path().join("root")), options).unwrap();
         let many: Vec<(String, String)> = (0..40)

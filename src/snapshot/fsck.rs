@@ -416,6 +416,7 @@ mod tests {
             mount_options: Vec::new(),
             sync_remove: false,
             upperdir_label: false,
+            durable_commit: true,
         };
         Snapshotter::open(Layout::new(dir.join("root")), options).unwrap()
     }

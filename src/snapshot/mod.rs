@@ -131,6 +131,8 @@ pub struct Options {
     pub mount_options: Vec<String>,
     pub sync_remove: bool,
     pub upperdir_label: bool,
+    /// Commit makes the layer durable (see [`Layout::sync_snapshot`]) before it answers.
+    pub durable_commit: bool,
 }
 
 /// Snapshots by kind.
@@ -219,6 +221,7 @@ impl Snapshotter {
             mount_options: Vec::new(),
             sync_remove: false,
             upperdir_label: false,
+            durable_commit: true,
         };
         Ok(Snapshotter::with(layout, store, options))
     }
@@ -367,7 +370,16 @@ impl Snapshotter {
             // The walk runs outside any store transaction so that other requests go on; the
             // store re-checks at commit that the snapshot is still the one measured.
             let usage = if record.kind == Kind::Active {
-                s.measure(record.id).await?
+                let usage = s.measure(record.id).await?;
+                // containerd syncs nothing it writes into a layer: without this, a power cut
+                // after the answer can leave the committed layer's files empty or missing.
+                // Before the store records the commit, so that a recorded layer is a durable
+                // one; after the walk, which only reads.
+                if s.options.durable_commit {
+                    let id = record.id;
+                    s.run(move |s| s.layout.sync_snapshot(id)).await?;
+                }
+                usage
             } else {
                 Usage::default()
             };
@@ -988,6 +1000,7 @@ mod tests {
             mount_options: Vec::new(),
             sync_remove: false,
             upperdir_label: false,
+            durable_commit: true,
         };
         Snapshotter::open(Layout::new(dir.join("root")), options).unwrap()
     }

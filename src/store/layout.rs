@@ -234,6 +234,35 @@ impl Layout {
         self.set_owner(&snapshots, id, owner.filter(|&o| o != ours))
     }
 
+    /// Makes snapshot `id` durable: the files and directories written into it, and the
+    /// directories lamina made for it (`snapshots/<id>`, made by mkdir or renamed from
+    /// `spare/`, with its `fs` and `work`), all reach the disk before this returns.
+    ///
+    /// One syncfs(2) of the filesystem holding it, not an fsync per file and per parent
+    /// directory: on ext4 and xfs, syncfs writes back every dirty page of the filesystem, then
+    /// its dirty inodes, and commits the journal (ext4) or forces the log (xfs) before it
+    /// returns. The entries lamina created at Prepare are metadata of that same filesystem, so
+    /// they are in that commit too; nothing needs an fsync of its own. It costs the writeback
+    /// of whatever else is dirty on the filesystem at that moment (data the kernel would write
+    /// within about 30 s anyway), and one journal commit instead of one per file.
+    ///
+    /// Errors: syncfs reports a writeback error of the filesystem that no syncfs has reported
+    /// yet (Linux 5.8+), even one from before the descriptor was opened, so a layer whose
+    /// pages failed to reach the disk in the background fails its Commit. An error is
+    /// reported to one syncfs only: of two Commits at once, the one that fails may not be the
+    /// one whose page was lost.
+    pub fn sync_snapshot(&self, id: u64) -> Result<()> {
+        use std::os::{fd::AsRawFd, unix::fs::OpenOptionsExt};
+        let dir = self.dir(id);
+        let handle = fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
+            .open(&dir)
+            .map_err(|e| Error::io("opening snapshot directory", &dir, e))?;
+        nix::unistd::syncfs(handle.as_raw_fd())
+            .map_err(|e| Error::io("syncing the filesystem of", &dir, io::Error::from(e)))
+    }
+
     /// The uid and gid of snapshot `id`'s `fs` directory.
     pub fn owner(&self, id: u64) -> Result<(u32, u32)> {
         match self.inspect(id, Part::Fs) {
