@@ -18,6 +18,7 @@ mod layers;
 mod model;
 #[path = "../support/oci.rs"]
 mod oci_support;
+mod powercut;
 mod rollback;
 mod rpc;
 mod systemd;

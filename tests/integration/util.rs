@@ -44,14 +44,28 @@ impl TestDaemon {
 
     /// Starts with `config` (TOML) as its config file; root and address come from flags.
     pub async fn start_with_config(config: &str) -> TestDaemon {
-        Self::start_with(config, |_| {}).await
+        Self::start_at(None, config, |_| {}).await
     }
 
     /// [`TestDaemon::start_with_config`], with `adjust` applied to the command first
     /// (environment, limits, where its log goes).
     pub async fn start_with(config: &str, adjust: impl FnOnce(&mut Command)) -> TestDaemon {
+        Self::start_at(None, config, adjust).await
+    }
+
+    /// [`TestDaemon::start_with_config`] with lamina's root at `root` instead of in the test's
+    /// temporary directory: for tests that give the root a filesystem of its own.
+    pub async fn start_in(root: &Path, config: &str) -> TestDaemon {
+        Self::start_at(Some(root), config, |_| {}).await
+    }
+
+    async fn start_at(
+        root: Option<&Path>,
+        config: &str,
+        adjust: impl FnOnce(&mut Command),
+    ) -> TestDaemon {
         let dir = tempfile::tempdir().expect("tempdir");
-        let root = dir.path().join("root");
+        let root = root.map_or_else(|| dir.path().join("root"), Path::to_path_buf);
         let socket = dir.path().join("run/lamina.sock");
         let config_path = if config.is_empty() {
             None
