@@ -347,3 +347,45 @@ pub async fn run(dir: &Path, bins: &Bins, sizes: &Sizes) -> Vec<Row> {
         .within_noise(&run[1]),
     ]
 }
+
+/// `ctr images import` of the image archive through two containerds, each with its own lamina,
+/// one with durable_commit on and one with it off ([`crate::DURABLE`]), in rounds alternating
+/// between them. Returns the samples, [on, off], and the image's layer count.
+pub fn durable_import(dir: &Path, bins: &Bins, sizes: &Sizes) -> ([Vec<Duration>; 2], usize) {
+    let mut servers = Vec::new();
+    let mut ctrds = Vec::new();
+    for (config, label) in crate::DURABLE {
+        let server = Server::start_with(
+            Kind::Lamina,
+            bins,
+            &dir.join(format!("lamina-{label}")),
+            config,
+        );
+        ctrds.push(Containerd::start(
+            &dir.join(format!("ctrd-{label}")),
+            &server.target.socket,
+        ));
+        servers.push(server);
+    }
+    let archive = dir.join("image.tar");
+    let layers = image::write_archive(&archive, IMAGE, sizes.image_layers, sizes.image_files);
+    let archive = archive.to_str().expect("UTF-8 path").to_string();
+    let mut import = [Vec::new(), Vec::new()];
+    for rep in 0..sizes.durable_reps {
+        for i in crate::order(rep) {
+            let ns = format!("durable-{rep}");
+            // The content first, untimed, so the timed import only unpacks the layers.
+            ctrds[i].ctr_ok(&ns, &["images", "import", "--no-unpack", &archive]);
+            crate::sync_disks();
+            import[i].push(ctrds[i].ctr_ok(
+                &ns,
+                &["images", "import", "--snapshotter", "lamina", &archive],
+            ));
+        }
+    }
+    drop(ctrds);
+    for server in &mut servers {
+        server.stop();
+    }
+    (import, layers)
+}

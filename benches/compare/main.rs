@@ -19,6 +19,7 @@
 //!   --max-scale N       largest store size for the latency curve (default 100000)
 //!   --no-containerd     skip the user-level part (a private containerd, `ctr import`/`run`)
 //!   --only-containerd   run only the user-level part
+//!   --only-durable      run only what durable_commit costs (lamina with it on against off)
 //!   --dir DIR           where the roots go (default /var/tmp); must not be tmpfs to be fair
 //!   --keep              keep the roots and logs afterwards
 //!
@@ -66,6 +67,8 @@ pub struct Sizes {
     pub user_reps: usize,
     pub image_layers: usize,
     pub image_files: usize,
+    /// Rounds of each durable_commit workload, on and off.
+    pub durable_reps: usize,
 }
 
 impl Sizes {
@@ -89,6 +92,7 @@ impl Sizes {
             user_reps: 9,
             image_layers: 4,
             image_files: 500,
+            durable_reps: 7,
         }
     }
 
@@ -112,6 +116,7 @@ impl Sizes {
             user_reps: 1,
             image_layers: 2,
             image_files: 20,
+            durable_reps: 1,
         }
     }
 }
@@ -130,6 +135,7 @@ struct Args {
     max_scale: usize,
     containerd: bool,
     snapshotter: bool,
+    only_durable: bool,
     dir: PathBuf,
     keep: bool,
 }
@@ -137,7 +143,7 @@ struct Args {
 fn usage() -> ! {
     eprintln!(
         "usage: cargo bench --bench compare -- [--smoke] [--max-scale N] [--no-containerd] \
-         [--only-containerd] [--dir DIR] [--keep]"
+         [--only-containerd] [--only-durable] [--dir DIR] [--keep]"
     );
     std::process::exit(2)
 }
@@ -148,6 +154,7 @@ fn parse_args() -> Args {
         max_scale: 100_000,
         containerd: true,
         snapshotter: true,
+        only_durable: false,
         dir: PathBuf::from("/var/tmp"),
         keep: false,
     };
@@ -163,6 +170,7 @@ fn parse_args() -> Args {
             "--smoke" => a.smoke = true,
             "--no-containerd" => a.containerd = false,
             "--only-containerd" => a.snapshotter = false,
+            "--only-durable" => a.only_durable = true,
             "--keep" => a.keep = true,
             "--max-scale" => {
                 a.max_scale = it
@@ -199,6 +207,12 @@ pub fn order(step: usize) -> [usize; 2] {
 }
 
 const KINDS: [Kind; 2] = [Kind::Lamina, Kind::Overlay];
+
+/// lamina's config with durable_commit on, then off, and the label of each.
+pub const DURABLE: [(&str, &str); 2] = [
+    ("durable_commit = true\n", "on"),
+    ("durable_commit = false\n", "off"),
+];
 
 /// What remove-all took.
 #[derive(Default)]
@@ -392,7 +406,7 @@ async fn main_sequence(base: &Path, bins: &Bins, s: &Sizes) -> [Main; 2] {
             sync_disks();
             res[i]
                 .big
-                .push(workloads::big_commit(&t[i], "big", r, s.files, &mut live[i]).await);
+                .push(workloads::big_commit(&t[i], "big", r, s.files, true, &mut live[i]).await);
         }
     }
     mark(&mut res, &servers, "big Commits");
@@ -508,6 +522,46 @@ async fn scale_sequence(base: &Path, bins: &Bins, s: &Sizes) -> ([Vec<Point>; 2]
         server.stop();
     }
     (points, rss)
+}
+
+/// What durable_commit costs Commit: a freshly written layer of `s.files` files (not synced,
+/// as containerd's applier leaves it) committed by two lamina servers, one with durable_commit
+/// on and one with it off, in rounds alternating between them. Returns the samples, [on, off].
+async fn durable_sequence(base: &Path, bins: &Bins, s: &Sizes) -> [Vec<Duration>; 2] {
+    let mut servers: Vec<Server> = DURABLE
+        .iter()
+        .map(|(config, label)| {
+            let mut server = Server::start_with(
+                Kind::Lamina,
+                bins,
+                &base.join(format!("durable-{label}")),
+                config,
+            );
+            server.target.label = format!("lamina (durable_commit {label})");
+            server
+        })
+        .collect();
+    stage(&format!(
+        "durable_commit on and off: Commit of a freshly written layer of {} files (×{})",
+        s.files, s.durable_reps
+    ));
+    let mut commit = [Vec::new(), Vec::new()];
+    let mut live = Vec::new();
+    for r in 0..s.durable_reps {
+        for i in order(r) {
+            // What the previous round left dirty is written out first, untimed; this round's
+            // files stay dirty until its Commit.
+            sync_disks();
+            commit[i].push(
+                workloads::big_commit(&servers[i].target, "fresh", r, s.files, false, &mut live)
+                    .await,
+            );
+        }
+    }
+    for server in &mut servers {
+        server.stop();
+    }
+    commit
 }
 
 fn stage(what: &str) {
@@ -653,12 +707,12 @@ async fn main() {
         if args.smoke { "smoke" } else { "full" }
     );
     println!("{}", machine(base.path()));
-    if args.snapshotter {
+    if args.snapshotter && !args.only_durable {
         let main = main_sequence(base.path(), &bins, &s).await;
         let (points, scale_rss) = scale_sequence(base.path(), &bins, &s).await;
         println!("{}", snapshotter_report(&s, &main, &points, &scale_rss));
     }
-    if args.containerd {
+    if args.containerd && !args.only_durable {
         println!(
             "### User level (one containerd: its built-in `overlayfs` vs `lamina` as its proxy plugin)\n"
         );
@@ -680,6 +734,43 @@ async fn main() {
                 }
             }
         }
+    }
+    if args.snapshotter || args.containerd {
+        println!("### durable_commit: what a durable Commit costs (lamina against itself)\n");
+        let mut rows = Vec::new();
+        if args.snapshotter {
+            let [on, off] = durable_sequence(base.path(), &bins, &s).await;
+            rows.push(report::OnOff {
+                workload: format!(
+                    "Commit of a freshly written (unsynced) layer of {} files",
+                    s.files
+                ),
+                on,
+                off,
+            });
+        }
+        match containerd::missing_tools() {
+            Some(why) if args.containerd => println!("`ctr images import` skipped: {why}\n"),
+            None if args.containerd => {
+                stage("durable_commit on and off: `ctr images import`");
+                let dir = base.path().join("durable-user");
+                let ([on, off], layers) = containerd::durable_import(&dir, &bins, &s);
+                rows.push(report::OnOff {
+                    workload: format!(
+                        "`ctr images import` (unpack of {layers} layers, {} files)",
+                        s.image_layers * s.image_files
+                    ),
+                    on,
+                    off,
+                });
+            }
+            _ => {}
+        }
+        println!(
+            "{}\n{} rounds of each workload, alternating between the two servers (and which goes first).\n",
+            report::on_off_table("durable_commit", &rows),
+            s.durable_reps
+        );
     }
     println!(
         "- total run time: {}; load average (1, 5, 15 min) at start: {load_start}, at end: {}\n",

@@ -171,3 +171,37 @@ pub fn mean(xs: &[Duration]) -> Duration {
     }
     xs.iter().sum::<Duration>() / xs.len() as u32
 }
+
+/// Samples as "median (min – max)".
+pub fn spread(xs: &[Duration]) -> String {
+    let (min, max) = (
+        xs.iter().min().copied().unwrap_or_default(),
+        xs.iter().max().copied().unwrap_or_default(),
+    );
+    format!("{} ({} – {})", dur(median(xs)), dur(min), dur(max))
+}
+
+/// One workload of lamina against itself, with a boolean setting on and off.
+pub struct OnOff {
+    pub workload: String,
+    pub on: Vec<Duration>,
+    pub off: Vec<Duration>,
+}
+
+/// The table of [`OnOff`] rows for `setting`: each side's median and range, and the ratio of
+/// the medians.
+pub fn on_off_table(setting: &str, rows: &[OnOff]) -> String {
+    let mut out = format!(
+        "| workload | {setting} = true: median (min – max) | {setting} = false: median (min – max) | true ÷ false (medians) |\n|---|---:|---:|---:|\n"
+    );
+    for r in rows {
+        let ratio = median(&r.on).as_secs_f64() / median(&r.off).as_secs_f64();
+        out.push_str(&format!(
+            "| {} | {} | {} | {ratio:.2} |\n",
+            r.workload,
+            spread(&r.on),
+            spread(&r.off)
+        ));
+    }
+    out
+}

@@ -110,6 +110,11 @@ impl Server {
     /// Starts `kind` with `--root <dir>/root --address <dir>/s.sock` and waits until its socket
     /// accepts connections.
     pub fn start(kind: Kind, bins: &Bins, dir: &Path) -> Server {
+        Server::start_with(kind, bins, dir, "")
+    }
+
+    /// [`Server::start`], with `config` (TOML, lamina only) as the config file when not empty.
+    pub fn start_with(kind: Kind, bins: &Bins, dir: &Path, config: &str) -> Server {
         fs::create_dir_all(dir).expect("creating the server directory");
         let root = dir.join("root");
         let socket = dir.join("s.sock");
@@ -120,8 +125,13 @@ impl Server {
             .arg("--root")
             .arg(&root)
             .arg("--address")
-            .arg(&socket)
-            .env_remove("RUST_LOG")
+            .arg(&socket);
+        if !config.is_empty() {
+            let path = dir.join("config.toml");
+            fs::write(&path, config).expect("writing the server's config");
+            cmd.arg("--config").arg(path);
+        }
+        cmd.env_remove("RUST_LOG")
             .stdin(Stdio::null())
             .stdout(logf.try_clone().expect("log file"))
             .stderr(logf);

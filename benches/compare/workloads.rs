@@ -243,13 +243,15 @@ pub async fn views(
 }
 
 /// Prepares a parentless active snapshot (number `r` of `tag`), writes `files` small files
-/// straight into its directory (its mount is a bind of that directory), syncs, and times only
-/// the Commit call.
+/// straight into its directory (its mount is a bind of that directory), syncs when `synced`,
+/// and times only the Commit call. Unsynced, the files are dirty in the page cache when Commit
+/// starts, as after containerd's applier, which is what a durable Commit has to write out.
 pub async fn big_commit(
     t: &Target,
     tag: &str,
     r: usize,
     files: usize,
+    synced: bool,
     live: &mut Vec<String>,
 ) -> Duration {
     let mut c = t.client().await;
@@ -261,8 +263,10 @@ pub async fn big_commit(
         t.label
     );
     write_files(Path::new(&mounts[0].source), files);
-    // SAFETY: sync(2) takes no arguments and cannot fail.
-    unsafe { libc::sync() };
+    if synced {
+        // SAFETY: sync(2) takes no arguments and cannot fail.
+        unsafe { libc::sync() };
+    }
     let s = Instant::now();
     c.commit(&n, &k, labels(t, &n)).await;
     let took = s.elapsed();
