@@ -524,10 +524,11 @@ async fn scale_sequence(base: &Path, bins: &Bins, s: &Sizes) -> ([Vec<Point>; 2]
     (points, rss)
 }
 
-/// What durable_commit costs Commit: a freshly written layer of `s.files` files (not synced,
-/// as containerd's applier leaves it) committed by two lamina servers, one with durable_commit
-/// on and one with it off, in rounds alternating between them. Returns the samples, [on, off].
-async fn durable_sequence(base: &Path, bins: &Bins, s: &Sizes) -> [Vec<Duration>; 2] {
+/// What durable_commit costs Commit, on two lamina servers, one with durable_commit on and one
+/// with it off, in rounds alternating between them: a freshly written layer of `s.files` files
+/// (not synced, as containerd's applier leaves it), and empty layers (the sync's fixed cost),
+/// from one client and from `s.clients`.
+async fn durable_sequence(base: &Path, bins: &Bins, s: &Sizes) -> Vec<report::OnOff> {
     let mut servers: Vec<Server> = DURABLE
         .iter()
         .map(|(config, label)| {
@@ -542,26 +543,69 @@ async fn durable_sequence(base: &Path, bins: &Bins, s: &Sizes) -> [Vec<Duration>
         })
         .collect();
     stage(&format!(
-        "durable_commit on and off: Commit of a freshly written layer of {} files (×{})",
-        s.files, s.durable_reps
+        "durable_commit on and off: Commit of a freshly written layer of {} files, {} serial \
+         pairs, {} pairs from {} clients (in {} rounds)",
+        s.files, s.serial, s.concurrent, s.clients, s.durable_reps
     ));
-    let mut commit = [Vec::new(), Vec::new()];
+    let [mut commit, mut serial, mut conc]: [[Vec<Duration>; 2]; 3] = Default::default();
     let mut live = Vec::new();
-    for r in 0..s.durable_reps {
+    let reps = s.durable_reps;
+    for r in 0..reps {
         for i in order(r) {
+            let t = &servers[i].target;
             // What the previous round left dirty is written out first, untimed; this round's
             // files stay dirty until its Commit.
             sync_disks();
-            commit[i].push(
-                workloads::big_commit(&servers[i].target, "fresh", r, s.files, false, &mut live)
-                    .await,
-            );
+            commit[i].push(workloads::big_commit(t, "fresh", r, s.files, false, &mut live).await);
+            // Per pair, so that each round is one sample; after the layer above is on disk,
+            // so that neither server's pairs meet its writeback.
+            sync_disks();
+            let range = chunk(s.serial, reps, r);
+            let n = range.len() as u32;
+            let (wall, _) = workloads::serial_pairs(t, "dserial", range, 10, "", &mut live).await;
+            serial[i].push(wall / n);
+            let range = chunk(s.concurrent, reps, r);
+            let n = range.len() as u32;
+            let wall = workloads::concurrent_pairs(
+                t,
+                "dconc",
+                range.start,
+                range.len(),
+                s.clients,
+                10,
+                &mut live,
+            )
+            .await;
+            conc[i].push(wall / n);
         }
     }
     for server in &mut servers {
         server.stop();
     }
-    commit
+    let row = |workload: String, [on, off]: [Vec<Duration>; 2]| report::OnOff { workload, on, off };
+    vec![
+        row(
+            format!(
+                "Commit of a freshly written (unsynced) layer of {} files",
+                s.files
+            ),
+            commit,
+        ),
+        row(
+            format!(
+                "serial prepare+commit pair, empty layers (wall time per pair; {} in all)",
+                s.serial
+            ),
+            serial,
+        ),
+        row(
+            format!(
+                "prepare+commit pairs from {} clients, empty layers (wall time per pair; {} in all)",
+                s.clients, s.concurrent
+            ),
+            conc,
+        ),
+    ]
 }
 
 fn stage(what: &str) {
@@ -739,15 +783,7 @@ async fn main() {
         println!("### durable_commit: what a durable Commit costs (lamina against itself)\n");
         let mut rows = Vec::new();
         if args.snapshotter {
-            let [on, off] = durable_sequence(base.path(), &bins, &s).await;
-            rows.push(report::OnOff {
-                workload: format!(
-                    "Commit of a freshly written (unsynced) layer of {} files",
-                    s.files
-                ),
-                on,
-                off,
-            });
+            rows.extend(durable_sequence(base.path(), &bins, &s).await);
         }
         match containerd::missing_tools() {
             Some(why) if args.containerd => println!("`ctr images import` skipped: {why}\n"),
