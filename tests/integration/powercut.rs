@@ -1,11 +1,11 @@
 //! Power cuts. lamina's root gets a filesystem of its own, ext4 or xfs in a sparse image under
-//! /dev/shm mounted through a loop device. Each round prepares snapshots, writes files into the
-//! mounts lamina returns with plain writes (no fsync, as containerd's applier writes a layer),
-//! commits, removes, and then cuts the power: the filesystem is shut down without flushing its
-//! journal or log (FS_IOC_SHUTDOWN with FS_SHUTDOWN_FLAGS_NOLOGFLUSH, what fstests' godown and
-//! `xfs_io -x -c shutdown` do), so the disk keeps exactly what had reached it at that instant.
-//! lamina is SIGKILLed, the filesystem unmounted and mounted again (replaying its journal), and
-//! lamina started on it.
+//! /dev/shm mounted through a loop device. Each round prepares snapshots, writes files into them
+//! as containerd's applier writes a layer (plain writes, no fsync; through a bind mount, or
+//! straight into an overlay's upper directory), commits, removes, and then cuts the power: the
+//! filesystem is shut down without flushing its journal or log (FS_IOC_SHUTDOWN with
+//! FS_SHUTDOWN_FLAGS_NOLOGFLUSH, what fstests' godown and `xfs_io -x -c shutdown` do), so the
+//! disk keeps exactly what had reached it at that instant. lamina is SIGKILLed, the filesystem
+//! unmounted and mounted again (replaying its journal), and lamina started on it.
 //!
 //! Then everything lamina acknowledged must be there: every committed layer, read back through
 //! a View, holds exactly what was written before its Commit; every removed snapshot stays
@@ -363,7 +363,7 @@ struct Round<'a> {
 }
 
 impl Round<'_> {
-    /// Prepare on `parent`, write a layer through the mount, unmount, Commit; records the
+    /// Prepare on `parent`, write a layer as containerd's applier does, Commit; records the
     /// layer once the Commit is acknowledged.
     async fn commit_layer(&mut self, tag: &str, parent: &str, files: usize, max_size: usize) {
         let key = format!("k-{tag}");
