@@ -135,6 +135,18 @@ pub struct Options {
     pub durable_commit: bool,
 }
 
+impl Default for Options {
+    /// What the configuration's defaults give, with no mount options of the host's.
+    fn default() -> Self {
+        Options {
+            mount_options: Vec::new(),
+            sync_remove: false,
+            upperdir_label: false,
+            durable_commit: true,
+        }
+    }
+}
+
 /// Snapshots by kind.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Counts {
@@ -217,13 +229,7 @@ impl Snapshotter {
         } else {
             Store::open_read_only(&layout.db_path())?
         };
-        let options = Options {
-            mount_options: Vec::new(),
-            sync_remove: false,
-            upperdir_label: false,
-            durable_commit: true,
-        };
-        Ok(Snapshotter::with(layout, store, options))
+        Ok(Snapshotter::with(layout, store, Options::default()))
     }
 
     fn with(layout: Layout, store: Store, options: Options) -> Arc<Snapshotter> {
@@ -289,6 +295,17 @@ impl Snapshotter {
         F: FnOnce(&Snapshotter) -> Result<T> + Send + 'static,
     {
         self.admit()?;
+        self.blocking(f).await
+    }
+
+    /// [`Snapshotter::run`] for a step of a request already admitted: a Commit that began
+    /// before lamina started closing must finish (its walk and sync included) within the
+    /// drain, not fail halfway.
+    async fn blocking<T, F>(self: &Arc<Self>, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Snapshotter) -> Result<T> + Send + 'static,
+    {
         let this = Arc::clone(self);
         let span = Span::current();
         tokio::task::spawn_blocking(move || span.in_scope(|| f(&this)))
@@ -377,7 +394,7 @@ impl Snapshotter {
                 // one; after the walk, which only reads.
                 if s.options.durable_commit {
                     let id = record.id;
-                    s.run(move |s| s.layout.sync_snapshot(id)).await?;
+                    s.blocking(move |s| s.layout.sync_snapshot(id)).await?;
                 }
                 usage
             } else {
@@ -404,7 +421,7 @@ impl Snapshotter {
             let id = record.id;
             if s.options.sync_remove {
                 let removed = s
-                    .run(move |s| s.delete(vec![id], "removed"))
+                    .blocking(move |s| s.delete(vec![id], "removed"))
                     .await
                     .and_then(|mut r| r.pop().unwrap_or(Ok(0)));
                 if let Err(e) = removed {
@@ -490,7 +507,7 @@ impl Snapshotter {
         match usage::walk_up_to(&fs, IN_PLACE) {
             Ok(Some(usage)) => Ok(usage),
             Ok(None) => {
-                self.run(move |s| {
+                self.blocking(move |s| {
                     let fs = s.layout.fs(id);
                     let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
                     usage::walk_parallel(&fs, threads.min(4))
@@ -996,13 +1013,7 @@ mod tests {
     use super::*;
 
     fn open(dir: &std::path::Path) -> Arc<Snapshotter> {
-        let options = Options {
-            mount_options: Vec::new(),
-            sync_remove: false,
-            upperdir_label: false,
-            durable_commit: true,
-        };
-        Snapshotter::open(Layout::new(dir.join("root")), options).unwrap()
+        Snapshotter::open(Layout::new(dir.join("root")), Options::default()).unwrap()
     }
 
     /// A Remove that lands between a Prepare's record and its directories finds nothing to

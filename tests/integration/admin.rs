@@ -687,3 +687,36 @@ async fn an_unusable_metrics_address_fails_start_up() {
     assert!(stderr.contains("metrics_address 127.0.0.1:"), "{stderr}");
     assert!(!dir.path().join("lamina.sock").exists());
 }
+
+/// A Commit that was under way when SIGTERM came finishes within the drain, its usage walk and
+/// its sync included: once a request has been admitted, closing refuses only new ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_under_way_at_sigterm_finishes() {
+    use nix::sys::signal::Signal;
+    if !require_root() {
+        return;
+    }
+    let mut d = TestDaemon::start().await;
+    let mut c = d.client().await;
+    let fs = std::path::PathBuf::from(&c.prepare("big", "").await.unwrap()[0].source);
+    // Enough files that the walk takes a while after the Commit is admitted.
+    for dir in 0..50 {
+        let dir = fs.join(dir.to_string());
+        std::fs::create_dir(&dir).unwrap();
+        for f in 0..1000 {
+            std::fs::write(dir.join(f.to_string()), b"x").unwrap();
+        }
+    }
+    let commit = tokio::spawn(async move { c.commit("Big", "big").await });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    signal(d.pid(), Signal::SIGTERM);
+    let answer = commit.await.unwrap();
+    assert!(
+        answer.is_ok(),
+        "a Commit admitted before SIGTERM failed: {answer:?}"
+    );
+    assert!(d.stop_async_after_signal().await.success());
+    d.spawn().await;
+    let info = d.client().await.stat("Big").await.unwrap();
+    assert_eq!(info.kind, COMMITTED);
+}
