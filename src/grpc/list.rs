@@ -356,10 +356,8 @@ mod tests {
     async fn list_encodes_what_stat_reports_in_batches_of_100() {
         let tmp = tempfile::tempdir().unwrap();
         let options = Options {
-            mount_options: Vec::new(),
-            sync_remove: false,
             upperdir_label: true,
-            durable_commit: true,
+            ..Options::default()
         };
         let s = Snapshotter::open(Layout::new(tmp.path().join("root")), options).unwrap();
         let many: Vec<(String, String)> = (0..40)

@@ -412,13 +412,7 @@ mod tests {
 
     /// A snapshotter on `<dir>/root`, not serving (see `start_background`).
     fn open(dir: &Path) -> Arc<Snapshotter> {
-        let options = Options {
-            mount_options: Vec::new(),
-            sync_remove: false,
-            upperdir_label: false,
-            durable_commit: true,
-        };
-        Snapshotter::open(Layout::new(dir.join("root")), options).unwrap()
+        Snapshotter::open(Layout::new(dir.join("root")), Options::default()).unwrap()
     }
 
     #[test]
