@@ -10,11 +10,11 @@ use std::{
 
 use crate::{
     config::Config,
+    dirs::Layout,
     error::{Error, Result},
     grpc::{self, admin::proto},
     overlay::{self, probe},
     snapshot::{fsck::Repair, Snapshotter},
-    store::layout::Layout,
 };
 
 /// `lamina status`: asks the running daemon.
@@ -195,7 +195,7 @@ pub fn check(config: &Config) -> Result<(String, bool)> {
 /// `remove_dir_all`: should a probe mount be left inside it (an unmount that failed, or one
 /// made meanwhile), `remove_dir_all` would delete what that mount shows.
 fn remove_scratch(parent: &Path, name: &str) -> Result<()> {
-    crate::store::layout::remove_tree(parent, name).map(drop)
+    crate::dirs::layout::remove_tree(parent, name).map(drop)
 }
 
 /// `lamina mount KEY TARGET [--rw]`: mounts a snapshot for inspection.

@@ -3,6 +3,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod dirs;
 pub mod error;
 pub mod grpc;
 pub mod metrics;

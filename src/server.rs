@@ -17,6 +17,7 @@ use tracing::{error, info, warn};
 
 use crate::{
     config::Config,
+    dirs::Layout,
     error::{Error, Result},
     grpc::{
         self,
@@ -24,7 +25,6 @@ use crate::{
     },
     overlay::probe::{self, Host},
     snapshot::{Options, Snapshotter},
-    store::layout::Layout,
 };
 
 /// How long in-flight requests may run on after a shutdown signal before lamina exits anyway.

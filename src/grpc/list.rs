@@ -338,8 +338,8 @@ mod tests {
 
     use super::*;
     use crate::{
+        dirs::Layout,
         snapshot::{Options, UPPERDIR_LABEL},
-        store::layout::Layout,
     };
 
     fn labels(pairs: &[(&str, &str)]) -> HashMap<String, String> {

@@ -13,12 +13,10 @@ use nix::sys::stat::FileStat;
 
 use super::Snapshotter;
 use crate::{
+    dirs::{DirEntry, Part},
     error::{chain, Result},
     overlay::usage,
-    store::{
-        layout::{DirEntry, Part},
-        Kind, Record,
-    },
+    store::{Kind, Record},
     sys::at,
 };
 
@@ -403,7 +401,7 @@ mod tests {
     use futures::executor::block_on as wait;
 
     use super::*;
-    use crate::{snapshot::Options, store::layout::Layout};
+    use crate::{dirs::Layout, snapshot::Options};
 
     const REPAIR: Repair = Repair {
         safe: true,

@@ -33,15 +33,11 @@ use std::{
 use tracing::{error, info, warn, Instrument, Span};
 
 use crate::{
+    dirs::{reaper::Reaper, spares::Spares, DirEntry, Layout},
     error::{chain, Error, Result},
     metrics,
     overlay::{self, usage, Dirs, Mount},
-    store::{
-        layout::{DirEntry, Layout},
-        reaper::Reaper,
-        spares::Spares,
-        Kind, Labels, Record, RecordView, Store, Usage,
-    },
+    store::{Kind, Labels, Record, RecordView, Store, Usage},
 };
 use filter::{Fields, Filter};
 

@@ -1,5 +1,5 @@
-//! The metadata store: every snapshot's record, the parent→children index, and the ID counter,
-//! in one redb database under the root.
+//! The metadata store: every snapshot's record, the parent→children index, the ID counter and
+//! the counts by kind, in one redb database under the root. The only code that knows redb.
 //!
 //! Every mutation is one write transaction, committed durably (redb fsyncs on commit) before it
 //! returns, so whatever lamina has acknowledged survives SIGKILL and power loss. redb runs one
@@ -7,32 +7,31 @@
 //! parent, are decided in a total order with no lock of ours. Readers see a consistent snapshot
 //! and never wait for the writer.
 //!
-//! No operation here scans the whole store except [`Store::list`] and [`Store::owned_ids`],
-//! which List, Cleanup and start-up recovery call.
+//! `commit.rs` runs the transactions (group commit); `record.rs` is the records' format and its
+//! migration; `readonly.rs` reads a store file without writing to it.
+//!
+//! No operation here scans the whole store except the listings ([`Store::list`],
+//! [`Store::each_view`], [`Store::owned_ids`]), which List, Cleanup, fsck and start-up call.
 
-mod delete;
-pub mod layout;
+mod commit;
 mod readonly;
-pub mod reaper;
 mod record;
-pub mod spares;
 
 use std::{
-    collections::{BTreeMap, HashSet, VecDeque},
+    collections::{BTreeMap, HashSet},
     future::Future,
     path::Path,
     sync::{
-        atomic::{AtomicI64, AtomicUsize, Ordering::Relaxed},
-        Arc, Condvar, Mutex, RwLock,
+        atomic::{AtomicI64, Ordering::Relaxed},
+        Arc,
     },
     time::SystemTime,
 };
 
 use redb::{Database, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
-use tokio::sync::oneshot;
 
-use crate::error::{chain, Error, Result};
+use crate::error::{Error, Result};
 
 /// key → encoded [`Record`] (see `record.rs`).
 const SNAPSHOTS: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshots");
@@ -103,327 +102,16 @@ impl Counts {
     }
 }
 
+/// The metadata store; see the module's documentation.
 pub struct Store {
-    db: Arc<Handle>,
-    /// Writes waiting for a transaction (see [`Store::write`]).
-    queue: Arc<Queue>,
-    /// Changes under way (see [`Store::enter`]).
-    changes: Arc<AtomicUsize>,
-    committer: Option<std::thread::JoinHandle<()>>,
+    writer: Writer,
     counts: Arc<Counts>,
 }
 
-impl Drop for Store {
-    /// Closes the queue and waits for the committer, so that the database file is released
-    /// (and can be opened again) when the store is gone.
-    fn drop(&mut self) {
-        self.queue.lock().closed = true;
-        self.queue.more.notify_all();
-        if let Some(thread) = self.committer.take() {
-            let _ = thread.join();
-        }
-    }
-}
-
-/// The open database, which the committer replaces after an I/O failure: redb refuses every
-/// later write on an instance that saw one ("Previous I/O error occurred"), so a full disk
-/// would otherwise break lamina until a restart, even once space is freed.
-struct Handle {
-    path: std::path::PathBuf,
-    db: RwLock<Option<Arc<Database>>>,
-    /// Opened by [`Store::open_read_only`]: writes live in memory and are never reopened from
-    /// the file.
-    read_only: bool,
-}
-
-impl Handle {
-    /// The database for one transaction; hold it no longer than that transaction.
-    fn get(&self) -> Result<Arc<Database>> {
-        if let Some(db) = self.current() {
-            return Ok(db);
-        }
-        // A reopen gave up waiting for a long read; once that read is over, whoever comes
-        // next (a read as well as a write) opens the file again.
-        if let Err(e) = self.reopen() {
-            tracing::debug!(error = %e, "store not reopened yet");
-        }
-        self.current().ok_or_else(|| {
-            Error::Unavailable(format!(
-                "store {} is being reopened after a failed write; retry",
-                self.path.display()
-            ))
-        })
-    }
-
-    fn current(&self) -> Option<Arc<Database>> {
-        self.db.read().ok().and_then(|db| db.clone())
-    }
-
-    /// Closes the database once no transaction uses it, and opens the file again.
-    fn reopen(&self) -> std::result::Result<(), String> {
-        // Taken out under the lock, waited for outside it: a reader holds its clone for one
-        // read transaction, and a List's lasts as long as its client takes to read the
-        // stream. Meanwhile other readers get Unavailable at once instead of blocking a
-        // runtime thread, which a List waiting for its client could otherwise deadlock.
-        let old = self
-            .db
-            .write()
-            .map_err(|_| "store lock poisoned".to_string())?
-            .take();
-        if let Some(mut old) = old {
-            let deadline = std::time::Instant::now() + REOPEN_WAIT;
-            loop {
-                match Arc::try_unwrap(old) {
-                    Ok(db) => break drop(db),
-                    Err(still) => old = still,
-                }
-                if std::time::Instant::now() > deadline {
-                    // The last reader closes it; the next request after that reopens.
-                    return Err(format!(
-                        "a read still uses the store after {REOPEN_WAIT:?}; requests get \
-                         Unavailable until it ends, and the next one reopens the store"
-                    ));
-                }
-                std::thread::sleep(std::time::Duration::from_millis(1));
-            }
-        }
-        let mut slot = self
-            .db
-            .write()
-            .map_err(|_| "store lock poisoned".to_string())?;
-        if slot.is_some() {
-            return Ok(());
-        }
-        if self.read_only {
-            return Err("a store opened read-only is not reopened".into());
-        }
-        // Open, never create: a store file deleted or emptied meanwhile must not come back as
-        // a new, empty store, which would hand out IDs again and orphan every snapshot.
-        if std::fs::metadata(&self.path).map_or(true, |m| m.len() == 0) {
-            return Err(format!(
-                "store {} is missing or empty: not starting a new one over existing snapshots; \
-                 restore it, then restart lamina",
-                self.path.display()
-            ));
-        }
-        let db = open_guarded(&self.path, || Database::open(&self.path))
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())?;
-        *slot = Some(Arc::new(db));
-        Ok(())
-    }
-}
-
-/// How long a reopen waits for reads of the old database to end before leaving the reopen
-/// to a later request (it holds the writer meanwhile).
-const REOPEN_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
-
-/// Why a batch was not committed.
-struct Failure {
-    message: String,
-    /// The disk is full or read-only: something an operator can fix, then retry.
-    exhausted: bool,
-}
-
-impl Failure {
-    fn to_error(&self, what: &str) -> Error {
-        let message = format!("{what}: {}", self.message);
-        if self.exhausted {
-            Error::Exhausted(format!(
-                "{message}; free space on the root's filesystem and retry"
-            ))
-        } else {
-            Error::Internal(message)
-        }
-    }
-
-    fn new(context: &str, err: &(dyn std::error::Error + 'static)) -> Failure {
-        Failure {
-            message: format!("metadata store: {context}: {}", chain(err)),
-            exhausted: crate::error::exhausts_resources(err),
-        }
-    }
-}
-
-/// Called once the batch a job ran in has committed (`None`) or failed.
-type Finish = Box<dyn FnOnce(Option<&Failure>) + Send>;
-/// One write, run inside a shared transaction by the committer thread (or told why there is
-/// none).
-type Job = Box<
-    dyn FnOnce(std::result::Result<&redb::WriteTransaction, &Failure>) -> (bool, Finish) + Send,
->;
-
-/// Most writes committed by one fsync.
-const MAX_BATCH: usize = 256;
-
-/// A change under way, from [`Store::enter`].
-pub struct Change(Arc<AtomicUsize>);
-
-impl Drop for Change {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Relaxed);
-    }
-}
-
-/// The writes waiting for a transaction, and who is writing one.
-struct Queue {
-    state: Mutex<QueueState>,
-    /// Signals the committer thread: jobs are waiting and nobody is writing, or closing.
-    more: Condvar,
-}
-
-#[derive(Default)]
-struct QueueState {
-    jobs: VecDeque<Job>,
-    /// A batch is being written, by the committer thread or by a caller in place.
-    writing: bool,
-    closed: bool,
-}
-
-impl Queue {
-    fn lock(&self) -> std::sync::MutexGuard<'_, QueueState> {
-        // A panic while holding the lock cannot leave the queue half-changed.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// The next queued job for the batch being written.
-    fn pop(&self) -> Option<Job> {
-        self.lock().jobs.pop_front()
-    }
-
-    /// Ends a batch; wakes the committer if writes queued up meanwhile (or it must exit).
-    fn done(&self) {
-        let mut state = self.lock();
-        state.writing = false;
-        if !state.jobs.is_empty() || state.closed {
-            self.more.notify_one();
-        }
-    }
-}
-
-/// Group commit. Writes that arrive while a batch is being written queue up; the committer
-/// thread takes every queued write, runs them in order in one transaction, commits once, and
-/// only then answers each of them: concurrent writers share an fsync, none is acknowledged
-/// before it is durable. A write that finds nobody writing and nobody waiting writes its batch
-/// of one itself, in place (see [`Store::write`]); the thread is for writes that must wait.
-fn committer(handle: Arc<Handle>, queue: Arc<Queue>) {
-    loop {
-        let first = {
-            let mut state = queue.lock();
-            loop {
-                if !state.writing {
-                    if let Some(job) = state.jobs.pop_front() {
-                        state.writing = true;
-                        break job;
-                    }
-                    if state.closed {
-                        return;
-                    }
-                }
-                state = queue.more.wait(state).unwrap_or_else(|e| e.into_inner());
-            }
-        };
-        write_contained(&handle, first, || queue.pop());
-        queue.done();
-    }
-}
-
-/// [`write_batch`], surviving a panic inside it (redb asserts on some damaged files): the
-/// batch's requests fail (their answers are dropped), the database is reopened, and the
-/// writer - the committer thread or a request's own thread - stays usable.
-fn write_contained(handle: &Handle, first: Job, next: impl FnMut() -> Option<Job>) {
-    let wrote = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        write_batch(handle, first, next)
-    }));
-    if wrote.is_err() {
-        tracing::error!("the store panicked while writing; that batch's requests failed");
-        reopen(handle);
-    }
-}
-
-/// Writes one batch: `first`, then whatever `next` yields (up to [`MAX_BATCH`]), in one
-/// transaction, then answers each job once the commit is durable or has failed.
-///
-/// A job that fails with a request error (NotFound…) must not have written anything: every
-/// write below checks first and writes after, so such a job leaves the shared transaction as
-/// it found it. A store error may leave a partial write, so it aborts the whole batch.
-fn write_batch(handle: &Handle, first: Job, mut next: impl FnMut() -> Option<Job>) {
-    let begun = handle.get().and_then(|db| {
-        db.begin_write()
-            .map_err(|e| Error::store("starting a transaction", e))
-    });
-    let tx = match begun {
-        Ok(tx) => tx,
-        Err(e) => {
-            let failure = Failure::new("starting a transaction", &e);
-            let (_, finish) = first(Err(&failure));
-            finish(Some(&failure));
-            reopen(handle);
-            return;
-        }
-    };
-    let mut finishes = Vec::new();
-    let mut poisoned = false;
-    let (ok, finish) = first(Ok(&tx));
-    poisoned |= !ok;
-    finishes.push(finish);
-    while finishes.len() < MAX_BATCH {
-        let Some(job) = next() else { break };
-        let (ok, finish) = job(Ok(&tx));
-        poisoned |= !ok;
-        finishes.push(finish);
-    }
-    let outcome = if poisoned {
-        let _ = tx.abort();
-        Some(Failure {
-            message: "metadata store: a write in the same batch failed; nothing was written".into(),
-            exhausted: false,
-        })
-    } else {
-        let started = std::time::Instant::now();
-        let committed = tx.commit();
-        crate::metrics::global().store_commit(started.elapsed());
-        committed.err().map(|e| Failure::new("committing", &e))
-    };
-    let failed = outcome.is_some();
-    for finish in finishes {
-        finish(outcome.as_ref());
-    }
-    if failed {
-        reopen(handle);
-    }
-}
-
-fn reopen(handle: &Handle) {
-    match handle.reopen() {
-        Ok(()) => {
-            tracing::warn!(path = %handle.path.display(), "store reopened after a failed write")
-        }
-        Err(e) => {
-            tracing::error!(path = %handle.path.display(), error = %e, "store cannot be reopened; writes fail until it can")
-        }
-    }
-}
-
+pub use commit::Change;
+use commit::{open_guarded, Writer};
 use record::{decode, encode, view};
 pub use record::{Labels, RecordView};
-
-/// Rewrites every schema-1 (JSON) record in schema 2. Reads and decodes them all before writing
-/// any, so that an unreadable record fails the migration with nothing changed.
-fn migrate_v1(tx: &redb::WriteTransaction) -> Result<usize> {
-    let mut table = tx.open_table(SNAPSHOTS)?;
-    let mut records = Vec::new();
-    for entry in table.iter()? {
-        let (k, v) = entry?;
-        let key = k.value().to_string();
-        let record = record::decode_v1(&key, v.value())?;
-        records.push((key, record));
-    }
-    for (key, record) in &records {
-        table.insert(key.as_str(), encode(record).as_slice())?;
-    }
-    Ok(records.len())
-}
 
 /// The record of `key`, or NotFound.
 fn lookup(table: &impl ReadableTable<&'static str, &'static [u8]>, key: &str) -> Result<Record> {
@@ -490,29 +178,12 @@ impl Store {
     }
 
     fn with(path: &Path, db: Database, read_only: bool) -> Result<Store> {
-        let db = Arc::new(Handle {
-            path: path.to_path_buf(),
-            db: RwLock::new(Some(Arc::new(db))),
-            read_only,
-        });
-        let queue = Arc::new(Queue {
-            state: Mutex::new(QueueState::default()),
-            more: Condvar::new(),
-        });
-        let (writer, jobs) = (Arc::clone(&db), Arc::clone(&queue));
-        let thread = std::thread::Builder::new()
-            .name("lamina-commit".into())
-            .spawn(move || committer(writer, jobs))
-            .map_err(|e| Error::Internal(format!("starting the store's committer thread: {e}")))?;
         let store = Store {
-            db,
-            queue,
-            changes: Arc::new(AtomicUsize::new(0)),
-            committer: Some(thread),
+            writer: Writer::start(path, db, read_only)?,
             counts: Arc::default(),
         };
         // Called outside the async runtime (start-up, tools), so waiting here blocks nobody.
-        futures::executor::block_on(store.write("initialising tables", |tx| {
+        futures::executor::block_on(store.writer.write("initialising tables", |tx| {
             tx.open_table(SNAPSHOTS)?;
             tx.open_table(CHILDREN)?;
             let mut meta = tx.open_table(META)?;
@@ -523,7 +194,7 @@ impl Store {
                 }
                 Some(SCHEMA_VERSION) => {}
                 Some(1) => {
-                    let migrated = migrate_v1(tx)?;
+                    let migrated = record::migrate_v1(tx)?;
                     meta.insert(SCHEMA, SCHEMA_VERSION)?;
                     tracing::info!(
                         records = migrated,
@@ -554,107 +225,14 @@ impl Store {
         Ok(store)
     }
 
-    /// Runs `f` in a write transaction, shared with other writes queued meanwhile, and returns
-    /// its result once that transaction is durably committed. If `f` fails with a request
-    /// error it must not have written anything (check first, then write).
-    ///
-    /// The job is written or queued when this is called, not when the future is first polled,
-    /// and it runs whether or not anybody still waits for its answer. A queued job's answer
-    /// comes back on a oneshot channel, so an async caller waits without holding a thread; a
-    /// job written in place holds its caller's thread for the fsync (one caller at a time).
-    fn write<T: Send + 'static>(
-        &self,
-        what: &'static str,
-        f: impl FnOnce(&redb::WriteTransaction) -> Result<T> + Send + 'static,
-    ) -> impl Future<Output = Result<T>> + Send + 'static {
-        self.write_then(what, f, |_| {})
-    }
-
-    /// [`Store::write`], calling `committed` with the result once it is durable (whether or not
-    /// anybody still waits for the answer): for what must follow the store exactly, the counts.
-    fn write_then<T: Send + 'static>(
-        &self,
-        what: &'static str,
-        f: impl FnOnce(&redb::WriteTransaction) -> Result<T> + Send + 'static,
-        committed: impl FnOnce(&T) + Send + 'static,
-    ) -> impl Future<Output = Result<T>> + Send + 'static {
-        let (reply, answer) = oneshot::channel();
-        let job: Job = Box::new(move |tx| {
-            let result = match tx {
-                Ok(tx) => f(tx).map_err(|e| e.in_context(what)),
-                Err(failure) => Err(failure.to_error(what)),
-            };
-            let ok = !matches!(result, Err(Error::Store { .. }));
-            let finish: Finish = Box::new(move |failed: Option<&Failure>| {
-                let out = match (failed, result) {
-                    (None, Ok(v)) => {
-                        committed(&v);
-                        Ok(v)
-                    }
-                    (None, Err(e)) => Err(e),
-                    // This job's own store error: the cause of the failure, said precisely.
-                    (Some(_), Err(e @ Error::Store { .. })) => Err(e),
-                    // A request error (AlreadyExists, NotFound…) was decided against the
-                    // batch's uncommitted writes, which are now undone: it may be false
-                    // ("exists" of a key whose creation just failed). Only the failure is true.
-                    (Some(failure), _) => Err(failure.to_error(what)),
-                };
-                let _ = reply.send(out);
-            });
-            (ok, finish)
-        });
-        let mut state = self.queue.lock();
-        let sent = if state.closed {
-            false
-        } else if !state.writing && state.jobs.is_empty() && self.changes.load(Relaxed) <= 1 {
-            // Nobody to share an fsync with, and no other change under way that could come
-            // to: write now, on this thread, rather than pay two thread wake-ups (to the
-            // committer and back) on top of the fsync. With company, the write queues, so
-            // that the runtime thread stays free and concurrent writes share the committer's
-            // fsync. At most one caller ever blocks here.
-            state.writing = true;
-            drop(state);
-            write_contained(&self.db, job, || None);
-            self.queue.done();
-            true
-        } else {
-            state.jobs.push_back(job);
-            if !state.writing {
-                self.queue.more.notify_one();
-            }
-            true
-        };
-        async move {
-            if !sent {
-                return Err(Error::Internal(format!("{what}: the store is closed")));
-            }
-            answer.await.map_err(|_| {
-                Error::Internal(format!(
-                    "{what}: the store failed while writing (see lamina's log); retry"
-                ))
-            })?
-        }
-    }
-
-    /// Announces a change (a request that will write) until the guard is dropped. A write
-    /// made while no other change is announced commits in place; see [`Store::write`].
+    /// Announces a change (a request that will write) until the guard is dropped; see
+    /// `commit.rs` for what it decides.
     pub fn enter(&self) -> Change {
-        self.changes.fetch_add(1, Relaxed);
-        Change(Arc::clone(&self.changes))
-    }
-
-    fn read<T>(
-        &self,
-        what: &str,
-        f: impl FnOnce(&redb::ReadTransaction) -> Result<T>,
-    ) -> Result<T> {
-        let db = self.db.get()?;
-        let tx = db.begin_read().map_err(|e| Error::store(what, e))?;
-        f(&tx).map_err(|e| e.in_context(what))
+        self.writer.enter()
     }
 
     pub fn get(&self, key: &str) -> Result<Record> {
-        self.read("reading a snapshot", |tx| {
+        self.writer.read("reading a snapshot", |tx| {
             lookup(&tx.open_table(SNAPSHOTS)?, key)
         })
     }
@@ -691,7 +269,7 @@ impl Store {
         let (key, parent) = (key.to_string(), parent.to_string());
         let counts = Arc::clone(&self.counts);
         let count = move |r: &Record| counts.add(r.kind, 1);
-        self.write_then(
+        self.writer.write_then(
             "creating a snapshot",
             move |tx| {
                 let (key, parent) = (key.as_str(), parent.as_str());
@@ -757,7 +335,7 @@ impl Store {
             counts.add(Kind::Active, -1);
             counts.add(Kind::Committed, 1);
         };
-        self.write_then(
+        self.writer.write_then(
             "committing a snapshot",
             move |tx| {
                 let (key, name) = (key.as_str(), name.as_str());
@@ -811,7 +389,7 @@ impl Store {
         let key = key.to_string();
         let counts = Arc::clone(&self.counts);
         let count = move |r: &Record| counts.add(r.kind, -1);
-        self.write_then(
+        self.writer.write_then(
             "removing a snapshot",
             move |tx| {
                 let key = key.as_str();
@@ -851,7 +429,7 @@ impl Store {
         change: impl FnOnce(&mut BTreeMap<String, String>) -> Result<()> + Send + 'static,
     ) -> impl Future<Output = Result<Record>> + Send + 'static {
         let key = key.to_string();
-        self.write("updating a snapshot", move |tx| {
+        self.writer.write("updating a snapshot", move |tx| {
             let key = key.as_str();
             let mut snapshots = tx.open_table(SNAPSHOTS)?;
             let mut record = lookup(&snapshots, key)?;
@@ -875,7 +453,7 @@ impl Store {
     /// Calls `each` on every snapshot in key order, from one consistent read snapshot, until
     /// it returns false. Nothing is collected, so memory stays flat however many there are.
     pub fn each(&self, mut each: impl FnMut(&str, Record) -> bool) -> Result<()> {
-        self.read("listing snapshots", |tx| {
+        self.writer.read("listing snapshots", |tx| {
             let table = tx.open_table(SNAPSHOTS)?;
             for entry in table.iter()? {
                 let (k, v) = entry?;
@@ -890,7 +468,7 @@ impl Store {
     /// [`Store::each`] with each record read in place instead of decoded: no allocation per
     /// snapshot, for List and the counts that read every record.
     pub fn each_view(&self, mut each: impl FnMut(&str, RecordView<'_>) -> bool) -> Result<()> {
-        self.read("listing snapshots", |tx| {
+        self.writer.read("listing snapshots", |tx| {
             let table = tx.open_table(SNAPSHOTS)?;
             for entry in table.iter()? {
                 let (k, v) = entry?;
@@ -906,7 +484,7 @@ impl Store {
     /// IDs of every snapshot that has a record, and the next ID the store will hand out, from
     /// one read: a directory whose ID is at or above it was not made by this store's lamina.
     pub fn owned_ids(&self) -> Result<(HashSet<u64>, u64)> {
-        self.read("listing snapshots", |tx| {
+        self.writer.read("listing snapshots", |tx| {
             let mut ids = HashSet::new();
             for entry in tx.open_table(SNAPSHOTS)?.iter()? {
                 let (k, v) = entry?;
@@ -918,7 +496,7 @@ impl Store {
 
     /// [`Store::list`], and the next ID, from one read.
     pub fn list_with_next_id(&self) -> Result<(Vec<(String, Record)>, u64)> {
-        self.read("listing snapshots", |tx| {
+        self.writer.read("listing snapshots", |tx| {
             let mut out = Vec::new();
             for entry in tx.open_table(SNAPSHOTS)?.iter()? {
                 let (k, v) = entry?;
@@ -930,7 +508,7 @@ impl Store {
 
     /// The ID the next creation gets.
     pub fn next_id(&self) -> Result<u64> {
-        self.read("reading the ID counter", |tx| {
+        self.writer.read("reading the ID counter", |tx| {
             next_id(&tx.open_table(META)?)
         })
     }
@@ -941,7 +519,7 @@ impl Store {
         &self,
         at_least: u64,
     ) -> impl Future<Output = Result<()>> + Send + 'static {
-        self.write("raising the ID counter", move |tx| {
+        self.writer.write("raising the ID counter", move |tx| {
             let mut meta = tx.open_table(META)?;
             if next_id(&meta)? < at_least {
                 meta.insert(NEXT_ID, at_least)?;
@@ -963,33 +541,6 @@ impl Store {
 
 fn next_id(meta: &impl ReadableTable<&'static str, u64>) -> Result<u64> {
     Ok(meta.get(NEXT_ID)?.map(|v| v.value()).unwrap_or(1))
-}
-
-/// Opens the database with `open`, turning a panic inside redb (it asserts on some damaged
-/// files, e.g. one truncated below its recorded length) into a Corrupt error instead of a crash.
-fn open_guarded(
-    path: &Path,
-    open: impl FnOnce() -> std::result::Result<Database, redb::DatabaseError>,
-) -> Result<std::result::Result<Database, redb::DatabaseError>> {
-    let quiet = std::panic::take_hook();
-    std::panic::set_hook(Box::new(|_| {}));
-    let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(open));
-    std::panic::set_hook(quiet);
-    opened.map_err(|panic| {
-        let why = panic
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| panic.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "unknown damage".into());
-        Error::Corrupt(format!(
-            "store {} is damaged ({why}). lamina will not start empty over existing snapshots: \
-             restore the file from a backup, or move it aside to start over (the snapshots \
-             under {} are then lost to lamina and `lamina fsck --repair --delete-unknown` \
-             removes them)",
-            path.display(),
-            path.parent().unwrap_or(path).join("snapshots").display()
-        ))
-    })
 }
 
 fn in_use(path: &Path) -> Error {
@@ -1042,7 +593,7 @@ mod tests {
     #[test]
     fn a_panic_while_writing_fails_its_request_and_nothing_else() {
         let (_d, s) = store();
-        let boom = wait(s.write("injected panic", |_| -> Result<()> {
+        let boom = wait(s.writer.write("injected panic", |_| -> Result<()> {
             panic!("injected panic inside a write")
         }));
         assert!(matches!(boom, Err(Error::Internal(_))), "{boom:?}");
@@ -1050,7 +601,7 @@ mod tests {
         let a = wait(s.create("a", "", Kind::Active, BTreeMap::new(), now())).unwrap();
         let _busy = s.enter();
         let _other = s.enter();
-        let boom = wait(s.write("injected panic", |_| -> Result<()> {
+        let boom = wait(s.writer.write("injected panic", |_| -> Result<()> {
             panic!("injected panic inside a queued write")
         }));
         assert!(matches!(boom, Err(Error::Internal(_))), "{boom:?}");
@@ -1066,7 +617,7 @@ mod tests {
         let path = d.path().join("db");
         std::fs::remove_file(&path).unwrap();
         // A failed write makes the store reopen its file.
-        let boom = wait(s.write("injected panic", |_| -> Result<()> {
+        let boom = wait(s.writer.write("injected panic", |_| -> Result<()> {
             panic!("injected panic inside a write")
         }));
         assert!(boom.is_err());
@@ -1119,7 +670,7 @@ mod tests {
         reading.recv().unwrap();
         // A failed write reopens the store; it gives up waiting for the read instead of
         // blocking every later request behind it.
-        let boom = wait(s.write("injected panic", |_| -> Result<()> {
+        let boom = wait(s.writer.write("injected panic", |_| -> Result<()> {
             panic!("injected panic inside a write")
         }));
         assert!(boom.is_err());
@@ -1140,16 +691,18 @@ mod tests {
         let _other = s.enter();
         let (inside, is_inside) = std::sync::mpsc::channel();
         let (go, wait_go) = std::sync::mpsc::channel::<()>();
-        let holder = s.write("holding the batch open", move |_| -> Result<()> {
-            inside.send(()).unwrap();
-            wait_go.recv().unwrap();
-            Ok(())
-        });
+        let holder = s
+            .writer
+            .write("holding the batch open", move |_| -> Result<()> {
+                inside.send(()).unwrap();
+                wait_go.recv().unwrap();
+                Ok(())
+            });
         is_inside.recv().unwrap();
         // Queued while the committer is inside the batch: they join it.
         let first = s.create("k", "", Kind::Active, BTreeMap::new(), now());
         let second = s.create("k", "", Kind::Active, BTreeMap::new(), now());
-        let broken = s.write("injected", |_| -> Result<()> {
+        let broken = s.writer.write("injected", |_| -> Result<()> {
             Err(Error::store(
                 "injected",
                 redb::StorageError::Corrupted("injected".into()),

@@ -1,5 +1,6 @@
 //! How a [`Record`] is stored: a protobuf message (schema 2), written and read with prost,
-//! which lamina already links for gRPC. Schema 1 stored JSON; it is read only to migrate.
+//! which lamina already links for gRPC. Schema 1 stored JSON; it is read only to migrate, which
+//! [`migrate_v1`] does when a schema-1 store is opened.
 //!
 //! Why not JSON any more: List decodes every record, and JSON parsing was most of its cost.
 
@@ -12,6 +13,8 @@ use prost::{
     encoding::{decode_key, decode_varint, skip_field, DecodeContext, WireType},
     Message,
 };
+
+use redb::ReadableTable;
 
 use super::{Kind, Record, Usage};
 use crate::error::{Error, Result};
@@ -262,6 +265,23 @@ pub(super) fn decode_v1(key: &str, bytes: &[u8]) -> Result<Record> {
             "record of snapshot {key:?} (schema 1) is unreadable: {e}"
         ))
     })
+}
+
+/// Rewrites every schema-1 (JSON) record in schema 2. Reads and decodes them all before writing
+/// any, so that an unreadable record fails the migration with nothing changed.
+pub(super) fn migrate_v1(tx: &redb::WriteTransaction) -> Result<usize> {
+    let mut table = tx.open_table(super::SNAPSHOTS)?;
+    let mut records = Vec::new();
+    for entry in table.iter()? {
+        let (k, v) = entry?;
+        let key = k.value().to_string();
+        let record = decode_v1(&key, v.value())?;
+        records.push((key, record));
+    }
+    for (key, record) in &records {
+        table.insert(key.as_str(), encode(record).as_slice())?;
+    }
+    Ok(records.len())
 }
 
 #[cfg(test)]
