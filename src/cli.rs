@@ -216,7 +216,8 @@ pub async fn mount(config: &Config, key: &str, target: &Path, writable: bool) ->
         overlay::read_only(&mounts)
     };
     for m in &mounts {
-        crate::sys::mount_spec(m, target).map_err(|e| Error::io("mounting at", target, e))?;
+        crate::sys::mount_spec(&m.kind, &m.source, &m.options, target)
+            .map_err(|e| Error::io("mounting at", target, e))?;
     }
     Ok(())
 }

@@ -104,16 +104,39 @@ pub struct Config {
     pub socket_group: Option<u32>,
     /// Where to serve Prometheus metrics (`host:port` or `unix:/path`); none by default.
     #[serde(skip_serializing_if = "Option::is_none", serialize_with = "display")]
-    pub metrics_address: Option<crate::metrics::Address>,
+    pub metrics_address: Option<Address>,
+}
+
+/// Where the scrape endpoint listens: `host:port`, or `unix:/path`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Address {
+    Tcp(std::net::SocketAddr),
+    Unix(PathBuf),
+}
+
+impl std::str::FromStr for Address {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        if let Some(path) = s.strip_prefix("unix:") {
+            let path = PathBuf::from(path);
+            if !path.is_absolute() {
+                return Err(format!("{s:?}: a unix socket path must be absolute"));
+            }
+            return Ok(Address::Unix(path));
+        }
+        s.parse().map(Address::Tcp).map_err(|_| {
+            format!("{s:?} is neither host:port (e.g. 127.0.0.1:9100) nor unix:/absolute/path")
+        })
+    }
 }
 
 fn display<S: serde::Serializer>(
-    v: &Option<crate::metrics::Address>,
+    v: &Option<Address>,
     s: S,
 ) -> std::result::Result<S::Ok, S::Error> {
     match v {
-        Some(crate::metrics::Address::Tcp(a)) => s.serialize_str(&a.to_string()),
-        Some(crate::metrics::Address::Unix(p)) => s.serialize_str(&format!("unix:{}", p.display())),
+        Some(Address::Tcp(a)) => s.serialize_str(&a.to_string()),
+        Some(Address::Unix(p)) => s.serialize_str(&format!("unix:{}", p.display())),
         None => s.serialize_none(),
     }
 }

@@ -4,7 +4,6 @@
 //! is configured.
 
 use std::{
-    path::PathBuf,
     sync::{Arc, OnceLock},
     time::Duration,
 };
@@ -21,7 +20,10 @@ use prometheus_client::{
 };
 use tracing::info;
 
-use crate::error::{Error, Result};
+use crate::{
+    config::Address,
+    error::{Error, Result},
+};
 
 type Labels = Vec<(&'static str, String)>;
 
@@ -87,8 +89,9 @@ impl Metrics {
         m
     }
 
-    pub fn request(&self, rpc: &'static str, code: tonic::Code, took: Duration) {
-        let code = format!("{code:?}");
+    /// A request answered with gRPC status `code` (its name, e.g. `NotFound`).
+    pub fn request(&self, rpc: &'static str, code: &str, took: Duration) {
+        let code = code.to_string();
         self.requests
             .get_or_create(&vec![("rpc", rpc.to_string()), ("code", code)])
             .inc();
@@ -116,29 +119,6 @@ impl Metrics {
         let mut out = String::new();
         encode(&mut out, &self.registry).expect("writing to a String cannot fail");
         out
-    }
-}
-
-/// Where the scrape endpoint listens: `host:port`, or `unix:/path`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Address {
-    Tcp(std::net::SocketAddr),
-    Unix(PathBuf),
-}
-
-impl std::str::FromStr for Address {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        if let Some(path) = s.strip_prefix("unix:") {
-            let path = PathBuf::from(path);
-            if !path.is_absolute() {
-                return Err(format!("{s:?}: a unix socket path must be absolute"));
-            }
-            return Ok(Address::Unix(path));
-        }
-        s.parse().map(Address::Tcp).map_err(|_| {
-            format!("{s:?} is neither host:port (e.g. 127.0.0.1:9100) nor unix:/absolute/path")
-        })
     }
 }
 

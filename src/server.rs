@@ -2,7 +2,6 @@
 
 use std::{
     fs,
-    future::Future,
     io::ErrorKind,
     os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt},
     path::{Path, PathBuf},
@@ -12,77 +11,16 @@ use std::{
 
 use futures::Stream;
 use tokio::net::{UnixListener, UnixStream};
-use tonic_health::ServingStatus;
 use tracing::{error, info, warn};
 
 use crate::{
     config::Config,
     dirs::Layout,
     error::{Error, Result},
-    grpc::{
-        self,
-        admin::{Admin, AdminServer},
-    },
+    grpc::{self, admin::Admin},
     overlay::probe::{self, Host},
     snapshot::{Options, Snapshotter},
 };
-
-/// How long in-flight requests may run on after a shutdown signal before lamina exits anyway.
-pub const DRAIN: Duration = Duration::from_secs(5);
-
-/// Most HTTP/2 streams (requests) open at once on one connection; the client is told so, and a
-/// stream beyond it is refused (REFUSED_STREAM, which a client may retry). containerd sends all
-/// its requests over one connection, and grpc-go waits for a free stream rather than fail when
-/// the server's limit is reached, so the cap must sit far above what containerd has in flight:
-/// requests to a snapshotter come from image unpacks (a few layers at a time) and container
-/// starts (a Prepare and a Mounts each, at most a pod's worth per kubelet worker), a few
-/// hundred at the very most on a node of 110 pods all starting together. 1024 leaves that
-/// room several times over while bounding what one connection can have lamina hold.
-pub const MAX_STREAMS_PER_CONNECTION: u32 = 1024;
-
-/// HTTP/2 pings on a connection with nothing read for this long; one not answered within
-/// [`KEEPALIVE_TIMEOUT`] closes the connection, ending its requests. A peer that dies closes
-/// its socket and the kernel tells lamina, but a frozen one (stopped, hung, or gone without
-/// its socket closing) would otherwise hold its streams, a List's thread among them, for
-/// ever. grpc-go answers pings by itself, whatever its application is doing.
-const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
-const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
-
-/// Deadlines on clients, from the environment when set there, for tests (which cannot wait
-/// minutes) and for an operator chasing a problem. They are not config-file keys: no
-/// deployment should need to change them.
-struct ClientDeadlines {
-    /// `LAMINA_LIST_IDLE_TIMEOUT_MS`: see [`grpc::LIST_IDLE`].
-    list_idle: Duration,
-    /// `LAMINA_KEEPALIVE_MS`: the keepalive interval and timeout both.
-    keepalive: (Duration, Duration),
-}
-
-impl ClientDeadlines {
-    fn from_env() -> ClientDeadlines {
-        let ms = |name: &str| {
-            let value = std::env::var(name).ok()?;
-            match value.parse::<u64>() {
-                Ok(ms) if ms > 0 => Some(Duration::from_millis(ms)),
-                _ => {
-                    warn!(%name, %value, "ignored: not a positive number of milliseconds");
-                    None
-                }
-            }
-        };
-        let deadlines = ClientDeadlines {
-            list_idle: ms("LAMINA_LIST_IDLE_TIMEOUT_MS").unwrap_or(grpc::LIST_IDLE),
-            keepalive: ms("LAMINA_KEEPALIVE_MS")
-                .map_or((KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT), |d| (d, d)),
-        };
-        if deadlines.list_idle != grpc::LIST_IDLE
-            || deadlines.keepalive != (KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT)
-        {
-            info!(list_idle = ?deadlines.list_idle, keepalive = ?deadlines.keepalive, "client deadlines from the environment");
-        }
-        deadlines
-    }
-}
 
 /// Runs `lamina serve` until SIGTERM or SIGINT.
 pub async fn run(config: Config) -> Result<()> {
@@ -170,7 +108,7 @@ async fn start_and_serve(
     }
     notify(sd_notify::NotifyState::Ready);
     let watchdog = sd_notify::watchdog_enabled().map(|every| tokio::spawn(watchdog(every)));
-    let result = serve(listener, admin, async move {
+    let result = grpc::serve(incoming(listener), admin, async move {
         signals.recv().await;
         notify(sd_notify::NotifyState::Stopping);
         exit_on_next_signal(signals, own_socket);
@@ -411,52 +349,6 @@ impl Drop for PrivateDir {
     }
 }
 
-/// Serves on `listener` until `shutdown` completes, then stops accepting, lets in-flight
-/// requests finish for at most [`DRAIN`], and returns.
-pub async fn serve(
-    listener: UnixListener,
-    admin: Arc<Admin>,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<()> {
-    let snapshotter = Arc::clone(&admin.snapshotter);
-    // Health: SERVING from here (recovery is done), NOT_SERVING once shutdown starts.
-    let (mut health, health_service) = tonic_health::server::health_reporter();
-    health.set_service_status("", ServingStatus::Serving).await;
-    health.set_serving::<grpc::SnapshotsApi>().await;
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let deadlines = ClientDeadlines::from_env();
-    let server = tonic::transport::Server::builder()
-        .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
-        .http2_keepalive_interval(Some(deadlines.keepalive.0))
-        .http2_keepalive_timeout(Some(deadlines.keepalive.1))
-        .add_service(health_service)
-        .add_service(AdminServer::new(admin))
-        .add_service(grpc::server(Arc::clone(&snapshotter), deadlines.list_idle))
-        .serve_with_incoming_shutdown(incoming(listener), async {
-            let _ = stop_rx.await;
-        });
-    let mut server = tokio::spawn(server);
-    tokio::select! {
-        res = &mut server => return finished(res),
-        _ = shutdown => {}
-    }
-    info!("shutting down: no new connections, draining requests");
-    health
-        .set_service_status("", ServingStatus::NotServing)
-        .await;
-    health.set_not_serving::<grpc::SnapshotsApi>().await;
-    snapshotter.close();
-    let _ = stop_tx.send(());
-    match tokio::time::timeout(DRAIN, &mut server).await {
-        Ok(res) => finished(res),
-        Err(_) => {
-            warn!(after = ?DRAIN, "requests or connections still open; exiting anyway");
-            server.abort();
-            Ok(())
-        }
-    }
-}
-
 /// The connections on `listener`, for as long as lamina serves. A failed accept never ends
 /// serving (tonic would stop the server on the first error it is handed): it is retried after
 /// a pause, and the connections meanwhile wait in the socket's backlog.
@@ -515,19 +407,6 @@ impl AcceptFailures {
             info!(failures = self.count, ?after, "accepting connections again");
             *self = AcceptFailures::default();
         }
-    }
-}
-
-fn finished(
-    res: std::result::Result<
-        std::result::Result<(), tonic::transport::Error>,
-        tokio::task::JoinError,
-    >,
-) -> Result<()> {
-    match res {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(Error::Internal(format!("gRPC server failed: {e}"))),
-        Err(e) => Err(Error::Internal(format!("gRPC server task failed: {e}"))),
     }
 }
 

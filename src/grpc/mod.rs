@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod client;
 mod list;
+mod serving;
 
 use std::{future::Future, sync::Arc, time::SystemTime};
 
@@ -17,12 +18,12 @@ use tracing::{debug, error, info_span, Instrument, Span};
 use crate::{
     error::{Error, Result},
     overlay::Mount,
-    snapshot::{self, Snapshotter},
-    store::Kind,
+    snapshot::{self, Kind, Snapshotter},
 };
 
 use containerd_snapshots::api::snapshots::v1::snapshots_server::SnapshotsServer;
 pub use list::{SnapshotsApi, LIST_IDLE};
+pub use serving::{serve, DRAIN, MAX_STREAMS_PER_CONNECTION};
 
 /// Serves containerd's Snapshots API over a [`Snapshotter`].
 pub struct Service {
@@ -56,7 +57,7 @@ async fn traced<T>(
         let code = result
             .as_ref()
             .map_or_else(Error::code, |_| tonic::Code::Ok);
-        crate::metrics::global().request(rpc, code, started.elapsed());
+        crate::metrics::global().request(rpc, &format!("{code:?}"), started.elapsed());
         match result {
             Ok(v) => Ok(Response::new(v)),
             Err(err) => {

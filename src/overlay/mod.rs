@@ -5,6 +5,8 @@ pub mod mountinfo;
 pub mod probe;
 pub mod usage;
 
+pub use usage::Usage;
+
 use std::path::{Path, PathBuf};
 
 /// One mount as containerd will perform it. Plain data; `grpc/` converts it to the wire type.

@@ -9,7 +9,17 @@ use std::{collections::HashSet, ffi::CString, io, os::fd::OwnedFd, path::Path, s
 
 use nix::sys::stat::FileStat;
 
-use crate::{store::Usage, sys::at};
+use serde::{Deserialize, Serialize};
+
+use crate::sys::at;
+
+/// The disk space a snapshot's own directory takes, as containerd reports it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    /// Bytes of the blocks its unique inodes hold.
+    pub size: i64,
+    pub inodes: i64,
+}
 
 /// Sums `st_blocks * 512` over the unique inodes under `root` (itself included), and counts
 /// them. Hard links count once; symlinks are not followed; other mounts are not crossed.

@@ -36,10 +36,13 @@ use crate::{
     dirs::{reaper::Reaper, spares::Spares, DirEntry, Layout},
     error::{chain, Error, Result},
     metrics,
-    overlay::{self, usage, Dirs, Mount},
-    store::{Kind, Labels, Record, RecordView, Store, Usage},
+    overlay::{self, usage, Dirs, Mount, Usage},
+    store::{Labels, Record, RecordView, Store},
 };
 use filter::{Fields, Filter};
+
+/// A snapshot's kind, as the store records it: what the rules below depend on most.
+pub use crate::store::Kind;
 
 /// Longest key or name accepted. containerd's keys are `<namespace>/<n>/<chain id>`, far shorter.
 pub const MAX_KEY_BYTES: usize = 4096;

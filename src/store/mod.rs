@@ -31,7 +31,10 @@ use std::{
 use redb::{Database, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Error, Result};
+use crate::{
+    error::{Error, Result},
+    overlay::Usage,
+};
 
 /// key → encoded [`Record`] (see `record.rs`).
 const SNAPSHOTS: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshots");
@@ -61,12 +64,6 @@ impl Kind {
             Kind::Committed => "committed",
         }
     }
-}
-
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Usage {
-    pub size: i64,
-    pub inodes: i64,
 }
 
 /// What the store knows of one snapshot. The key is the table key, not a field.

@@ -16,8 +16,9 @@ use prost::{
 
 use redb::ReadableTable;
 
-use super::{Kind, Record, Usage};
+use super::{Kind, Record};
 use crate::error::{Error, Result};
+use crate::overlay::Usage;
 
 #[derive(Clone, PartialEq, Message)]
 struct Stored {

@@ -207,34 +207,30 @@ pub fn bind_read_only(source: &Path, target: &Path, recursive: bool) -> io::Resu
 /// The most mount data one mount(2) call takes.
 const PAGE: usize = 4096;
 
-/// Mounts one of lamina's mount specs at `target`, as containerd would. Overlay options that do
-/// not fit in one page go through the new mount API, one `lowerdir+` per layer.
-pub fn mount_spec(spec: &crate::overlay::Mount, target: &Path) -> io::Result<()> {
-    let has = |o: &str| spec.options.iter().any(|x| x == o);
-    match spec.kind.as_str() {
-        "bind" if has("ro") => bind_read_only(Path::new(&spec.source), target, has("rbind")),
+/// Mounts one of lamina's mount specs at `target`, given as its type, source and options (the
+/// spec type is `overlay::Mount`'s; this module knows none of lamina's types), as containerd
+/// would. Overlay options that do not fit in one page go through the new mount API, one
+/// `lowerdir+` per layer.
+pub fn mount_spec(kind: &str, source: &str, options: &[String], target: &Path) -> io::Result<()> {
+    let has = |o: &str| options.iter().any(|x| x == o);
+    match kind {
+        "bind" if has("ro") => bind_read_only(Path::new(source), target, has("rbind")),
         "bind" => {
             let mut flags = MsFlags::MS_BIND;
             if has("rbind") {
                 flags |= MsFlags::MS_REC;
             }
-            mount(
-                Some(spec.source.as_str()),
-                target,
-                None::<&str>,
-                flags,
-                None::<&str>,
-            )?;
+            mount(Some(source), target, None::<&str>, flags, None::<&str>)?;
             Ok(())
         }
         "overlay" => {
-            let data = spec.options.join(",");
+            let data = options.join(",");
             if data.len() < PAGE {
                 return mount_overlay(target, &data);
             }
             let mut lowers = Vec::new();
             let mut others = Vec::new();
-            for opt in &spec.options {
+            for opt in options {
                 match opt.split_once('=') {
                     Some(("lowerdir", list)) => lowers.extend(list.split(':')),
                     Some((k, v)) => others.push((k, Some(v))),

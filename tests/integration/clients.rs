@@ -553,18 +553,14 @@ async fn parent_chains_deeper_than_overlayfs_stacks_are_refused() {
 
     // The limit is the kernel's: the same mount with one lower more is refused by overlayfs.
     let extra = d.scratch("extra-lower");
-    let mut spec = lamina::overlay::Mount {
-        kind: view[0].r#type.clone(),
-        source: view[0].source.clone(),
-        options: view[0].options.clone(),
-    };
-    for o in &mut spec.options {
+    let mut options = view[0].options.clone();
+    for o in &mut options {
         if let Some(list) = o.strip_prefix("lowerdir=") {
             *o = format!("lowerdir={}:{list}", extra.display());
         }
     }
     let target = d.scratch("501");
-    let refused = lamina::sys::mount_spec(&spec, &target);
+    let refused = lamina::sys::mount_spec(&view[0].r#type, &view[0].source, &options, &target);
     let _ = nix::mount::umount2(&target, nix::mount::MntFlags::MNT_DETACH);
     let err = refused.expect_err("overlayfs mounted 501 lower layers");
     assert_eq!(err.raw_os_error(), Some(libc::EINVAL), "{err}");

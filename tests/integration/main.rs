@@ -7,6 +7,7 @@
 mod util;
 
 mod admin;
+mod architecture;
 mod clients;
 mod containerd;
 #[path = "../support/containerd.rs"]

@@ -537,12 +537,9 @@ impl Mounted {
             return Mounted::new(mounts, target);
         }
         std::fs::create_dir_all(target).unwrap();
-        let spec = lamina::overlay::Mount {
-            kind: mounts[0].r#type.clone(),
-            source: mounts[0].source.clone(),
-            options: mounts[0].options.clone(),
-        };
-        lamina::sys::mount_spec(&spec, target).unwrap_or_else(|e| panic!("mount {spec:?}: {e}"));
+        let m = &mounts[0];
+        lamina::sys::mount_spec(&m.r#type, &m.source, &m.options, target)
+            .unwrap_or_else(|e| panic!("mount {m:?}: {e}"));
         Mounted {
             target: target.to_path_buf(),
         }
