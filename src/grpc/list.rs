@@ -7,32 +7,25 @@
 //! bytes without an allocation of its own. The bytes are exactly what prost would encode for
 //! the same `Info` (the tests decode them with the generated types).
 
-use std::{convert::Infallible, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
 
 use bytes::{BufMut, Bytes, BytesMut};
-use containerd_snapshots::api::snapshots::v1::{
-    snapshots_server::SnapshotsServer, ListSnapshotsRequest,
-};
+use containerd_snapshots::api::snapshots::v1::ListSnapshotsRequest;
 use futures::{stream::BoxStream, StreamExt};
 use prost::encoding::{encode_key, encode_varint, encoded_len_varint, key_len, message, WireType};
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{
-    body::BoxBody,
     codec::{Codec, EncodeBuf, Encoder, ProstCodec},
-    codegen::{http, Body, BoxFuture, Context, Poll, StdError},
-    server::{Grpc, NamedService, ServerStreamingService},
-    Request, Response, Status,
+    Status,
 };
-use tracing::{error, info_span, warn, Instrument};
+use tracing::{error, warn, Instrument};
 
-use super::{namespace, traced, wire_kind, Service, MAX_MESSAGE_BYTES};
+use super::wire_kind;
 use crate::{
     error::{chain, Error, Result as LaminaResult},
     snapshot::{self, ListSink, Listed, Snapshotter},
 };
-
-const LIST_PATH: &str = "/containerd.services.snapshots.v1.Snapshots/List";
 
 /// Batch size of List responses, as containerd's own server sends them.
 const LIST_BATCH: usize = 100;
@@ -47,107 +40,44 @@ const LIST_QUEUE: usize = 2;
 /// come; a minute without taking anything means a client that is stuck or gone.
 pub const LIST_IDLE: Duration = Duration::from_secs(60);
 
-/// containerd's Snapshots service as lamina serves it: the generated server for every call but
-/// List, which [`ListSvc`] answers.
-#[derive(Clone)]
-pub struct SnapshotsApi {
-    generated: SnapshotsServer<Service>,
-    snapshotter: Arc<Snapshotter>,
-    list_idle: Duration,
-}
+/// The messages of one List, as they are encoded, then the error that ended it early, if any.
+pub type ListStream = BoxStream<'static, Result<Bytes, Status>>;
 
-impl SnapshotsApi {
-    pub(super) fn new(
-        generated: SnapshotsServer<Service>,
-        snapshotter: Arc<Snapshotter>,
-        list_idle: Duration,
-    ) -> Self {
-        SnapshotsApi {
-            generated,
-            snapshotter,
-            list_idle,
-        }
-    }
-}
-
-impl NamedService for SnapshotsApi {
-    const NAME: &'static str = <SnapshotsServer<Service> as NamedService>::NAME;
-}
-
-impl<B> tonic::codegen::Service<http::Request<B>> for SnapshotsApi
-where
-    B: Body + Send + 'static,
-    B::Error: Into<StdError> + Send + 'static,
-{
-    type Response = http::Response<BoxBody>;
-    type Error = Infallible;
-    type Future = BoxFuture<Self::Response, Self::Error>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        if req.uri().path() != LIST_PATH {
-            return self.generated.call(req);
-        }
-        let list = ListSvc(Arc::clone(&self.snapshotter), self.list_idle);
-        Box::pin(async move {
-            let mut grpc = Grpc::new(ListCodec)
-                .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(MAX_MESSAGE_BYTES);
-            Ok(grpc.server_streaming(list, req).await)
-        })
-    }
-}
-
-/// Answers List; `.1` is how long a listing waits for its reader (see [`LIST_IDLE`]).
-struct ListSvc(Arc<Snapshotter>, Duration);
-
-impl ServerStreamingService<ListSnapshotsRequest> for ListSvc {
-    type Response = Bytes;
-    type ResponseStream = BoxStream<'static, Result<Bytes, Status>>;
-    type Future = BoxFuture<Response<Self::ResponseStream>, Status>;
-
-    fn call(&mut self, req: Request<ListSnapshotsRequest>) -> Self::Future {
-        let (s, idle) = (Arc::clone(&self.0), self.1);
-        Box::pin(async move {
-            let ns = namespace(&req);
-            let r = req.into_inner();
-            let span = info_span!("list", filters = ?r.filters, ns);
-            traced("List", span, async {
-                // A bad filter fails the call itself; what fails later ends the stream.
-                let filter = snapshot::parse_filters(&r.filters)?;
-                let (tx, rx) = mpsc::channel(LIST_QUEUE);
-                // The error that ends the stream, if any, comes after every message queued
-                // before it, even when the queue is full: a listing that gives up on its
-                // reader could not queue it there.
-                let (end_tx, end_rx) = oneshot::channel::<Status>();
-                let reader = tx.clone();
-                let batches = Batches::new(tx, idle);
-                tokio::spawn(
-                    async move {
-                        tokio::select! {
-                            listed = s.list(filter, batches) => {
-                                if let Err(err) = listed {
-                                    ended_early(&err);
-                                    let _ = end_tx.send(Status::from(err));
-                                }
-                            }
-                            // The reader left while the listing waited for its turn (or
-                            // while it ran: it then stops at its next message).
-                            _ = reader.closed() => {}
-                        }
+/// Starts listing the snapshots that match `filters` and returns the stream of encoded
+/// messages; `idle`: how long the listing waits for its reader (see [`LIST_IDLE`]). A bad filter
+/// fails the call itself; what fails later ends the stream.
+pub(super) async fn stream(
+    s: Arc<Snapshotter>,
+    filters: Vec<String>,
+    idle: Duration,
+) -> LaminaResult<ListStream> {
+    let filter = snapshot::parse_filters(&filters)?;
+    let (tx, rx) = mpsc::channel(LIST_QUEUE);
+    // The error that ends the stream, if any, comes after every message queued before it,
+    // even when the queue is full: a listing that gives up on its reader could not queue it
+    // there.
+    let (end_tx, end_rx) = oneshot::channel::<Status>();
+    let reader = tx.clone();
+    let batches = Batches::new(tx, idle);
+    tokio::spawn(
+        async move {
+            tokio::select! {
+                listed = s.list(filter, batches) => {
+                    if let Err(err) = listed {
+                        ended_early(&err);
+                        let _ = end_tx.send(Status::from(err));
                     }
-                    .in_current_span(),
-                );
-                let end = futures::stream::once(end_rx)
-                    .filter_map(|end| futures::future::ready(end.ok().map(Err)));
-                Ok(ReceiverStream::new(rx).map(Ok).chain(end).boxed())
-            })
-            .await
-        })
-    }
+                }
+                // The reader left while the listing waited for its turn (or while it ran:
+                // it then stops at its next message).
+                _ = reader.closed() => {}
+            }
+        }
+        .in_current_span(),
+    );
+    let end =
+        futures::stream::once(end_rx).filter_map(|end| futures::future::ready(end.ok().map(Err)));
+    Ok(ReceiverStream::new(rx).map(Ok).chain(end).boxed())
 }
 
 /// Logs why a List stream ended with an error, as `traced` logs a call's.
@@ -159,8 +89,10 @@ fn ended_early(err: &Error) {
     }
 }
 
-/// Reads the request as the generated server does; writes messages that are already encoded.
-struct ListCodec;
+/// List's codec (see build.rs): reads the request as prost's codec does, writes messages that
+/// are already encoded.
+#[derive(Default)]
+pub struct ListCodec;
 
 impl Codec for ListCodec {
     type Encode = Bytes;
@@ -177,7 +109,7 @@ impl Codec for ListCodec {
     }
 }
 
-struct Encoded;
+pub struct Encoded;
 
 impl Encoder for Encoded {
     type Item = Bytes;

@@ -8,10 +8,7 @@ mod serving;
 
 use std::{future::Future, sync::Arc, time::SystemTime};
 
-use containerd_snapshots::api::{
-    snapshots::v1::{snapshots_server::Snapshots, *},
-    types,
-};
+use containerd_snapshots::api::{snapshots::v1::*, types};
 use tonic::{Request, Response, Status};
 use tracing::{debug, error, info_span, Instrument, Span};
 
@@ -21,26 +18,45 @@ use crate::{
     snapshot::{self, Kind, Snapshotter},
 };
 
-use containerd_snapshots::api::snapshots::v1::snapshots_server::SnapshotsServer;
-pub use list::{SnapshotsApi, LIST_IDLE};
+/// containerd's Snapshots service, as build.rs generates it from the messages of
+/// `containerd-snapshots`, with List's codec of lamina's own (see `list.rs`).
+// The generated code makes each call's codec with `Default::default()`, List's unit struct too.
+#[allow(clippy::default_constructed_unit_structs)]
+mod generated {
+    include!(concat!(
+        env!("OUT_DIR"),
+        "/containerd.services.snapshots.v1.Snapshots.rs"
+    ));
+}
+
+use generated::snapshots_server::{Snapshots, SnapshotsServer};
+pub use list::LIST_IDLE;
 pub use serving::{serve, DRAIN, MAX_STREAMS_PER_CONNECTION};
 
 /// Serves containerd's Snapshots API over a [`Snapshotter`].
 pub struct Service {
     snapshotter: Arc<Snapshotter>,
+    /// How long a List waits for its reader to take a message (see [`LIST_IDLE`]).
+    list_idle: std::time::Duration,
 }
+
+/// google.protobuf.Empty, as prost decodes it (named for build.rs, which takes only paths).
+pub type Empty = ();
+
+/// The service as tonic serves it.
+pub type SnapshotsApi = SnapshotsServer<Service>;
 
 /// containerd's largest message (it sends and accepts up to 16 MiB on proxy connections).
 pub const MAX_MESSAGE_BYTES: usize = 16 << 20;
 
 /// The Snapshots service; a List whose reader takes no message for `list_idle` is ended.
 pub fn server(snapshotter: Arc<Snapshotter>, list_idle: std::time::Duration) -> SnapshotsApi {
-    let generated = SnapshotsServer::new(Service {
-        snapshotter: Arc::clone(&snapshotter),
+    SnapshotsServer::new(Service {
+        snapshotter,
+        list_idle,
     })
     .max_decoding_message_size(MAX_MESSAGE_BYTES)
-    .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    SnapshotsApi::new(generated, snapshotter, list_idle)
+    .max_encoding_message_size(MAX_MESSAGE_BYTES)
 }
 
 /// Runs one request inside its span, logs how it ended and counts it in the metrics; errors
@@ -234,16 +250,18 @@ impl Snapshots for Service {
         .await
     }
 
-    type ListStream = futures::stream::Empty<Result<ListSnapshotsResponse, Status>>;
+    type ListStream = list::ListStream;
 
-    /// Not in use: [`SnapshotsApi`] routes List to `list.rs`, which encodes its messages itself.
+    /// Streams the snapshots matching the request's filters, encoded by `list.rs`.
     async fn list(
         &self,
-        _: Request<ListSnapshotsRequest>,
+        req: Request<ListSnapshotsRequest>,
     ) -> Result<Response<Self::ListStream>, Status> {
-        Err(Status::internal(
-            "List reached the generated handler, which lamina does not use",
-        ))
+        let ns = namespace(&req);
+        let r = req.into_inner();
+        let span = info_span!("list", filters = ?r.filters, ns);
+        let (s, idle) = (Arc::clone(&self.snapshotter), self.list_idle);
+        traced("List", span, list::stream(s, r.filters, idle)).await
     }
 
     async fn usage(&self, req: Request<UsageRequest>) -> Result<Response<UsageResponse>, Status> {
