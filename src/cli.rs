@@ -14,7 +14,10 @@ use crate::{
     error::{Error, Result},
     grpc::{self, admin::proto},
     overlay::{self, probe},
-    snapshot::{fsck::Repair, Snapshotter},
+    snapshot::{
+        fsck::{Problem, Repair},
+        Snapshotter,
+    },
 };
 
 /// `lamina status`: asks the running daemon.
@@ -75,10 +78,12 @@ pub async fn fsck(config: &Config, repair: Repair) -> Result<(String, bool)> {
     let mut clean = true;
     let (mut unknown, mut unknown_bytes) = (0, 0);
     for f in &report.findings {
-        if f.kind != "foreign" && !f.repaired {
+        // A name this lamina does not know (from a newer daemon) counts as a problem.
+        let kind = Problem::from_name(&f.kind);
+        if kind.is_none_or(Problem::needs_repair) && !f.repaired {
             clean = false;
         }
-        if f.kind == "unknown" && !f.repaired {
+        if kind == Some(Problem::Unknown) && !f.repaired {
             unknown += 1;
             unknown_bytes += f.bytes;
         }
@@ -97,7 +102,7 @@ pub async fn fsck(config: &Config, repair: Repair) -> Result<(String, bool)> {
     let freed: u64 = report
         .findings
         .iter()
-        .filter(|f| f.kind == "unknown" && f.repaired)
+        .filter(|f| Problem::from_name(&f.kind) == Some(Problem::Unknown) && f.repaired)
         .map(|f| f.bytes)
         .sum();
     if freed > 0 {
@@ -195,7 +200,7 @@ pub fn check(config: &Config) -> Result<(String, bool)> {
 /// `remove_dir_all`: should a probe mount be left inside it (an unmount that failed, or one
 /// made meanwhile), `remove_dir_all` would delete what that mount shows.
 fn remove_scratch(parent: &Path, name: &str) -> Result<()> {
-    crate::dirs::layout::remove_tree(parent, name).map(drop)
+    crate::dirs::layout::delete_tree(parent, name).map(drop)
 }
 
 /// `lamina mount KEY TARGET [--rw]`: mounts a snapshot for inspection.
@@ -216,7 +221,7 @@ pub async fn mount(config: &Config, key: &str, target: &Path, writable: bool) ->
         overlay::read_only(&mounts)
     };
     for m in &mounts {
-        crate::sys::mount_spec(&m.kind, &m.source, &m.options, target)
+        crate::sys::mount_spec(&m.r#type, &m.source, &m.options, target)
             .map_err(|e| Error::io("mounting at", target, e))?;
     }
     Ok(())

@@ -60,20 +60,31 @@ impl<'de> Deserialize<'de> for Group {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     Text,
     Json,
 }
 
-/// Values given on the command line; they win over the file.
-#[derive(Debug, Default, Clone)]
+/// Values given on the command line (every command that reads the configuration takes them);
+/// they win over the file.
+#[derive(Debug, Default, Clone, clap::Args)]
 pub struct Flags {
+    /// TOML config file; flags given here override it.
+    #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
+    /// Directory holding the store and the snapshots [default: /var/lib/lamina].
+    #[arg(long, value_name = "DIR")]
     pub root: Option<PathBuf>,
+    /// Unix socket to serve on [default: /run/lamina/lamina.sock].
+    #[arg(long, value_name = "PATH")]
     pub address: Option<PathBuf>,
+    /// Log level or tracing filter (RUST_LOG, when set, wins) [default: info].
+    #[arg(long, value_name = "LEVEL")]
     pub log_level: Option<String>,
+    /// Log line format [default: text].
+    #[arg(long, value_enum)]
     pub log_format: Option<LogFormat>,
 }
 

@@ -27,10 +27,6 @@ pub enum Error {
     #[error("{0}")]
     InvalidArgument(String),
 
-    /// The daemon is shutting down and takes no new work.
-    #[error("lamina is shutting down")]
-    ShuttingDown,
-
     /// A client let one of lamina's deadlines pass (a List's reader that stopped reading);
     /// says which and what to do.
     #[error("{0}")]
@@ -65,9 +61,10 @@ pub enum Error {
     )]
     AddressInUse(PathBuf),
 
-    /// lamina cannot do it now but may a moment later: the store is being reopened after a
-    /// failed write, a deletion was cut short by a stop, or (operator commands) the daemon
-    /// cannot be reached. The message says to retry, or that lamina is stopping.
+    /// lamina cannot do it now but may a moment later: it is shutting down (see
+    /// [`Error::shutting_down`]), the store is being reopened after a failed write, a deletion
+    /// was cut short by a stop, or (operator commands) the daemon cannot be reached. The
+    /// message says to retry, or that lamina is stopping.
     #[error("{0}")]
     Unavailable(String),
 
@@ -128,6 +125,11 @@ impl Error {
         }
     }
 
+    /// A request that arrives once lamina has begun to stop.
+    pub fn shutting_down() -> Self {
+        Error::Unavailable("lamina is shutting down".into())
+    }
+
     pub fn not_found(key: &str) -> Self {
         Error::NotFound(format!("snapshot {key:?} does not exist"))
     }
@@ -165,7 +167,7 @@ impl Error {
             Error::InvalidArgument(_) => Code::InvalidArgument,
             // Transient: containerd's errdefs reads Unavailable as "try again", which is what
             // each of these messages asks for; Internal would mean a fault for a human to fix.
-            Error::ShuttingDown | Error::Unavailable(_) => Code::Unavailable,
+            Error::Unavailable(_) => Code::Unavailable,
             Error::TimedOut(_) => Code::DeadlineExceeded,
             // A full disk or a read-only root is something an operator can fix and retry.
             Error::Io { source, .. } if is_resource_error(source) => Code::ResourceExhausted,
@@ -319,7 +321,7 @@ mod tests {
 
     /// Every error that asks the client to retry, or says lamina is stopping, is answered
     /// Unavailable: with these messages, the store being reopened after a failed write and a
-    /// deletion cut short by a stop (the reaper, the deleter) answer their requests.
+    /// deletion cut short by a stop (the deleter, the deleter) answer their requests.
     #[test]
     fn retry_and_stopping_are_unavailable() {
         for err in [
@@ -330,7 +332,7 @@ mod tests {
             Error::Unavailable(
                 "lamina is stopping; the rest of this deletion is left for its next start".into(),
             ),
-            Error::ShuttingDown,
+            Error::shutting_down(),
         ] {
             let message = err.to_string();
             let status = tonic::Status::from(err);

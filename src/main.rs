@@ -24,7 +24,7 @@ enum Command {
     /// Serve containerd's Snapshots API on a unix socket.
     Serve {
         #[command(flatten)]
-        settings: Settings,
+        flags: Flags,
     },
     /// Print configuration.
     #[command(subcommand)]
@@ -32,7 +32,7 @@ enum Command {
     /// Ask the running daemon what it is, what it found and what it holds.
     Status {
         #[command(flatten)]
-        settings: Settings,
+        flags: Flags,
     },
     /// Compare the store with the snapshot directories (through the daemon, or offline on
     /// a stopped daemon's root). Exits non-zero when something is wrong.
@@ -45,12 +45,12 @@ enum Command {
         #[arg(long, requires = "repair")]
         delete_unknown: bool,
         #[command(flatten)]
-        settings: Settings,
+        flags: Flags,
     },
     /// Report what the kernel and the root's filesystem support, without a daemon.
     Check {
         #[command(flatten)]
-        settings: Settings,
+        flags: Flags,
     },
     /// Mount snapshot KEY at TARGET for inspection, read-only.
     Mount {
@@ -61,7 +61,7 @@ enum Command {
         #[arg(long)]
         rw: bool,
         #[command(flatten)]
-        settings: Settings,
+        flags: Flags,
     },
 }
 
@@ -72,34 +72,8 @@ enum ConfigCommand {
     /// Print the configuration in effect: the file (if given) with the flags applied.
     Dump {
         #[command(flatten)]
-        settings: Settings,
+        flags: Flags,
     },
-}
-
-/// Where the configuration comes from; shared by `serve` and `config dump`.
-#[derive(clap::Args)]
-struct Settings {
-    /// TOML config file; flags given here override it.
-    #[arg(long, value_name = "FILE")]
-    config: Option<PathBuf>,
-    /// Directory holding the store and the snapshots [default: /var/lib/lamina].
-    #[arg(long, value_name = "DIR")]
-    root: Option<PathBuf>,
-    /// Unix socket to serve on [default: /run/lamina/lamina.sock].
-    #[arg(long, value_name = "PATH")]
-    address: Option<PathBuf>,
-    /// Log level or tracing filter (RUST_LOG, when set, wins) [default: info].
-    #[arg(long, value_name = "LEVEL")]
-    log_level: Option<String>,
-    /// Log line format [default: text].
-    #[arg(long, value_enum)]
-    log_format: Option<Format>,
-}
-
-#[derive(Clone, Copy, clap::ValueEnum)]
-enum Format {
-    Text,
-    Json,
 }
 
 fn main() -> ExitCode {
@@ -112,25 +86,10 @@ fn main() -> ExitCode {
     }
 }
 
-impl Settings {
-    fn load(self) -> Result<Config, Error> {
-        Config::load(&Flags {
-            config: self.config,
-            root: self.root,
-            address: self.address,
-            log_level: self.log_level,
-            log_format: self.log_format.map(|f| match f {
-                Format::Text => LogFormat::Text,
-                Format::Json => LogFormat::Json,
-            }),
-        })
-    }
-}
-
 fn run(cli: Cli) -> Result<(), Error> {
     match cli.command {
-        Command::Serve { settings } => {
-            let config = settings.load()?;
+        Command::Serve { flags } => {
+            let config = Config::load(&flags)?;
             init_logging(&config);
             limit_malloc_arenas();
             // Requests do their disk work on the blocking pool. Its default of 512 threads buys
@@ -148,27 +107,27 @@ fn run(cli: Cli) -> Result<(), Error> {
             runtime.shutdown_timeout(std::time::Duration::from_millis(100));
             result
         }
-        Command::Status { settings } => {
-            print!("{}", block_on(lamina::cli::status(&settings.load()?))?);
+        Command::Status { flags } => {
+            print!("{}", block_on(lamina::cli::status(&Config::load(&flags)?))?);
             Ok(())
         }
         Command::Fsck {
             repair,
             delete_unknown,
-            settings,
+            flags,
         } => {
             let repair = lamina::snapshot::fsck::Repair {
                 safe: repair,
                 unknown: delete_unknown,
             };
-            let (out, clean) = block_on(lamina::cli::fsck(&settings.load()?, repair))?;
+            let (out, clean) = block_on(lamina::cli::fsck(&Config::load(&flags)?, repair))?;
             print!("{out}");
             clean.then_some(()).ok_or_else(|| {
                 Error::Config("fsck found problems; see above (--repair fixes what is safe)".into())
             })
         }
-        Command::Check { settings } => {
-            let (out, usable) = lamina::cli::check(&settings.load()?)?;
+        Command::Check { flags } => {
+            let (out, usable) = lamina::cli::check(&Config::load(&flags)?)?;
             print!("{out}");
             usable.then_some(()).ok_or_else(|| {
                 Error::Unsupported("lamina cannot run on this root; see above".into())
@@ -178,14 +137,19 @@ fn run(cli: Cli) -> Result<(), Error> {
             key,
             target,
             rw,
-            settings,
-        } => block_on(lamina::cli::mount(&settings.load()?, &key, &target, rw)),
+            flags,
+        } => block_on(lamina::cli::mount(
+            &Config::load(&flags)?,
+            &key,
+            &target,
+            rw,
+        )),
         Command::Config(ConfigCommand::Default) => {
             print!("{}", lamina::config::DEFAULT_FILE);
             Ok(())
         }
-        Command::Config(ConfigCommand::Dump { settings }) => {
-            print!("{}", settings.load()?.to_toml());
+        Command::Config(ConfigCommand::Dump { flags }) => {
+            print!("{}", Config::load(&flags)?.to_toml());
             Ok(())
         }
     }

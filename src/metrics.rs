@@ -32,8 +32,8 @@ pub struct Metrics {
     latency: Family<Labels, Histogram, fn() -> Histogram>,
     snapshots: Family<Labels, Gauge>,
     store_commit: Histogram,
-    reclaimed_dirs: Counter,
-    reclaimed_bytes: Counter,
+    deleted_dirs: Counter,
+    deleted_bytes: Counter,
     registry: Registry,
 }
 
@@ -55,8 +55,8 @@ impl Metrics {
             latency: Family::new_with_constructor(latency_histogram),
             snapshots: Family::default(),
             store_commit: latency_histogram(),
-            reclaimed_dirs: Counter::default(),
-            reclaimed_bytes: Counter::default(),
+            deleted_dirs: Counter::default(),
+            deleted_bytes: Counter::default(),
             registry: Registry::with_prefix("lamina"),
         };
         let r = &mut m.registry;
@@ -79,12 +79,12 @@ impl Metrics {
         r.register(
             "cleanup_reclaimed_directories",
             "Snapshot directories deleted (after Remove, by Cleanup, by recovery)",
-            m.reclaimed_dirs.clone(),
+            m.deleted_dirs.clone(),
         );
         r.register(
             "cleanup_reclaimed_bytes",
             "Bytes freed by deleting snapshot directories (after Remove, by Cleanup, by recovery)",
-            m.reclaimed_bytes.clone(),
+            m.deleted_bytes.clone(),
         );
         m
     }
@@ -104,9 +104,9 @@ impl Metrics {
         self.store_commit.observe(took.as_secs_f64());
     }
 
-    pub fn reclaimed(&self, bytes: u64) {
-        self.reclaimed_dirs.inc();
-        self.reclaimed_bytes.inc_by(bytes);
+    pub fn deleted(&self, bytes: u64) {
+        self.deleted_dirs.inc();
+        self.deleted_bytes.inc_by(bytes);
     }
 
     /// The text exposition, with `snapshots` (kind, count) as they are now.

@@ -229,9 +229,9 @@ pub fn start(config: &Config) -> Result<Arc<Admin>> {
             durable_commit: config.durable_commit,
         },
     )?;
-    let reclaimed = snapshotter.recover()?;
+    let deleted = snapshotter.recover()?;
     info!(
-        orphans = reclaimed.directories,
+        orphans = deleted.directories,
         "start-up recovery done; orphan directories are deleted in the background"
     );
     Ok(Arc::new(Admin {

@@ -51,14 +51,14 @@ const CHUNK: usize = 256;
 /// For each tree: the bytes its deletion freed, or the first thing that stopped part of it
 /// from being deleted. A tree that does not exist is deleted already (0 bytes).
 #[cfg(test)]
-pub fn remove_trees(parent: &Path, names: &[String], threads: usize) -> Result<Vec<Result<u64>>> {
-    remove_trees_until(parent, names, threads, &AtomicBool::new(false))
+pub fn delete_trees(parent: &Path, names: &[String], threads: usize) -> Result<Vec<Result<u64>>> {
+    delete_trees_until(parent, names, threads, &AtomicBool::new(false))
 }
 
-/// [`remove_trees`], given up between two tasks once `stop` is set (the daemon is stopping and
+/// [`delete_trees`], given up between two tasks once `stop` is set (the daemon is stopping and
 /// a tree of millions of files must not hold it up): the error is then `Unavailable`, and what
 /// is left of the trees is nobody's, for the next start-up to delete.
-pub fn remove_trees_until(
+pub fn delete_trees_until(
     parent: &Path,
     names: &[String],
     threads: usize,
@@ -488,7 +488,7 @@ mod tests {
                 .iter()
                 .map(|t| crate::overlay::usage::walk(&base.join(t)).unwrap().size as u64)
                 .collect();
-            let out = remove_trees(base, &names(&["1", "2", "missing"]), threads).unwrap();
+            let out = delete_trees(base, &names(&["1", "2", "missing"]), threads).unwrap();
             let got: Vec<u64> = out.into_iter().map(|r| r.unwrap()).collect();
             assert_eq!(got, vec![want[0], want[1], 0], "{threads} threads");
             assert!(!base.join("1").exists() && !base.join("2").exists());
@@ -534,7 +534,7 @@ mod tests {
         }
         nix::sys::stat::mkdirat(Some(at.as_raw_fd()), "leaf", mode).unwrap();
         drop(at);
-        let out = remove_trees(&base, &names(&["9"]), 4).unwrap();
+        let out = delete_trees(&base, &names(&["9"]), 4).unwrap();
         assert!(out[0].is_ok(), "{depth} levels: {:.300?}", out[0]);
         assert!(!base.join("9").exists());
         fs::remove_dir(&base).unwrap();
@@ -566,7 +566,7 @@ mod tests {
             None::<&str>,
         )
         .unwrap();
-        let out = remove_trees(&base, &names(&["3"]), 2);
+        let out = delete_trees(&base, &names(&["3"]), 2);
         crate::sys::unmount(&base.join("3/fs/vol")).unwrap();
         let err = out.unwrap().remove(0).unwrap_err();
         assert!(matches!(err, Error::Unsupported(_)), "{err}");
@@ -586,7 +586,7 @@ mod tests {
         let base = tmp.path().join("base");
         fs::create_dir(&base).unwrap();
         std::os::unix::fs::symlink(&outside, base.join("7")).unwrap();
-        let out = remove_trees(&base, &names(&["7"]), 4).unwrap();
+        let out = delete_trees(&base, &names(&["7"]), 4).unwrap();
         assert!(out[0].is_ok(), "{out:?}");
         assert!(!base.join("7").exists());
         assert!(outside.join("precious").exists());
@@ -600,7 +600,7 @@ mod tests {
         fs::create_dir_all(base.join("2/fs")).unwrap();
         fs::write(base.join("2/fs/f"), b"f").unwrap();
         // A file whose name cannot be passed on is refused up front, deleting nothing.
-        assert!(remove_trees(base, &names(&["1", "a\0b"]), 2).is_err());
+        assert!(delete_trees(base, &names(&["1", "a\0b"]), 2).is_err());
         assert!(base.join("1").exists());
         // A tree that cannot be listed: its error names the path; the other tree goes.
         let unreadable = base.join("2/fs");
@@ -614,7 +614,7 @@ mod tests {
                 None::<&str>,
             )
             .unwrap();
-            let out = remove_trees(base, &names(&["1", "2"]), 2);
+            let out = delete_trees(base, &names(&["1", "2"]), 2);
             crate::sys::unmount(&unreadable).unwrap();
             let out = out.unwrap();
             assert!(
@@ -624,7 +624,7 @@ mod tests {
             out
         } else {
             fs::set_permissions(&unreadable, fs::Permissions::from_mode(0o000)).unwrap();
-            let out = remove_trees(base, &names(&["1", "2"]), 2).unwrap();
+            let out = delete_trees(base, &names(&["1", "2"]), 2).unwrap();
             fs::set_permissions(&unreadable, fs::Permissions::from_mode(0o755)).unwrap();
             out
         };

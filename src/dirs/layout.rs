@@ -163,7 +163,7 @@ impl Layout {
     /// `snapshots/<id>` must not exist yet: its record committed just before, and an ID is
     /// never handed out twice, so whatever is already there was not made for this snapshot. It
     /// is left as it is, and the answer is [`Error::Occupied`].
-    pub fn create_dirs(&self, id: u64, with_work: bool, owner: Option<(u32, u32)>) -> Result<()> {
+    pub fn make_dirs(&self, id: u64, with_work: bool, owner: Option<(u32, u32)>) -> Result<()> {
         let snapshots = self.open_snapshots()?;
         make_tree(&snapshots, &id.to_string(), with_work, false)
             .map_err(|e| self.dir_error(id, e))?;
@@ -214,7 +214,7 @@ impl Layout {
     }
 
     /// Moves a spare tree into place as snapshot `id`'s directories (one rename on the same
-    /// filesystem), then gives `fs` its owner as [`Layout::create_dirs`] does. As there, an
+    /// filesystem), then gives `fs` its owner as [`Layout::make_dirs`] does. As there, an
     /// existing `snapshots/<id>` is [`Error::Occupied`] and left as it is (a plain rename would
     /// replace an empty directory, and fail on others only by chance of their contents).
     pub(super) fn adopt(&self, tree: &Path, id: u64, owner: Option<(u32, u32)>) -> Result<()> {
@@ -316,25 +316,25 @@ impl Layout {
     }
 
     /// Deletes snapshot `id`'s directory tree; a missing tree is not an error.
-    pub fn remove_dirs(&self, id: u64) -> Result<()> {
-        let mut out = self.remove_trees(&[id])?;
+    pub fn delete_dirs(&self, id: u64) -> Result<()> {
+        let mut out = self.delete_trees(&[id])?;
         out.pop().unwrap_or(Ok(0)).map(drop)
     }
 
     /// Deletes the trees of snapshots `ids` at once, on up to [`DELETE_THREADS`] threads (see
     /// `delete.rs` for why so many). For each: the bytes freed, or why it is not all gone.
-    pub fn remove_trees(&self, ids: &[u64]) -> Result<Vec<Result<u64>>> {
-        self.remove_trees_until(ids, &std::sync::atomic::AtomicBool::new(false))
+    pub fn delete_trees(&self, ids: &[u64]) -> Result<Vec<Result<u64>>> {
+        self.delete_trees_until(ids, &std::sync::atomic::AtomicBool::new(false))
     }
 
-    /// [`Layout::remove_trees`], given up once `stop` is set (see `delete::remove_trees_until`).
-    pub fn remove_trees_until(
+    /// [`Layout::delete_trees`], given up once `stop` is set (see `delete::delete_trees_until`).
+    pub fn delete_trees_until(
         &self,
         ids: &[u64],
         stop: &std::sync::atomic::AtomicBool,
     ) -> Result<Vec<Result<u64>>> {
         let names: Vec<String> = ids.iter().map(u64::to_string).collect();
-        super::delete::remove_trees_until(&self.snapshots_dir(), &names, DELETE_THREADS, stop)
+        super::delete::delete_trees_until(&self.snapshots_dir(), &names, DELETE_THREADS, stop)
     }
 
     /// Lists `<root>/snapshots`. Costs one directory read; only Cleanup and start-up call it.
@@ -360,9 +360,9 @@ impl Layout {
 /// Deletes the tree `name` inside `parent` the way snapshot trees are deleted (see
 /// `delete.rs`): never following a symlink, never descending into anything mounted inside it
 /// (that part is left, and reported). For lamina's scratch directories outside `snapshots/`.
-pub fn remove_tree(parent: &Path, name: &str) -> Result<u64> {
+pub fn delete_tree(parent: &Path, name: &str) -> Result<u64> {
     let stop = std::sync::atomic::AtomicBool::new(false);
-    let mut out = super::delete::remove_trees_until(parent, &[name.to_string()], 1, &stop)?;
+    let mut out = super::delete::delete_trees_until(parent, &[name.to_string()], 1, &stop)?;
     out.pop().unwrap_or(Ok(0))
 }
 
@@ -451,21 +451,21 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let layout = Layout::new(tmp.path().join("root"));
         layout.init().unwrap();
-        layout.create_dirs(3, true, None).unwrap();
+        layout.make_dirs(3, true, None).unwrap();
         let mode = |p: PathBuf| fs::metadata(p).unwrap().permissions().mode() & 0o7777;
         assert_eq!(mode(layout.root().to_path_buf()), 0o700);
         assert_eq!(mode(layout.fs(3)), 0o755);
         assert_eq!(mode(layout.work(3)), 0o711);
         // A new snapshot's place must be free: what is there is not taken over.
-        let again = layout.create_dirs(3, true, None);
+        let again = layout.make_dirs(3, true, None);
         assert!(matches!(again, Err(Error::Occupied(_))), "{again:?}");
         // Recovery completes a half-made snapshot.
         fs::remove_dir(layout.work(3)).unwrap();
         layout.complete_dirs(3, true, None).unwrap();
         assert!(layout.work(3).is_dir());
         assert_eq!(layout.list().unwrap(), vec![DirEntry::Id(3)]);
-        layout.remove_dirs(3).unwrap();
-        layout.remove_dirs(3).unwrap();
+        layout.delete_dirs(3).unwrap();
+        layout.delete_dirs(3).unwrap();
         assert!(layout.list().unwrap().is_empty());
     }
 
@@ -478,7 +478,7 @@ mod tests {
         fs::create_dir(&outside).unwrap();
         std::os::unix::fs::symlink(&outside, layout.dir(4)).unwrap();
         assert!(matches!(
-            layout.create_dirs(4, true, Some((1, 1))),
+            layout.make_dirs(4, true, Some((1, 1))),
             Err(Error::Occupied(_))
         ));
         assert!(layout.complete_dirs(4, true, Some((1, 1))).is_err());

@@ -79,7 +79,7 @@ impl Spares {
     pub fn start(layout: Layout) -> Result<Spares> {
         // With the deleter, which never follows a symlink nor descends into a mount: whatever
         // was left there, nothing outside `spare/` is touched.
-        super::layout::remove_tree(layout.root(), "spare").map_err(|e| {
+        super::layout::delete_tree(layout.root(), "spare").map_err(|e| {
             Error::Internal(format!(
                 "removing leftover spare directories under {}: {}",
                 layout.spare_dir().display(),
@@ -103,9 +103,9 @@ impl Spares {
         })
     }
 
-    /// Creates the directories of snapshot `id` (see [`Layout::create_dirs`]), from a spare
+    /// Creates the directories of snapshot `id` (see [`Layout::make_dirs`]), from a spare
     /// tree when one is ready.
-    pub fn create_dirs(&self, id: u64, with_work: bool, owner: Option<(u32, u32)>) -> Result<()> {
+    pub fn make_dirs(&self, id: u64, with_work: bool, owner: Option<(u32, u32)>) -> Result<()> {
         let layout = &self.shared.layout;
         if let Some(tree) = self.take(with_work) {
             match layout.adopt(&tree, id, owner) {
@@ -121,7 +121,7 @@ impl Spares {
                 }
             }
         }
-        layout.create_dirs(id, with_work, owner)
+        layout.make_dirs(id, with_work, owner)
     }
 
     fn put_back(&self, with_work: bool, tree: PathBuf) {
@@ -135,7 +135,7 @@ impl Spares {
         let (Some(parent), Some(name)) = (tree.parent(), tree.file_name()) else {
             return;
         };
-        if let Err(e) = super::layout::remove_tree(parent, &name.to_string_lossy()) {
+        if let Err(e) = super::layout::delete_tree(parent, &name.to_string_lossy()) {
             warn!(path = %tree.display(), error = %chain(&e), "could not delete an unused spare directory");
         }
     }
@@ -236,8 +236,8 @@ mod tests {
         layout.init().unwrap();
         let spares = Spares::start(layout.clone()).unwrap();
         wait_full(&spares);
-        spares.create_dirs(1, true, None).unwrap();
-        spares.create_dirs(2, false, Some((1234, 5678))).unwrap();
+        spares.make_dirs(1, true, None).unwrap();
+        spares.make_dirs(2, false, Some((1234, 5678))).unwrap();
         assert_eq!(spares.ready(), (DEPTH - 1, DEPTH - 1));
         let mode = |p: PathBuf| fs::metadata(p).unwrap().permissions().mode() & 0o7777;
         assert_eq!(mode(layout.dir(1)), 0o700);
@@ -272,7 +272,7 @@ mod tests {
             state.active.clear();
             state.view.clear();
         }
-        spares.create_dirs(9, true, None).unwrap();
+        spares.make_dirs(9, true, None).unwrap();
         assert!(layout.work(9).is_dir());
     }
 }

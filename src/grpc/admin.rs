@@ -29,7 +29,7 @@ pub struct Admin {
 
 fn wire_finding(f: fsck::Finding) -> proto::Finding {
     proto::Finding {
-        kind: f.kind.into(),
+        kind: f.kind.as_str().into(),
         key: f.key,
         path: f.path.display().to_string(),
         detail: f.detail,

@@ -46,7 +46,7 @@ pub async fn mounts(channel: Channel, key: &str) -> Result<Vec<Mount>> {
         .mounts
         .into_iter()
         .map(|m| Mount {
-            kind: m.r#type,
+            r#type: m.r#type,
             source: m.source,
             options: m.options,
         })

@@ -329,11 +329,10 @@ mod tests {
         keys.sort();
         // Updated later than created, so that the two timestamps differ.
         for key in keys.iter().step_by(7) {
-            let info = snapshot::Info {
-                labels: [("updated".to_string(), "1".to_string())].into(),
-                ..s.stat(key.clone()).await.unwrap()
-            };
-            s.update(info, vec!["labels.updated".into()]).await.unwrap();
+            let updated = labels(&[("updated", "1")]);
+            s.update(key.clone(), updated, vec!["labels.updated".into()])
+                .await
+                .unwrap();
         }
 
         let (tx, mut rx) = mpsc::channel(keys.len());

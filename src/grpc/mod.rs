@@ -6,7 +6,7 @@ pub mod client;
 mod list;
 mod serving;
 
-use std::{future::Future, sync::Arc, time::SystemTime};
+use std::{future::Future, sync::Arc};
 
 use containerd_snapshots::api::{snapshots::v1::*, types};
 use tonic::{Request, Response, Status};
@@ -104,7 +104,7 @@ fn wire_mounts(mounts: Vec<Mount>) -> Vec<types::Mount> {
     mounts
         .into_iter()
         .map(|m| types::Mount {
-            r#type: m.kind,
+            r#type: m.r#type,
             source: m.source,
             target: String::new(),
             options: m.options,
@@ -112,12 +112,10 @@ fn wire_mounts(mounts: Vec<Mount>) -> Vec<types::Mount> {
         .collect()
 }
 
+/// The wire's number for `kind`: containerd's, which lamina's kinds use already (a test
+/// below holds them to the generated enum).
 fn wire_kind(kind: Kind) -> i32 {
-    match kind {
-        Kind::View => 1,
-        Kind::Active => 2,
-        Kind::Committed => 3,
-    }
+    kind.number() as i32
 }
 
 fn wire_info(info: snapshot::Info) -> Info {
@@ -128,18 +126,6 @@ fn wire_info(info: snapshot::Info) -> Info {
         created_at: Some(info.created.into()),
         updated_at: Some(info.updated.into()),
         labels: info.labels.into_iter().collect(),
-    }
-}
-
-/// Only the name and labels of an Update's info matter; the rest is ignored as containerd does.
-fn domain_info(info: Info) -> snapshot::Info {
-    snapshot::Info {
-        name: info.name,
-        parent: info.parent,
-        kind: Kind::Active,
-        labels: info.labels.into_iter().collect(),
-        created: SystemTime::UNIX_EPOCH,
-        updated: SystemTime::UNIX_EPOCH,
     }
 }
 
@@ -242,7 +228,9 @@ impl Snapshots for Service {
                 Error::invalid("update needs the snapshot's info (name and labels)")
             })?;
             let paths = r.update_mask.map(|m| m.paths).unwrap_or_default();
-            let info = s.update(domain_info(info), paths).await?;
+            // Only the name and labels of an Update's info matter; the rest is ignored, as
+            // containerd ignores it.
+            let info = s.update(info.name, info.labels, paths).await?;
             Ok(UpdateSnapshotResponse {
                 info: Some(wire_info(info)),
             })
@@ -284,10 +272,29 @@ impl Snapshots for Service {
         let span = info_span!("cleanup", ns);
         let s = &self.snapshotter;
         traced("Cleanup", span, async {
-            let reclaimed = s.cleanup().await?;
-            tracing::info!(directories = reclaimed.directories, "cleanup done");
+            let deleted = s.cleanup().await?;
+            tracing::info!(directories = deleted.directories, "cleanup done");
             Ok(())
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kinds_number_as_the_generated_enum_does() {
+        use containerd_snapshots::api::snapshots::v1::Kind as Wire;
+        for (kind, wire) in [
+            (Kind::View, Wire::View),
+            (Kind::Active, Wire::Active),
+            (Kind::Committed, Wire::Committed),
+        ] {
+            assert_eq!(wire_kind(kind), wire as i32);
+            assert_eq!(Kind::from_number(wire as u32), Some(kind));
+        }
+        assert_eq!(Kind::from_number(Wire::Unknown as u32), None);
     }
 }

@@ -12,7 +12,8 @@ use std::path::{Path, PathBuf};
 /// One mount as containerd will perform it. Plain data; `grpc/` converts it to the wire type.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Mount {
-    pub kind: String,
+    /// The filesystem type (`bind`, `overlay`), as containerd's Mount names it.
+    pub r#type: String,
     pub source: String,
     pub options: Vec<String>,
 }
@@ -28,7 +29,7 @@ pub struct Dirs<'a> {
 
 fn bind(source: &Path, writable: bool) -> Mount {
     Mount {
-        kind: "bind".into(),
+        r#type: "bind".into(),
         source: source.display().to_string(),
         options: vec![if writable { "rw" } else { "ro" }.into(), "rbind".into()],
     }
@@ -55,7 +56,7 @@ pub fn active_mounts(dirs: Dirs<'_>, options: &[String]) -> Vec<Mount> {
     ];
     opts.extend(options.iter().cloned());
     vec![Mount {
-        kind: "overlay".into(),
+        r#type: "overlay".into(),
         source: "overlay".into(),
         options: opts,
     }]
@@ -71,7 +72,7 @@ pub fn view_mounts(dirs: Dirs<'_>, options: &[String]) -> Vec<Mount> {
             let mut opts = vec![lowerdir(lowers)];
             opts.extend(options.iter().cloned());
             vec![Mount {
-                kind: "overlay".into(),
+                r#type: "overlay".into(),
                 source: "overlay".into(),
                 options: opts,
             }]
@@ -89,7 +90,7 @@ pub fn read_only(mounts: &[Mount]) -> Vec<Mount> {
 }
 
 fn read_only_one(m: &Mount) -> Mount {
-    match m.kind.as_str() {
+    match m.r#type.as_str() {
         "bind" => Mount {
             options: m
                 .options
@@ -126,7 +127,7 @@ fn read_only_one(m: &Mount) -> Mount {
 /// The directories mount `m` writes to: an overlay's upper and work directories, or the source
 /// of a bind that is not read-only. None for a read-only mount.
 pub fn written_dirs(m: &Mount) -> Vec<PathBuf> {
-    match m.kind.as_str() {
+    match m.r#type.as_str() {
         "bind" if !m.options.iter().any(|o| o == "ro") => vec![PathBuf::from(&m.source)],
         "overlay" => m
             .options
@@ -167,7 +168,7 @@ mod tests {
         assert_eq!(
             m,
             vec![Mount {
-                kind: "bind".into(),
+                r#type: "bind".into(),
                 source: "/r/snapshots/1/fs".into(),
                 options: vec!["rw".into(), "rbind".into()],
             }]
@@ -188,7 +189,7 @@ mod tests {
         );
         assert_eq!(m.len(), 1);
         assert_eq!(
-            (m[0].kind.as_str(), m[0].source.as_str()),
+            (m[0].r#type.as_str(), m[0].source.as_str()),
             ("overlay", "overlay")
         );
         assert_eq!(
@@ -213,7 +214,7 @@ mod tests {
             },
             &["x".into()],
         );
-        assert_eq!(none[0].kind, "bind");
+        assert_eq!(none[0].r#type, "bind");
         assert_eq!(none[0].source, "/r/snapshots/9/fs");
         assert_eq!(opts(&none[0]), vec!["ro", "rbind"]);
 
@@ -226,7 +227,7 @@ mod tests {
             },
             &["x".into()],
         );
-        assert_eq!(m[0].kind, "bind");
+        assert_eq!(m[0].r#type, "bind");
         assert_eq!(
             m[0].source, "/r/snapshots/4/fs",
             "a one-parent view binds the parent"
@@ -242,7 +243,7 @@ mod tests {
             },
             &["x".into()],
         );
-        assert_eq!(m[0].kind, "overlay");
+        assert_eq!(m[0].r#type, "overlay");
         assert_eq!(
             opts(&m[0]),
             vec!["lowerdir=/r/snapshots/4/fs:/r/snapshots/2/fs", "x"],

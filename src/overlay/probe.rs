@@ -121,7 +121,7 @@ fn remove_scratch(scratch: &Path) {
     let (Some(parent), Some(name)) = (scratch.parent(), scratch.file_name()) else {
         return;
     };
-    if let Err(e) = crate::dirs::layout::remove_tree(parent, &name.to_string_lossy()) {
+    if let Err(e) = crate::dirs::layout::delete_tree(parent, &name.to_string_lossy()) {
         tracing::warn!(path = %scratch.display(), error = %crate::error::chain(&e), "could not delete the probe's scratch directory");
     }
 }

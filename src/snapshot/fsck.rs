@@ -20,11 +20,64 @@ use crate::{
     sys::at,
 };
 
+/// What fsck can find.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Problem {
+    /// A directory of an ID the store handed out and no snapshot owns any more.
+    Orphan,
+    /// A directory of an ID the store never handed out (it is missing, or older than it).
+    Unknown,
+    MissingDirectory,
+    MissingWorkdir,
+    /// A symlink or a file where a snapshot's directory should be.
+    NotADirectory,
+    DanglingParent,
+    WrongMode,
+    /// An entry under `snapshots/` that is not lamina's: only reported.
+    Foreign,
+}
+
+impl Problem {
+    const ALL: [Problem; 8] = [
+        Problem::Orphan,
+        Problem::Unknown,
+        Problem::MissingDirectory,
+        Problem::MissingWorkdir,
+        Problem::NotADirectory,
+        Problem::DanglingParent,
+        Problem::WrongMode,
+        Problem::Foreign,
+    ];
+
+    /// The name fsck prints and the admin API sends.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Problem::Orphan => "orphan",
+            Problem::Unknown => "unknown",
+            Problem::MissingDirectory => "missing_directory",
+            Problem::MissingWorkdir => "missing_workdir",
+            Problem::NotADirectory => "not_a_directory",
+            Problem::DanglingParent => "dangling_parent",
+            Problem::WrongMode => "wrong_mode",
+            Problem::Foreign => "foreign",
+        }
+    }
+
+    /// The problem named `name` (as the admin API sends it), if any.
+    pub fn from_name(name: &str) -> Option<Problem> {
+        Problem::ALL.into_iter().find(|p| p.as_str() == name)
+    }
+
+    /// Whether a finding of this kind leaves the root unclean until repaired: all but entries
+    /// that are not lamina's, which are only reported.
+    pub fn needs_repair(self) -> bool {
+        self != Problem::Foreign
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Finding {
-    /// `orphan`, `unknown`, `missing_directory`, `missing_workdir`, `not_a_directory`,
-    /// `dangling_parent`, `wrong_mode`, `foreign`.
-    pub kind: &'static str,
+    pub kind: Problem,
     pub key: String,
     pub path: PathBuf,
     pub detail: String,
@@ -47,7 +100,7 @@ impl Report {
     pub fn clean(&self) -> bool {
         self.findings
             .iter()
-            .all(|f| f.kind == "foreign" || f.repaired)
+            .all(|f| !f.kind.needs_repair() || f.repaired)
     }
 }
 
@@ -73,7 +126,7 @@ struct Check<'a> {
 impl Check<'_> {
     fn found(
         &mut self,
-        kind: &'static str,
+        kind: Problem,
         key: &str,
         path: &Path,
         detail: String,
@@ -111,7 +164,7 @@ impl Check<'_> {
         let have = have & 0o7777;
         if have != want {
             self.found(
-                "wrong_mode",
+                Problem::WrongMode,
                 key,
                 path,
                 format!("mode {have:04o}, expected {want:04o}"),
@@ -135,7 +188,7 @@ impl Check<'_> {
 pub(super) enum Orphans<'a> {
     /// Delete it now, and say whether that worked.
     Delete,
-    /// Only note its ID, for the caller to hand to the reaper (start-up recovery).
+    /// Only note its ID, for the caller to hand to the deleter (start-up recovery).
     Collect(&'a mut Vec<u64>),
 }
 
@@ -167,7 +220,7 @@ impl Snapshotter {
         let deleted = report
             .findings
             .iter()
-            .filter(|f| f.kind == "unknown" && f.repaired)
+            .filter(|f| f.kind == Problem::Unknown && f.repaired)
             .filter_map(|f| f.path.file_name()?.to_str()?.parse::<u64>().ok())
             .max();
         if let Some(highest) = deleted {
@@ -203,7 +256,7 @@ impl Snapshotter {
         let mut report = Report::default();
         // Serving: creations are under way, and one whose record is committed but whose
         // directories are not made yet is no finding (repairing it would fail that Prepare).
-        let online = self.reaper.get().is_some();
+        let online = self.deleter.get().is_some();
         let in_flight = |r: &Record| {
             r.kind != Kind::Committed
                 && SystemTime::now()
@@ -228,7 +281,7 @@ impl Snapshotter {
                     let path = layout.dir(id);
                     let bytes = usage::walk(&path).map_or(0, |u| u.size.max(0) as u64);
                     let mut fix = || match self
-                        .delete(
+                        .delete_now(
                             vec![id],
                             "the store never handed out its ID (fsck --delete-unknown)",
                         )?
@@ -241,7 +294,7 @@ impl Snapshotter {
                         .unknown
                         .then_some(("deleted", &mut fix as &mut dyn FnMut() -> Result<()>));
                     c.found(
-                        "unknown",
+                        Problem::Unknown,
                         "",
                         &path,
                         format!(
@@ -262,14 +315,14 @@ impl Snapshotter {
                         Orphans::Collect(_) => "queued for deletion",
                     };
                     let mut fix = || match &mut orphans {
-                        Orphans::Delete => self.remove_orphan(id, "owned by no snapshot (fsck)"),
+                        Orphans::Delete => self.delete_orphan(id, "owned by no snapshot (fsck)"),
                         Orphans::Collect(ids) => {
                             ids.push(id);
                             Ok(())
                         }
                     };
                     c.found(
-                        "orphan",
+                        Problem::Orphan,
                         "",
                         &layout.dir(id),
                         format!("directory of ID {id}, which no snapshot owns"),
@@ -279,7 +332,7 @@ impl Snapshotter {
                 }
                 DirEntry::Id(_) => {}
                 DirEntry::Foreign(name) => c.found(
-                    "foreign",
+                    Problem::Foreign,
                     "",
                     &layout.snapshots_dir().join(&name),
                     "not created by lamina".into(),
@@ -298,7 +351,7 @@ impl Snapshotter {
             } {
                 if self.still_is(key, id) {
                     c.found(
-                        "not_a_directory",
+                        Problem::NotADirectory,
                         key,
                         &layout.part(id, part),
                         format!("{} snapshot's directory is {why}", record.kind.as_str()),
@@ -316,7 +369,7 @@ impl Snapshotter {
                 let detail = format!("{} snapshot has no data directory", record.kind.as_str());
                 if record.kind == Kind::Committed {
                     c.found(
-                        "missing_directory",
+                        Problem::MissingDirectory,
                         key,
                         &layout.fs(id),
                         detail,
@@ -330,7 +383,7 @@ impl Snapshotter {
                         layout.complete_dirs(id, record.kind == Kind::Active, owner)
                     };
                     c.found(
-                        "missing_directory",
+                        Problem::MissingDirectory,
                         key,
                         &layout.fs(id),
                         detail,
@@ -353,7 +406,7 @@ impl Snapshotter {
                     Seen::Missing if self.still_is(key, id) => {
                         let mut fix = || layout.complete_dirs(id, true, None);
                         c.found(
-                            "missing_workdir",
+                            Problem::MissingWorkdir,
                             key,
                             &layout.work(id),
                             "active snapshot has no overlay work directory".into(),
@@ -363,7 +416,7 @@ impl Snapshotter {
                     }
                     Seen::Missing => {}
                     Seen::Other(why) => c.found(
-                        "not_a_directory",
+                        Problem::NotADirectory,
                         key,
                         &layout.work(id),
                         format!("active snapshot's work directory is {why}"),
@@ -378,7 +431,7 @@ impl Snapshotter {
                 && self.still_is(key, id)
             {
                 c.found(
-                    "dangling_parent",
+                    Problem::DanglingParent,
                     key,
                     &layout.dir(id),
                     format!(
@@ -420,15 +473,15 @@ mod tests {
         for key in ["gone", "kept"] {
             let r = wait(
                 s.store
-                    .create(key, "", Kind::Active, BTreeMap::new(), SystemTime::now()),
+                    .insert(key, "", Kind::Active, BTreeMap::new(), SystemTime::now()),
             )
             .unwrap();
-            s.layout.create_dirs(r.id, true, None).unwrap();
+            s.layout.make_dirs(r.id, true, None).unwrap();
         }
         // What fsck read, then a Remove lands (record, then directory) before it looks.
         let (records, next_id) = s.store.list_with_next_id().unwrap();
         let gone = wait(s.store.remove("gone")).unwrap();
-        s.layout.remove_dirs(gone.id).unwrap();
+        s.layout.delete_dirs(gone.id).unwrap();
         let kept = s.store.get("kept").unwrap();
         std::fs::remove_dir_all(s.layout.dir(kept.id)).unwrap();
         let report = s.compare(
@@ -456,7 +509,7 @@ mod tests {
         // A Prepare between its record and its directories.
         let r = wait(
             s.store
-                .create("new", "", Kind::Active, BTreeMap::new(), SystemTime::now()),
+                .insert("new", "", Kind::Active, BTreeMap::new(), SystemTime::now()),
         )
         .unwrap();
         let report = s.fsck(REPAIR).unwrap();
@@ -469,8 +522,8 @@ mod tests {
         // Stopped (after a crash, say), the same record is a creation that never finished.
         let s = open(tmp.path());
         let report = s.fsck(REPAIR).unwrap();
-        let kinds: Vec<&str> = report.findings.iter().map(|f| f.kind).collect();
-        assert_eq!(kinds, vec!["missing_directory"]);
+        let kinds: Vec<Problem> = report.findings.iter().map(|f| f.kind).collect();
+        assert_eq!(kinds, vec![Problem::MissingDirectory]);
         assert!(s.layout.fs(r.id).is_dir());
     }
 }

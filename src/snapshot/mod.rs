@@ -12,7 +12,7 @@
 //! worker that received the request (microseconds: cheaper than a hand-off to another thread);
 //! writes wait for the store's committer thread without holding a thread; work of unbounded
 //! length (walking a tree, reading the whole store) runs on tokio's blocking pool, and deleting
-//! trees on the reaper's thread (see `store/reaper.rs`).
+//! trees on the deleter's thread (see `store/deleter.rs`).
 
 pub mod filter;
 pub mod fsck;
@@ -33,7 +33,7 @@ use std::{
 use tracing::{error, info, warn, Instrument, Span};
 
 use crate::{
-    dirs::{reaper::Reaper, spares::Spares, DirEntry, Layout},
+    dirs::{deleter::Deleter, spares::Spares, DirEntry, Layout},
     error::{chain, Error, Result},
     metrics,
     overlay::{self, usage, Dirs, Mount, Usage},
@@ -156,7 +156,7 @@ pub struct Counts {
 
 /// What Cleanup (or start-up recovery) did.
 #[derive(Debug, Default, PartialEq, Eq)]
-pub struct Reclaimed {
+pub struct Deleted {
     pub directories: u64,
 }
 
@@ -169,7 +169,7 @@ pub struct Snapshotter {
     spares: OnceLock<Spares>,
     /// Deletes removed snapshots' directories in the background; only a serving lamina has
     /// one (without it, they wait for Cleanup).
-    reaper: OnceLock<Reaper>,
+    deleter: OnceLock<Deleter>,
     /// Turns to run a List (see [`MAX_LISTS`]).
     lists: Arc<tokio::sync::Semaphore>,
 }
@@ -238,24 +238,26 @@ impl Snapshotter {
             options,
             closing: AtomicBool::new(false),
             spares: OnceLock::new(),
-            reaper: OnceLock::new(),
+            deleter: OnceLock::new(),
             lists: Arc::new(tokio::sync::Semaphore::new(MAX_LISTS)),
         })
     }
 
     /// Starts the background threads of a serving lamina: ready-made directories for
     /// creations (see [`Spares`]) and the deletion of removed snapshots' directories (see
-    /// [`Reaper`]). After [`Snapshotter::recover`]; offline tools do without.
+    /// [`Deleter`]). After [`Snapshotter::recover`]; offline tools do without.
     pub fn start_background(&self) -> Result<()> {
         if self.spares.get().is_none() {
             let _ = self.spares.set(Spares::start(self.layout.clone())?);
         }
-        if self.reaper.get().is_none() {
+        if self.deleter.get().is_none() {
             let layout = self.layout.clone();
             let report = Box::new(move |id: u64, result: &Result<u64>| {
                 report_deleted(&layout, id, result, "no snapshot owns it")
             });
-            let _ = self.reaper.set(Reaper::start(self.layout.clone(), report)?);
+            let _ = self
+                .deleter
+                .set(Deleter::start(self.layout.clone(), report)?);
         }
         Ok(())
     }
@@ -281,7 +283,7 @@ impl Snapshotter {
 
     fn admit(&self) -> Result<()> {
         if self.closing.load(Ordering::SeqCst) {
-            return Err(Error::ShuttingDown);
+            return Err(Error::shutting_down());
         }
         Ok(())
     }
@@ -341,7 +343,7 @@ impl Snapshotter {
         parent: String,
         labels: HashMap<String, String>,
     ) -> Result<Vec<Mount>> {
-        self.change(|s| async move { s.create(key, parent, labels, Kind::Active).await })
+        self.change(|s| async move { s.new_snapshot(key, parent, labels, Kind::Active).await })
             .await
     }
 
@@ -351,7 +353,7 @@ impl Snapshotter {
         parent: String,
         labels: HashMap<String, String>,
     ) -> Result<Vec<Mount>> {
-        self.change(|s| async move { s.create(key, parent, labels, Kind::View).await })
+        self.change(|s| async move { s.new_snapshot(key, parent, labels, Kind::View).await })
             .await
     }
 
@@ -420,14 +422,14 @@ impl Snapshotter {
             let id = record.id;
             if s.options.sync_remove {
                 let removed = s
-                    .blocking(move |s| s.delete(vec![id], "removed"))
+                    .blocking(move |s| s.delete_now(vec![id], "removed"))
                     .await
                     .and_then(|mut r| r.pop().unwrap_or(Ok(0)));
                 if let Err(e) = removed {
                     warn!(id, error = %chain(&e), "removed, but its directory stays until Cleanup");
                 }
-            } else if let Some(reaper) = s.reaper.get() {
-                reaper.push(id);
+            } else if let Some(deleter) = s.deleter.get() {
+                deleter.delete_later(id);
             }
             info!(id = record.id, "removed");
             Ok(())
@@ -442,13 +444,15 @@ impl Snapshotter {
         Ok(self.info(key, record))
     }
 
-    /// Changes labels, the only mutable field. `paths` empty or `labels`: replace them all;
-    /// `labels.<k>`: set k from `info`, or delete it when absent or empty there.
-    pub async fn update(self: &Arc<Self>, info: Info, paths: Vec<String>) -> Result<Info> {
+    pub async fn update(
+        self: &Arc<Self>,
+        key: String,
+        labels: HashMap<String, String>,
+        paths: Vec<String>,
+    ) -> Result<Info> {
         self.change(|s| async move {
-            let key = info.name.clone();
             check_key("info.name", &key)?;
-            let given = check_labels(info.labels.into_iter().collect())?;
+            let given = check_labels(labels)?;
             let paths = if paths.is_empty() {
                 vec![String::from("labels")]
             } else {
@@ -530,7 +534,7 @@ impl Snapshotter {
         let turn = Arc::clone(&self.lists)
             .acquire_owned()
             .await
-            .map_err(|_| Error::ShuttingDown)?;
+            .map_err(|_| Error::shutting_down())?;
         self.run(move |s| {
             let _turn = turn;
             let (mut stopped, mut failed) = (false, None);
@@ -569,8 +573,8 @@ impl Snapshotter {
 
     /// Deletes every directory under `<root>/snapshots` that no snapshot owns, including those
     /// of removed snapshots still queued for deletion, and returns once they are gone.
-    pub async fn cleanup(self: &Arc<Self>) -> Result<Reclaimed> {
-        self.run(|s| s.reclaim("not owned by any snapshot (Cleanup)"))
+    pub async fn cleanup(self: &Arc<Self>) -> Result<Deleted> {
+        self.run(|s| s.delete_orphans("not owned by any snapshot (Cleanup)"))
             .await
     }
 
@@ -581,41 +585,41 @@ impl Snapshotter {
     /// directories no snapshot owns are deleted.
     ///
     /// Those orphans are only queued: once the rest is repaired, the background threads start
-    /// and the reaper deletes them while lamina serves. A node that crashed in the middle
+    /// and the deleter deletes them while lamina serves. A node that crashed in the middle
     /// of a garbage collection can hold tens of gigabytes of them, and deleting them first
     /// kept containerd (and systemd's start timeout) waiting. Their IDs are never handed out
     /// again, so nothing can meet them meanwhile but a Cleanup, which waits for them.
-    pub fn recover(&self) -> Result<Reclaimed> {
+    pub fn recover(&self) -> Result<Deleted> {
         let mut orphans = Vec::new();
         let repair = fsck::Repair {
             safe: true,
             unknown: false,
         };
         let report = self.fsck_with(repair, fsck::Orphans::Collect(&mut orphans))?;
-        let mut reclaimed = Reclaimed::default();
+        let mut deleted = Deleted::default();
         for f in &report.findings {
             let path = f.path.display();
             match (f.kind, f.repaired) {
-                ("orphan", true) => reclaimed.directories += 1,
-                ("foreign", _) => warn!(%path, "not created by lamina; left alone"),
+                (fsck::Problem::Orphan, true) => deleted.directories += 1,
+                (fsck::Problem::Foreign, _) => warn!(%path, "not created by lamina; left alone"),
                 (kind, true) => {
-                    warn!(key = ?f.key, %path, kind, detail = %f.detail, action = %f.action, "recovered")
+                    warn!(key = ?f.key, %path, kind = kind.as_str(), detail = %f.detail, action = %f.action, "recovered")
                 }
                 (kind, false) => {
-                    error!(key = ?f.key, %path, kind, detail = %f.detail, action = %f.action, "cannot recover")
+                    error!(key = ?f.key, %path, kind = kind.as_str(), detail = %f.detail, action = %f.action, "cannot recover")
                 }
             }
         }
         self.start_background()?;
-        if let Some(reaper) = self.reaper.get() {
+        if let Some(deleter) = self.deleter.get() {
             for id in orphans {
-                reaper.push(id);
+                deleter.delete_later(id);
             }
         }
-        Ok(reclaimed)
+        Ok(deleted)
     }
 
-    fn reclaim(&self, why: &str) -> Result<Reclaimed> {
+    fn delete_orphans(&self, why: &str) -> Result<Deleted> {
         // List the directories first, then read which IDs are owned: a directory is created
         // only after its record commits, so any directory seen here that belongs to a snapshot
         // being prepared right now is already in the store read below.
@@ -640,12 +644,12 @@ impl Snapshotter {
             }
         }
         // All at once, so that the deleter's threads share the whole job (see `delete.rs`).
-        let results = self.delete(orphans, why)?;
-        let mut reclaimed = Reclaimed::default();
+        let results = self.delete_now(orphans, why)?;
+        let mut deleted = Deleted::default();
         let mut failure = None;
         for result in results {
             match result {
-                Ok(_) => reclaimed.directories += 1,
+                Ok(_) => deleted.directories += 1,
                 Err(err) => {
                     failure.get_or_insert(err);
                 }
@@ -653,29 +657,32 @@ impl Snapshotter {
         }
         match failure {
             Some(err) => Err(err),
-            None => Ok(reclaimed),
+            None => Ok(deleted),
         }
     }
 
     /// Deletes the directory of an ID no snapshot owns.
-    fn remove_orphan(&self, id: u64, why: &str) -> Result<()> {
-        self.delete(vec![id], why)?.pop().unwrap_or(Ok(0)).map(drop)
+    fn delete_orphan(&self, id: u64, why: &str) -> Result<()> {
+        self.delete_now(vec![id], why)?
+            .pop()
+            .unwrap_or(Ok(0))
+            .map(drop)
     }
 
     /// Deletes the directories of `ids` (which no snapshot owns) and reports each: through the
-    /// reaper when there is one, so that no directory is deleted by two threads at once.
-    fn delete(&self, ids: Vec<u64>, why: &str) -> Result<Vec<Result<u64>>> {
-        if let Some(reaper) = self.reaper.get() {
-            return reaper.remove(ids);
+    /// deleter when there is one, so that no directory is deleted by two threads at once.
+    fn delete_now(&self, ids: Vec<u64>, why: &str) -> Result<Vec<Result<u64>>> {
+        if let Some(deleter) = self.deleter.get() {
+            return deleter.delete_now(ids);
         }
-        let results = self.layout.remove_trees(&ids)?;
+        let results = self.layout.delete_trees(&ids)?;
         for (id, result) in ids.iter().zip(&results) {
             report_deleted(&self.layout, *id, result, why);
         }
         Ok(results)
     }
 
-    async fn create(
+    async fn new_snapshot(
         self: Arc<Self>,
         key: String,
         parent: String,
@@ -693,7 +700,7 @@ impl Snapshotter {
         };
         let mut record = self
             .store
-            .create_checked(
+            .insert_checked(
                 &key,
                 &parent,
                 kind,
@@ -702,11 +709,11 @@ impl Snapshotter {
                 depth(&key, &parent),
             )
             .await?;
-        // A directory already at the new ID's place was not made for it (see `create_dirs`):
+        // A directory already at the new ID's place was not made for it (see `make_dirs`):
         // it is left alone, this record undone, and the snapshot takes the next ID. A third
         // one in a row would be something making them on purpose: the creation fails.
         for attempt in 1.. {
-            match self.make_dirs(&key, &record).await {
+            match self.finish_creation(&key, &record).await {
                 Err(Error::Occupied(path)) => {
                     self.store.remove_if(&key, Some(record.id)).await?;
                     if attempt == 3 {
@@ -715,7 +722,7 @@ impl Snapshotter {
                     warn!(id = record.id, path = %path.display(), "a directory is already where this snapshot's goes; leaving it alone and taking another ID");
                     record = self
                         .store
-                        .create_checked(
+                        .insert_checked(
                             &key,
                             &parent,
                             kind,
@@ -734,15 +741,15 @@ impl Snapshotter {
     /// Makes the directories of a creation whose record just committed, and answers its
     /// mounts. A failure undoes the record, so that a failed Prepare leaves nothing behind
     /// (the key can be retried) - except [`Error::Occupied`], which the caller handles.
-    async fn make_dirs(&self, key: &str, record: &Record) -> Result<Vec<Mount>> {
+    async fn finish_creation(&self, key: &str, record: &Record) -> Result<Vec<Mount>> {
         // A rename (or a few mkdirs), made where the answer arrived: cheaper than a hand-off to
         // the blocking pool and back.
         let with_work = record.kind == Kind::Active;
         let made = self
             .parent_owner(record)
             .and_then(|owner| match self.spares.get() {
-                Some(spares) => spares.create_dirs(record.id, with_work, owner),
-                None => self.layout.create_dirs(record.id, with_work, owner),
+                Some(spares) => spares.make_dirs(record.id, with_work, owner),
+                None => self.layout.make_dirs(record.id, with_work, owner),
             });
         match made {
             Ok(()) => {}
@@ -753,7 +760,7 @@ impl Snapshotter {
                 // way this ID's record is then gone, and whatever part of its directory was
                 // made goes too.
                 match self.store.remove_if(key, Some(record.id)).await {
-                    Ok(_) | Err(Error::NotFound(_)) => self.forget(record.id),
+                    Ok(_) | Err(Error::NotFound(_)) => self.delete_soon(record.id),
                     Err(e) => {
                         error!(error = %chain(&e), "could not undo a failed create; recovery will finish it")
                     }
@@ -773,18 +780,18 @@ impl Snapshotter {
                 return Ok(self.mounts_of(record));
             }
         }
-        self.forget(record.id);
+        self.delete_soon(record.id);
         Err(Error::NotFound(format!(
             "snapshot {key:?} was removed while it was being created"
         )))
     }
 
     /// Deletes the directories of `id`, whose record is gone: in the background when serving.
-    fn forget(&self, id: u64) {
-        match self.reaper.get() {
-            Some(reaper) => reaper.push(id),
+    fn delete_soon(&self, id: u64) {
+        match self.deleter.get() {
+            Some(deleter) => deleter.delete_later(id),
             None => {
-                if let Err(e) = self.layout.remove_dirs(id) {
+                if let Err(e) = self.layout.delete_dirs(id) {
                     warn!(id, error = %chain(&e), "directory stays until Cleanup");
                 }
             }
@@ -894,7 +901,7 @@ fn report_deleted(layout: &Layout, id: u64, result: &Result<u64>, why: &str) {
     let path = layout.dir(id);
     match result {
         Ok(bytes) => {
-            metrics::global().reclaimed(*bytes);
+            metrics::global().deleted(*bytes);
             info!(id, path = %path.display(), bytes, reason = why, "removed directory");
         }
         Err(err) => {
@@ -1024,17 +1031,17 @@ mod tests {
         let s = open(tmp.path());
         let record = s
             .store
-            .create("k", "", Kind::Active, BTreeMap::new(), SystemTime::now())
+            .insert("k", "", Kind::Active, BTreeMap::new(), SystemTime::now())
             .await
             .unwrap();
         s.store.remove("k").await.unwrap();
-        let answer = s.make_dirs("k", &record).await;
+        let answer = s.finish_creation("k", &record).await;
         assert!(matches!(answer, Err(Error::NotFound(_))), "{answer:?}");
         assert!(!s.layout.dir(record.id).exists(), "orphan left behind");
         // Prepared again meanwhile: that snapshot is not this one, and keeps what is its own.
         let record = s
             .store
-            .create("k", "", Kind::Active, BTreeMap::new(), SystemTime::now())
+            .insert("k", "", Kind::Active, BTreeMap::new(), SystemTime::now())
             .await
             .unwrap();
         s.store.remove("k").await.unwrap();
@@ -1042,7 +1049,7 @@ mod tests {
             .prepare("k".into(), String::new(), HashMap::new())
             .await
             .unwrap();
-        assert!(s.make_dirs("k", &record).await.is_err());
+        assert!(s.finish_creation("k", &record).await.is_err());
         assert!(!s.layout.dir(record.id).exists());
         let now = s.store.get("k").unwrap();
         assert!(s.layout.fs(now.id).is_dir());

@@ -48,21 +48,36 @@ const SCHEMA: &str = "schema_version";
 /// 1: records in JSON; 2: records in protobuf (see `record.rs`), migrated from 1 on open.
 const SCHEMA_VERSION: u64 = 2;
 
+/// A snapshot's kind. Its numbers are containerd's (the wire's `Kind` enum), which the records
+/// store too: one numbering, converted here only.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
+#[repr(u32)]
 pub enum Kind {
-    View,
-    Active,
-    Committed,
+    View = 1,
+    Active = 2,
+    Committed = 3,
 }
 
 impl Kind {
+    pub const ALL: [Kind; 3] = [Kind::View, Kind::Active, Kind::Committed];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Kind::View => "view",
             Kind::Active => "active",
             Kind::Committed => "committed",
         }
+    }
+
+    /// containerd's number for this kind.
+    pub fn number(self) -> u32 {
+        self as u32
+    }
+
+    /// The kind containerd numbers `n`, if any.
+    pub fn from_number(n: u32) -> Option<Kind> {
+        Kind::ALL.into_iter().find(|k| k.number() == n)
     }
 }
 
@@ -84,18 +99,22 @@ pub struct Record {
     pub usage: Usage,
 }
 
-/// Snapshots by kind (indexed by `Kind as usize`), kept by the writes as they commit, so that
-/// the metrics and `lamina status` need not read the whole store.
+/// Snapshots by kind, kept by the writes as they commit, so that the metrics and `lamina
+/// status` need not read the whole store.
 #[derive(Debug, Default)]
 struct Counts([AtomicI64; 3]);
 
 impl Counts {
+    fn slot(&self, kind: Kind) -> &AtomicI64 {
+        &self.0[kind.number() as usize - 1]
+    }
+
     fn add(&self, kind: Kind, n: i64) {
-        self.0[kind as usize].fetch_add(n, Relaxed);
+        self.slot(kind).fetch_add(n, Relaxed);
     }
 
     fn get(&self, kind: Kind) -> u64 {
-        self.0[kind as usize].load(Relaxed).max(0) as u64
+        self.slot(kind).load(Relaxed).max(0) as u64
     }
 }
 
@@ -208,17 +227,10 @@ impl Store {
             Ok(())
         }))?;
         // The one whole read of the store that the counts need; writes keep them after it.
-        let mut counts = [0u64; 3];
         store.each_view(|_, record| {
-            counts[record.kind as usize] += 1;
+            store.counts.add(record.kind, 1);
             true
         })?;
-        for (kind, n) in [Kind::View, Kind::Active, Kind::Committed]
-            .into_iter()
-            .zip(counts)
-        {
-            store.counts.add(kind, n as i64);
-        }
         Ok(store)
     }
 
@@ -237,9 +249,9 @@ impl Store {
     /// Records a new active snapshot or view under a fresh ID. The caller creates its
     /// directories afterwards: a directory never exists before the record that owns it.
     ///
-    /// [`Store::create_checked`] without a check of the chain: for tools and tests that make
+    /// [`Store::insert_checked`] without a check of the chain: for tools and tests that make
     /// records directly.
-    pub fn create(
+    pub fn insert(
         &self,
         key: &str,
         parent: &str,
@@ -247,14 +259,14 @@ impl Store {
         labels: BTreeMap<String, String>,
         now: SystemTime,
     ) -> impl Future<Output = Result<Record>> + Send + 'static {
-        self.create_checked(key, parent, kind, labels, now, |_| Ok(()))
+        self.insert_checked(key, parent, kind, labels, now, |_| Ok(()))
     }
 
-    /// [`Store::create`], refused with `check_chain`'s error if it fails on the new snapshot's
+    /// [`Store::insert`], refused with `check_chain`'s error if it fails on the new snapshot's
     /// ancestors (their IDs, nearest first). Checked inside the write transaction, against the
     /// parent as it is when the snapshot is recorded: a parent removed and committed again
     /// under the same key meanwhile may have another chain.
-    pub fn create_checked(
+    pub fn insert_checked(
         &self,
         key: &str,
         parent: &str,
@@ -575,15 +587,15 @@ mod tests {
     #[test]
     fn ids_are_never_reused_and_chains_are_recorded() {
         let (_d, s) = store();
-        let a = wait(s.create("a", "", Kind::Active, BTreeMap::new(), now())).unwrap();
+        let a = wait(s.insert("a", "", Kind::Active, BTreeMap::new(), now())).unwrap();
         wait(s.commit("a", a.id, "A", BTreeMap::new(), Usage::default(), now())).unwrap();
-        let b = wait(s.create("b", "A", Kind::Active, BTreeMap::new(), now())).unwrap();
+        let b = wait(s.insert("b", "A", Kind::Active, BTreeMap::new(), now())).unwrap();
         assert_eq!(b.parent_ids, vec![a.id]);
         wait(s.commit("b", b.id, "B", BTreeMap::new(), Usage::default(), now())).unwrap();
-        let c = wait(s.create("c", "B", Kind::View, BTreeMap::new(), now())).unwrap();
+        let c = wait(s.insert("c", "B", Kind::View, BTreeMap::new(), now())).unwrap();
         assert_eq!(c.parent_ids, vec![b.id, a.id]);
         wait(s.remove("c")).unwrap();
-        let c2 = wait(s.create("c", "B", Kind::View, BTreeMap::new(), now())).unwrap();
+        let c2 = wait(s.insert("c", "B", Kind::View, BTreeMap::new(), now())).unwrap();
         assert!(c2.id > c.id, "a removed ID must not be handed out again");
     }
 
@@ -595,14 +607,14 @@ mod tests {
         }));
         assert!(matches!(boom, Err(Error::Internal(_))), "{boom:?}");
         // Written in place (no other change under way) and through the committer thread.
-        let a = wait(s.create("a", "", Kind::Active, BTreeMap::new(), now())).unwrap();
+        let a = wait(s.insert("a", "", Kind::Active, BTreeMap::new(), now())).unwrap();
         let _busy = s.enter();
         let _other = s.enter();
         let boom = wait(s.writer.write("injected panic", |_| -> Result<()> {
             panic!("injected panic inside a queued write")
         }));
         assert!(matches!(boom, Err(Error::Internal(_))), "{boom:?}");
-        let b = wait(s.create("b", "", Kind::Active, BTreeMap::new(), now())).unwrap();
+        let b = wait(s.insert("b", "", Kind::Active, BTreeMap::new(), now())).unwrap();
         assert_eq!(s.get("a").unwrap(), a);
         assert_eq!(s.get("b").unwrap(), b);
     }
@@ -610,7 +622,7 @@ mod tests {
     #[test]
     fn a_store_file_deleted_while_open_is_not_recreated_empty() {
         let (d, s) = store();
-        wait(s.create("a", "", Kind::Active, BTreeMap::new(), now())).unwrap();
+        wait(s.insert("a", "", Kind::Active, BTreeMap::new(), now())).unwrap();
         let path = d.path().join("db");
         std::fs::remove_file(&path).unwrap();
         // A failed write makes the store reopen its file.
@@ -620,7 +632,7 @@ mod tests {
         assert!(boom.is_err());
         // An empty store would hand out ID 1 again, and Cleanup would then take every
         // existing snapshot's directory for an orphan.
-        let again = wait(s.create("b", "", Kind::Active, BTreeMap::new(), now()));
+        let again = wait(s.insert("b", "", Kind::Active, BTreeMap::new(), now()));
         assert!(again.is_err(), "{again:?}");
         assert!(!path.exists(), "no new, empty store file");
     }
@@ -628,9 +640,9 @@ mod tests {
     #[test]
     fn a_conditional_remove_leaves_a_key_that_changed_hands() {
         let (_d, s) = store();
-        let first = wait(s.create("k", "", Kind::Active, BTreeMap::new(), now())).unwrap();
+        let first = wait(s.insert("k", "", Kind::Active, BTreeMap::new(), now())).unwrap();
         wait(s.remove("k")).unwrap();
-        let second = wait(s.create("k", "", Kind::Active, BTreeMap::new(), now())).unwrap();
+        let second = wait(s.insert("k", "", Kind::Active, BTreeMap::new(), now())).unwrap();
         let stale = wait(s.remove_if("k", Some(first.id)));
         assert!(matches!(stale, Err(Error::NotFound(_))), "{stale:?}");
         assert_eq!(s.get("k").unwrap(), second);
@@ -650,7 +662,7 @@ mod tests {
     fn a_long_read_during_a_reopen() {
         let (_d, s) = store();
         let s = Arc::new(s);
-        let a = wait(s.create("a", "", Kind::Active, BTreeMap::new(), now())).unwrap();
+        let a = wait(s.insert("a", "", Kind::Active, BTreeMap::new(), now())).unwrap();
         // A List whose client does not read: it holds its read transaction.
         let (started, reading) = std::sync::mpsc::channel();
         let (release, released) = std::sync::mpsc::channel::<()>();
@@ -677,7 +689,7 @@ mod tests {
         lister.join().unwrap().unwrap();
         // Once the read is over, the next request opens the store again, with everything.
         assert_eq!(s.get("a").unwrap(), a);
-        wait(s.create("b", "", Kind::Active, BTreeMap::new(), now())).unwrap();
+        wait(s.insert("b", "", Kind::Active, BTreeMap::new(), now())).unwrap();
     }
 
     #[test]
@@ -697,8 +709,8 @@ mod tests {
             });
         is_inside.recv().unwrap();
         // Queued while the committer is inside the batch: they join it.
-        let first = s.create("k", "", Kind::Active, BTreeMap::new(), now());
-        let second = s.create("k", "", Kind::Active, BTreeMap::new(), now());
+        let first = s.insert("k", "", Kind::Active, BTreeMap::new(), now());
+        let second = s.insert("k", "", Kind::Active, BTreeMap::new(), now());
         let broken = s.writer.write("injected", |_| -> Result<()> {
             Err(Error::store(
                 "injected",
@@ -732,12 +744,12 @@ mod tests {
     #[test]
     fn remove_refuses_while_children_exist() {
         let (_d, s) = store();
-        let a = wait(s.create("a", "", Kind::Active, BTreeMap::new(), now())).unwrap();
+        let a = wait(s.insert("a", "", Kind::Active, BTreeMap::new(), now())).unwrap();
         wait(s.commit("a", a.id, "A", BTreeMap::new(), Usage::default(), now())).unwrap();
         // A sibling key that sorts right after the parent must not count as a child.
-        wait(s.create("A\0", "", Kind::View, BTreeMap::new(), now())).unwrap();
+        wait(s.insert("A\0", "", Kind::View, BTreeMap::new(), now())).unwrap();
         wait(s.remove("A\0")).unwrap();
-        wait(s.create("child", "A", Kind::Active, BTreeMap::new(), now())).unwrap();
+        wait(s.insert("child", "A", Kind::Active, BTreeMap::new(), now())).unwrap();
         assert!(matches!(
             wait(s.remove("A")),
             Err(Error::FailedPrecondition(_))
@@ -750,20 +762,20 @@ mod tests {
     #[test]
     fn errors_leave_the_store_unchanged() {
         let (_d, s) = store();
-        let a = wait(s.create("a", "", Kind::Active, BTreeMap::new(), now())).unwrap();
+        let a = wait(s.insert("a", "", Kind::Active, BTreeMap::new(), now())).unwrap();
         assert!(matches!(
-            wait(s.create("a", "", Kind::View, BTreeMap::new(), now())),
+            wait(s.insert("a", "", Kind::View, BTreeMap::new(), now())),
             Err(Error::AlreadyExists(_))
         ));
         assert!(matches!(
-            wait(s.create("b", "a", Kind::View, BTreeMap::new(), now())),
+            wait(s.insert("b", "a", Kind::View, BTreeMap::new(), now())),
             Err(Error::InvalidArgument(_))
         ));
         assert!(matches!(
-            wait(s.create("b", "nope", Kind::View, BTreeMap::new(), now())),
+            wait(s.insert("b", "nope", Kind::View, BTreeMap::new(), now())),
             Err(Error::NotFound(_))
         ));
-        let v = wait(s.create("v", "", Kind::View, BTreeMap::new(), now())).unwrap();
+        let v = wait(s.insert("v", "", Kind::View, BTreeMap::new(), now())).unwrap();
         assert!(matches!(
             wait(s.commit("v", v.id, "V", BTreeMap::new(), Usage::default(), now())),
             Err(Error::FailedPrecondition(_))
@@ -779,7 +791,7 @@ mod tests {
         let path = dir.path().join("db");
         let a = {
             let s = Store::open(&path).unwrap();
-            wait(s.create(
+            wait(s.insert(
                 "a",
                 "",
                 Kind::Active,
@@ -790,7 +802,7 @@ mod tests {
         };
         let s = Store::open(&path).unwrap();
         assert_eq!(s.get("a").unwrap(), a);
-        let b = wait(s.create("b", "", Kind::Active, BTreeMap::new(), now())).unwrap();
+        let b = wait(s.insert("b", "", Kind::Active, BTreeMap::new(), now())).unwrap();
         assert_eq!(b.id, a.id + 1);
     }
 
@@ -845,7 +857,7 @@ mod tests {
             wait(s.remove("a")),
             Err(Error::FailedPrecondition(_))
         ));
-        let c = wait(s.create("c", "a", Kind::View, BTreeMap::new(), now())).unwrap();
+        let c = wait(s.insert("c", "a", Kind::View, BTreeMap::new(), now())).unwrap();
         assert_eq!(c.id, 7);
         drop(s);
         let db = Database::create(&path).unwrap();
@@ -892,7 +904,7 @@ mod tests {
         wait(
             Store::open(&path)
                 .unwrap()
-                .create("a", "", Kind::Active, BTreeMap::new(), now()),
+                .insert("a", "", Kind::Active, BTreeMap::new(), now()),
         )
         .unwrap();
         let len = std::fs::metadata(&path).unwrap().len();

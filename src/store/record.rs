@@ -57,11 +57,7 @@ fn time(nanos: u64) -> SystemTime {
 pub(super) fn encode(record: &Record) -> Vec<u8> {
     Stored {
         id: record.id,
-        kind: match record.kind {
-            Kind::View => 1,
-            Kind::Active => 2,
-            Kind::Committed => 3,
-        },
+        kind: record.kind.number(),
         parent: record.parent.clone(),
         parent_ids: record.parent_ids.clone(),
         labels: record.labels.clone(),
@@ -77,12 +73,8 @@ pub(super) fn decode(key: &str, bytes: &[u8]) -> Result<Record> {
     let unreadable =
         |why: String| Error::Internal(format!("record of snapshot {key:?} is unreadable: {why}"));
     let s = Stored::decode(bytes).map_err(|e| unreadable(e.to_string()))?;
-    let kind = match s.kind {
-        1 => Kind::View,
-        2 => Kind::Active,
-        3 => Kind::Committed,
-        other => return Err(unreadable(format!("unknown kind {other}"))),
-    };
+    let kind =
+        Kind::from_number(s.kind).ok_or_else(|| unreadable(format!("unknown kind {}", s.kind)))?;
     Ok(Record {
         id: s.id,
         kind,
@@ -190,12 +182,7 @@ pub(super) fn view<'a>(key: &str, bytes: &'a [u8]) -> Result<RecordView<'a>> {
                 .map_err(|e| unreadable(e.to_string()))?,
         }
     }
-    let kind = match kind {
-        1 => Kind::View,
-        2 => Kind::Active,
-        3 => Kind::Committed,
-        other => return Err(unreadable(format!("unknown kind {other}"))),
-    };
+    let kind = Kind::from_number(kind).ok_or_else(|| unreadable(format!("unknown kind {kind}")))?;
     Ok(RecordView {
         id,
         kind,

@@ -608,7 +608,7 @@ async fn raises_its_open_files_limit_to_the_hard_one() {
 }
 
 /// Orphans that start-up recovery finds (here 200,000 files a crash left behind) are deleted
-/// by the reaper while lamina serves, not before: containerd does not wait for them, and a
+/// by the deleter while lamina serves, not before: containerd does not wait for them, and a
 /// Cleanup returns once they are gone. Meanwhile a signal starts the drain, which waits for
 /// that Cleanup; a second signal exits at once, with 128 + its number, and takes the socket
 /// along (as Ctrl-C pressed twice should; a signal during start-up works the same way).

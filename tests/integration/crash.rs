@@ -159,7 +159,7 @@ async fn acknowledged_work_survives_sigkill() {
         let mut c = d.client().await;
 
         // Start-up recovery alone, without a Cleanup, must leave no directory without its
-        // snapshot: every snapshot's directories at once, orphans once its reaper is through.
+        // snapshot: every snapshot's directories at once, orphans once its deleter is through.
         let owned = owned_dirs(&mut c).await;
         let on_disk: BTreeSet<String> = d.snapshot_dirs().into_iter().collect();
         assert!(

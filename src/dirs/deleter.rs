@@ -8,7 +8,7 @@
 //! comes back sooner.
 //!
 //! One thread gathers what is queued for up to [`GATHER`] and deletes it as one batch with
-//! [`Layout::remove_trees`], so no tree is ever deleted by two batches at once. Gathering keeps
+//! [`Layout::delete_trees`], so no tree is ever deleted by two batches at once. Gathering keeps
 //! a burst of Removes from paying, each, for a deletion started between it and the next one
 //! (measured: Remove latency 564 µs deleting tree by tree, 333 µs gathering; 354 µs with no
 //! background deletion at all). A caller that needs the directories
@@ -28,13 +28,13 @@ use std::{
 use super::layout::Layout;
 use crate::error::{chain, Error, Result};
 
-/// How long the reaper gathers queued trees before it deletes them as one batch.
+/// How long the deleter gathers queued trees before it deletes them as one batch.
 const GATHER: Duration = Duration::from_millis(50);
 
-/// What the reaper reports of each tree it deleted (bytes freed) or failed to.
+/// What the deleter reports of each tree it deleted (bytes freed) or failed to.
 pub type Report = Box<dyn Fn(u64, &Result<u64>) + Send + Sync>;
 
-pub struct Reaper {
+pub struct Deleter {
     shared: Arc<Shared>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -44,7 +44,7 @@ struct Shared {
     report: Report,
     state: Mutex<State>,
     wake: Condvar,
-    /// Set when the reaper is dropped: the batch under way is given up between two tasks.
+    /// Set when the deleter is dropped: the batch under way is given up between two tasks.
     stop: AtomicBool,
 }
 
@@ -60,8 +60,8 @@ struct Job {
     done: Option<mpsc::Sender<Vec<Result<u64>>>>,
 }
 
-impl Reaper {
-    pub fn start(layout: Layout, report: Report) -> Result<Reaper> {
+impl Deleter {
+    pub fn start(layout: Layout, report: Report) -> Result<Deleter> {
         let shared = Arc::new(Shared {
             layout,
             report,
@@ -71,17 +71,17 @@ impl Reaper {
         });
         let worker = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
-            .name("lamina-reaper".into())
-            .spawn(move || reap(&worker))
+            .name("lamina-deleter".into())
+            .spawn(move || work(&worker))
             .map_err(|e| Error::Internal(format!("starting the deletion thread: {e}")))?;
-        Ok(Reaper {
+        Ok(Deleter {
             shared,
             thread: Some(thread),
         })
     }
 
     /// Queues the tree of `id` for deletion and returns at once.
-    pub fn push(&self, id: u64) {
+    pub fn delete_later(&self, id: u64) {
         self.queue(Job {
             ids: vec![id],
             done: None,
@@ -90,7 +90,7 @@ impl Reaper {
 
     /// Deletes the trees of `ids`, after everything queued before them, and returns the result
     /// for each. Blocks the calling thread until then.
-    pub fn remove(&self, ids: Vec<u64>) -> Result<Vec<Result<u64>>> {
+    pub fn delete_now(&self, ids: Vec<u64>) -> Result<Vec<Result<u64>>> {
         let (tx, rx) = mpsc::channel();
         self.queue(Job {
             ids,
@@ -116,7 +116,7 @@ impl Reaper {
     }
 }
 
-impl Drop for Reaper {
+impl Drop for Deleter {
     /// Gives up the batch under way and drops the rest: the daemon is stopping, and a tree of
     /// millions of files must not hold it past its deadline. What is left, half-deleted trees
     /// included, is nobody's, and the next start-up queues it again.
@@ -137,7 +137,7 @@ impl Shared {
     }
 }
 
-fn reap(shared: &Shared) {
+fn work(shared: &Shared) {
     loop {
         let jobs = {
             let mut state = shared.lock();
@@ -167,7 +167,8 @@ fn reap(shared: &Shared) {
         // A panic must not end the thread: every later Remove would queue for nobody, and
         // every Cleanup would wait forever. The batch's waiters get an error (their answer
         // channels drop), its trees stay orphans for the next Cleanup, and the thread goes on.
-        let batch = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| delete(shared, jobs)));
+        let batch =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| delete_batch(shared, jobs)));
         if batch.is_err() {
             tracing::error!("deleting a batch of directories panicked; Cleanup retries them");
         }
@@ -175,14 +176,14 @@ fn reap(shared: &Shared) {
 }
 
 /// Deletes one batch and answers whoever waits for it.
-fn delete(shared: &Shared, jobs: Vec<Job>) {
+fn delete_batch(shared: &Shared, jobs: Vec<Job>) {
     // A tree asked for twice (queued by its Remove, then found as an orphan by Cleanup)
     // is deleted once, by one set of threads.
     let mut unique: Vec<u64> = jobs.iter().flat_map(|j| j.ids.iter().copied()).collect();
     unique.sort_unstable();
     unique.dedup();
     let mut results: HashMap<u64, Result<u64>> =
-        match shared.layout.remove_trees_until(&unique, &shared.stop) {
+        match shared.layout.delete_trees_until(&unique, &shared.stop) {
             Ok(results) => unique.iter().copied().zip(results).collect(),
             Err(err) if shared.stop.load(Ordering::Relaxed) => {
                 // Stopping: nothing failed, so nothing is reported as failing; waiters are told.
@@ -237,14 +238,14 @@ fn delete(shared: &Shared, jobs: Vec<Job>) {
 mod tests {
     use super::*;
 
-    /// Dropped while it deletes a big tree (the daemon stopping), the reaper gives the tree up
+    /// Dropped while it deletes a big tree (the daemon stopping), the deleter gives the tree up
     /// instead of holding the daemon until it is gone; a caller waiting for it is told so.
     #[test]
-    fn dropping_the_reaper_gives_up_the_batch_under_way() {
+    fn dropping_the_deleter_gives_up_the_batch_under_way() {
         let tmp = tempfile::tempdir().unwrap();
         let layout = Layout::new(tmp.path());
         layout.init().unwrap();
-        layout.create_dirs(1, true, None).unwrap();
+        layout.make_dirs(1, true, None).unwrap();
         let files = 100_000;
         for d in 0..100 {
             let dir = layout.fs(1).join(d.to_string());
@@ -254,9 +255,9 @@ mod tests {
             }
         }
         let count = |dir: &std::path::Path| std::fs::read_dir(dir).map_or(0, |d| d.count());
-        let reaper = Reaper::start(layout.clone(), Box::new(|_, _| {})).unwrap();
+        let deleter = Deleter::start(layout.clone(), Box::new(|_, _| {})).unwrap();
         let (tx, rx) = mpsc::channel();
-        reaper.queue(Job {
+        deleter.queue(Job {
             ids: vec![1],
             done: Some(tx),
         });
@@ -266,8 +267,8 @@ mod tests {
             assert!(started.elapsed() < Duration::from_secs(30), "never started");
             std::thread::sleep(Duration::from_millis(1));
         }
-        crate::testing::within(Duration::from_secs(30), "dropping the reaper", move || {
-            drop(reaper)
+        crate::testing::within(Duration::from_secs(30), "dropping the deleter", move || {
+            drop(deleter)
         });
         assert!(layout.dir(1).exists(), "the tree was deleted to the end");
         let answer = rx.recv().unwrap();
@@ -283,7 +284,7 @@ mod tests {
         let layout = Layout::new(tmp.path());
         layout.init().unwrap();
         for id in 1..=4 {
-            layout.create_dirs(id, true, None).unwrap();
+            layout.make_dirs(id, true, None).unwrap();
             std::fs::write(layout.fs(id).join("f"), vec![1u8; 10_000]).unwrap();
         }
         let reported = Arc::new(Mutex::new(Vec::new()));
@@ -291,11 +292,11 @@ mod tests {
         let report: Report = Box::new(move |id, result| {
             seen.lock().unwrap().push((id, result.is_ok()));
         });
-        let reaper = Reaper::start(layout.clone(), report).unwrap();
-        reaper.push(1);
-        reaper.push(2);
+        let deleter = Deleter::start(layout.clone(), report).unwrap();
+        deleter.delete_later(1);
+        deleter.delete_later(2);
         // 2 asked for again, and 99 never existed: every one answered, none an error.
-        let out = reaper.remove(vec![2, 3, 99]).unwrap();
+        let out = deleter.delete_now(vec![2, 3, 99]).unwrap();
         assert_eq!(out.len(), 3);
         assert!(out.iter().all(|r| r.is_ok()), "{out:?}");
         assert!(*out[1].as_ref().unwrap() >= 10_000, "3 freed its file");
@@ -312,24 +313,24 @@ mod tests {
         ids.dedup();
         assert_eq!(ids, vec![1, 2, 3, 99], "each deletion is reported");
         assert!(reported.lock().unwrap().iter().all(|(_, ok)| *ok));
-        drop(reaper);
+        drop(deleter);
         assert!(layout.fs(4).join("f").exists());
     }
 
     #[test]
-    fn a_panicking_batch_fails_its_callers_and_the_reaper_goes_on() {
+    fn a_panicking_batch_fails_its_callers_and_the_deleter_goes_on() {
         let tmp = tempfile::tempdir().unwrap();
         let layout = Layout::new(tmp.path());
         layout.init().unwrap();
         for id in [13, 14] {
-            layout.create_dirs(id, false, None).unwrap();
+            layout.make_dirs(id, false, None).unwrap();
         }
         // The report runs inside the batch: a panic there stands for one anywhere in it.
         let report: Report = Box::new(|id, _| assert_ne!(id, 13, "injected failure"));
-        let reaper = Reaper::start(layout.clone(), report).unwrap();
+        let deleter = Deleter::start(layout.clone(), report).unwrap();
         let quiet = std::panic::take_hook();
         std::panic::set_hook(Box::new(|_| {}));
-        let failed = reaper.remove(vec![13]);
+        let failed = deleter.delete_now(vec![13]);
         std::panic::set_hook(quiet);
         let err = failed.expect_err("the batch panicked").to_string();
         assert!(err.contains("retry Cleanup"), "{err}");
@@ -337,8 +338,8 @@ mod tests {
         // waiting forever, hence the time limit).
         let out = crate::testing::within(
             Duration::from_secs(20),
-            "the reaper after a panicking batch",
-            move || reaper.remove(vec![14]),
+            "the deleter after a panicking batch",
+            move || deleter.delete_now(vec![14]),
         );
         assert!(out.unwrap()[0].is_ok());
         assert!(!layout.dir(14).exists());
