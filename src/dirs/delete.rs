@@ -1,4 +1,5 @@
-//! Deleting many directory trees at once, for Cleanup.
+//! Deleting many directory trees at once: the deleter's batches (after Remove, for Cleanup and
+//! for the orphans start-up finds), and lamina's scratch trees.
 //!
 //! On a filesystem mounted with `discard` (this project's VM and many cloud disks), freeing a
 //! file's blocks waits for the disk to acknowledge their discard: deletion is bound by I/O

@@ -1,5 +1,6 @@
-//! Where things live under the root, and the only code that creates or deletes snapshot
-//! directories.
+//! Where things live under the root, and how a snapshot's directories are made, completed and
+//! inspected (relative to `snapshots/`, never following a symlink). Deleting them is
+//! `delete.rs`'s, through [`Layout::delete_trees`].
 //!
 //! ```text
 //! <root>/                    0700

@@ -337,6 +337,16 @@ impl Snapshotter {
         .await
     }
 
+    /// Creates the active snapshot `key` on top of committed `parent` (or on nothing when
+    /// `parent` is empty) and answers its mounts: a writable bind of its own `fs` without a
+    /// parent, else one overlay whose upper directory is its `fs` and whose lowers are its
+    /// ancestors' `fs`, nearest first (see `overlay::active_mounts`).
+    ///
+    /// Errors: `key` taken by any snapshot → AlreadyExists; `parent` missing → NotFound;
+    /// `parent` not committed → InvalidArgument; more ancestors than overlayfs stacks →
+    /// FailedPrecondition; an empty or oversized key or labels → InvalidArgument. On any error
+    /// nothing is left behind and the key can be used again. Once it answers, the snapshot is
+    /// durable in the store and its directories exist.
     pub async fn prepare(
         self: &Arc<Self>,
         key: String,
@@ -347,6 +357,11 @@ impl Snapshotter {
             .await
     }
 
+    /// Creates the view `key` of committed `parent` (or of nothing) and answers its read-only
+    /// mounts: a read-only bind of its own empty `fs` without a parent, of the parent's `fs`
+    /// with one, else an overlay of the ancestors alone (see `overlay::view_mounts`). A view
+    /// has no work directory and its contents never change. Errors and guarantees as
+    /// [`Snapshotter::prepare`].
     pub async fn view(
         self: &Arc<Self>,
         key: String,
@@ -361,6 +376,10 @@ impl Snapshotter {
     // transaction is a few microseconds from redb's cache, less than handing the request to
     // another thread and back.
 
+    /// The mounts Prepare or View answered for `key`, again. Changes nothing.
+    ///
+    /// Errors: unknown → NotFound; committed → FailedPrecondition (a committed snapshot is
+    /// mounted only as a lower of its children).
     pub async fn mounts(self: &Arc<Self>, key: String) -> Result<Vec<Mount>> {
         self.admit()?;
         check_key("key", &key)?;
@@ -374,6 +393,15 @@ impl Snapshotter {
         Ok(self.mounts_of(&record))
     }
 
+    /// Turns active snapshot `key` into committed snapshot `name`, with `labels` (which
+    /// replace the active snapshot's) and the disk usage of its `fs` measured now. `key` is free
+    /// again at once; `name` keeps `key`'s parent and directory, and can only be read from now
+    /// on (as a parent). Unless `durable_commit` is off, the layer's data is on disk before the
+    /// commit is recorded.
+    ///
+    /// Errors: `key` unknown → NotFound; `key` a view or committed → FailedPrecondition; `name`
+    /// taken → AlreadyExists; `key` removed and prepared again while being measured →
+    /// FailedPrecondition. On any error the active snapshot is as it was.
     pub async fn commit(
         self: &Arc<Self>,
         name: String,
@@ -411,8 +439,13 @@ impl Snapshotter {
         .await
     }
 
-    /// Deletes `key`'s record, then its directory: before answering with `sync_remove`, else
-    /// in the background right after (Cleanup waits for it).
+    /// Removes snapshot `key` of any kind: its record goes durably before the answer, and the
+    /// key is free at once; its directories are deleted before the answer with `sync_remove`,
+    /// else in the background right after (a Cleanup waits for them).
+    ///
+    /// Errors: unknown → NotFound; a snapshot with children → FailedPrecondition (remove them
+    /// first). A failure to delete the directories does not fail the Remove: they are orphans
+    /// for Cleanup.
     pub async fn remove(self: &Arc<Self>, key: String) -> Result<()> {
         self.change(|s| async move {
             check_key("key", &key)?;
@@ -437,6 +470,10 @@ impl Snapshotter {
         .await
     }
 
+    /// What snapshot `key` is: name, parent, kind, labels (with the upperdir label when
+    /// `upperdir_label` is on), created and updated times. Changes nothing.
+    ///
+    /// Errors: unknown → NotFound.
     pub async fn stat(self: &Arc<Self>, key: String) -> Result<Info> {
         self.admit()?;
         check_key("key", &key)?;
@@ -444,6 +481,14 @@ impl Snapshotter {
         Ok(self.info(key, record))
     }
 
+    /// Changes the labels of snapshot `key`, of any kind (the only field that can change), and
+    /// answers what [`Snapshotter::stat`] would then. `paths` empty or `labels`: the labels
+    /// become `labels`; `labels.<k>`: label k is set from `labels`, or deleted when absent or
+    /// empty there. Updated becomes now; nothing else changes.
+    ///
+    /// Errors: unknown → NotFound (whatever the paths); a path other than those →
+    /// InvalidArgument; labels over the limits, each or all together → InvalidArgument. On
+    /// any error nothing changes.
     pub async fn update(
         self: &Arc<Self>,
         key: String,
@@ -490,6 +535,11 @@ impl Snapshotter {
         .await
     }
 
+    /// The disk space snapshot `key`'s own `fs` takes (unique inodes' blocks, and their count):
+    /// measured now for an active snapshot, as measured at Commit for a committed one, zero for
+    /// a view. Changes nothing.
+    ///
+    /// Errors: unknown → NotFound.
     pub async fn usage(self: &Arc<Self>, key: String) -> Result<Usage> {
         self.admit()?;
         check_key("key", &key)?;
@@ -522,11 +572,14 @@ impl Snapshotter {
         }
     }
 
-    /// Hands every snapshot matching `filter` to `sink`, from one consistent read of the
-    /// store, until the sink stops it. Runs on the blocking pool, at most [`MAX_LISTS`] at
-    /// once (the others wait for a turn, holding no thread); the sink may block (to wait for
-    /// a slow reader) without holding up other requests, which meanwhile read and write as
-    /// usual.
+    /// Hands every snapshot matching `filter` (containerd's filter language; a bad filter is
+    /// InvalidArgument, from [`parse_filters`]) to `sink`, in key order, as Stat would report
+    /// it, from one consistent read of the store: a snapshot created or removed meanwhile is
+    /// either all in or all out. Stops when the sink says so or fails; changes nothing.
+    ///
+    /// Runs on the blocking pool, at most [`MAX_LISTS`] at once (the others wait for a turn,
+    /// holding no thread); the sink may block (to wait for a slow reader) without holding up
+    /// other requests, which meanwhile read and write as usual.
     pub async fn list(self: &Arc<Self>, filter: Filter, mut sink: impl ListSink) -> Result<()> {
         self.admit()?;
         // Owned, and moved into the listing: if the caller stops waiting, the turn still ends
@@ -571,8 +624,12 @@ impl Snapshotter {
         .await
     }
 
-    /// Deletes every directory under `<root>/snapshots` that no snapshot owns, including those
-    /// of removed snapshots still queued for deletion, and returns once they are gone.
+    /// Deletes every directory under `<root>/snapshots` that no snapshot owns (orphans: of
+    /// removed snapshots, including those still queued for deletion, and of creations a crash
+    /// cut short), and returns once they are gone, with how many there were. Never deletes a
+    /// snapshot's directories, an entry that is not lamina's, or a directory whose ID the store
+    /// never handed out (those are reported). A directory that cannot be deleted fails the
+    /// Cleanup, after the others are gone.
     pub async fn cleanup(self: &Arc<Self>) -> Result<Deleted> {
         self.run(|s| s.delete_orphans("not owned by any snapshot (Cleanup)"))
             .await

@@ -1,6 +1,7 @@
 //! The only code that calls mount(2) and umount(2) and the new mount API. lamina itself mounts
 //! only to probe the kernel at start-up (and `lamina mount`, for an operator); containerd
-//! mounts what lamina returns.
+//! mounts what lamina returns. `at.rs` holds the directory operations that never follow a
+//! symlink, which everything under the root goes through.
 
 pub mod at;
 
