@@ -38,94 +38,94 @@ impl Log {
 // Accept errors
 // ---------------------------------------------------------------------------------------------
 
-/// With its open files limited to 64 (soft and hard: lamina raises the soft limit to the hard
-/// one at start), 80 connections that never speak exhaust lamina's descriptors. lamina must
-/// say so (once per burst of failures, not at every retry), keep trying, and serve again once
-/// they are gone.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn running_out_of_descriptors_never_stops_serving() {
-    if !require_root() {
-        return;
-    }
-    let log = Log::new();
-    let stderr = log.stderr();
-    let mut d = TestDaemon::start_with("", |cmd| {
-        cmd.stderr(stderr).env("RUST_LOG", "lamina=info");
-        // SAFETY: the closure runs in the child between fork and exec; it only makes the
-        // setrlimit system call, which is async-signal-safe, and allocates nothing.
-        unsafe {
-            cmd.pre_exec(|| {
-                use nix::sys::resource::{setrlimit, Resource};
-                setrlimit(Resource::RLIMIT_NOFILE, 64, 64).map_err(std::io::Error::from)
-            });
-        }
-    })
-    .await;
-    let mut c = d.client().await;
-    c.prepare("before", "").await.unwrap();
-    drop(c);
-
-    let flood: Vec<UnixStream> = (0..80)
-        .map(|i| {
-            UnixStream::connect(&d.socket)
-                .unwrap_or_else(|e| panic!("connection {i} into lamina's backlog: {e}"))
+// With its open files limited to 64 (soft and hard: lamina raises the soft limit to the hard
+// one at start), 80 connections that never speak exhaust lamina's descriptors. lamina must
+// say so (once per burst of failures, not at every retry), keep trying, and serve again once
+// they are gone.
+root_test!(
+    running_out_of_descriptors_never_stops_serving,
+    threads = 2,
+    || {
+        let log = Log::new();
+        let stderr = log.stderr();
+        let mut d = TestDaemon::start_with("", |cmd| {
+            cmd.stderr(stderr).env("RUST_LOG", "lamina=info");
+            // SAFETY: the closure runs in the child between fork and exec; it only makes the
+            // setrlimit system call, which is async-signal-safe, and allocates nothing.
+            unsafe {
+                cmd.pre_exec(|| {
+                    use nix::sys::resource::{setrlimit, Resource};
+                    setrlimit(Resource::RLIMIT_NOFILE, 64, 64).map_err(std::io::Error::from)
+                });
+            }
         })
-        .collect();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !log.text().contains("cannot accept") {
-        if let Some(status) = d.exited() {
-            panic!(
+        .await;
+        let mut c = d.client().await;
+        c.prepare("before", "").await.unwrap();
+        drop(c);
+
+        let flood: Vec<UnixStream> = (0..80)
+            .map(|i| {
+                UnixStream::connect(&d.socket)
+                    .unwrap_or_else(|e| panic!("connection {i} into lamina's backlog: {e}"))
+            })
+            .collect();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !log.text().contains("cannot accept") {
+            if let Some(status) = d.exited() {
+                panic!(
                 "lamina stopped serving when it ran out of descriptors ({status}); its log:\n{}",
                 log.text()
             );
-        }
-        assert!(
+            }
+            assert!(
             Instant::now() < deadline,
             "lamina neither logged an accept error nor exited with 80 connections open; log:\n{}",
             log.text()
         );
-        tokio::time::sleep(Duration::from_millis(20)).await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Long enough for several retries (the pause starts at a few milliseconds).
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert!(d.exited().is_none(), "lamina exited; log:\n{}", log.text());
+
+        drop(flood);
+        let mut c = tokio::time::timeout(Duration::from_secs(30), d.client())
+            .await
+            .expect("a new connection once the flood is gone");
+        let info = tokio::time::timeout(Duration::from_secs(30), c.stat("before"))
+            .await
+            .expect("Stat answers once the flood is gone")
+            .unwrap();
+        assert_eq!(info.kind, ACTIVE);
+        assert!(d.exited().is_none());
+
+        // A burst may end early when lamina closes a connection of its own (descriptors come
+        // free), so there may be more than one; each is logged when it starts and when it ends,
+        // and its retries in between are not.
+        let text = log.text();
+        let started = text.matches("cannot accept").count();
+        let ended: Vec<u64> = text
+            .lines()
+            .filter(|l| l.contains("accepting connections again"))
+            .map(|l| {
+                let n = l.split("failures=").nth(1).expect("failures=N");
+                n.split_whitespace().next().unwrap().parse().unwrap()
+            })
+            .collect();
+        assert_eq!(
+            started,
+            ended.len(),
+            "each burst logged at its start and end:\n{text}"
+        );
+        let failures: u64 = ended.iter().sum();
+        assert!(
+            failures > started as u64,
+            "{failures} failed accepts over {started} bursts: retries must not log:\n{text}"
+        );
+        eprintln!("{failures} failed accepts in {started} burst(s), each logged once");
     }
-    // Long enough for several retries (the pause starts at a few milliseconds).
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    assert!(d.exited().is_none(), "lamina exited; log:\n{}", log.text());
-
-    drop(flood);
-    let mut c = tokio::time::timeout(Duration::from_secs(30), d.client())
-        .await
-        .expect("a new connection once the flood is gone");
-    let info = tokio::time::timeout(Duration::from_secs(30), c.stat("before"))
-        .await
-        .expect("Stat answers once the flood is gone")
-        .unwrap();
-    assert_eq!(info.kind, ACTIVE);
-    assert!(d.exited().is_none());
-
-    // A burst may end early when lamina closes a connection of its own (descriptors come
-    // free), so there may be more than one; each is logged when it starts and when it ends,
-    // and its retries in between are not.
-    let text = log.text();
-    let started = text.matches("cannot accept").count();
-    let ended: Vec<u64> = text
-        .lines()
-        .filter(|l| l.contains("accepting connections again"))
-        .map(|l| {
-            let n = l.split("failures=").nth(1).expect("failures=N");
-            n.split_whitespace().next().unwrap().parse().unwrap()
-        })
-        .collect();
-    assert_eq!(
-        started,
-        ended.len(),
-        "each burst logged at its start and end:\n{text}"
-    );
-    let failures: u64 = ended.iter().sum();
-    assert!(
-        failures > started as u64,
-        "{failures} failed accepts over {started} bursts: retries must not log:\n{text}"
-    );
-    eprintln!("{failures} failed accepts in {started} burst(s), each logged once");
-}
+);
 
 // ---------------------------------------------------------------------------------------------
 // Lists whose reader stops reading
@@ -199,117 +199,117 @@ async fn stalled_lists(socket: &Path, n: usize) -> Vec<Streaming<ListSnapshotsRe
     streams
 }
 
-/// More Lists than lamina has threads for work of unbounded length (32), each stalled by a
-/// reader that never reads: Commit's usage walk of a big snapshot and Cleanup, which need
-/// such a thread too, must still answer. The idle deadline is an hour here, so only Lists
-/// having a capacity of their own can make that so.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn stalled_lists_leave_room_for_commit_and_cleanup() {
-    if !require_root() {
-        return;
-    }
-    let d = TestDaemon::start_with("", |cmd| {
-        cmd.env("LAMINA_LIST_IDLE_TIMEOUT_MS", "3600000");
-    })
-    .await;
-    let mut c = d.client().await;
-    fill(&c).await;
-    // More than the 32 entries a Commit measures in place before handing the walk over.
-    let mounts = c.prepare("big", "").await.unwrap();
-    let fs = PathBuf::from(&mounts[0].source);
-    for i in 0..100 {
-        std::fs::write(fs.join(format!("f{i}")), b"x").unwrap();
-    }
+// More Lists than lamina has threads for work of unbounded length (32), each stalled by a
+// reader that never reads: Commit's usage walk of a big snapshot and Cleanup, which need
+// such a thread too, must still answer. The idle deadline is an hour here, so only Lists
+// having a capacity of their own can make that so.
+root_test!(
+    stalled_lists_leave_room_for_commit_and_cleanup,
+    threads = 2,
+    || {
+        let d = TestDaemon::start_with("", |cmd| {
+            cmd.env("LAMINA_LIST_IDLE_TIMEOUT_MS", "3600000");
+        })
+        .await;
+        let mut c = d.client().await;
+        fill(&c).await;
+        // More than the 32 entries a Commit measures in place before handing the walk over.
+        let mounts = c.prepare("big", "").await.unwrap();
+        let fs = PathBuf::from(&mounts[0].source);
+        for i in 0..100 {
+            std::fs::write(fs.join(format!("f{i}")), b"x").unwrap();
+        }
 
-    let stalled = stalled_lists(&d.socket, 40).await;
-    tokio::time::timeout(Duration::from_secs(60), c.commit("big-c", "big"))
+        let stalled = stalled_lists(&d.socket, 40).await;
+        tokio::time::timeout(Duration::from_secs(60), c.commit("big-c", "big"))
         .await
         .expect("Commit (its usage walk off the request's thread) must answer while 40 Lists are stalled")
         .unwrap();
-    assert_eq!(c.usage("big-c").await.unwrap().inodes, 101);
-    tokio::time::timeout(Duration::from_secs(60), c.cleanup())
-        .await
-        .expect("Cleanup must answer while 40 Lists are stalled")
-        .unwrap();
+        assert_eq!(c.usage("big-c").await.unwrap().inodes, 101);
+        tokio::time::timeout(Duration::from_secs(60), c.cleanup())
+            .await
+            .expect("Cleanup must answer while 40 Lists are stalled")
+            .unwrap();
 
-    // Their readers gone, the stalled Lists end, and a List reads everything.
-    drop(stalled);
-    let all = tokio::time::timeout(Duration::from_secs(60), c.list(&[]))
-        .await
-        .expect("a List once the stalled ones are gone")
-        .unwrap();
-    assert_eq!(all.len(), LISTED + 1);
-}
-
-/// A List whose reader takes nothing for the idle deadline (one second here) is ended: its
-/// thread and read transaction go back, and the reader, should it come back, gets the
-/// messages already queued and then DeadlineExceeded, never a stream that looks complete.
-/// With more stalled Lists than lamina's threads, only that lets a reading List through.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stalled_list_ends_after_its_idle_deadline() {
-    if !require_root() {
-        return;
+        // Their readers gone, the stalled Lists end, and a List reads everything.
+        drop(stalled);
+        let all = tokio::time::timeout(Duration::from_secs(60), c.list(&[]))
+            .await
+            .expect("a List once the stalled ones are gone")
+            .unwrap();
+        assert_eq!(all.len(), LISTED + 1);
     }
-    let d = TestDaemon::start_with("", |cmd| {
-        cmd.env("LAMINA_LIST_IDLE_TIMEOUT_MS", "1000");
-    })
-    .await;
-    let mut c = d.client().await;
-    fill(&c).await;
-    let stalled = stalled_lists(&d.socket, 40).await;
+);
 
-    let all = tokio::time::timeout(Duration::from_secs(120), c.list(&[]))
-        .await
-        .expect("a List that reads must get through once stalled ones reach their deadline")
-        .unwrap();
-    assert_eq!(all.len(), LISTED);
+// A List whose reader takes nothing for the idle deadline (one second here) is ended: its
+// thread and read transaction go back, and the reader, should it come back, gets the
+// messages already queued and then DeadlineExceeded, never a stream that looks complete.
+// With more stalled Lists than lamina's threads, only that lets a reading List through.
+root_test!(
+    a_stalled_list_ends_after_its_idle_deadline,
+    threads = 2,
+    || {
+        let d = TestDaemon::start_with("", |cmd| {
+            cmd.env("LAMINA_LIST_IDLE_TIMEOUT_MS", "1000");
+        })
+        .await;
+        let mut c = d.client().await;
+        fill(&c).await;
+        let stalled = stalled_lists(&d.socket, 40).await;
 
-    // All read at once: streams that share a connection share its window, which any one of
-    // them left unread would fill.
-    let mut readers = tokio::task::JoinSet::new();
-    for (i, mut s) in stalled.into_iter().enumerate() {
-        readers.spawn(async move {
-            // The first List's first batch was read already.
-            let mut got = if i == 0 { 100 } else { 0 };
-            loop {
-                match s.message().await {
-                    Ok(Some(m)) => got += m.info.len(),
-                    Ok(None) => return (i, got, Ok(())),
-                    Err(status) => return (i, got, Err(status)),
+        let all = tokio::time::timeout(Duration::from_secs(120), c.list(&[]))
+            .await
+            .expect("a List that reads must get through once stalled ones reach their deadline")
+            .unwrap();
+        assert_eq!(all.len(), LISTED);
+
+        // All read at once: streams that share a connection share its window, which any one of
+        // them left unread would fill.
+        let mut readers = tokio::task::JoinSet::new();
+        for (i, mut s) in stalled.into_iter().enumerate() {
+            readers.spawn(async move {
+                // The first List's first batch was read already.
+                let mut got = if i == 0 { 100 } else { 0 };
+                loop {
+                    match s.message().await {
+                        Ok(Some(m)) => got += m.info.len(),
+                        Ok(None) => return (i, got, Ok(())),
+                        Err(status) => return (i, got, Err(status)),
+                    }
+                }
+            });
+        }
+        let (mut ended, mut complete) = (0, 0);
+        while let Some(read) = readers.join_next().await {
+            let (i, got, end) = read.unwrap();
+            match end {
+                Ok(()) => {
+                    assert_eq!(
+                        got, LISTED,
+                        "List {i} ended without error, so it must be whole"
+                    );
+                    complete += 1;
+                }
+                Err(status) => {
+                    assert_eq!(
+                        status.code(),
+                        Code::DeadlineExceeded,
+                        "List {i}: {status:?}"
+                    );
+                    assert!(
+                        status.message().contains("1s"),
+                        "List {i}: the message names the deadline: {}",
+                        status.message()
+                    );
+                    assert!(got < LISTED, "List {i} got everything, yet failed");
+                    ended += 1;
                 }
             }
-        });
-    }
-    let (mut ended, mut complete) = (0, 0);
-    while let Some(read) = readers.join_next().await {
-        let (i, got, end) = read.unwrap();
-        match end {
-            Ok(()) => {
-                assert_eq!(
-                    got, LISTED,
-                    "List {i} ended without error, so it must be whole"
-                );
-                complete += 1;
-            }
-            Err(status) => {
-                assert_eq!(
-                    status.code(),
-                    Code::DeadlineExceeded,
-                    "List {i}: {status:?}"
-                );
-                assert!(
-                    status.message().contains("1s"),
-                    "List {i}: the message names the deadline: {}",
-                    status.message()
-                );
-                assert!(got < LISTED, "List {i} got everything, yet failed");
-                ended += 1;
-            }
         }
+        eprintln!("40 stalled Lists: {ended} ended by the deadline, {complete} read whole later");
+        assert!(ended > 0, "no stalled List was ended by its deadline");
     }
-    eprintln!("40 stalled Lists: {ended} ended by the deadline, {complete} read whole later");
-    assert!(ended > 0, "no stalled List was ended by its deadline");
-}
+);
 
 // ---------------------------------------------------------------------------------------------
 // Raw HTTP/2, to act as no well-behaved client would
@@ -366,53 +366,48 @@ fn header_block(fields: &[(&str, &str)]) -> Vec<u8> {
     b
 }
 
-/// A peer that stops answering (frozen, or gone without closing its socket) must not keep its
-/// connection, and what it holds, for ever: lamina pings an idle connection and closes it when
-/// no answer comes. A client that answers keeps its connection.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_peer_that_stops_answering_pings_is_disconnected() {
-    if !require_root() {
-        return;
-    }
-    let d = TestDaemon::start_with("", |cmd| {
-        cmd.env("LAMINA_KEEPALIVE_MS", "500");
-    })
-    .await;
-    let mut live = d.client().await;
-    live.prepare("k", "").await.unwrap();
+// A peer that stops answering (frozen, or gone without closing its socket) must not keep its
+// connection, and what it holds, for ever: lamina pings an idle connection and closes it when
+// no answer comes. A client that answers keeps its connection.
+root_test!(
+    a_peer_that_stops_answering_pings_is_disconnected,
+    threads = 2,
+    || {
+        let d = TestDaemon::start_with("", |cmd| {
+            cmd.env("LAMINA_KEEPALIVE_MS", "500");
+        })
+        .await;
+        let mut live = d.client().await;
+        live.prepare("k", "").await.unwrap();
 
-    let socket = d.socket.clone();
-    let seen = tokio::task::spawn_blocking(move || {
-        let mut s = UnixStream::connect(socket).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-        s.write_all(PREFACE).unwrap();
-        s.write_all(&frame(SETTINGS, 0, 0, &[])).unwrap();
-        // Reads whatever comes and answers nothing, not even the server's SETTINGS.
-        let mut kinds = Vec::new();
-        loop {
-            match read_frame(&mut s) {
-                Some((kind, ..)) => kinds.push(kind),
-                None => return kinds,
+        let socket = d.socket.clone();
+        let seen = tokio::task::spawn_blocking(move || {
+            let mut s = UnixStream::connect(socket).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+            s.write_all(PREFACE).unwrap();
+            s.write_all(&frame(SETTINGS, 0, 0, &[])).unwrap();
+            // Reads whatever comes and answers nothing, not even the server's SETTINGS.
+            let mut kinds = Vec::new();
+            loop {
+                match read_frame(&mut s) {
+                    Some((kind, ..)) => kinds.push(kind),
+                    None => return kinds,
+                }
             }
-        }
-    });
-    let kinds = seen
-        .await
-        .unwrap_or_else(|e| panic!("the silent peer's connection was not closed within 60 s: {e}"));
-    assert!(kinds.contains(&PING), "lamina never pinged: {kinds:?}");
-    // The client that answers pings kept its connection through several of them.
-    assert_eq!(live.stat("k").await.unwrap().kind, ACTIVE);
-}
-
-/// containerd sends all its requests over one connection, and it waits for a free stream when
-/// the server says how many it may open; a client that opens more anyway gets the excess
-/// refused (REFUSED_STREAM, safe to retry) instead of tying up lamina without bound.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn streams_per_connection_are_capped() {
-    if !require_root() {
-        return;
+        });
+        let kinds = seen.await.unwrap_or_else(|e| {
+            panic!("the silent peer's connection was not closed within 60 s: {e}")
+        });
+        assert!(kinds.contains(&PING), "lamina never pinged: {kinds:?}");
+        // The client that answers pings kept its connection through several of them.
+        assert_eq!(live.stat("k").await.unwrap().kind, ACTIVE);
     }
-    let d = TestDaemon::start().await;
+);
+
+// containerd sends all its requests over one connection, and it waits for a free stream when
+// the server says how many it may open; a client that opens more anyway gets the excess
+// refused (REFUSED_STREAM, safe to retry) instead of tying up lamina without bound.
+daemon_test!(streams_per_connection_are_capped, threads = 2, |d| {
     let socket = d.socket.clone();
     const OPENED: u32 = 1500;
     let (refused, other) = tokio::task::spawn_blocking(move || {
@@ -483,85 +478,84 @@ async fn streams_per_connection_are_capped() {
 
     let mut c = d.client().await;
     assert_code(c.stat("none").await, Code::NotFound, "does not exist");
-}
+});
 
 // ---------------------------------------------------------------------------------------------
 // Parent chains
 // ---------------------------------------------------------------------------------------------
 
-/// overlayfs stacks at most 500 lower layers (OVL_MAX_STACK in the kernel's fs/overlayfs).
-/// An active snapshot or a view with 500 ancestors mounts; one with 501 would fail only when
-/// containerd mounts it, so Prepare and View refuse it up front, naming the limit.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn parent_chains_deeper_than_overlayfs_stacks_are_refused() {
-    if !require_root() {
-        return;
-    }
-    let d = TestDaemon::start().await;
-    let mut c = d.client().await;
-    // c1 … c501: c<n> has n-1 ancestors.
-    let mut parent = String::new();
-    for n in 1..=501 {
-        let (key, name) = (format!("a{n}"), format!("c{n}"));
-        c.prepare(&key, &parent)
-            .await
-            .unwrap_or_else(|e| panic!("Prepare on a chain of {} layers: {e:?}", n - 1));
-        c.commit(&name, &key).await.unwrap();
-        parent = name;
-    }
+// overlayfs stacks at most 500 lower layers (OVL_MAX_STACK in the kernel's fs/overlayfs).
+// An active snapshot or a view with 500 ancestors mounts; one with 501 would fail only when
+// containerd mounts it, so Prepare and View refuse it up front, naming the limit.
+daemon_test!(
+    parent_chains_deeper_than_overlayfs_stacks_are_refused,
+    threads = 2,
+    |d, mut c| {
+        // c1 … c501: c<n> has n-1 ancestors.
+        let mut parent = String::new();
+        for n in 1..=501 {
+            let (key, name) = (format!("a{n}"), format!("c{n}"));
+            c.prepare(&key, &parent)
+                .await
+                .unwrap_or_else(|e| panic!("Prepare on a chain of {} layers: {e:?}", n - 1));
+            c.commit(&name, &key).await.unwrap();
+            parent = name;
+        }
 
-    // 500 ancestors: accepted, and the kernel mounts them.
-    let mounts = c.prepare("top", "c500").await.unwrap();
-    let lowers = |m: &containerd_snapshots::api::types::Mount| {
-        let opt = m
-            .options
-            .iter()
-            .find(|o| o.starts_with("lowerdir="))
-            .unwrap();
-        opt["lowerdir=".len()..].split(':').count()
-    };
-    assert_eq!(lowers(&mounts[0]), 500);
-    {
-        let m = Mounted::new_any(&mounts, &d.scratch("top"));
-        std::fs::write(m.join("f"), b"on 500 layers").unwrap();
-    }
-    let view = c.view("top-view", "c500").await.unwrap();
-    assert_eq!(lowers(&view[0]), 500);
-    drop(Mounted::new_any(&view, &d.scratch("top-view")));
-
-    // 501 ancestors: refused with a clear reason, and nothing is left behind.
-    let dirs = d.snapshot_dirs();
-    for res in [
-        c.prepare("deep", "c501").await,
-        c.view("deep-view", "c501").await,
-    ] {
-        let Err(err) = res else {
-            panic!("a snapshot on 501 layers was accepted");
+        // 500 ancestors: accepted, and the kernel mounts them.
+        let mounts = c.prepare("top", "c500").await.unwrap();
+        let lowers = |m: &containerd_snapshots::api::types::Mount| {
+            let opt = m
+                .options
+                .iter()
+                .find(|o| o.starts_with("lowerdir="))
+                .unwrap();
+            opt["lowerdir=".len()..].split(':').count()
         };
-        assert_eq!(err.code(), Code::FailedPrecondition, "{}", err.message());
-        for needle in ["501", "500", "overlayfs"] {
-            assert!(
-                err.message().contains(needle),
-                "{needle:?} in {}",
-                err.message()
-            );
+        assert_eq!(lowers(&mounts[0]), 500);
+        {
+            let m = Mounted::new_any(&mounts, &d.scratch("top"));
+            std::fs::write(m.join("f"), b"on 500 layers").unwrap();
         }
-    }
-    assert_code(c.stat("deep").await, Code::NotFound, "does not exist");
-    assert_code(c.stat("deep-view").await, Code::NotFound, "does not exist");
-    assert_eq!(d.snapshot_dirs(), dirs);
+        let view = c.view("top-view", "c500").await.unwrap();
+        assert_eq!(lowers(&view[0]), 500);
+        drop(Mounted::new_any(&view, &d.scratch("top-view")));
 
-    // The limit is the kernel's: the same mount with one lower more is refused by overlayfs.
-    let extra = d.scratch("extra-lower");
-    let mut options = view[0].options.clone();
-    for o in &mut options {
-        if let Some(list) = o.strip_prefix("lowerdir=") {
-            *o = format!("lowerdir={}:{list}", extra.display());
+        // 501 ancestors: refused with a clear reason, and nothing is left behind.
+        let dirs = d.snapshot_dirs();
+        for res in [
+            c.prepare("deep", "c501").await,
+            c.view("deep-view", "c501").await,
+        ] {
+            let Err(err) = res else {
+                panic!("a snapshot on 501 layers was accepted");
+            };
+            assert_eq!(err.code(), Code::FailedPrecondition, "{}", err.message());
+            for needle in ["501", "500", "overlayfs"] {
+                assert!(
+                    err.message().contains(needle),
+                    "{needle:?} in {}",
+                    err.message()
+                );
+            }
         }
+        assert_code(c.stat("deep").await, Code::NotFound, "does not exist");
+        assert_code(c.stat("deep-view").await, Code::NotFound, "does not exist");
+        assert_eq!(d.snapshot_dirs(), dirs);
+
+        // The limit is the kernel's: the same mount with one lower more is refused by overlayfs.
+        let extra = d.scratch("extra-lower");
+        let mut options = view[0].options.clone();
+        for o in &mut options {
+            if let Some(list) = o.strip_prefix("lowerdir=") {
+                *o = format!("lowerdir={}:{list}", extra.display());
+            }
+        }
+        let target = d.scratch("501");
+        let refused =
+            lamina::sys::mount_spec(&view[0].r#type, &view[0].source, &options, &target);
+        let _ = nix::mount::umount2(&target, nix::mount::MntFlags::MNT_DETACH);
+        let err = refused.expect_err("overlayfs mounted 501 lower layers");
+        assert_eq!(err.raw_os_error(), Some(libc::EINVAL), "{err}");
     }
-    let target = d.scratch("501");
-    let refused = lamina::sys::mount_spec(&view[0].r#type, &view[0].source, &options, &target);
-    let _ = nix::mount::umount2(&target, nix::mount::MntFlags::MNT_DETACH);
-    let err = refused.expect_err("overlayfs mounted 501 lower layers");
-    assert_eq!(err.raw_os_error(), Some(libc::EINVAL), "{err}");
-}
+);

@@ -16,7 +16,7 @@ use std::{
 
 use crate::{
     oci_support::{layer_tar, sha256, write_oci_archive, Entry},
-    util::{require_root, TestDaemon},
+    util::{daemon_test, TestDaemon},
 };
 
 const IMAGE1: &str = "lamina.test/e2e:1";
@@ -413,334 +413,332 @@ fn option<'a>(opts: &'a [String], key: &str) -> Option<&'a str> {
 
 // ---------------------------------------------------------------------------------------------
 
-#[tokio::test]
-async fn containerd_imports_runs_inspects_and_collects() {
-    if !require_root() {
-        return;
-    }
-    let started = Instant::now();
-    let d = TestDaemon::start_with_config("sync_remove = false\n").await;
-    let c = Containerd::start(&d.socket, "a");
-    let snapshots_dir = format!("{}/", d.root.join("snapshots").display());
+daemon_test!(
+    containerd_imports_runs_inspects_and_collects,
+    config = "sync_remove = false\n",
+    |d| {
+        let started = Instant::now();
+        let c = Containerd::start(&d.socket, "a");
+        let snapshots_dir = format!("{}/", d.root.join("snapshots").display());
 
-    // containerd knows the plugin.
-    let plugins = c.ctr_ok(&["plugins", "ls"]);
-    assert!(
-        plugins.lines().any(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            f.len() >= 3
-                && f[0] == "io.containerd.snapshotter.v1"
-                && f[1] == "lamina"
-                && f.last() == Some(&"ok")
-        }),
-        "`ctr plugins ls` has no `io.containerd.snapshotter.v1 lamina … ok` line:\n{plugins}"
-    );
-
-    // Import: containerd unpacks both layers through lamina.
-    let tar = c.path("e2e1.tar");
-    let chain = chain_ids(&write_oci_archive(&tar, IMAGE1, &image_layers(&[])));
-    import(&c, &tar, IMAGE1);
-
-    // Run: the merged filesystem, writable; a second run starts from the image again.
-    check_merged_view(&c, "run1");
-    check_merged_view(&c, "run2");
-
-    // ls: the two committed layers, the second on the first.
-    let listed = c.snapshots().unwrap_or_else(|e| panic!("{e}"));
-    let expected = vec![
-        (chain[0].clone(), String::new(), "Committed".to_string()),
-        (chain[1].clone(), chain[0].clone(), "Committed".to_string()),
-    ];
-    let mut sorted = listed.clone();
-    sorted.sort_by_key(|(k, _, _)| if *k == chain[0] { 0 } else { 1 });
-    assert_eq!(
-        sorted, expected,
-        "`ctr snapshots ls` should list exactly the image's two layers"
-    );
-
-    // info: kind, name and parent chain.
-    for (i, key) in chain.iter().enumerate() {
-        let out = c.snap_ok(&["info", key]);
-        let info: serde_json::Value = serde_json::from_str(&out)
-            .unwrap_or_else(|e| panic!("`ctr snapshots info` printed no JSON ({e}): {out}"));
-        assert_eq!(info["Kind"], "Committed", "info {key}: {out}");
-        assert_eq!(info["Name"], key.as_str(), "info {key}: {out}");
-        let parent = if i == 0 {
-            serde_json::Value::Null
-        } else {
-            chain[i - 1].clone().into()
-        };
-        assert_eq!(info["Parent"], parent, "info {key}: wrong parent: {out}");
+        // containerd knows the plugin.
+        let plugins = c.ctr_ok(&["plugins", "ls"]);
         assert!(
-            info["Created"].is_string() && info["Updated"].is_string(),
-            "info {key}: {out}"
+            plugins.lines().any(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                f.len() >= 3
+                    && f[0] == "io.containerd.snapshotter.v1"
+                    && f[1] == "lamina"
+                    && f.last() == Some(&"ok")
+            }),
+            "`ctr plugins ls` has no `io.containerd.snapshotter.v1 lamina … ok` line:\n{plugins}"
         );
-    }
 
-    // usage: L1 holds busybox (a few MB) and every entry of L1; L2 is small.
-    let busybox_size = fs::metadata("/bin/busybox").unwrap().len();
-    let out = c.snap_ok(&["usage", "-b", &chain[0], &chain[1]]);
-    let usage: Vec<(String, u64, u64)> = out
-        .lines()
-        .skip(1)
-        .map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            assert_eq!(f.len(), 3, "`ctr snapshots usage -b` line {l:?} in:\n{out}");
-            (
-                f[0].to_string(),
-                f[1].parse().unwrap(),
-                f[2].parse().unwrap(),
-            )
-        })
-        .collect();
-    assert_eq!(usage.len(), 2, "usage lines:\n{out}");
-    // L1: root, bin, busybox, the links, etc, etc/msg, gone, d, d/old.
-    let l1_inodes = 3 + APPLETS.len() as u64 + 5;
-    assert_eq!(usage[0].0, chain[0]);
-    assert!(
-        usage[0].1 >= busybox_size,
-        "L1 usage {} < busybox {busybox_size}:\n{out}",
-        usage[0].1
-    );
-    assert_eq!(usage[0].2, l1_inodes, "L1 inode count:\n{out}");
-    // L2: root, etc, etc/msg, the whiteout device for /gone, d, d/new.
-    assert_eq!(usage[1].0, chain[1]);
-    assert!(
-        usage[1].1 > 0 && usage[1].1 < busybox_size,
-        "L2 size:\n{out}"
-    );
-    assert_eq!(usage[1].2, 6, "L2 inode count:\n{out}");
-    let human = c.snap_ok(&["usage", &chain[0]]);
-    assert!(
-        human.contains("MiB") || human.contains("MB"),
-        "human-readable usage of L1: {human}"
-    );
+        // Import: containerd unpacks both layers through lamina.
+        let tar = c.path("e2e1.tar");
+        let chain = chain_ids(&write_oci_archive(&tar, IMAGE1, &image_layers(&[])));
+        import(&c, &tar, IMAGE1);
 
-    // tree: L2 under L1.
-    let tree = c.snap_ok(&["tree"]);
-    let lines: Vec<&str> = tree.lines().collect();
-    assert_eq!(lines.len(), 2, "tree:\n{tree}");
-    assert_eq!(lines[0].trim(), chain[0], "tree root:\n{tree}");
-    assert_eq!(
-        lines[1].trim(),
-        format!("\\_ {}", chain[1]),
-        "tree child:\n{tree}"
-    );
-    assert!(lines[1].starts_with("  "), "child not indented:\n{tree}");
+        // Run: the merged filesystem, writable; a second run starts from the image again.
+        check_merged_view(&c, "run1");
+        check_merged_view(&c, "run2");
 
-    // mounts: a view on L1 is a read-only bind of L1's directory; a view on L2 is a read-only
-    // overlay of both; an active snapshot on L2 is a writable overlay over both.
-    //
-    // `ctr snapshots view` gives its view no GC root (unlike `prepare`), so containerd's
-    // collector would remove a view whenever it runs, and the containers run above queue runs
-    // of it. A synchronous collection first settles them (later runs only come from new
-    // deletions), and each view is made a root right after it is created.
-    c.ctr_ok(&["leases", "create", "--id", "e2e-settle"]);
-    c.ctr_ok(&["leases", "delete", "--sync", "e2e-settle"]);
-    for (view, parent) in [("e2e-view1", &chain[0]), ("e2e-view2", &chain[1])] {
-        c.snap_ok(&["view", view, parent]);
-        c.snap_ok(&["label", view, "containerd.io/gc.root=e2e"]);
-    }
-    c.snap_ok(&["prepare", "e2e-active", &chain[1]]);
-    let (ty, l1_fs, opts) = parse_mount_line(&c.snap_ok(&["mounts", "/mnt/x", "e2e-view1"]));
-    assert_eq!(ty, "bind", "view on one layer");
-    assert!(
-        l1_fs.starts_with(&snapshots_dir) && l1_fs.ends_with("/fs"),
-        "bind source {l1_fs}"
-    );
-    assert!(
-        opts.contains(&"ro".into()) && opts.contains(&"rbind".into()),
-        "bind options {opts:?}"
-    );
-    assert!(
-        Path::new(&l1_fs).join("bin/busybox").is_file(),
-        "L1's directory lacks bin/busybox: {l1_fs}"
-    );
-
-    let (ty, src, opts) = parse_mount_line(&c.snap_ok(&["mounts", "/mnt/x", "e2e-view2"]));
-    assert_eq!(
-        (ty.as_str(), src.as_str()),
-        ("overlay", "overlay"),
-        "view on two layers"
-    );
-    let lower = option(&opts, "lowerdir").unwrap_or_else(|| panic!("no lowerdir in {opts:?}"));
-    let lowers: Vec<&str> = lower.split(':').collect();
-    assert_eq!(lowers.len(), 2, "lowerdir {lower}");
-    assert_eq!(
-        lowers[1], l1_fs,
-        "the view's lowest layer is L1's directory"
-    );
-    assert!(
-        lowers[0].starts_with(&snapshots_dir) && lowers[0] != l1_fs,
-        "lowerdir {lower}"
-    );
-    assert!(
-        Path::new(lowers[0]).join("d/new").is_file(),
-        "L2's directory lacks d/new: {}",
-        lowers[0]
-    );
-    assert!(
-        option(&opts, "upperdir").is_none(),
-        "a view has no upperdir: {opts:?}"
-    );
-
-    let (ty, _, opts) = parse_mount_line(&c.snap_ok(&["mounts", "/mnt/x", "e2e-active"]));
-    assert_eq!(ty, "overlay", "active on two layers");
-    assert_eq!(
-        option(&opts, "lowerdir"),
-        Some(lower),
-        "active's lowers: {opts:?}"
-    );
-    let upper = option(&opts, "upperdir").unwrap_or_else(|| panic!("no upperdir in {opts:?}"));
-    let work = option(&opts, "workdir").unwrap_or_else(|| panic!("no workdir in {opts:?}"));
-    assert!(
-        upper.starts_with(&snapshots_dir) && upper.ends_with("/fs"),
-        "upperdir {upper}"
-    );
-    assert_eq!(
-        Path::new(work).parent(),
-        Path::new(upper).parent(),
-        "workdir {work} beside upperdir {upper}"
-    );
-
-    // Mounts of a committed layer is refused.
-    let out = c.ctr(&[
-        "snapshots",
-        "--snapshotter",
-        "lamina",
-        "mounts",
-        "/mnt/x",
-        &chain[1],
-    ]);
-    assert!(
-        !out.success,
-        "`ctr snapshots mounts` of a committed snapshot succeeded: {}",
-        out.stdout
-    );
-
-    // The active and views show in ls with their kinds, then go.
-    let kinds: Vec<(String, String)> = c
-        .snapshots()
-        .unwrap_or_else(|e| panic!("{e}"))
-        .into_iter()
-        .map(|(k, _, kind)| (k, kind))
-        .collect();
-    for (key, kind) in [
-        ("e2e-view1", "View"),
-        ("e2e-view2", "View"),
-        ("e2e-active", "Active"),
-    ] {
-        assert!(
-            kinds.contains(&(key.to_string(), kind.to_string())),
-            "{key} not {kind} in ls: {kinds:?}"
+        // ls: the two committed layers, the second on the first.
+        let listed = c.snapshots().unwrap_or_else(|e| panic!("{e}"));
+        let expected = vec![
+            (chain[0].clone(), String::new(), "Committed".to_string()),
+            (chain[1].clone(), chain[0].clone(), "Committed".to_string()),
+        ];
+        let mut sorted = listed.clone();
+        sorted.sort_by_key(|(k, _, _)| if *k == chain[0] { 0 } else { 1 });
+        assert_eq!(
+            sorted, expected,
+            "`ctr snapshots ls` should list exactly the image's two layers"
         );
-    }
-    c.snap_ok(&["rm", "e2e-view1", "e2e-view2", "e2e-active"]);
 
-    // Removing the image lets containerd's GC remove the snapshots, then Cleanup the directories.
-    c.ctr_ok(&["images", "rm", "--sync", IMAGE1]);
-    wait_all_collected(&c, &d).await;
-    eprintln!("containerd end-to-end took {:?}", started.elapsed());
-}
-
-#[tokio::test]
-async fn containerd_rides_out_a_lamina_restart() {
-    if !require_root() {
-        return;
-    }
-    let started = Instant::now();
-    let mut d = TestDaemon::start_with_config("sync_remove = false\n").await;
-    let c = Containerd::start(&d.socket, "b");
-
-    let tar1 = c.path("e2e1.tar");
-    let chain1 = chain_ids(&write_oci_archive(&tar1, IMAGE1, &image_layers(&[])));
-    import(&c, &tar1, IMAGE1);
-    c.ctr_ok(&[
-        "run",
-        "-d",
-        "--snapshotter",
-        "lamina",
-        IMAGE1,
-        "sleeper",
-        "sleep",
-        "1000",
-    ]);
-    c.wait_task("sleeper", "RUNNING");
-
-    d.restart().await;
-
-    // containerd reconnects by itself.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let listed = loop {
-        match c.snapshots() {
-            Ok(l) if !l.is_empty() => break l,
-            other => assert!(
-                Instant::now() < deadline,
-                "containerd did not reach lamina again within 20 s of its restart: {:?}",
-                other.map(|l| format!("listed {l:?}"))
-            ),
+        // info: kind, name and parent chain.
+        for (i, key) in chain.iter().enumerate() {
+            let out = c.snap_ok(&["info", key]);
+            let info: serde_json::Value = serde_json::from_str(&out)
+                .unwrap_or_else(|e| panic!("`ctr snapshots info` printed no JSON ({e}): {out}"));
+            assert_eq!(info["Kind"], "Committed", "info {key}: {out}");
+            assert_eq!(info["Name"], key.as_str(), "info {key}: {out}");
+            let parent = if i == 0 {
+                serde_json::Value::Null
+            } else {
+                chain[i - 1].clone().into()
+            };
+            assert_eq!(info["Parent"], parent, "info {key}: wrong parent: {out}");
+            assert!(
+                info["Created"].is_string() && info["Updated"].is_string(),
+                "info {key}: {out}"
+            );
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
-    for key in ["sleeper", chain1[0].as_str(), chain1[1].as_str()] {
+
+        // usage: L1 holds busybox (a few MB) and every entry of L1; L2 is small.
+        let busybox_size = fs::metadata("/bin/busybox").unwrap().len();
+        let out = c.snap_ok(&["usage", "-b", &chain[0], &chain[1]]);
+        let usage: Vec<(String, u64, u64)> = out
+            .lines()
+            .skip(1)
+            .map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                assert_eq!(f.len(), 3, "`ctr snapshots usage -b` line {l:?} in:\n{out}");
+                (
+                    f[0].to_string(),
+                    f[1].parse().unwrap(),
+                    f[2].parse().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(usage.len(), 2, "usage lines:\n{out}");
+        // L1: root, bin, busybox, the links, etc, etc/msg, gone, d, d/old.
+        let l1_inodes = 3 + APPLETS.len() as u64 + 5;
+        assert_eq!(usage[0].0, chain[0]);
         assert!(
-            listed.iter().any(|(k, _, _)| k == key),
-            "{key} missing after lamina's restart: {listed:?}"
+            usage[0].1 >= busybox_size,
+            "L1 usage {} < busybox {busybox_size}:\n{out}",
+            usage[0].1
         );
+        assert_eq!(usage[0].2, l1_inodes, "L1 inode count:\n{out}");
+        // L2: root, etc, etc/msg, the whiteout device for /gone, d, d/new.
+        assert_eq!(usage[1].0, chain[1]);
+        assert!(
+            usage[1].1 > 0 && usage[1].1 < busybox_size,
+            "L2 size:\n{out}"
+        );
+        assert_eq!(usage[1].2, 6, "L2 inode count:\n{out}");
+        let human = c.snap_ok(&["usage", &chain[0]]);
+        assert!(
+            human.contains("MiB") || human.contains("MB"),
+            "human-readable usage of L1: {human}"
+        );
+
+        // tree: L2 under L1.
+        let tree = c.snap_ok(&["tree"]);
+        let lines: Vec<&str> = tree.lines().collect();
+        assert_eq!(lines.len(), 2, "tree:\n{tree}");
+        assert_eq!(lines[0].trim(), chain[0], "tree root:\n{tree}");
+        assert_eq!(
+            lines[1].trim(),
+            format!("\\_ {}", chain[1]),
+            "tree child:\n{tree}"
+        );
+        assert!(lines[1].starts_with("  "), "child not indented:\n{tree}");
+
+        // mounts: a view on L1 is a read-only bind of L1's directory; a view on L2 is a read-only
+        // overlay of both; an active snapshot on L2 is a writable overlay over both.
+        //
+        // `ctr snapshots view` gives its view no GC root (unlike `prepare`), so containerd's
+        // collector would remove a view whenever it runs, and the containers run above queue runs
+        // of it. A synchronous collection first settles them (later runs only come from new
+        // deletions), and each view is made a root right after it is created.
+        c.ctr_ok(&["leases", "create", "--id", "e2e-settle"]);
+        c.ctr_ok(&["leases", "delete", "--sync", "e2e-settle"]);
+        for (view, parent) in [("e2e-view1", &chain[0]), ("e2e-view2", &chain[1])] {
+            c.snap_ok(&["view", view, parent]);
+            c.snap_ok(&["label", view, "containerd.io/gc.root=e2e"]);
+        }
+        c.snap_ok(&["prepare", "e2e-active", &chain[1]]);
+        let (ty, l1_fs, opts) = parse_mount_line(&c.snap_ok(&["mounts", "/mnt/x", "e2e-view1"]));
+        assert_eq!(ty, "bind", "view on one layer");
+        assert!(
+            l1_fs.starts_with(&snapshots_dir) && l1_fs.ends_with("/fs"),
+            "bind source {l1_fs}"
+        );
+        assert!(
+            opts.contains(&"ro".into()) && opts.contains(&"rbind".into()),
+            "bind options {opts:?}"
+        );
+        assert!(
+            Path::new(&l1_fs).join("bin/busybox").is_file(),
+            "L1's directory lacks bin/busybox: {l1_fs}"
+        );
+
+        let (ty, src, opts) = parse_mount_line(&c.snap_ok(&["mounts", "/mnt/x", "e2e-view2"]));
+        assert_eq!(
+            (ty.as_str(), src.as_str()),
+            ("overlay", "overlay"),
+            "view on two layers"
+        );
+        let lower = option(&opts, "lowerdir").unwrap_or_else(|| panic!("no lowerdir in {opts:?}"));
+        let lowers: Vec<&str> = lower.split(':').collect();
+        assert_eq!(lowers.len(), 2, "lowerdir {lower}");
+        assert_eq!(
+            lowers[1], l1_fs,
+            "the view's lowest layer is L1's directory"
+        );
+        assert!(
+            lowers[0].starts_with(&snapshots_dir) && lowers[0] != l1_fs,
+            "lowerdir {lower}"
+        );
+        assert!(
+            Path::new(lowers[0]).join("d/new").is_file(),
+            "L2's directory lacks d/new: {}",
+            lowers[0]
+        );
+        assert!(
+            option(&opts, "upperdir").is_none(),
+            "a view has no upperdir: {opts:?}"
+        );
+
+        let (ty, _, opts) = parse_mount_line(&c.snap_ok(&["mounts", "/mnt/x", "e2e-active"]));
+        assert_eq!(ty, "overlay", "active on two layers");
+        assert_eq!(
+            option(&opts, "lowerdir"),
+            Some(lower),
+            "active's lowers: {opts:?}"
+        );
+        let upper = option(&opts, "upperdir").unwrap_or_else(|| panic!("no upperdir in {opts:?}"));
+        let work = option(&opts, "workdir").unwrap_or_else(|| panic!("no workdir in {opts:?}"));
+        assert!(
+            upper.starts_with(&snapshots_dir) && upper.ends_with("/fs"),
+            "upperdir {upper}"
+        );
+        assert_eq!(
+            Path::new(work).parent(),
+            Path::new(upper).parent(),
+            "workdir {work} beside upperdir {upper}"
+        );
+
+        // Mounts of a committed layer is refused.
+        let out = c.ctr(&[
+            "snapshots",
+            "--snapshotter",
+            "lamina",
+            "mounts",
+            "/mnt/x",
+            &chain[1],
+        ]);
+        assert!(
+            !out.success,
+            "`ctr snapshots mounts` of a committed snapshot succeeded: {}",
+            out.stdout
+        );
+
+        // The active and views show in ls with their kinds, then go.
+        let kinds: Vec<(String, String)> = c
+            .snapshots()
+            .unwrap_or_else(|e| panic!("{e}"))
+            .into_iter()
+            .map(|(k, _, kind)| (k, kind))
+            .collect();
+        for (key, kind) in [
+            ("e2e-view1", "View"),
+            ("e2e-view2", "View"),
+            ("e2e-active", "Active"),
+        ] {
+            assert!(
+                kinds.contains(&(key.to_string(), kind.to_string())),
+                "{key} not {kind} in ls: {kinds:?}"
+            );
+        }
+        c.snap_ok(&["rm", "e2e-view1", "e2e-view2", "e2e-active"]);
+
+        // Removing the image lets containerd's GC remove the snapshots, then Cleanup the directories.
+        c.ctr_ok(&["images", "rm", "--sync", IMAGE1]);
+        wait_all_collected(&c, &d).await;
+        eprintln!("containerd end-to-end took {:?}", started.elapsed());
     }
+);
 
-    // The container started before keeps running, on its filesystem.
-    c.wait_task("sleeper", "RUNNING");
-    let out = c.ctr_ok(&[
-        "task",
-        "exec",
-        "--exec-id",
-        "check",
-        "sleeper",
-        "cat",
-        "/etc/msg",
-    ]);
-    assert_eq!(out.trim(), "two", "the running container's /etc/msg");
+daemon_test!(
+    containerd_rides_out_a_lamina_restart,
+    config = "sync_remove = false\n",
+    |mut d| {
+        let started = Instant::now();
+        let c = Containerd::start(&d.socket, "b");
 
-    // The next import (one more layer over the same two) and run work.
-    let l3 = layer_tar(&[Entry::Dir("etc"), Entry::File("etc/msg", b"three", 0o644)]);
-    let tar2 = c.path("e2e2.tar");
-    let chain2 = chain_ids(&write_oci_archive(&tar2, IMAGE2, &image_layers(&[l3])));
-    assert_eq!(
-        chain2[..2],
-        chain1[..],
-        "the second image shares the first two layers"
-    );
-    import(&c, &tar2, IMAGE2);
-    let listed = c.snapshots().unwrap_or_else(|e| panic!("{e}"));
-    assert!(
-        listed.contains(&(chain2[2].clone(), chain2[1].clone(), "Committed".into())),
-        "the third layer is not committed on the second: {listed:?}"
-    );
-    let out = c.ctr_ok(&[
-        "run",
-        "--rm",
-        "--snapshotter",
-        "lamina",
-        IMAGE2,
-        "after",
-        "sh",
-        "-c",
-        "echo \"$(cat /etc/msg)\"; ls -A /d",
-    ]);
-    assert_eq!(
-        out.split_whitespace().collect::<Vec<_>>(),
-        ["three", "new"],
-        "run after restart: {out}"
-    );
-    check_merged_view(&c, "after1");
+        let tar1 = c.path("e2e1.tar");
+        let chain1 = chain_ids(&write_oci_archive(&tar1, IMAGE1, &image_layers(&[])));
+        import(&c, &tar1, IMAGE1);
+        c.ctr_ok(&[
+            "run",
+            "-d",
+            "--snapshotter",
+            "lamina",
+            IMAGE1,
+            "sleeper",
+            "sleep",
+            "1000",
+        ]);
+        c.wait_task("sleeper", "RUNNING");
 
-    // End the container, drop both images: everything is collected.
-    c.ctr_ok(&["task", "kill", "--signal", "SIGKILL", "sleeper"]);
-    c.wait_task("sleeper", "STOPPED");
-    c.ctr_ok(&["task", "rm", "sleeper"]);
-    c.ctr_ok(&["containers", "rm", "sleeper"]);
-    c.ctr_ok(&["images", "rm", "--sync", IMAGE1, IMAGE2]);
-    wait_all_collected(&c, &d).await;
-    eprintln!("containerd restart test took {:?}", started.elapsed());
-}
+        d.restart().await;
+
+        // containerd reconnects by itself.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let listed = loop {
+            match c.snapshots() {
+                Ok(l) if !l.is_empty() => break l,
+                other => assert!(
+                    Instant::now() < deadline,
+                    "containerd did not reach lamina again within 20 s of its restart: {:?}",
+                    other.map(|l| format!("listed {l:?}"))
+                ),
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        for key in ["sleeper", chain1[0].as_str(), chain1[1].as_str()] {
+            assert!(
+                listed.iter().any(|(k, _, _)| k == key),
+                "{key} missing after lamina's restart: {listed:?}"
+            );
+        }
+
+        // The container started before keeps running, on its filesystem.
+        c.wait_task("sleeper", "RUNNING");
+        let out = c.ctr_ok(&[
+            "task",
+            "exec",
+            "--exec-id",
+            "check",
+            "sleeper",
+            "cat",
+            "/etc/msg",
+        ]);
+        assert_eq!(out.trim(), "two", "the running container's /etc/msg");
+
+        // The next import (one more layer over the same two) and run work.
+        let l3 = layer_tar(&[Entry::Dir("etc"), Entry::File("etc/msg", b"three", 0o644)]);
+        let tar2 = c.path("e2e2.tar");
+        let chain2 = chain_ids(&write_oci_archive(&tar2, IMAGE2, &image_layers(&[l3])));
+        assert_eq!(
+            chain2[..2],
+            chain1[..],
+            "the second image shares the first two layers"
+        );
+        import(&c, &tar2, IMAGE2);
+        let listed = c.snapshots().unwrap_or_else(|e| panic!("{e}"));
+        assert!(
+            listed.contains(&(chain2[2].clone(), chain2[1].clone(), "Committed".into())),
+            "the third layer is not committed on the second: {listed:?}"
+        );
+        let out = c.ctr_ok(&[
+            "run",
+            "--rm",
+            "--snapshotter",
+            "lamina",
+            IMAGE2,
+            "after",
+            "sh",
+            "-c",
+            "echo \"$(cat /etc/msg)\"; ls -A /d",
+        ]);
+        assert_eq!(
+            out.split_whitespace().collect::<Vec<_>>(),
+            ["three", "new"],
+            "run after restart: {out}"
+        );
+        check_merged_view(&c, "after1");
+
+        // End the container, drop both images: everything is collected.
+        c.ctr_ok(&["task", "kill", "--signal", "SIGKILL", "sleeper"]);
+        c.wait_task("sleeper", "STOPPED");
+        c.ctr_ok(&["task", "rm", "sleeper"]);
+        c.ctr_ok(&["containers", "rm", "sleeper"]);
+        c.ctr_ok(&["images", "rm", "--sync", IMAGE1, IMAGE2]);
+        wait_all_collected(&c, &d).await;
+        eprintln!("containerd restart test took {:?}", started.elapsed());
+    }
+);

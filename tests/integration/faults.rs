@@ -112,219 +112,218 @@ fn mentions_no_space(msg: &str) -> bool {
 // (a) A full disk
 // ---------------------------------------------------------------------------------------------
 
-#[tokio::test]
-async fn a_full_disk_fails_requests_clearly_and_recovers_when_space_returns() {
-    if !require_root() {
-        return;
-    }
-    let mut t = daemon_on_tmpfs("size=4m,mode=0700").await;
-    let mut c = t.d.client().await;
-    let m = c.prepare("base-tmp", "").await.unwrap();
-    std::fs::write(bind_source(&m).join("hello"), b"layer data").unwrap();
-    c.commit("base", "base-tmp").await.unwrap();
-    c.prepare("pending", "base").await.unwrap();
-    let fill = c.prepare("fill", "").await.unwrap();
-    let before = listed(&mut c).await;
+root_test!(
+    a_full_disk_fails_requests_clearly_and_recovers_when_space_returns,
+    || {
+        let mut t = daemon_on_tmpfs("size=4m,mode=0700").await;
+        let mut c = t.d.client().await;
+        let m = c.prepare("base-tmp", "").await.unwrap();
+        std::fs::write(bind_source(&m).join("hello"), b"layer data").unwrap();
+        c.commit("base", "base-tmp").await.unwrap();
+        c.prepare("pending", "base").await.unwrap();
+        let fill = c.prepare("fill", "").await.unwrap();
+        let before = listed(&mut c).await;
 
-    // Fill the root's filesystem through the snapshot's mount, as a container would.
-    let filler = {
-        let mnt = Mounted::new(&fill, &t.d.scratch("fill-mnt"));
-        let path = mnt.join("filler");
-        let mut f = std::fs::File::create(&path).unwrap();
-        let chunk = vec![0x55u8; 64 << 10];
-        let mut written = 0usize;
-        let err = loop {
-            match f.write_all(&chunk).and_then(|_| f.sync_data()) {
-                Ok(()) => written += chunk.len(),
-                Err(e) => break e,
-            }
-            assert!(written < 64 << 20, "a 4 MiB tmpfs took 64 MiB");
+        // Fill the root's filesystem through the snapshot's mount, as a container would.
+        let filler = {
+            let mnt = Mounted::new(&fill, &t.d.scratch("fill-mnt"));
+            let path = mnt.join("filler");
+            let mut f = std::fs::File::create(&path).unwrap();
+            let chunk = vec![0x55u8; 64 << 10];
+            let mut written = 0usize;
+            let err = loop {
+                match f.write_all(&chunk).and_then(|_| f.sync_data()) {
+                    Ok(()) => written += chunk.len(),
+                    Err(e) => break e,
+                }
+                assert!(written < 64 << 20, "a 4 MiB tmpfs took 64 MiB");
+            };
+            assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "filling: {err}");
+            injected(&format!("ENOSPC on lamina's root after {written} bytes"));
+            bind_source(&fill).join("filler")
         };
-        assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "filling: {err}");
-        injected(&format!("ENOSPC on lamina's root after {written} bytes"));
-        bind_source(&fill).join("filler")
-    };
 
-    // While full: every write either succeeds (and is then really done) or fails with a
-    // message that says the disk is full. Reads keep working.
-    let mut acked: Vec<String> = Vec::new();
-    let mut failures: Vec<(String, Code, String)> = Vec::new();
-    let big = labels(&[("containerd.io/snapshot/pad", &"p".repeat(4000))]);
-    for i in 0..200 {
-        let key = format!("full-{i}");
-        match c.prepare_with(&key, "base", big.clone()).await {
-            Ok(_) => acked.push(key),
-            Err(s) => {
-                failures.push((format!("Prepare {key}"), s.code(), s.message().to_string()));
-                break;
+        // While full: every write either succeeds (and is then really done) or fails with a
+        // message that says the disk is full. Reads keep working.
+        let mut acked: Vec<String> = Vec::new();
+        let mut failures: Vec<(String, Code, String)> = Vec::new();
+        let big = labels(&[("containerd.io/snapshot/pad", &"p".repeat(4000))]);
+        for i in 0..200 {
+            let key = format!("full-{i}");
+            match c.prepare_with(&key, "base", big.clone()).await {
+                Ok(_) => acked.push(key),
+                Err(s) => {
+                    failures.push((format!("Prepare {key}"), s.code(), s.message().to_string()));
+                    break;
+                }
             }
         }
-    }
-    match c.commit_with("pending-c", "pending", big.clone()).await {
-        Ok(()) => acked.push("commit pending".into()),
-        Err(s) => failures.push(("Commit pending".into(), s.code(), s.message().to_string())),
-    }
-    match c.view("full-view", "base").await {
-        Ok(_) => acked.push("full-view".into()),
-        Err(s) => failures.push(("View full-view".into(), s.code(), s.message().to_string())),
-    }
-    eprintln!("faults: while full, acknowledged {acked:?}; refused: {failures:?}");
-    assert!(
-        !failures.is_empty(),
-        "nothing failed on a full disk after {} acknowledged writes",
-        acked.len()
-    );
-    // Problems are gathered, so that one run shows every one of them.
-    let mut problems: Vec<String> = Vec::new();
-    for (what, code, msg) in &failures {
-        if !matches!(code, Code::ResourceExhausted | Code::Internal) || !mentions_no_space(msg) {
-            problems.push(format!(
-                "{what} on a full disk answered {code:?} {msg:?}, not that the disk is full"
-            ));
+        match c.commit_with("pending-c", "pending", big.clone()).await {
+            Ok(()) => acked.push("commit pending".into()),
+            Err(s) => failures.push(("Commit pending".into(), s.code(), s.message().to_string())),
         }
-    }
-    // Still serving reads, and the store holds exactly what was acknowledged.
-    assert_eq!(c.stat("base").await.unwrap().kind, COMMITTED);
-    let mut expected: std::collections::BTreeSet<String> =
-        before.iter().map(|(n, ..)| n.clone()).collect();
-    expected.extend(acked.iter().filter(|a| a.starts_with("full-")).cloned());
-    let mut pending_committed = acked.iter().any(|a| a == "commit pending");
-    if pending_committed {
-        expected.remove("pending");
-        expected.insert("pending-c".into());
-    }
-    let names = |l: Vec<(String, i32, String, BTreeMap<String, String>)>| {
-        l.into_iter()
-            .map(|(n, ..)| n)
-            .collect::<std::collections::BTreeSet<_>>()
-    };
-    assert_eq!(
-        names(listed(&mut c).await),
-        expected,
-        "while full, the store must hold exactly what was acknowledged"
-    );
+        match c.view("full-view", "base").await {
+            Ok(_) => acked.push("full-view".into()),
+            Err(s) => failures.push(("View full-view".into(), s.code(), s.message().to_string())),
+        }
+        eprintln!("faults: while full, acknowledged {acked:?}; refused: {failures:?}");
+        assert!(
+            !failures.is_empty(),
+            "nothing failed on a full disk after {} acknowledged writes",
+            acked.len()
+        );
+        // Problems are gathered, so that one run shows every one of them.
+        let mut problems: Vec<String> = Vec::new();
+        for (what, code, msg) in &failures {
+            if !matches!(code, Code::ResourceExhausted | Code::Internal) || !mentions_no_space(msg)
+            {
+                problems.push(format!(
+                    "{what} on a full disk answered {code:?} {msg:?}, not that the disk is full"
+                ));
+            }
+        }
+        // Still serving reads, and the store holds exactly what was acknowledged.
+        assert_eq!(c.stat("base").await.unwrap().kind, COMMITTED);
+        let mut expected: std::collections::BTreeSet<String> =
+            before.iter().map(|(n, ..)| n.clone()).collect();
+        expected.extend(acked.iter().filter(|a| a.starts_with("full-")).cloned());
+        let mut pending_committed = acked.iter().any(|a| a == "commit pending");
+        if pending_committed {
+            expected.remove("pending");
+            expected.insert("pending-c".into());
+        }
+        let names = |l: Vec<(String, i32, String, BTreeMap<String, String>)>| {
+            l.into_iter()
+                .map(|(n, ..)| n)
+                .collect::<std::collections::BTreeSet<_>>()
+        };
+        assert_eq!(
+            names(listed(&mut c).await),
+            expected,
+            "while full, the store must hold exactly what was acknowledged"
+        );
 
-    // Space comes back: everything works again, without a restart.
-    std::fs::remove_file(&filler).unwrap();
-    injected("space freed");
-    let writes = |c: &Client, round: &'static str| {
-        let mut c = c.clone();
-        async move {
-            let p = format!("after-{round}");
-            c.prepare(&p, "base")
-                .await
-                .map_err(|s| (format!("Prepare {p}"), s))?;
-            c.commit(&format!("{p}-c"), &p)
-                .await
-                .map_err(|s| (format!("Commit {p}"), s))?;
-            c.view(&format!("{p}-v"), &format!("{p}-c"))
-                .await
-                .map_err(|s| (format!("View on {p}-c"), s))?;
-            Ok::<_, (String, tonic::Status)>(vec![format!("{p}-c"), format!("{p}-v")])
+        // Space comes back: everything works again, without a restart.
+        std::fs::remove_file(&filler).unwrap();
+        injected("space freed");
+        let writes = |c: &Client, round: &'static str| {
+            let mut c = c.clone();
+            async move {
+                let p = format!("after-{round}");
+                c.prepare(&p, "base")
+                    .await
+                    .map_err(|s| (format!("Prepare {p}"), s))?;
+                c.commit(&format!("{p}-c"), &p)
+                    .await
+                    .map_err(|s| (format!("Commit {p}"), s))?;
+                c.view(&format!("{p}-v"), &format!("{p}-c"))
+                    .await
+                    .map_err(|s| (format!("View on {p}-c"), s))?;
+                Ok::<_, (String, tonic::Status)>(vec![format!("{p}-c"), format!("{p}-v")])
+            }
+        };
+        match writes(&c, "free").await {
+            Ok(made) => expected.extend(made),
+            Err((what, s)) => problems.push(format!(
+                "after the disk had space again, {what} still failed until a restart: {:?} {:?}",
+                s.code(),
+                s.message()
+            )),
         }
-    };
-    match writes(&c, "free").await {
-        Ok(made) => expected.extend(made),
-        Err((what, s)) => problems.push(format!(
-            "after the disk had space again, {what} still failed until a restart: {:?} {:?}",
-            s.code(),
-            s.message()
-        )),
+        if !pending_committed && c.commit("pending-c", "pending").await.is_ok() {
+            pending_committed = true;
+            expected.remove("pending");
+            expected.insert("pending-c".into());
+        }
+        // Whatever happened, a restart brings back exactly what was acknowledged, and works.
+        drop(c);
+        t.d.restart().await;
+        let mut c = t.d.client().await;
+        // A write that failed may have left a half-made snapshot behind only if nothing says so:
+        // the names must be exactly the acknowledged ones.
+        assert_eq!(names(listed(&mut c).await), expected, "after a restart");
+        let made = writes(&c, "restart")
+            .await
+            .unwrap_or_else(|(what, s)| panic!("after a restart, {what}: {s:?}"));
+        expected.extend(made);
+        if !pending_committed {
+            c.commit("pending-c", "pending").await.unwrap();
+            expected.remove("pending");
+            expected.insert("pending-c".into());
+        }
+        assert_eq!(names(listed(&mut c).await), expected);
+        let m = c.view("check", "base").await.unwrap();
+        assert_eq!(
+            std::fs::read(Path::new(&m[0].source).join("hello")).unwrap(),
+            b"layer data"
+        );
+        assert!(problems.is_empty(), "on a full disk: {problems:#?}");
     }
-    if !pending_committed && c.commit("pending-c", "pending").await.is_ok() {
-        pending_committed = true;
-        expected.remove("pending");
-        expected.insert("pending-c".into());
-    }
-    // Whatever happened, a restart brings back exactly what was acknowledged, and works.
-    drop(c);
-    t.d.restart().await;
-    let mut c = t.d.client().await;
-    // A write that failed may have left a half-made snapshot behind only if nothing says so:
-    // the names must be exactly the acknowledged ones.
-    assert_eq!(names(listed(&mut c).await), expected, "after a restart");
-    let made = writes(&c, "restart")
-        .await
-        .unwrap_or_else(|(what, s)| panic!("after a restart, {what}: {s:?}"));
-    expected.extend(made);
-    if !pending_committed {
-        c.commit("pending-c", "pending").await.unwrap();
-        expected.remove("pending");
-        expected.insert("pending-c".into());
-    }
-    assert_eq!(names(listed(&mut c).await), expected);
-    let m = c.view("check", "base").await.unwrap();
-    assert_eq!(
-        std::fs::read(Path::new(&m[0].source).join("hello")).unwrap(),
-        b"layer data"
-    );
-    assert!(problems.is_empty(), "on a full disk: {problems:#?}");
-}
+);
 
 // ---------------------------------------------------------------------------------------------
 // (b) A read-only root
 // ---------------------------------------------------------------------------------------------
 
-#[tokio::test]
-async fn a_read_only_root_is_refused_at_start_with_a_clear_message() {
-    if !require_root() {
-        return;
-    }
-    let mut t = daemon_on_tmpfs("size=16m,mode=0700").await;
-    let mut c = t.d.client().await;
-    c.prepare("base-tmp", "").await.unwrap();
-    c.commit("base", "base-tmp").await.unwrap();
-    c.prepare("active", "base").await.unwrap();
-    let before = listed(&mut c).await;
-    drop(c);
-    assert!(t.d.stop_async().await.success());
-    let files = contents(&t.d.root);
+root_test!(
+    a_read_only_root_is_refused_at_start_with_a_clear_message,
+    || {
+        let mut t = daemon_on_tmpfs("size=16m,mode=0700").await;
+        let mut c = t.d.client().await;
+        c.prepare("base-tmp", "").await.unwrap();
+        c.commit("base", "base-tmp").await.unwrap();
+        c.prepare("active", "base").await.unwrap();
+        let before = listed(&mut c).await;
+        drop(c);
+        assert!(t.d.stop_async().await.success());
+        let files = contents(&t.d.root);
 
-    t.fs.remount(MsFlags::MS_RDONLY);
-    injected("lamina's root remounted read-only");
-    match start_or_exit(&t.d).await {
-        Started::Exited(out) => {
-            let stderr = String::from_utf8_lossy(&out.stderr);
-            eprintln!(
-                "faults: on a read-only root lamina exited with {}: {stderr}",
-                out.status
-            );
-            assert!(!out.status.success(), "exit status {}", out.status);
-            assert!(
-                stderr.contains(&t.d.root.display().to_string()),
-                "the message does not name the root: {stderr}"
-            );
-            assert!(
-                stderr.to_lowercase().contains("read-only"),
-                "the message does not say the root is read-only: {stderr}"
-            );
-        }
-        Started::Serving(child) => {
-            // Serving a read-only root is acceptable only if every write is refused clearly.
-            let mut c = Client::connect(&t.d.socket).await;
-            let res = c.prepare("new", "base").await;
-            stop_child(child);
-            match res {
-                Ok(_) => panic!("a Prepare succeeded on a read-only root"),
-                Err(s) => assert!(
-                    s.message().to_lowercase().contains("read-only"),
-                    "{:?} {}",
-                    s.code(),
-                    s.message()
-                ),
+        t.fs.remount(MsFlags::MS_RDONLY);
+        injected("lamina's root remounted read-only");
+        match start_or_exit(&t.d).await {
+            Started::Exited(out) => {
+                let stderr = String::from_utf8_lossy(&out.stderr);
+                eprintln!(
+                    "faults: on a read-only root lamina exited with {}: {stderr}",
+                    out.status
+                );
+                assert!(!out.status.success(), "exit status {}", out.status);
+                assert!(
+                    stderr.contains(&t.d.root.display().to_string()),
+                    "the message does not name the root: {stderr}"
+                );
+                assert!(
+                    stderr.to_lowercase().contains("read-only"),
+                    "the message does not say the root is read-only: {stderr}"
+                );
+            }
+            Started::Serving(child) => {
+                // Serving a read-only root is acceptable only if every write is refused clearly.
+                let mut c = Client::connect(&t.d.socket).await;
+                let res = c.prepare("new", "base").await;
+                stop_child(child);
+                match res {
+                    Ok(_) => panic!("a Prepare succeeded on a read-only root"),
+                    Err(s) => assert!(
+                        s.message().to_lowercase().contains("read-only"),
+                        "{:?} {}",
+                        s.code(),
+                        s.message()
+                    ),
+                }
             }
         }
-    }
-    assert_eq!(contents(&t.d.root), files, "the read-only root changed");
+        assert_eq!(contents(&t.d.root), files, "the read-only root changed");
 
-    // Writable again: lamina starts, with everything.
-    t.fs.remount(MsFlags::empty());
-    let _ = std::fs::remove_file(&t.d.socket);
-    t.d.spawn().await;
-    let mut c = t.d.client().await;
-    assert_eq!(listed(&mut c).await, before);
-    c.prepare("new", "base").await.unwrap();
-}
+        // Writable again: lamina starts, with everything.
+        t.fs.remount(MsFlags::empty());
+        let _ = std::fs::remove_file(&t.d.socket);
+        t.d.spawn().await;
+        let mut c = t.d.client().await;
+        assert_eq!(listed(&mut c).await, before);
+        c.prepare("new", "base").await.unwrap();
+    }
+);
 
 // ---------------------------------------------------------------------------------------------
 // (c) A damaged store file
@@ -457,37 +456,24 @@ async fn damaged_store_case(how: Damage) -> String {
     }
 }
 
-#[tokio::test]
-async fn a_truncated_store_is_refused_and_nothing_is_deleted() {
-    if !require_root() {
-        return;
-    }
+root_test!(a_truncated_store_is_refused_and_nothing_is_deleted, || {
     damaged_store_case(Damage::TruncatedToHalf).await;
-}
+});
 
-#[tokio::test]
-async fn a_store_with_garbage_inside_is_refused_or_intact() {
-    if !require_root() {
-        return;
-    }
+root_test!(a_store_with_garbage_inside_is_refused_or_intact, || {
     damaged_store_case(Damage::GarbageInTheMiddle).await;
     damaged_store_case(Damage::GarbageAfterTheHeader).await;
-}
+});
 
-#[tokio::test]
-async fn an_emptied_store_never_starts_empty_over_existing_snapshots() {
-    if !require_root() {
-        return;
+root_test!(
+    an_emptied_store_never_starts_empty_over_existing_snapshots,
+    || {
+        damaged_store_case(Damage::ZeroLength).await;
     }
-    damaged_store_case(Damage::ZeroLength).await;
-}
+);
 
-/// The message of a refused start says what to do, not only what went wrong.
-#[tokio::test]
-async fn a_damaged_store_message_says_what_to_do() {
-    if !require_root() {
-        return;
-    }
+// The message of a refused start says what to do, not only what went wrong.
+root_test!(a_damaged_store_message_says_what_to_do, || {
     let msg = damaged_store_case(Damage::TruncatedToHalf).await;
     let lower = msg.to_lowercase();
     assert!(
@@ -496,123 +482,120 @@ async fn a_damaged_store_message_says_what_to_do() {
             .any(|w| lower.contains(w)),
         "the message names the file but not what to do about it: {msg}"
     );
-}
+});
 
 // ---------------------------------------------------------------------------------------------
 // (d) Files under the root that are not lamina's
 // ---------------------------------------------------------------------------------------------
 
-#[tokio::test]
-async fn files_that_are_not_lamina_s_survive_recovery_and_cleanup() {
-    if !require_root() {
-        return;
-    }
-    let mut d = TestDaemon::start().await;
-    let mut c = d.client().await;
-    c.prepare("keep", "").await.unwrap();
-    c.prepare("gone", "").await.unwrap();
-    c.remove("gone").await.unwrap(); // its directory goes in the background
-    let snaps = d.root.join("snapshots");
-    let outside = d.scratch("outside");
-    std::fs::write(outside.join("precious"), b"not lamina's").unwrap();
+daemon_test!(
+    files_that_are_not_lamina_s_survive_recovery_and_cleanup,
+    |mut d, mut c| {
+        c.prepare("keep", "").await.unwrap();
+        c.prepare("gone", "").await.unwrap();
+        c.remove("gone").await.unwrap(); // its directory goes in the background
+        let snaps = d.root.join("snapshots");
+        let outside = d.scratch("outside");
+        std::fs::write(outside.join("precious"), b"not lamina's").unwrap();
 
-    let root = d.root.clone();
-    let plant = |stage: &str| {
-        std::fs::write(snaps.join(format!("not-ours-{stage}")), b"x").unwrap();
-        std::fs::create_dir_all(snaps.join(format!("foo-{stage}/fs"))).unwrap();
-        std::fs::write(snaps.join(format!("foo-{stage}/fs/data")), b"y").unwrap();
-        std::fs::write(root.join(format!("extra-{stage}")), b"z").unwrap();
-        std::fs::create_dir_all(snaps.join(format!("00{stage}"))).unwrap();
-    };
-    // While running, then again while stopped: Cleanup and start-up recovery both see them.
-    plant("running");
-    std::fs::create_dir_all(snaps.join("007")).unwrap();
-    std::fs::create_dir_all(snaps.join("new-123/fs")).unwrap();
-    std::fs::write(snaps.join(".hidden"), b"h").unwrap();
-    // Decimal names lamina never made: a symlink to a directory outside the root, a file.
-    std::os::unix::fs::symlink(&outside, snaps.join("900")).unwrap();
-    std::fs::write(snaps.join("901"), b"a file, not a snapshot directory").unwrap();
-    injected("foreign files and directories under the root");
-    let foreign = |d: &TestDaemon| -> Vec<String> {
-        let mut v: Vec<String> = d
-            .snapshot_dirs()
-            .into_iter()
-            .filter(|n| !n.bytes().all(|b| b.is_ascii_digit()) || n.starts_with('0'))
-            .collect();
-        v.sort();
-        v
-    };
-    let foreign_before = foreign(&d);
+        let root = d.root.clone();
+        let plant = |stage: &str| {
+            std::fs::write(snaps.join(format!("not-ours-{stage}")), b"x").unwrap();
+            std::fs::create_dir_all(snaps.join(format!("foo-{stage}/fs"))).unwrap();
+            std::fs::write(snaps.join(format!("foo-{stage}/fs/data")), b"y").unwrap();
+            std::fs::write(root.join(format!("extra-{stage}")), b"z").unwrap();
+            std::fs::create_dir_all(snaps.join(format!("00{stage}"))).unwrap();
+        };
+        // While running, then again while stopped: Cleanup and start-up recovery both see them.
+        plant("running");
+        std::fs::create_dir_all(snaps.join("007")).unwrap();
+        std::fs::create_dir_all(snaps.join("new-123/fs")).unwrap();
+        std::fs::write(snaps.join(".hidden"), b"h").unwrap();
+        // Decimal names lamina never made: a symlink to a directory outside the root, a file.
+        std::os::unix::fs::symlink(&outside, snaps.join("900")).unwrap();
+        std::fs::write(snaps.join("901"), b"a file, not a snapshot directory").unwrap();
+        injected("foreign files and directories under the root");
+        let foreign = |d: &TestDaemon| -> Vec<String> {
+            let mut v: Vec<String> = d
+                .snapshot_dirs()
+                .into_iter()
+                .filter(|n| !n.bytes().all(|b| b.is_ascii_digit()) || n.starts_with('0'))
+                .collect();
+            v.sort();
+            v
+        };
+        let foreign_before = foreign(&d);
 
-    // Problems are gathered, so that one run shows every one of them.
-    let mut problems: Vec<String> = Vec::new();
-    if let Err(s) = c.cleanup().await {
-        problems.push(format!(
-            "Cleanup failed because of a file that is not lamina's: {:?} {:?}",
-            s.code(),
-            s.message()
-        ));
-    }
-    assert_eq!(
-        foreign(&d),
-        foreign_before,
-        "Cleanup deleted what is not lamina's"
-    );
-    assert_eq!(
-        std::fs::read(outside.join("precious")).unwrap(),
-        b"not lamina's"
-    );
-    assert!(d.root.join("extra-running").is_file());
-    assert_eq!(
-        std::fs::read(snaps.join("foo-running/fs/data")).unwrap(),
-        b"y"
-    );
-    let kept_fs = bind_source(&c.mounts("keep").await.unwrap());
-    assert!(kept_fs.is_dir());
-
-    drop(c);
-    assert!(d.stop_async().await.success());
-    plant("stopped");
-    let foreign_stopped = foreign(&d);
-    match start_or_exit(&d).await {
-        Started::Serving(child) => stop_child(child),
-        Started::Exited(out) => {
+        // Problems are gathered, so that one run shows every one of them.
+        let mut problems: Vec<String> = Vec::new();
+        if let Err(s) = c.cleanup().await {
             problems.push(format!(
-                "lamina refused to start because of a file that is not lamina's: {}",
-                final_line(&out.stderr)
+                "Cleanup failed because of a file that is not lamina's: {:?} {:?}",
+                s.code(),
+                s.message()
             ));
-            // Go on without the file that stops it, to check the rest.
-            std::fs::remove_file(snaps.join("901")).unwrap();
         }
-    }
-    let _ = std::fs::remove_file(&d.socket);
-    d.spawn().await;
-    let mut c = d.client().await;
-    assert_eq!(
-        foreign(&d),
-        foreign_stopped,
-        "start-up recovery deleted what is not lamina's"
-    );
-    if let Err(s) = c.cleanup().await {
-        problems.push(format!("second Cleanup: {:?} {:?}", s.code(), s.message()));
-    }
-    assert_eq!(foreign(&d), foreign_stopped);
-    for stage in ["running", "stopped"] {
-        assert!(d.root.join(format!("extra-{stage}")).is_file());
-        assert!(snaps.join(format!("not-ours-{stage}")).is_file());
         assert_eq!(
-            std::fs::read(snaps.join(format!("foo-{stage}/fs/data"))).unwrap(),
+            foreign(&d),
+            foreign_before,
+            "Cleanup deleted what is not lamina's"
+        );
+        assert_eq!(
+            std::fs::read(outside.join("precious")).unwrap(),
+            b"not lamina's"
+        );
+        assert!(d.root.join("extra-running").is_file());
+        assert_eq!(
+            std::fs::read(snaps.join("foo-running/fs/data")).unwrap(),
             b"y"
         );
+        let kept_fs = bind_source(&c.mounts("keep").await.unwrap());
+        assert!(kept_fs.is_dir());
+
+        drop(c);
+        assert!(d.stop_async().await.success());
+        plant("stopped");
+        let foreign_stopped = foreign(&d);
+        match start_or_exit(&d).await {
+            Started::Serving(child) => stop_child(child),
+            Started::Exited(out) => {
+                problems.push(format!(
+                    "lamina refused to start because of a file that is not lamina's: {}",
+                    final_line(&out.stderr)
+                ));
+                // Go on without the file that stops it, to check the rest.
+                std::fs::remove_file(snaps.join("901")).unwrap();
+            }
+        }
+        let _ = std::fs::remove_file(&d.socket);
+        d.spawn().await;
+        let mut c = d.client().await;
+        assert_eq!(
+            foreign(&d),
+            foreign_stopped,
+            "start-up recovery deleted what is not lamina's"
+        );
+        if let Err(s) = c.cleanup().await {
+            problems.push(format!("second Cleanup: {:?} {:?}", s.code(), s.message()));
+        }
+        assert_eq!(foreign(&d), foreign_stopped);
+        for stage in ["running", "stopped"] {
+            assert!(d.root.join(format!("extra-{stage}")).is_file());
+            assert!(snaps.join(format!("not-ours-{stage}")).is_file());
+            assert_eq!(
+                std::fs::read(snaps.join(format!("foo-{stage}/fs/data"))).unwrap(),
+                b"y"
+            );
+        }
+        assert_eq!(
+            std::fs::read(outside.join("precious")).unwrap(),
+            b"not lamina's"
+        );
+        assert_eq!(c.list(&[]).await.unwrap(), vec!["keep"]);
+        c.prepare("after", "").await.unwrap();
+        assert!(problems.is_empty(), "{problems:#?}");
     }
-    assert_eq!(
-        std::fs::read(outside.join("precious")).unwrap(),
-        b"not lamina's"
-    );
-    assert_eq!(c.list(&[]).await.unwrap(), vec!["keep"]);
-    c.prepare("after", "").await.unwrap();
-    assert!(problems.is_empty(), "{problems:#?}");
-}
+);
 
 // ---------------------------------------------------------------------------------------------
 // (e) A signal during start-up
@@ -630,16 +613,10 @@ fn mounts_under(dir: &Path) -> Vec<String> {
         .collect()
 }
 
-/// containerd connects as soon as the socket exists; systemd may stop lamina at any moment. A
-/// SIGTERM while lamina is still starting (probe, store, recovery) must end it as cleanly as
-/// one while serving: exit 0, socket removed.
-#[tokio::test]
-async fn sigterm_during_start_up_exits_cleanly() {
-    if !require_root() {
-        return;
-    }
-    let mut d = TestDaemon::start().await;
-    let mut c = d.client().await;
+// containerd connects as soon as the socket exists; systemd may stop lamina at any moment. A
+// SIGTERM while lamina is still starting (probe, store, recovery) must end it as cleanly as
+// one while serving: exit 0, socket removed.
+daemon_test!(sigterm_during_start_up_exits_cleanly, |mut d, mut c| {
     for i in 0..200 {
         c.prepare(&format!("s{i}"), "").await.unwrap();
     }
@@ -688,7 +665,7 @@ async fn sigterm_during_start_up_exits_cleanly() {
     let mut c = d.client().await;
     assert_eq!(c.list(&[]).await.unwrap().len(), 200);
     assert!(bad.is_empty(), "SIGTERM during start-up: {bad:#?}");
-}
+});
 
 // ---------------------------------------------------------------------------------------------
 // (f) A root that cannot be lamina's
@@ -716,15 +693,11 @@ fn exits(args: &[&std::ffi::OsStr]) -> Option<std::process::Output> {
     Some(child.wait_with_output().unwrap())
 }
 
-/// `lamina serve --root /var/lib` by mistake, a root whose path breaks overlay options, a root
-/// whose name is not UTF-8: each is refused at once with a message that says why (no panic),
-/// and nothing in the directory is changed.
-#[tokio::test]
-async fn a_root_that_cannot_be_lamina_s_is_refused_untouched() {
+// `lamina serve --root /var/lib` by mistake, a root whose path breaks overlay options, a root
+// whose name is not UTF-8: each is refused at once with a message that says why (no panic),
+// and nothing in the directory is changed.
+root_test!(a_root_that_cannot_be_lamina_s_is_refused_untouched, || {
     use std::os::unix::{ffi::OsStrExt, fs::PermissionsExt};
-    if !require_root() {
-        return;
-    }
     let tmp = tempfile::tempdir().unwrap();
     let socket = tmp.path().join("s.sock");
     let system = tmp.path().join("var-lib");
@@ -800,63 +773,60 @@ async fn a_root_that_cannot_be_lamina_s_is_refused_untouched() {
     names.sort();
     assert_eq!(names, ["apt", "containerd", "dpkg"], "lamina wrote into it");
     assert!(problems.is_empty(), "{problems:#?}");
-}
+});
 
-/// Something replaced an active snapshot's directory with a symlink to a directory elsewhere
-/// while lamina was stopped. Recovery (and fsck) report it, but never create, chmod or chown
-/// anything through it.
-#[tokio::test]
-async fn recovery_never_works_through_a_symlink_in_a_snapshot_s_place() {
-    use std::os::unix::fs::{MetadataExt, PermissionsExt};
-    if !require_root() {
-        return;
+// Something replaced an active snapshot's directory with a symlink to a directory elsewhere
+// while lamina was stopped. Recovery (and fsck) report it, but never create, chmod or chown
+// anything through it.
+daemon_test!(
+    recovery_never_works_through_a_symlink_in_a_snapshot_s_place,
+    |mut d, mut c| {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let base = bind_source(&c.prepare("base", "").await.unwrap());
+        // Owned by someone else, so that a child's directories would be chowned to match it.
+        std::os::unix::fs::chown(&base, Some(1234), Some(1234)).unwrap();
+        c.commit("Base", "base").await.unwrap();
+        let m = c.prepare("active", "Base").await.unwrap();
+        let upper = m[0]
+            .options
+            .iter()
+            .find_map(|o| o.strip_prefix("upperdir="))
+            .map(PathBuf::from)
+            .unwrap();
+        drop(c);
+        assert!(d.stop_async().await.success());
+        let dir = upper.parent().unwrap();
+        std::fs::remove_dir_all(dir).unwrap();
+        let outside = d.scratch("outside");
+        std::fs::set_permissions(&outside, std::fs::Permissions::from_mode(0o750)).unwrap();
+        std::os::unix::fs::symlink(&outside, dir).unwrap();
+        injected("a symlink in place of an active snapshot's directory");
+
+        d.spawn().await;
+        let meta = std::fs::metadata(&outside).unwrap();
+        assert_eq!(
+            meta.permissions().mode() & 0o7777,
+            0o750,
+            "chmod through a symlink"
+        );
+        assert_eq!(meta.uid(), 0, "chown through a symlink");
+        assert_eq!(
+            std::fs::read_dir(&outside).unwrap().count(),
+            0,
+            "recovery created directories where the symlink points"
+        );
+        assert!(std::fs::symlink_metadata(dir)
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_lamina"))
+            .args(["fsck", "--repair", "--address"])
+            .arg(&d.socket)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains("not_a_directory:"), "{text}");
+        assert!(!out.status.success());
+        assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0);
     }
-    let mut d = TestDaemon::start().await;
-    let mut c = d.client().await;
-    let base = bind_source(&c.prepare("base", "").await.unwrap());
-    // Owned by someone else, so that a child's directories would be chowned to match it.
-    std::os::unix::fs::chown(&base, Some(1234), Some(1234)).unwrap();
-    c.commit("Base", "base").await.unwrap();
-    let m = c.prepare("active", "Base").await.unwrap();
-    let upper = m[0]
-        .options
-        .iter()
-        .find_map(|o| o.strip_prefix("upperdir="))
-        .map(PathBuf::from)
-        .unwrap();
-    drop(c);
-    assert!(d.stop_async().await.success());
-    let dir = upper.parent().unwrap();
-    std::fs::remove_dir_all(dir).unwrap();
-    let outside = d.scratch("outside");
-    std::fs::set_permissions(&outside, std::fs::Permissions::from_mode(0o750)).unwrap();
-    std::os::unix::fs::symlink(&outside, dir).unwrap();
-    injected("a symlink in place of an active snapshot's directory");
-
-    d.spawn().await;
-    let meta = std::fs::metadata(&outside).unwrap();
-    assert_eq!(
-        meta.permissions().mode() & 0o7777,
-        0o750,
-        "chmod through a symlink"
-    );
-    assert_eq!(meta.uid(), 0, "chown through a symlink");
-    assert_eq!(
-        std::fs::read_dir(&outside).unwrap().count(),
-        0,
-        "recovery created directories where the symlink points"
-    );
-    assert!(std::fs::symlink_metadata(dir)
-        .unwrap()
-        .file_type()
-        .is_symlink());
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_lamina"))
-        .args(["fsck", "--repair", "--address"])
-        .arg(&d.socket)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("not_a_directory:"), "{text}");
-    assert!(!out.status.success());
-    assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0);
-}
+);

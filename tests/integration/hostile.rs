@@ -235,12 +235,7 @@ async fn big_client(d: &TestDaemon) -> Client {
 // Keys and names
 // ---------------------------------------------------------------------------------------------
 
-#[tokio::test]
-async fn bad_keys_and_names_are_refused_by_every_rpc() {
-    if !require_root() {
-        return;
-    }
-    let d = TestDaemon::start().await;
+daemon_test!(bad_keys_and_names_are_refused_by_every_rpc, |d| {
     let mut c = big_client(&d).await;
     seed(&mut c).await;
     let before = stored(&mut c, &d).await;
@@ -357,7 +352,7 @@ async fn bad_keys_and_names_are_refused_by_every_rpc() {
         "oversized requests changed the store"
     );
     report("bad keys", TRIED.load(Ordering::Relaxed) - start);
-}
+});
 
 /// Keys are arbitrary strings to containerd: these are all valid, and must round-trip through
 /// every RPC without ever naming a path.
@@ -400,12 +395,7 @@ fn odd_keys() -> Vec<String> {
     keys
 }
 
-#[tokio::test]
-async fn odd_keys_are_ordinary_keys_and_never_paths() {
-    if !require_root() {
-        return;
-    }
-    let d = TestDaemon::start().await;
+daemon_test!(odd_keys_are_ordinary_keys_and_never_paths, |d| {
     let mut c = big_client(&d).await;
     let snapshots = d.root.join("snapshots").display().to_string();
     let is_fs = |p: &str| {
@@ -537,18 +527,13 @@ async fn odd_keys_are_ordinary_keys_and_never_paths() {
     assert_eq!(d.snapshot_dirs(), Vec::<String>::new());
     check_tree(&d);
     report("odd keys", keys.len());
-}
+});
 
 // ---------------------------------------------------------------------------------------------
 // Labels
 // ---------------------------------------------------------------------------------------------
 
-#[tokio::test]
-async fn labels_over_the_limit_are_refused_by_every_rpc() {
-    if !require_root() {
-        return;
-    }
-    let d = TestDaemon::start().await;
+daemon_test!(labels_over_the_limit_are_refused_by_every_rpc, |d| {
     let mut c = big_client(&d).await;
     seed(&mut c).await;
     let before = stored(&mut c, &d).await;
@@ -670,45 +655,38 @@ async fn labels_over_the_limit_are_refused_by_every_rpc() {
     );
     check_tree(&d);
     report("labels", TRIED.load(Ordering::Relaxed) - start);
-}
+});
 
-/// Every label is within containerd's limit, and so is every request, yet two snapshots carry
-/// more label bytes together than one message may: List (containerd's Walk, which its garbage
-/// collector needs) must still answer, in messages under the limit.
-#[tokio::test]
-async fn list_answers_when_all_labels_together_exceed_one_message() {
-    if !require_root() {
-        return;
+// Every label is within containerd's limit, and so is every request, yet two snapshots carry
+// more label bytes together than one message may: List (containerd's Walk, which its garbage
+// collector needs) must still answer, in messages under the limit.
+daemon_test!(
+    list_answers_when_all_labels_together_exceed_one_message,
+    |d| {
+        let mut c = big_client(&d).await;
+        let big: HashMap<String, String> = (0..2500)
+            .map(|i| (format!("containerd.io/snapshot/{i:04}"), "v".repeat(4000)))
+            .collect();
+        for k in ["big1", "big2"] {
+            tried(1);
+            c.prepare_with(k, "", big.clone()).await.unwrap();
+        }
+        let listed = c.list(&[]).await;
+        assert_eq!(
+            listed
+                .as_ref()
+                .map_err(|s| format!("{:?} {}", s.code(), show(s.message()))),
+            Ok(&vec!["big1".to_string(), "big2".to_string()]),
+            "List of two snapshots with 10 MB of labels each"
+        );
+        report("labels beyond one message", 2);
     }
-    let d = TestDaemon::start().await;
-    let mut c = big_client(&d).await;
-    let big: HashMap<String, String> = (0..2500)
-        .map(|i| (format!("containerd.io/snapshot/{i:04}"), "v".repeat(4000)))
-        .collect();
-    for k in ["big1", "big2"] {
-        tried(1);
-        c.prepare_with(k, "", big.clone()).await.unwrap();
-    }
-    let listed = c.list(&[]).await;
-    assert_eq!(
-        listed
-            .as_ref()
-            .map_err(|s| format!("{:?} {}", s.code(), show(s.message()))),
-        Ok(&vec!["big1".to_string(), "big2".to_string()]),
-        "List of two snapshots with 10 MB of labels each"
-    );
-    report("labels beyond one message", 2);
-}
+);
 
-/// Updates of one label at a time add up. What they add up to is held to the same limit as
-/// one request, or a snapshot could grow past what one message carries: then its Stat fails,
-/// and so does every List that includes it (containerd's garbage collector with it).
-#[tokio::test]
-async fn label_updates_cannot_grow_a_snapshot_past_the_limit() {
-    if !require_root() {
-        return;
-    }
-    let d = TestDaemon::start().await;
+// Updates of one label at a time add up. What they add up to is held to the same limit as
+// one request, or a snapshot could grow past what one message carries: then its Stat fails,
+// and so does every List that includes it (containerd's garbage collector with it).
+daemon_test!(label_updates_cannot_grow_a_snapshot_past_the_limit, |d| {
     let mut c = big_client(&d).await;
     c.prepare_with("grown", "", HashMap::new()).await.unwrap();
     // Batches of 1000 labels of 4000 bytes: about 4 MB each, within the 12 MiB limit until
@@ -744,18 +722,13 @@ async fn label_updates_cannot_grow_a_snapshot_past_the_limit() {
     assert_eq!(c.stat("grown").await.unwrap().labels, all);
     assert_eq!(c.list(&[]).await.unwrap(), vec!["grown"]);
     report("label updates past the total", 4);
-}
+});
 
 // ---------------------------------------------------------------------------------------------
 // Filters and field paths
 // ---------------------------------------------------------------------------------------------
 
-#[tokio::test]
-async fn filters_that_do_not_parse_are_invalid_arguments() {
-    if !require_root() {
-        return;
-    }
-    let d = TestDaemon::start().await;
+daemon_test!(filters_that_do_not_parse_are_invalid_arguments, |d| {
     let mut c = big_client(&d).await;
     seed(&mut c).await;
     let before = stored(&mut c, &d).await;
@@ -835,110 +808,103 @@ async fn filters_that_do_not_parse_are_invalid_arguments() {
     assert_eq!(c.list(&refs).await.unwrap(), Vec::<String>::new());
     assert_eq!(stored(&mut c, &d).await, before);
     report("filters", TRIED.load(Ordering::Relaxed) - start);
-}
+});
 
-/// What a List's filters may cost is bounded: how many strings, how long each, how many
-/// regular expressions and how big each compiles. Within the limits filters work as ever;
-/// beyond them the List is refused, and the message names the limit.
-#[tokio::test]
-async fn filters_beyond_lamina_s_limits_are_refused_naming_the_limit() {
-    if !require_root() {
-        return;
-    }
-    let d = TestDaemon::start().await;
-    let mut c = big_client(&d).await;
-    seed(&mut c).await;
-    let before = stored(&mut c, &d).await;
-    let start = TRIED.load(Ordering::Relaxed);
-    let strs = |v: &[String]| v.iter().map(String::clone).collect::<Vec<_>>();
+// What a List's filters may cost is bounded: how many strings, how long each, how many
+// regular expressions and how big each compiles. Within the limits filters work as ever;
+// beyond them the List is refused, and the message names the limit.
+daemon_test!(
+    filters_beyond_lamina_s_limits_are_refused_naming_the_limit,
+    |d| {
+        let mut c = big_client(&d).await;
+        seed(&mut c).await;
+        let before = stored(&mut c, &d).await;
+        let start = TRIED.load(Ordering::Relaxed);
+        let strs = |v: &[String]| v.iter().map(String::clone).collect::<Vec<_>>();
 
-    // How many: 64 strings, each a selector of its own.
-    let mut filters: Vec<String> = (1..64).map(|i| format!("name==n{i}")).collect();
-    filters.push("name==base".into());
-    let refs: Vec<&str> = filters.iter().map(String::as_str).collect();
-    tried(1);
-    assert_eq!(c.list(&refs).await.unwrap(), ["base"]);
-    filters.push("name==act".into());
-    let refs: Vec<&str> = filters.iter().map(String::as_str).collect();
-    refused(
-        "List of 65 filters",
-        c.list(&refs).await,
-        Code::InvalidArgument,
-        &["65 filters", "at most 64"],
-    );
-
-    // How long: 16 KiB each, room for an equality on the longest label containerd allows.
-    let long = |len: usize| {
-        let f = format!("name==\"{}\"", "x".repeat(len - 8));
-        assert_eq!(f.len(), len);
-        f
-    };
-    tried(1);
-    assert!(c
-        .list(&["name==none", &long(16 << 10)])
-        .await
-        .unwrap()
-        .is_empty());
-    refused(
-        "List of a 16385-byte filter",
-        c.list(&["name==none", &long((16 << 10) + 1)]).await,
-        Code::InvalidArgument,
-        &["filter #2", "16385 bytes", "at most 16384"],
-    );
-
-    // How many regular expressions: 16 in all the strings together.
-    let regexes = |n: usize| -> Vec<String> {
-        let all: Vec<String> = (0..n).map(|i| format!("name~=^[a-z]{{{i}}}$")).collect();
-        vec![all[..n / 2].join(","), all[n / 2..].join(",")]
-    };
-    let ok = strs(&regexes(16));
-    let refs: Vec<&str> = ok.iter().map(String::as_str).collect();
-    tried(1);
-    c.list(&refs).await.unwrap();
-    let bad = strs(&regexes(17));
-    let refs: Vec<&str> = bad.iter().map(String::as_str).collect();
-    refused(
-        "List of 17 regular expressions",
-        c.list(&refs).await,
-        Code::InvalidArgument,
-        &["regular expressions", "at most 16"],
-    );
-
-    // How big each compiles: 256 KiB. Unicode classes repeated grow fast (`.{500}` is about
-    // 500 KB compiled, well within the regex crate's own 10 MiB default).
-    for ok in [
-        "name~=^sha256:[a-f0-9]{64}$",
-        "name~=\\w+",
-        "name~=/.{100}/",
-    ] {
+        // How many: 64 strings, each a selector of its own.
+        let mut filters: Vec<String> = (1..64).map(|i| format!("name==n{i}")).collect();
+        filters.push("name==base".into());
+        let refs: Vec<&str> = filters.iter().map(String::as_str).collect();
         tried(1);
-        c.list(&[ok])
-            .await
-            .unwrap_or_else(|e| panic!("List {ok:?}: {e:?}"));
-    }
-    for big in ["name~=/.{500}/", "labels.l~=\\w{64}", "name~=[\\p{L}]{20}"] {
+        assert_eq!(c.list(&refs).await.unwrap(), ["base"]);
+        filters.push("name==act".into());
+        let refs: Vec<&str> = filters.iter().map(String::as_str).collect();
         refused(
-            &format!("List {big:?}"),
-            c.list(&[big]).await,
+            "List of 65 filters",
+            c.list(&refs).await,
             Code::InvalidArgument,
-            &["does not parse", "regular expression", "262144 bytes"],
+            &["65 filters", "at most 64"],
         );
-    }
 
-    assert_eq!(stored(&mut c, &d).await, before);
-    report("filter limits", TRIED.load(Ordering::Relaxed) - start);
-}
+        // How long: 16 KiB each, room for an equality on the longest label containerd allows.
+        let long = |len: usize| {
+            let f = format!("name==\"{}\"", "x".repeat(len - 8));
+            assert_eq!(f.len(), len);
+            f
+        };
+        tried(1);
+        assert!(c
+            .list(&["name==none", &long(16 << 10)])
+            .await
+            .unwrap()
+            .is_empty());
+        refused(
+            "List of a 16385-byte filter",
+            c.list(&["name==none", &long((16 << 10) + 1)]).await,
+            Code::InvalidArgument,
+            &["filter #2", "16385 bytes", "at most 16384"],
+        );
 
-/// A refusal names what was wrong, but does not echo a huge input whole: a status message
-/// travels in an HTTP/2 header, and a multi-megabyte one costs the client dearly (tonic's
-/// client takes tens of seconds to receive a 2 MiB one) and helps no person reading it.
-#[tokio::test]
-async fn refusals_do_not_echo_huge_input_whole() {
-    if !require_root() {
-        return;
+        // How many regular expressions: 16 in all the strings together.
+        let regexes = |n: usize| -> Vec<String> {
+            let all: Vec<String> = (0..n).map(|i| format!("name~=^[a-z]{{{i}}}$")).collect();
+            vec![all[..n / 2].join(","), all[n / 2..].join(",")]
+        };
+        let ok = strs(&regexes(16));
+        let refs: Vec<&str> = ok.iter().map(String::as_str).collect();
+        tried(1);
+        c.list(&refs).await.unwrap();
+        let bad = strs(&regexes(17));
+        let refs: Vec<&str> = bad.iter().map(String::as_str).collect();
+        refused(
+            "List of 17 regular expressions",
+            c.list(&refs).await,
+            Code::InvalidArgument,
+            &["regular expressions", "at most 16"],
+        );
+
+        // How big each compiles: 256 KiB. Unicode classes repeated grow fast (`.{500}` is about
+        // 500 KB compiled, well within the regex crate's own 10 MiB default).
+        for ok in [
+            "name~=^sha256:[a-f0-9]{64}$",
+            "name~=\\w+",
+            "name~=/.{100}/",
+        ] {
+            tried(1);
+            c.list(&[ok])
+                .await
+                .unwrap_or_else(|e| panic!("List {ok:?}: {e:?}"));
+        }
+        for big in ["name~=/.{500}/", "labels.l~=\\w{64}", "name~=[\\p{L}]{20}"] {
+            refused(
+                &format!("List {big:?}"),
+                c.list(&[big]).await,
+                Code::InvalidArgument,
+                &["does not parse", "regular expression", "262144 bytes"],
+            );
+        }
+
+        assert_eq!(stored(&mut c, &d).await, before);
+        report("filter limits", TRIED.load(Ordering::Relaxed) - start);
     }
+);
+
+// A refusal names what was wrong, but does not echo a huge input whole: a status message
+// travels in an HTTP/2 header, and a multi-megabyte one costs the client dearly (tonic's
+// client takes tens of seconds to receive a 2 MiB one) and helps no person reading it.
+daemon_test!(refusals_do_not_echo_huge_input_whole, |d| {
     const LIMIT: usize = 8 << 10;
-    let d = TestDaemon::start().await;
     let mut c = big_client(&d).await;
     seed(&mut c).await;
     let before = stored(&mut c, &d).await;
@@ -1009,14 +975,9 @@ async fn refusals_do_not_echo_huge_input_whole() {
         "refusals whose message echoes the input whole (bytes; limit {LIMIT}): {long:?}"
     );
     report("huge input echoed", seen.len());
-}
+});
 
-#[tokio::test]
-async fn update_refuses_fields_it_cannot_change() {
-    if !require_root() {
-        return;
-    }
-    let d = TestDaemon::start().await;
+daemon_test!(update_refuses_fields_it_cannot_change, |d| {
     let mut c = big_client(&d).await;
     seed(&mut c).await;
     let before = stored(&mut c, &d).await;
@@ -1074,18 +1035,13 @@ async fn update_refuses_fields_it_cannot_change() {
         "a refused Update changed labels"
     );
     report("update paths", TRIED.load(Ordering::Relaxed) - start);
-}
+});
 
 // ---------------------------------------------------------------------------------------------
 // Wrong kinds and missing keys
 // ---------------------------------------------------------------------------------------------
 
-#[tokio::test]
-async fn wrong_kinds_and_missing_keys_get_their_codes() {
-    if !require_root() {
-        return;
-    }
-    let d = TestDaemon::start().await;
+daemon_test!(wrong_kinds_and_missing_keys_get_their_codes, |d| {
     let mut c = big_client(&d).await;
     seed(&mut c).await;
     let before = stored(&mut c, &d).await;
@@ -1205,7 +1161,7 @@ async fn wrong_kinds_and_missing_keys_get_their_codes() {
         "kinds and missing keys",
         TRIED.load(Ordering::Relaxed) - start,
     );
-}
+});
 
 // ---------------------------------------------------------------------------------------------
 // Fuzzing
@@ -1267,12 +1223,7 @@ fn random_filter(rng: &mut Rng) -> String {
         .collect()
 }
 
-#[tokio::test]
-async fn random_filters_parse_or_are_invalid_arguments() {
-    if !require_root() {
-        return;
-    }
-    let d = TestDaemon::start().await;
+daemon_test!(random_filters_parse_or_are_invalid_arguments, |d| {
     let mut c = big_client(&d).await;
     seed(&mut c).await;
     let before = stored(&mut c, &d).await;
@@ -1301,7 +1252,7 @@ async fn random_filters_parse_or_are_invalid_arguments() {
     assert_eq!(stored(&mut c, &d).await, before);
     eprintln!("hostile: random filters: {n} tried, {ok} parsed, {invalid} InvalidArgument");
     report("random filters", n as usize);
-}
+});
 
 /// A random string: often one of the keys in play, else odd characters, sometimes huge.
 fn random_string(rng: &mut Rng, pool: &[&str]) -> String {
@@ -1337,12 +1288,7 @@ fn random_labels(rng: &mut Rng, pool: &[&str]) -> HashMap<String, String> {
         .collect()
 }
 
-#[tokio::test]
-async fn random_requests_get_only_documented_codes() {
-    if !require_root() {
-        return;
-    }
-    let mut d = TestDaemon::start().await;
+daemon_test!(random_requests_get_only_documented_codes, |mut d| {
     let mut c = big_client(&d).await;
     seed(&mut c).await;
     let n = env_or("LAMINA_FUZZ_REQUESTS", 2000);
@@ -1452,7 +1398,7 @@ async fn random_requests_get_only_documented_codes() {
     );
     eprintln!("hostile: random requests: {n} tried, outcomes {codes:?}");
     report("random requests", n as usize);
-}
+});
 
 // ---------------------------------------------------------------------------------------------
 // Bytes that are not a valid request at all
@@ -1538,12 +1484,7 @@ async fn raw_call(
         .into_inner())
 }
 
-#[tokio::test]
-async fn malformed_requests_are_refused_and_change_nothing() {
-    if !require_root() {
-        return;
-    }
-    let d = TestDaemon::start().await;
+daemon_test!(malformed_requests_are_refused_and_change_nothing, |d| {
     let mut c = big_client(&d).await;
     seed(&mut c).await;
     let before = stored(&mut c, &d).await;
@@ -1631,4 +1572,4 @@ async fn malformed_requests_are_refused_and_change_nothing() {
     check_tree(&d);
     eprintln!("hostile: malformed requests: {count} tried, outcomes {seen:?}");
     report("malformed requests", count);
-}
+});

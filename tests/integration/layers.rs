@@ -485,14 +485,7 @@ fn strings(v: &[&str]) -> Vec<String> {
 // ---------------------------------------------------------------------------------------------
 // 1. The basic workflow
 
-#[tokio::test]
-async fn basic_workflow_through_mounts() {
-    if !require_root() {
-        return;
-    }
-    let d = TestDaemon::start().await;
-    let mut c = d.client().await;
-
+daemon_test!(basic_workflow_through_mounts, |d, mut c| {
     let first = |r: &Path| {
         put(r, "/foo", b"foo\n", 0o777);
         put(r, "/empty", b"", 0o600);
@@ -590,7 +583,7 @@ async fn basic_workflow_through_mounts() {
     assert_code(c.remove("committed").await, Code::FailedPrecondition, "");
     c.remove("committed-next").await.unwrap();
     c.remove("committed").await.unwrap();
-}
+});
 
 // ---------------------------------------------------------------------------------------------
 // 2. The mount shapes over the wire
@@ -637,13 +630,7 @@ fn work_of(d: &TestDaemon, id: &str) -> String {
         .to_string()
 }
 
-#[tokio::test]
-async fn mount_shapes_over_the_wire() {
-    if !require_root() {
-        return;
-    }
-    let d = TestDaemon::start().await;
-    let mut c = d.client().await;
+daemon_test!(mount_shapes_over_the_wire, |d, mut c| {
     let extra = host_overlay_options();
 
     // Active, no parent: a writable bind of its own fs.
@@ -756,58 +743,50 @@ async fn mount_shapes_over_the_wire() {
         let m = mount_at(&v1, &d.scratch("mv1"));
         assert_eq!(ls(m.path(), "/"), strings(&["from-a"]));
     }
-}
+});
 
-/// Configured `mount_options` go on overlays (after `lowerdir=`), never on bind mounts, and
-/// what lamina returns with them still mounts.
-#[tokio::test]
-async fn configured_mount_options_go_on_overlays_only() {
-    if !require_root() {
-        return;
+// Configured `mount_options` go on overlays (after `lowerdir=`), never on bind mounts, and
+// what lamina returns with them still mounts.
+daemon_test!(
+    configured_mount_options_go_on_overlays_only,
+    config = "mount_options = [\"redirect_dir=off\"]\n",
+    |d, mut c| {
+        let a = c.prepare("a", "").await.unwrap();
+        assert_eq!(a[0].options, strings(&["rw", "rbind"]));
+        c.commit("A", "a").await.unwrap();
+        let b = c.prepare("b", "A").await.unwrap();
+        let opts = &b[0].options;
+        assert!(
+            opts[0].starts_with("workdir=") && opts[1].starts_with("upperdir="),
+            "{opts:?}"
+        );
+        assert!(opts[2].starts_with("lowerdir="), "{opts:?}");
+        let mut tail: Vec<String> = opts[3..].to_vec();
+        tail.sort();
+        let mut want = host_overlay_options();
+        want.push("redirect_dir=off".into());
+        want.sort();
+        assert_eq!(
+            tail, want,
+            "configured then automatic options follow lowerdir"
+        );
+        drop(mount_at(&b, &d.scratch("mb")));
+        c.commit("B", "b").await.unwrap();
+        let v1 = c.view("v1", "A").await.unwrap();
+        assert_eq!(v1[0].options, strings(&["ro", "rbind"]));
+        let v2 = c.view("v2", "B").await.unwrap();
+        assert!(
+            v2[0].options.contains(&"redirect_dir=off".to_string()),
+            "{v2:?}"
+        );
+        drop(mount_at(&v2, &d.scratch("mv2")));
     }
-    let d = TestDaemon::start_with_config("mount_options = [\"redirect_dir=off\"]\n").await;
-    let mut c = d.client().await;
-    let a = c.prepare("a", "").await.unwrap();
-    assert_eq!(a[0].options, strings(&["rw", "rbind"]));
-    c.commit("A", "a").await.unwrap();
-    let b = c.prepare("b", "A").await.unwrap();
-    let opts = &b[0].options;
-    assert!(
-        opts[0].starts_with("workdir=") && opts[1].starts_with("upperdir="),
-        "{opts:?}"
-    );
-    assert!(opts[2].starts_with("lowerdir="), "{opts:?}");
-    let mut tail: Vec<String> = opts[3..].to_vec();
-    tail.sort();
-    let mut want = host_overlay_options();
-    want.push("redirect_dir=off".into());
-    want.sort();
-    assert_eq!(
-        tail, want,
-        "configured then automatic options follow lowerdir"
-    );
-    drop(mount_at(&b, &d.scratch("mb")));
-    c.commit("B", "b").await.unwrap();
-    let v1 = c.view("v1", "A").await.unwrap();
-    assert_eq!(v1[0].options, strings(&["ro", "rbind"]));
-    let v2 = c.view("v2", "B").await.unwrap();
-    assert!(
-        v2[0].options.contains(&"redirect_dir=off".to_string()),
-        "{v2:?}"
-    );
-    drop(mount_at(&v2, &d.scratch("mv2")));
-}
+);
 
 // ---------------------------------------------------------------------------------------------
 // 3. A file updated in upper layers, again and again
 
-#[tokio::test]
-async fn file_updated_in_every_layer() {
-    if !require_root() {
-        return;
-    }
-    let d = TestDaemon::start().await;
-    let mut c = d.client().await;
+daemon_test!(file_updated_in_every_layer, |d, mut c| {
     let flat = flat_dir(&d, "flat");
 
     let base = |r: &Path| {
@@ -877,71 +856,62 @@ async fn file_updated_in_every_layer() {
     }
     // And the bottom layer's own directory still holds the first version.
     assert_eq!(read(&chain.fs[0], "/etc/hosts"), b"mydomain 10.0.0.1");
-}
+});
 
 // ---------------------------------------------------------------------------------------------
 // 4. A directory removed and recreated over a lower layer (opaque directory)
 
-#[tokio::test]
-async fn directory_recreated_over_lower_hides_old_contents() {
-    if !require_root() {
-        return;
+daemon_test!(
+    directory_recreated_over_lower_hides_old_contents,
+    |d, mut c| {
+        let flat = flat_dir(&d, "flat");
+
+        let l1 = |r: &Path| {
+            mkdir(r, "/lib", 0o700);
+            put(r, "/lib/hidden", b"", 0o644);
+            mkdir(r, "/lib/sub", 0o755);
+            put(r, "/lib/sub/deep", b"deep", 0o644);
+        };
+        let l2 = |r: &Path| {
+            rm_rf(r, "/lib");
+            mkdir(r, "/lib", 0o755);
+            put(r, "/lib/not-hidden", b"", 0o644);
+        };
+        let l3 = |r: &Path| {
+            put(r, "/lib/newfile", b"", 0o644);
+        };
+        let chain = build(&d, &mut c, &flat, "", &[&l1, &l2, &l3]).await;
+
+        let names = &chain.names;
+        with_view(&d, &mut c, &names[0], |r| {
+            assert_eq!(ls(r, "/lib"), strings(&["hidden", "sub"]));
+            assert_eq!(mode(r, "/lib"), 0o700);
+        })
+        .await;
+        with_view(&d, &mut c, &names[1], |r| {
+            assert_eq!(ls(r, "/lib"), strings(&["not-hidden"]));
+            assert_eq!(mode(r, "/lib"), 0o755);
+            assert_absent(r, "/lib/hidden");
+            assert_absent(r, "/lib/sub");
+        })
+        .await;
+        with_view(&d, &mut c, &names[2], |r| {
+            assert_eq!(ls(r, "/lib"), strings(&["newfile", "not-hidden"]));
+            assert_absent(r, "/lib/sub/deep");
+        })
+        .await;
+        // An active snapshot on top sees the same, and the old entries cannot be reached there either.
+        let mounts = c.prepare("top", &names[2]).await.unwrap();
+        let m = mount_at(&mounts, &d.scratch("top"));
+        assert_eq!(ls(m.path(), "/lib"), strings(&["newfile", "not-hidden"]));
+        assert_absent(m.path(), "/lib/hidden");
     }
-    let d = TestDaemon::start().await;
-    let mut c = d.client().await;
-    let flat = flat_dir(&d, "flat");
-
-    let l1 = |r: &Path| {
-        mkdir(r, "/lib", 0o700);
-        put(r, "/lib/hidden", b"", 0o644);
-        mkdir(r, "/lib/sub", 0o755);
-        put(r, "/lib/sub/deep", b"deep", 0o644);
-    };
-    let l2 = |r: &Path| {
-        rm_rf(r, "/lib");
-        mkdir(r, "/lib", 0o755);
-        put(r, "/lib/not-hidden", b"", 0o644);
-    };
-    let l3 = |r: &Path| {
-        put(r, "/lib/newfile", b"", 0o644);
-    };
-    let chain = build(&d, &mut c, &flat, "", &[&l1, &l2, &l3]).await;
-
-    let names = &chain.names;
-    with_view(&d, &mut c, &names[0], |r| {
-        assert_eq!(ls(r, "/lib"), strings(&["hidden", "sub"]));
-        assert_eq!(mode(r, "/lib"), 0o700);
-    })
-    .await;
-    with_view(&d, &mut c, &names[1], |r| {
-        assert_eq!(ls(r, "/lib"), strings(&["not-hidden"]));
-        assert_eq!(mode(r, "/lib"), 0o755);
-        assert_absent(r, "/lib/hidden");
-        assert_absent(r, "/lib/sub");
-    })
-    .await;
-    with_view(&d, &mut c, &names[2], |r| {
-        assert_eq!(ls(r, "/lib"), strings(&["newfile", "not-hidden"]));
-        assert_absent(r, "/lib/sub/deep");
-    })
-    .await;
-    // An active snapshot on top sees the same, and the old entries cannot be reached there either.
-    let mounts = c.prepare("top", &names[2]).await.unwrap();
-    let m = mount_at(&mounts, &d.scratch("top"));
-    assert_eq!(ls(m.path(), "/lib"), strings(&["newfile", "not-hidden"]));
-    assert_absent(m.path(), "/lib/hidden");
-}
+);
 
 // ---------------------------------------------------------------------------------------------
 // 5. chown of lower files: copy-up
 
-#[tokio::test]
-async fn chown_of_lower_files_copies_up_and_persists() {
-    if !require_root() {
-        return;
-    }
-    let d = TestDaemon::start().await;
-    let mut c = d.client().await;
+daemon_test!(chown_of_lower_files_copies_up_and_persists, |d, mut c| {
     let flat = flat_dir(&d, "flat");
     let big: Vec<u8> = (0..65536u32).map(|i| (i % 251) as u8).collect();
 
@@ -1017,18 +987,12 @@ async fn chown_of_lower_files_copies_up_and_persists() {
         assert_eq!(meta(r, "/opt/a/b/file.txt").uid(), 0);
     })
     .await;
-}
+});
 
 // ---------------------------------------------------------------------------------------------
 // 6. Permissions kept over three layers
 
-#[tokio::test]
-async fn permissions_kept_over_three_layers() {
-    if !require_root() {
-        return;
-    }
-    let d = TestDaemon::start().await;
-    let mut c = d.client().await;
+daemon_test!(permissions_kept_over_three_layers, |d, mut c| {
     let flat = flat_dir(&d, "flat");
 
     let l1 = |r: &Path| {
@@ -1131,18 +1095,12 @@ async fn permissions_kept_over_three_layers() {
         assert_eq!(mode(r, "/x"), 0o711);
     })
     .await;
-}
+});
 
 // ---------------------------------------------------------------------------------------------
 // 7. Whiteouts: deleted files stay deleted in children
 
-#[tokio::test]
-async fn deleted_files_stay_deleted_in_children() {
-    if !require_root() {
-        return;
-    }
-    let d = TestDaemon::start().await;
-    let mut c = d.client().await;
+daemon_test!(deleted_files_stay_deleted_in_children, |d, mut c| {
     let flat = flat_dir(&d, "flat");
 
     let l1 = |r: &Path| {
@@ -1201,7 +1159,7 @@ async fn deleted_files_stay_deleted_in_children() {
         assert_eq!(read(r, "/gone"), b"now a file");
     })
     .await;
-}
+});
 
 // ---------------------------------------------------------------------------------------------
 // 8. Rename and hard link of files from a lower layer
@@ -1238,13 +1196,7 @@ fn copy_tree(from: &Path, to: &Path) {
     lchown(to, Some(m.uid()), Some(m.gid())).unwrap();
 }
 
-#[tokio::test]
-async fn rename_and_hard_link_of_lower_files() {
-    if !require_root() {
-        return;
-    }
-    let d = TestDaemon::start().await;
-    let mut c = d.client().await;
+daemon_test!(rename_and_hard_link_of_lower_files, |d, mut c| {
     let flat = flat_dir(&d, "flat");
 
     let l1 = |r: &Path| {
@@ -1340,7 +1292,7 @@ async fn rename_and_hard_link_of_lower_files() {
         assert_same_tree(&tree(r), &chain.trees[0], "base after the child's renames");
     })
     .await;
-}
+});
 
 // ---------------------------------------------------------------------------------------------
 // 9. Views are read-only when mounted
@@ -1376,14 +1328,7 @@ fn assert_read_only(r: &Path, existing: &str) {
     );
 }
 
-#[tokio::test]
-async fn views_are_read_only_when_mounted() {
-    if !require_root() {
-        return;
-    }
-    let d = TestDaemon::start().await;
-    let mut c = d.client().await;
-
+daemon_test!(views_are_read_only_when_mounted, |d, mut c| {
     let m1 = c.prepare("p1", "").await.unwrap();
     let fs1 = own_fs(&m1);
     {
@@ -1438,7 +1383,7 @@ async fn views_are_read_only_when_mounted() {
     for v in ["v0", "v1", "v2", "c2", "c1"] {
         c.remove(v).await.unwrap();
     }
-}
+});
 
 // ---------------------------------------------------------------------------------------------
 // 10. Modes of new snapshots, whatever the umask
@@ -1467,11 +1412,7 @@ fn dir_mode(p: &Path) -> u32 {
         & 0o7777
 }
 
-#[tokio::test]
-async fn new_snapshots_have_contract_modes_whatever_the_umask() {
-    if !require_root() {
-        return;
-    }
+root_test!(new_snapshots_have_contract_modes_whatever_the_umask, || {
     for mask in [0o000, 0o077] {
         let d = start_with_umask(mask);
         let status = fs::read_to_string(format!("/proc/{}/status", d.pid())).unwrap();
@@ -1548,7 +1489,7 @@ async fn new_snapshots_have_contract_modes_whatever_the_umask() {
             assert_eq!(dir_mode(m.path()), 0o755);
         }
     }
-}
+});
 
 // ---------------------------------------------------------------------------------------------
 // 11. 128 stacked layers against a flat copy
@@ -1601,13 +1542,7 @@ fn stack_layer(i: usize, r: &Path) {
     }
 }
 
-#[tokio::test]
-async fn stack_of_128_layers_equals_a_flat_copy() {
-    if !require_root() {
-        return;
-    }
-    let d = TestDaemon::start().await;
-    let mut c = d.client().await;
+daemon_test!(stack_of_128_layers_equals_a_flat_copy, |d, mut c| {
     let flat = flat_dir(&d, "flat");
 
     let layers: Vec<_> = (0..128)
@@ -1656,19 +1591,12 @@ async fn stack_of_128_layers_equals_a_flat_copy() {
         let t = view_tree(&d, &mut c, &chain.names[i]).await;
         assert_same_tree(&t, &chain.trees[i], &format!("layer {i} at the end"));
     }
-}
+});
 
 // ---------------------------------------------------------------------------------------------
 // 12. Usage
 
-#[tokio::test]
-async fn usage_counts_own_inodes_once() {
-    if !require_root() {
-        return;
-    }
-    let d = TestDaemon::start().await;
-    let mut c = d.client().await;
-
+daemon_test!(usage_counts_own_inodes_once, |d, mut c| {
     let m1 = c.prepare("u1", "").await.unwrap();
     let fs1 = own_fs(&m1);
     {
@@ -1754,4 +1682,4 @@ async fn usage_counts_own_inodes_once() {
         let u = c.usage(v).await.unwrap();
         assert_eq!((u.size, u.inodes), (0, 0), "usage of view {v}");
     }
-}
+});

@@ -2,7 +2,8 @@
 //! and socket, talks to it with containerd's generated gRPC client, and mounts what it returns.
 //!
 //! These tests need root (lamina probes overlayfs at start-up, and the tests mount). Without
-//! root they print why and skip, unless `CI` is set: then they fail.
+//! root they print why and skip, unless `CI` is set: then they fail. Each is declared with
+//! `root_test!` or `daemon_test!` (see `util`), which makes that so.
 
 mod util;
 

@@ -991,11 +991,7 @@ async fn run_sequence(seed: u64, steps: u64, sync_remove: bool, totals: &mut Tot
     totals.sequences += 1;
 }
 
-#[tokio::test]
-async fn random_sequences_agree_with_the_model() {
-    if !require_root() {
-        return;
-    }
+root_test!(random_sequences_agree_with_the_model, || {
     let cases = env_or("LAMINA_MODEL_CASES", 32);
     let steps = env_or("LAMINA_MODEL_STEPS", 60);
     let seed = env_or("LAMINA_MODEL_SEED", 0x1a31_7a00_5eed);
@@ -1014,4 +1010,4 @@ async fn random_sequences_agree_with_the_model() {
         totals.restarts,
         started.elapsed()
     );
-}
+});

@@ -41,15 +41,21 @@ const FS_IOC_SHUTDOWN: libc::c_ulong = (2 << 30) | (4 << 16) | ((b'X' as libc::c
 /// the power goes.
 const FS_SHUTDOWN_FLAGS_NOLOGFLUSH: u32 = 0x2;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn acknowledged_layers_survive_power_cuts_on_ext4() {
-    power_cuts("ext4").await;
-}
+root_test!(
+    acknowledged_layers_survive_power_cuts_on_ext4,
+    threads = 2,
+    || {
+        power_cuts("ext4").await;
+    }
+);
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn acknowledged_layers_survive_power_cuts_on_xfs() {
-    power_cuts("xfs").await;
-}
+root_test!(
+    acknowledged_layers_survive_power_cuts_on_xfs,
+    threads = 2,
+    || {
+        power_cuts("xfs").await;
+    }
+);
 
 /// True when `mkfs.<fstype>` can be run. Without it the test prints why and skips, except
 /// under CI, where `.ci/setup` installs it.
@@ -593,7 +599,7 @@ async fn check_layer(
 }
 
 async fn power_cuts(fstype: &'static str) {
-    if !require_root() || !require_mkfs(fstype) {
+    if !require_mkfs(fstype) {
         return;
     }
     let rounds = env_or("LAMINA_POWERCUT_ROUNDS", 10) as usize;

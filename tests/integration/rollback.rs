@@ -104,204 +104,192 @@ async fn a_fresh_snapshot_is_its_own(d: &TestDaemon, highest: u64) {
     c.stat("fresh").await.unwrap();
 }
 
-#[tokio::test]
-async fn a_missing_store_over_existing_layers_refuses_to_start() {
-    if !require_root() {
-        return;
-    }
-    let mut d = TestDaemon::start().await;
-    let mut c = d.client().await;
-    let base = layer(&mut c, "base", "base's secret").await;
-    c.prepare("app", "base").await.unwrap();
-    drop(c);
-    assert!(d.stop_async().await.success());
-    let db = d.root.join("metadata.redb");
-    let aside = d.dir.path().join("metadata.redb.aside");
-    std::fs::rename(&db, &aside).unwrap();
+daemon_test!(
+    a_missing_store_over_existing_layers_refuses_to_start,
+    |mut d, mut c| {
+        let base = layer(&mut c, "base", "base's secret").await;
+        c.prepare("app", "base").await.unwrap();
+        drop(c);
+        assert!(d.stop_async().await.success());
+        let db = d.root.join("metadata.redb");
+        let aside = d.dir.path().join("metadata.redb.aside");
+        std::fs::rename(&db, &aside).unwrap();
 
-    let message = refused(
-        &d,
-        &[
-            &db.display().to_string(),
-            "missing",
-            "2 snapshot directories",
-        ],
-    )
-    .await;
-    assert!(!db.exists(), "a refused start created a new, empty store");
-    for way in ["restore", "--repair --delete-unknown"] {
-        assert!(
-            message.contains(way),
-            "the way on {way:?} is not named: {message}"
-        );
-    }
+        let message = refused(
+            &d,
+            &[
+                &db.display().to_string(),
+                "missing",
+                "2 snapshot directories",
+            ],
+        )
+        .await;
+        assert!(!db.exists(), "a refused start created a new, empty store");
+        for way in ["restore", "--repair --delete-unknown"] {
+            assert!(
+                message.contains(way),
+                "the way on {way:?} is not named: {message}"
+            );
+        }
 
-    // The first way on: the store comes back, and so does everything.
-    std::fs::rename(&aside, &db).unwrap();
-    d.spawn().await;
-    let mut c = d.client().await;
-    let view = c.view("check", "base").await.unwrap();
-    let m = Mounted::new(&view, &d.scratch("check"));
-    assert_eq!(
-        std::fs::read_to_string(m.join("secret")).unwrap(),
-        "base's secret"
-    );
-    drop(m);
-    assert!(d.root.join(format!("snapshots/{base}")).is_dir());
-}
-
-/// The second way on: fsck says what the directories the store does not know hold, deletes
-/// them only when told to in so many words, and lamina then starts with IDs above theirs.
-#[tokio::test]
-async fn without_its_store_fsck_deletes_unknown_layers_only_when_told() {
-    if !require_root() {
-        return;
-    }
-    let mut d = TestDaemon::start().await;
-    let mut c = d.client().await;
-    let base = layer(&mut c, "base", "base's secret").await;
-    let other = layer(&mut c, "other", "other's secret").await;
-    drop(c);
-    assert!(d.stop_async().await.success());
-    std::fs::remove_file(d.root.join("metadata.redb")).unwrap();
-    let snapshots = d.root.join("snapshots");
-    let before = contents(&snapshots);
-
-    let looked = offline(&d, &["fsck"]);
-    let out = text(&looked);
-    eprintln!("rollback: fsck: {out}");
-    assert_eq!(looked.status.code(), Some(1), "{out}");
-    assert!(out.contains(&format!("snapshots/{base}")), "{out}");
-    assert!(out.contains(&format!("snapshots/{other}")), "{out}");
-    assert!(
-        out.contains("bytes"),
-        "fsck does not say what deleting them frees: {out}"
-    );
-    assert!(out.contains("--delete-unknown"), "{out}");
-    assert_eq!(
-        contents(&snapshots),
-        before,
-        "fsck without --repair changed something"
-    );
-    assert!(
-        !d.root.join("metadata.redb").exists(),
-        "fsck created a store"
-    );
-
-    let repaired = offline(&d, &["fsck", "--repair"]);
-    let out = text(&repaired);
-    eprintln!("rollback: fsck --repair: {out}");
-    assert_eq!(repaired.status.code(), Some(1), "{out}");
-    assert!(out.contains("--delete-unknown"), "{out}");
-    assert_eq!(
-        contents(&snapshots),
-        before,
-        "--repair alone deleted unknown layers"
-    );
-
-    let deleted = offline(&d, &["fsck", "--repair", "--delete-unknown"]);
-    let out = text(&deleted);
-    eprintln!("rollback: fsck --repair --delete-unknown: {out}");
-    assert!(deleted.status.success(), "{out}");
-    assert!(out.contains("freed"), "{out}");
-    assert_eq!(d.snapshot_dirs(), Vec::<String>::new());
-
-    d.spawn().await;
-    a_fresh_snapshot_is_its_own(&d, base.max(other)).await;
-}
-
-#[tokio::test]
-async fn a_store_older_than_its_directories_refuses_to_start() {
-    if !require_root() {
-        return;
-    }
-    let mut d = TestDaemon::start().await;
-    let mut c = d.client().await;
-    let old = layer(&mut c, "old", "old secret").await;
-    drop(c);
-    assert!(d.stop_async().await.success());
-    let db = d.root.join("metadata.redb");
-    let backup = d.dir.path().join("backup.redb");
-    std::fs::copy(&db, &backup).unwrap();
-
-    d.spawn().await;
-    let mut c = d.client().await;
-    let newer = layer(&mut c, "newer", "newer secret").await;
-    c.prepare("on-newer", "newer").await.unwrap();
-    drop(c);
-    assert!(d.stop_async().await.success());
-    std::fs::copy(&backup, &db).unwrap();
-
-    let highest = newer + 1;
-    refused(
-        &d,
-        &["older", &format!("highest on disk is {highest}"), "restore"],
-    )
-    .await;
-
-    let deleted = offline(&d, &["fsck", "--repair", "--delete-unknown"]);
-    let out = text(&deleted);
-    eprintln!("rollback: fsck --repair --delete-unknown: {out}");
-    assert!(deleted.status.success(), "{out}");
-    assert_eq!(d.snapshot_dirs(), vec![old.to_string()], "{out}");
-
-    d.spawn().await;
-    a_fresh_snapshot_is_its_own(&d, highest).await;
-    let mut c = d.client().await;
-    let view = c.view("check", "old").await.unwrap();
-    let m = Mounted::new(&view, &d.scratch("check"));
-    assert_eq!(
-        std::fs::read_to_string(m.join("secret")).unwrap(),
-        "old secret"
-    );
-}
-
-/// Something made `snapshots/<next ID>` while lamina serves: a creation does not take it for
-/// its own (its files would show in the new snapshot, and whatever deletes it later would
-/// delete the new snapshot's data), nor does it create anything where a symlink there points.
-#[tokio::test]
-async fn a_directory_planted_for_the_next_id_is_never_adopted() {
-    if !require_root() {
-        return;
-    }
-    let d = TestDaemon::start().await;
-    let mut c = d.client().await;
-    let first = id_in(
-        fs_of(&c.prepare("first", "").await.unwrap())
-            .to_str()
-            .unwrap(),
-    );
-    let snapshots = d.root.join("snapshots");
-    let planted = snapshots.join((first + 1).to_string());
-    std::fs::create_dir_all(planted.join("fs/old-layer")).unwrap();
-    std::fs::write(planted.join("fs/secret"), "not yours").unwrap();
-    std::fs::create_dir(planted.join("work")).unwrap();
-    let elsewhere = d.scratch("elsewhere");
-    std::os::unix::fs::symlink(&elsewhere, snapshots.join((first + 2).to_string())).unwrap();
-
-    for key in ["second", "third"] {
-        let fs = fs_of(&c.prepare(key, "").await.unwrap());
-        let id = id_in(fs.to_str().unwrap());
-        assert!(id > first + 2, "{key} took planted ID {id}");
-        assert!(fs.symlink_metadata().unwrap().is_dir());
+        // The first way on: the store comes back, and so does everything.
+        std::fs::rename(&aside, &db).unwrap();
+        d.spawn().await;
+        let mut c = d.client().await;
+        let view = c.view("check", "base").await.unwrap();
+        let m = Mounted::new(&view, &d.scratch("check"));
         assert_eq!(
-            std::fs::read_dir(&fs).unwrap().count(),
-            0,
-            "{key}: {fs:?} not empty"
+            std::fs::read_to_string(m.join("secret")).unwrap(),
+            "base's secret"
+        );
+        drop(m);
+        assert!(d.root.join(format!("snapshots/{base}")).is_dir());
+    }
+);
+
+// The second way on: fsck says what the directories the store does not know hold, deletes
+// them only when told to in so many words, and lamina then starts with IDs above theirs.
+daemon_test!(
+    without_its_store_fsck_deletes_unknown_layers_only_when_told,
+    |mut d, mut c| {
+        let base = layer(&mut c, "base", "base's secret").await;
+        let other = layer(&mut c, "other", "other's secret").await;
+        drop(c);
+        assert!(d.stop_async().await.success());
+        std::fs::remove_file(d.root.join("metadata.redb")).unwrap();
+        let snapshots = d.root.join("snapshots");
+        let before = contents(&snapshots);
+
+        let looked = offline(&d, &["fsck"]);
+        let out = text(&looked);
+        eprintln!("rollback: fsck: {out}");
+        assert_eq!(looked.status.code(), Some(1), "{out}");
+        assert!(out.contains(&format!("snapshots/{base}")), "{out}");
+        assert!(out.contains(&format!("snapshots/{other}")), "{out}");
+        assert!(
+            out.contains("bytes"),
+            "fsck does not say what deleting them frees: {out}"
+        );
+        assert!(out.contains("--delete-unknown"), "{out}");
+        assert_eq!(
+            contents(&snapshots),
+            before,
+            "fsck without --repair changed something"
+        );
+        assert!(
+            !d.root.join("metadata.redb").exists(),
+            "fsck created a store"
+        );
+
+        let repaired = offline(&d, &["fsck", "--repair"]);
+        let out = text(&repaired);
+        eprintln!("rollback: fsck --repair: {out}");
+        assert_eq!(repaired.status.code(), Some(1), "{out}");
+        assert!(out.contains("--delete-unknown"), "{out}");
+        assert_eq!(
+            contents(&snapshots),
+            before,
+            "--repair alone deleted unknown layers"
+        );
+
+        let deleted = offline(&d, &["fsck", "--repair", "--delete-unknown"]);
+        let out = text(&deleted);
+        eprintln!("rollback: fsck --repair --delete-unknown: {out}");
+        assert!(deleted.status.success(), "{out}");
+        assert!(out.contains("freed"), "{out}");
+        assert_eq!(d.snapshot_dirs(), Vec::<String>::new());
+
+        d.spawn().await;
+        a_fresh_snapshot_is_its_own(&d, base.max(other)).await;
+    }
+);
+
+daemon_test!(
+    a_store_older_than_its_directories_refuses_to_start,
+    |mut d, mut c| {
+        let old = layer(&mut c, "old", "old secret").await;
+        drop(c);
+        assert!(d.stop_async().await.success());
+        let db = d.root.join("metadata.redb");
+        let backup = d.dir.path().join("backup.redb");
+        std::fs::copy(&db, &backup).unwrap();
+
+        d.spawn().await;
+        let mut c = d.client().await;
+        let newer = layer(&mut c, "newer", "newer secret").await;
+        c.prepare("on-newer", "newer").await.unwrap();
+        drop(c);
+        assert!(d.stop_async().await.success());
+        std::fs::copy(&backup, &db).unwrap();
+
+        let highest = newer + 1;
+        refused(
+            &d,
+            &["older", &format!("highest on disk is {highest}"), "restore"],
+        )
+        .await;
+
+        let deleted = offline(&d, &["fsck", "--repair", "--delete-unknown"]);
+        let out = text(&deleted);
+        eprintln!("rollback: fsck --repair --delete-unknown: {out}");
+        assert!(deleted.status.success(), "{out}");
+        assert_eq!(d.snapshot_dirs(), vec![old.to_string()], "{out}");
+
+        d.spawn().await;
+        a_fresh_snapshot_is_its_own(&d, highest).await;
+        let mut c = d.client().await;
+        let view = c.view("check", "old").await.unwrap();
+        let m = Mounted::new(&view, &d.scratch("check"));
+        assert_eq!(
+            std::fs::read_to_string(m.join("secret")).unwrap(),
+            "old secret"
         );
     }
-    assert_eq!(
-        std::fs::read_dir(&elsewhere).unwrap().count(),
-        0,
-        "a creation made directories where a symlink under snapshots/ points"
-    );
-    assert_eq!(
-        std::fs::read_to_string(planted.join("fs/secret")).unwrap(),
-        "not yours"
-    );
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    for key in ["second", "third"] {
-        let fs = fs_of(&c.mounts(key).await.unwrap());
-        assert!(fs.is_dir(), "{key}'s directory was deleted under it");
+);
+
+// Something made `snapshots/<next ID>` while lamina serves: a creation does not take it for
+// its own (its files would show in the new snapshot, and whatever deletes it later would
+// delete the new snapshot's data), nor does it create anything where a symlink there points.
+daemon_test!(
+    a_directory_planted_for_the_next_id_is_never_adopted,
+    |d, mut c| {
+        let first = id_in(
+            fs_of(&c.prepare("first", "").await.unwrap())
+                .to_str()
+                .unwrap(),
+        );
+        let snapshots = d.root.join("snapshots");
+        let planted = snapshots.join((first + 1).to_string());
+        std::fs::create_dir_all(planted.join("fs/old-layer")).unwrap();
+        std::fs::write(planted.join("fs/secret"), "not yours").unwrap();
+        std::fs::create_dir(planted.join("work")).unwrap();
+        let elsewhere = d.scratch("elsewhere");
+        std::os::unix::fs::symlink(&elsewhere, snapshots.join((first + 2).to_string())).unwrap();
+
+        for key in ["second", "third"] {
+            let fs = fs_of(&c.prepare(key, "").await.unwrap());
+            let id = id_in(fs.to_str().unwrap());
+            assert!(id > first + 2, "{key} took planted ID {id}");
+            assert!(fs.symlink_metadata().unwrap().is_dir());
+            assert_eq!(
+                std::fs::read_dir(&fs).unwrap().count(),
+                0,
+                "{key}: {fs:?} not empty"
+            );
+        }
+        assert_eq!(
+            std::fs::read_dir(&elsewhere).unwrap().count(),
+            0,
+            "a creation made directories where a symlink under snapshots/ points"
+        );
+        assert_eq!(
+            std::fs::read_to_string(planted.join("fs/secret")).unwrap(),
+            "not yours"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        for key in ["second", "third"] {
+            let fs = fs_of(&c.mounts(key).await.unwrap());
+            assert!(fs.is_dir(), "{key}'s directory was deleted under it");
+        }
     }
-}
+);

@@ -152,45 +152,36 @@ fn run_to_exit(mut cmd: Command) -> Output {
 // Prepare / View
 // ---------------------------------------------------------------------------------------------
 
-#[tokio::test]
-async fn prepare_and_view_refuse_a_key_that_exists_as_any_kind() {
-    if !require_root() {
-        return;
-    }
-    let d = TestDaemon::start().await;
-    let mut c = d.client().await;
-    commit_new(&mut c, "committed", "", labels(&[])).await;
-    c.prepare("active", "").await.unwrap();
-    c.view("view", "").await.unwrap();
-    let before = c.list_batches(&[]).await.unwrap().0;
-    let dirs = d.snapshot_dirs();
+daemon_test!(
+    prepare_and_view_refuse_a_key_that_exists_as_any_kind,
+    |d, mut c| {
+        commit_new(&mut c, "committed", "", labels(&[])).await;
+        c.prepare("active", "").await.unwrap();
+        c.view("view", "").await.unwrap();
+        let before = c.list_batches(&[]).await.unwrap().0;
+        let dirs = d.snapshot_dirs();
 
-    for key in ["active", "view", "committed"] {
-        assert_code(c.prepare(key, "").await, Code::AlreadyExists, key);
-        assert_code(c.view(key, "").await, Code::AlreadyExists, key);
-        // The key check comes first: a valid parent does not change the answer.
-        assert_code(c.prepare(key, "committed").await, Code::AlreadyExists, key);
-        assert_code(c.view(key, "committed").await, Code::AlreadyExists, key);
-    }
+        for key in ["active", "view", "committed"] {
+            assert_code(c.prepare(key, "").await, Code::AlreadyExists, key);
+            assert_code(c.view(key, "").await, Code::AlreadyExists, key);
+            // The key check comes first: a valid parent does not change the answer.
+            assert_code(c.prepare(key, "committed").await, Code::AlreadyExists, key);
+            assert_code(c.view(key, "committed").await, Code::AlreadyExists, key);
+        }
 
-    assert_eq!(
-        c.list_batches(&[]).await.unwrap().0,
-        before,
-        "nothing changed"
-    );
-    assert_eq!(d.snapshot_dirs(), dirs, "no directory was created");
-    assert_eq!(c.stat("active").await.unwrap().kind, ACTIVE);
-    assert_eq!(c.stat("view").await.unwrap().kind, VIEW);
-    assert_eq!(c.stat("committed").await.unwrap().kind, COMMITTED);
-}
-
-#[tokio::test]
-async fn prepare_and_view_check_the_parent_and_the_key() {
-    if !require_root() {
-        return;
+        assert_eq!(
+            c.list_batches(&[]).await.unwrap().0,
+            before,
+            "nothing changed"
+        );
+        assert_eq!(d.snapshot_dirs(), dirs, "no directory was created");
+        assert_eq!(c.stat("active").await.unwrap().kind, ACTIVE);
+        assert_eq!(c.stat("view").await.unwrap().kind, VIEW);
+        assert_eq!(c.stat("committed").await.unwrap().kind, COMMITTED);
     }
-    let d = TestDaemon::start().await;
-    let mut c = d.client().await;
+);
+
+daemon_test!(prepare_and_view_check_the_parent_and_the_key, |d, mut c| {
     commit_new(&mut c, "committed", "", labels(&[])).await;
     c.prepare("active", "").await.unwrap();
     c.view("view", "").await.unwrap();
@@ -219,63 +210,54 @@ async fn prepare_and_view_check_the_parent_and_the_key() {
 
     // The parent still has no children: it can be removed.
     c.remove("committed").await.unwrap();
-}
+});
 
-#[tokio::test]
-async fn created_snapshots_report_their_labels_and_equal_times() {
-    if !require_root() {
-        return;
+daemon_test!(
+    created_snapshots_report_their_labels_and_equal_times,
+    |_d, mut c| {
+        let t0 = SystemTime::now();
+        let l = labels(&[
+            ("containerd.io/snapshot.ref", "sha256:abc"),
+            (
+                "containerd.io/snapshot/x.y",
+                "with spaces, commas=and=equals",
+            ),
+        ]);
+        c.prepare_with("a", "", l.clone()).await.unwrap();
+        commit_new(&mut c, "p", "", labels(&[])).await;
+        view_with(&mut c, "v", "p", labels(&[("v", "1")]))
+            .await
+            .unwrap();
+        let t1 = SystemTime::now();
+
+        let a = c.stat("a").await.unwrap();
+        assert_eq!(
+            (a.name.as_str(), a.parent.as_str(), a.kind),
+            ("a", "", ACTIVE)
+        );
+        assert_eq!(a.labels, l);
+        assert_eq!(a.created_at, a.updated_at, "created == updated at creation");
+        let created = time(&a.created_at);
+        assert!(
+            t0 <= created && created <= t1,
+            "created {created:?} not in [{t0:?}, {t1:?}]"
+        );
+
+        let v = c.stat("v").await.unwrap();
+        assert_eq!(
+            (v.name.as_str(), v.parent.as_str(), v.kind),
+            ("v", "p", VIEW)
+        );
+        assert_eq!(v.labels, labels(&[("v", "1")]));
+        assert_eq!(v.created_at, v.updated_at);
+        let created = time(&v.created_at);
+        assert!(t0 <= created && created <= t1);
     }
-    let d = TestDaemon::start().await;
-    let mut c = d.client().await;
-    let t0 = SystemTime::now();
-    let l = labels(&[
-        ("containerd.io/snapshot.ref", "sha256:abc"),
-        (
-            "containerd.io/snapshot/x.y",
-            "with spaces, commas=and=equals",
-        ),
-    ]);
-    c.prepare_with("a", "", l.clone()).await.unwrap();
-    commit_new(&mut c, "p", "", labels(&[])).await;
-    view_with(&mut c, "v", "p", labels(&[("v", "1")]))
-        .await
-        .unwrap();
-    let t1 = SystemTime::now();
+);
 
-    let a = c.stat("a").await.unwrap();
-    assert_eq!(
-        (a.name.as_str(), a.parent.as_str(), a.kind),
-        ("a", "", ACTIVE)
-    );
-    assert_eq!(a.labels, l);
-    assert_eq!(a.created_at, a.updated_at, "created == updated at creation");
-    let created = time(&a.created_at);
-    assert!(
-        t0 <= created && created <= t1,
-        "created {created:?} not in [{t0:?}, {t1:?}]"
-    );
-
-    let v = c.stat("v").await.unwrap();
-    assert_eq!(
-        (v.name.as_str(), v.parent.as_str(), v.kind),
-        ("v", "p", VIEW)
-    );
-    assert_eq!(v.labels, labels(&[("v", "1")]));
-    assert_eq!(v.created_at, v.updated_at);
-    let created = time(&v.created_at);
-    assert!(t0 <= created && created <= t1);
-}
-
-/// containerd's store drops labels whose value is empty when it writes them (boltutil's
-/// writeMap): they are neither reported nor matched by filters.
-#[tokio::test]
-async fn empty_label_values_are_not_stored() {
-    if !require_root() {
-        return;
-    }
-    let d = TestDaemon::start().await;
-    let mut c = d.client().await;
+// containerd's store drops labels whose value is empty when it writes them (boltutil's
+// writeMap): they are neither reported nor matched by filters.
+daemon_test!(empty_label_values_are_not_stored, |_d, mut c| {
     c.prepare_with("a", "", labels(&[("k", "v"), ("empty", "")]))
         .await
         .unwrap();
@@ -293,19 +275,13 @@ async fn empty_label_values_are_not_stored() {
         .unwrap();
     assert_eq!(updated.labels, labels(&[("u", "1")]));
     assert_eq!(c.stat("A").await.unwrap().labels, labels(&[("u", "1")]));
-}
+});
 
 // ---------------------------------------------------------------------------------------------
 // Mounts
 // ---------------------------------------------------------------------------------------------
 
-#[tokio::test]
-async fn mounts_of_each_kind() {
-    if !require_root() {
-        return;
-    }
-    let d = TestDaemon::start().await;
-    let mut c = d.client().await;
+daemon_test!(mounts_of_each_kind, |_d, mut c| {
     let p_fs = commit_new(&mut c, "p", "", labels(&[])).await;
 
     let a = c.prepare("a", "").await.unwrap();
@@ -332,21 +308,15 @@ async fn mounts_of_each_kind() {
 
     assert_code(c.mounts("p").await, Code::FailedPrecondition, "p");
     assert_code(c.mounts("nope").await, Code::NotFound, "nope");
-}
+});
 
 // ---------------------------------------------------------------------------------------------
 // Commit
 // ---------------------------------------------------------------------------------------------
 
-/// containerd's order: the key must exist (NotFound), then the name must be new
-/// (AlreadyExists), then the key must be active (FailedPrecondition).
-#[tokio::test]
-async fn commit_errors() {
-    if !require_root() {
-        return;
-    }
-    let d = TestDaemon::start().await;
-    let mut c = d.client().await;
+// containerd's order: the key must exist (NotFound), then the name must be new
+// (AlreadyExists), then the key must be active (FailedPrecondition).
+daemon_test!(commit_errors, |_d, mut c| {
     commit_new(&mut c, "committed", "", labels(&[])).await;
     c.prepare("active", "").await.unwrap();
     c.view("view", "").await.unwrap();
@@ -380,15 +350,9 @@ async fn commit_errors() {
         before,
         "failed commits change nothing"
     );
-}
+});
 
-#[tokio::test]
-async fn commit_moves_the_snapshot_to_its_name() {
-    if !require_root() {
-        return;
-    }
-    let d = TestDaemon::start().await;
-    let mut c = d.client().await;
+daemon_test!(commit_moves_the_snapshot_to_its_name, |_d, mut c| {
     let p_fs = commit_new(&mut c, "p", "", labels(&[])).await;
     let m = c
         .prepare_with("a", "p", labels(&[("x", "1"), ("y", "2")]))
@@ -439,19 +403,13 @@ async fn commit_moves_the_snapshot_to_its_name() {
     c.remove("N").await.unwrap();
     c.remove("p").await.unwrap();
     assert_eq!(c.list(&[]).await.unwrap(), names(&[]));
-}
+});
 
 // ---------------------------------------------------------------------------------------------
 // Remove and Cleanup
 // ---------------------------------------------------------------------------------------------
 
-#[tokio::test]
-async fn remove_refuses_parents_and_unknown_keys() {
-    if !require_root() {
-        return;
-    }
-    let d = TestDaemon::start().await;
-    let mut c = d.client().await;
+daemon_test!(remove_refuses_parents_and_unknown_keys, |_d, mut c| {
     commit_new(&mut c, "p", "", labels(&[])).await;
     commit_new(&mut c, "q", "p", labels(&[])).await;
     c.prepare("a", "q").await.unwrap();
@@ -469,16 +427,9 @@ async fn remove_refuses_parents_and_unknown_keys() {
     assert_code(c.remove("p").await, Code::NotFound, "p");
     assert_code(c.stat("p").await, Code::NotFound, "p");
     assert_eq!(c.list(&[]).await.unwrap(), names(&[]));
-}
+});
 
-#[tokio::test]
-async fn remove_frees_the_key_and_the_name_at_once() {
-    if !require_root() {
-        return;
-    }
-    let d = TestDaemon::start().await;
-    let mut c = d.client().await;
-
+daemon_test!(remove_frees_the_key_and_the_name_at_once, |_d, mut c| {
     let first = own_fs(&c.prepare("a", "").await.unwrap());
     c.remove("a").await.unwrap();
     let second = own_fs(&c.prepare("a", "").await.unwrap());
@@ -501,82 +452,71 @@ async fn remove_frees_the_key_and_the_name_at_once() {
     c.remove("N").await.unwrap();
     c.prepare("N", "").await.unwrap();
     assert_eq!(c.stat("N").await.unwrap().kind, ACTIVE);
-}
+});
 
-#[tokio::test]
-async fn remove_deletes_the_directory_in_the_background() {
-    if !require_root() {
-        return;
+daemon_test!(
+    remove_deletes_the_directory_in_the_background,
+    |d, mut c| {
+        let a = id_of(&own_fs(&c.prepare("a", "").await.unwrap()));
+        let b = id_of(&own_fs(&c.prepare("b", "").await.unwrap()));
+        let mut both = vec![a.clone(), b.clone()];
+        both.sort();
+        assert_eq!(d.snapshot_dirs(), both);
+
+        // Remove answers once the record is gone; the directory follows without a Cleanup.
+        c.remove("a").await.unwrap();
+        assert_code(c.stat("a").await, Code::NotFound, "a");
+        let dirs = d
+            .snapshot_dirs_when(std::time::Duration::from_secs(20), |dirs| {
+                dirs == [b.clone()]
+            })
+            .await;
+        assert_eq!(
+            dirs,
+            vec![b.clone()],
+            "the directory of a removed snapshot is still there"
+        );
+        assert!(d.root.join("snapshots").join(&b).join("fs").is_dir());
+        assert_eq!(c.stat("b").await.unwrap().kind, ACTIVE);
+
+        // A Cleanup right after a Remove returns only once the directory is gone, however big.
+        let big = own_fs(&c.prepare("big", "").await.unwrap());
+        for i in 0..3000 {
+            std::fs::write(big.join(format!("f{i}")), b"data").unwrap();
+        }
+        c.remove("big").await.unwrap();
+        c.cleanup().await.unwrap();
+        assert_eq!(d.snapshot_dirs(), vec![b.clone()]);
+        assert!(!big.exists());
+
+        // Nothing left to do: a second Cleanup keeps what is owned.
+        c.cleanup().await.unwrap();
+        assert_eq!(d.snapshot_dirs(), vec![b]);
     }
-    let d = TestDaemon::start().await;
-    let mut c = d.client().await;
-    let a = id_of(&own_fs(&c.prepare("a", "").await.unwrap()));
-    let b = id_of(&own_fs(&c.prepare("b", "").await.unwrap()));
-    let mut both = vec![a.clone(), b.clone()];
-    both.sort();
-    assert_eq!(d.snapshot_dirs(), both);
+);
 
-    // Remove answers once the record is gone; the directory follows without a Cleanup.
-    c.remove("a").await.unwrap();
-    assert_code(c.stat("a").await, Code::NotFound, "a");
-    let dirs = d
-        .snapshot_dirs_when(std::time::Duration::from_secs(20), |dirs| {
-            dirs == [b.clone()]
-        })
-        .await;
-    assert_eq!(
-        dirs,
-        vec![b.clone()],
-        "the directory of a removed snapshot is still there"
-    );
-    assert!(d.root.join("snapshots").join(&b).join("fs").is_dir());
-    assert_eq!(c.stat("b").await.unwrap().kind, ACTIVE);
+daemon_test!(
+    sync_remove_deletes_the_directory_before_answering,
+    config = "sync_remove = true\n",
+    |d, mut c| {
+        let p = id_of(&commit_new(&mut c, "p", "", labels(&[])).await);
+        let a = id_of(&own_fs(&c.prepare("a", "p").await.unwrap()));
+        let mut both = vec![p.clone(), a];
+        both.sort();
+        assert_eq!(d.snapshot_dirs(), both);
 
-    // A Cleanup right after a Remove returns only once the directory is gone, however big.
-    let big = own_fs(&c.prepare("big", "").await.unwrap());
-    for i in 0..3000 {
-        std::fs::write(big.join(format!("f{i}")), b"data").unwrap();
+        c.remove("a").await.unwrap();
+        assert_eq!(d.snapshot_dirs(), vec![p]);
+        c.remove("p").await.unwrap();
+        assert_eq!(d.snapshot_dirs(), Vec::<String>::new());
     }
-    c.remove("big").await.unwrap();
-    c.cleanup().await.unwrap();
-    assert_eq!(d.snapshot_dirs(), vec![b.clone()]);
-    assert!(!big.exists());
-
-    // Nothing left to do: a second Cleanup keeps what is owned.
-    c.cleanup().await.unwrap();
-    assert_eq!(d.snapshot_dirs(), vec![b]);
-}
-
-#[tokio::test]
-async fn sync_remove_deletes_the_directory_before_answering() {
-    if !require_root() {
-        return;
-    }
-    let d = TestDaemon::start_with_config("sync_remove = true\n").await;
-    let mut c = d.client().await;
-    let p = id_of(&commit_new(&mut c, "p", "", labels(&[])).await);
-    let a = id_of(&own_fs(&c.prepare("a", "p").await.unwrap()));
-    let mut both = vec![p.clone(), a];
-    both.sort();
-    assert_eq!(d.snapshot_dirs(), both);
-
-    c.remove("a").await.unwrap();
-    assert_eq!(d.snapshot_dirs(), vec![p]);
-    c.remove("p").await.unwrap();
-    assert_eq!(d.snapshot_dirs(), Vec::<String>::new());
-}
+);
 
 // ---------------------------------------------------------------------------------------------
 // Stat
 // ---------------------------------------------------------------------------------------------
 
-#[tokio::test]
-async fn stat_reports_every_field() {
-    if !require_root() {
-        return;
-    }
-    let d = TestDaemon::start().await;
-    let mut c = d.client().await;
+daemon_test!(stat_reports_every_field, |_d, mut c| {
     commit_new(&mut c, "p", "", labels(&[("l", "p")])).await;
     c.prepare_with("a", "p", labels(&[("l", "a")]))
         .await
@@ -595,19 +535,13 @@ async fn stat_reports_every_field() {
         assert!(i.created_at.is_some() && i.created_at == i.updated_at);
     }
     assert_code(c.stat("nope").await, Code::NotFound, "nope");
-}
+});
 
 // ---------------------------------------------------------------------------------------------
 // Update
 // ---------------------------------------------------------------------------------------------
 
-#[tokio::test]
-async fn update_changes_labels_as_the_field_paths_say() {
-    if !require_root() {
-        return;
-    }
-    let d = TestDaemon::start().await;
-    let mut c = d.client().await;
+daemon_test!(update_changes_labels_as_the_field_paths_say, |_d, mut c| {
     c.prepare_with("a", "", labels(&[("a", "1"), ("b", "2")]))
         .await
         .unwrap();
@@ -678,98 +612,88 @@ async fn update_changes_labels_as_the_field_paths_say() {
         );
         last = stat;
     }
-}
+});
 
-#[tokio::test]
-async fn update_refuses_other_fields_and_changes_nothing() {
-    if !require_root() {
-        return;
-    }
-    let d = TestDaemon::start().await;
-    let mut c = d.client().await;
-    commit_new(&mut c, "p", "", labels(&[])).await;
-    c.prepare_with("a", "p", labels(&[("keep", "1")]))
-        .await
-        .unwrap();
-    let before = c.stat("a").await.unwrap();
-
-    let mut changed = info("a", labels(&[("new", "1")]));
-    changed.parent = "other".into();
-    changed.kind = COMMITTED;
-    for paths in [
-        vec!["parent"],
-        vec!["name"],
-        vec!["kind"],
-        vec!["created_at"],
-        vec!["labelsx"],
-        vec!["labels", "parent"],
-        vec!["labels.new", "kind"],
-    ] {
-        assert_code(
-            c.update(changed.clone(), &paths).await,
-            Code::InvalidArgument,
-            "",
-        );
-        assert_eq!(
-            c.stat("a").await.unwrap(),
-            before,
-            "{paths:?} changed nothing, not even Updated"
-        );
-    }
-
-    // Only labels are mutable: parent and kind in the info are ignored.
-    let got = c.update(changed, &[]).await.unwrap();
-    assert_eq!(got.labels, labels(&[("new", "1")]));
-    assert_eq!((got.parent.as_str(), got.kind), ("p", ACTIVE));
-    assert_eq!(c.stat("a").await.unwrap(), got);
-
-    // No info at all.
-    let res = c
-        .inner
-        .update(UpdateSnapshotRequest {
-            snapshotter: "lamina".into(),
-            info: None,
-            update_mask: None,
-        })
-        .await;
-    assert_code(res, Code::InvalidArgument, "");
-
-    assert_code(
-        c.update(info("nope", labels(&[])), &[]).await,
-        Code::NotFound,
-        "nope",
-    );
-    assert_code(
-        c.update(info("nope", labels(&[("l", "1")])), &["labels.l"])
-            .await,
-        Code::NotFound,
-        "nope",
-    );
-
-    // Committed snapshots and views take label updates too.
-    c.view("v", "p").await.unwrap();
-    for key in ["p", "v"] {
-        let got = c
-            .update(info(key, labels(&[("u", key)])), &["labels"])
+daemon_test!(
+    update_refuses_other_fields_and_changes_nothing,
+    |_d, mut c| {
+        commit_new(&mut c, "p", "", labels(&[])).await;
+        c.prepare_with("a", "p", labels(&[("keep", "1")]))
             .await
             .unwrap();
-        assert_eq!(got.labels, labels(&[("u", key)]));
-        assert_eq!(c.stat(key).await.unwrap().labels, labels(&[("u", key)]));
+        let before = c.stat("a").await.unwrap();
+
+        let mut changed = info("a", labels(&[("new", "1")]));
+        changed.parent = "other".into();
+        changed.kind = COMMITTED;
+        for paths in [
+            vec!["parent"],
+            vec!["name"],
+            vec!["kind"],
+            vec!["created_at"],
+            vec!["labelsx"],
+            vec!["labels", "parent"],
+            vec!["labels.new", "kind"],
+        ] {
+            assert_code(
+                c.update(changed.clone(), &paths).await,
+                Code::InvalidArgument,
+                "",
+            );
+            assert_eq!(
+                c.stat("a").await.unwrap(),
+                before,
+                "{paths:?} changed nothing, not even Updated"
+            );
+        }
+
+        // Only labels are mutable: parent and kind in the info are ignored.
+        let got = c.update(changed, &[]).await.unwrap();
+        assert_eq!(got.labels, labels(&[("new", "1")]));
+        assert_eq!((got.parent.as_str(), got.kind), ("p", ACTIVE));
+        assert_eq!(c.stat("a").await.unwrap(), got);
+
+        // No info at all.
+        let res = c
+            .inner
+            .update(UpdateSnapshotRequest {
+                snapshotter: "lamina".into(),
+                info: None,
+                update_mask: None,
+            })
+            .await;
+        assert_code(res, Code::InvalidArgument, "");
+
+        assert_code(
+            c.update(info("nope", labels(&[])), &[]).await,
+            Code::NotFound,
+            "nope",
+        );
+        assert_code(
+            c.update(info("nope", labels(&[("l", "1")])), &["labels.l"])
+                .await,
+            Code::NotFound,
+            "nope",
+        );
+
+        // Committed snapshots and views take label updates too.
+        c.view("v", "p").await.unwrap();
+        for key in ["p", "v"] {
+            let got = c
+                .update(info(key, labels(&[("u", key)])), &["labels"])
+                .await
+                .unwrap();
+            assert_eq!(got.labels, labels(&[("u", key)]));
+            assert_eq!(c.stat(key).await.unwrap().labels, labels(&[("u", key)]));
+        }
     }
-}
+);
 
 // ---------------------------------------------------------------------------------------------
 // Usage
 // ---------------------------------------------------------------------------------------------
 
-#[tokio::test]
-async fn usage_by_kind() {
-    if !require_root() {
-        return;
-    }
-    let d = TestDaemon::start().await;
-    let mut c = d.client().await;
-
+daemon_test!(usage_by_kind, |d, mut c| {
     // A committed layer with a 64 KiB file: its usage is measured at commit.
     let base = c.prepare("base", "").await.unwrap();
     let p_fs = own_fs(&base);
@@ -834,20 +758,14 @@ async fn usage_by_kind() {
     assert_eq!((u.size, u.inodes), p_expected);
 
     assert_code(c.usage("nope").await, Code::NotFound, "nope");
-}
+});
 
 // ---------------------------------------------------------------------------------------------
 // List (Walk) and filters
 // ---------------------------------------------------------------------------------------------
 
-/// The snapshot set and the ten filter cases of containerd's testsuite `checkWalk`.
-#[tokio::test]
-async fn list_filters_of_the_conformance_walk() {
-    if !require_root() {
-        return;
-    }
-    let d = TestDaemon::start().await;
-    let mut c = d.client().await;
+// The snapshot set and the ten filter cases of containerd's testsuite `checkWalk`.
+daemon_test!(list_filters_of_the_conformance_walk, |_d, mut c| {
     let gc = || labels(&[(GC_ROOT, "check-walk")]);
     let gc_l = |l: &str| {
         let mut m = gc();
@@ -904,15 +822,9 @@ async fn list_filters_of_the_conformance_walk() {
         c.list(&[]).await.unwrap(),
         names(&["a-np", "p", "a", "v", "p-wl", "a-wl", "v-wl", "a-np-wl"])
     );
-}
+});
 
-#[tokio::test]
-async fn list_filter_syntax() {
-    if !require_root() {
-        return;
-    }
-    let d = TestDaemon::start().await;
-    let mut c = d.client().await;
+daemon_test!(list_filter_syntax, |_d, mut c| {
     c.prepare_with(
         "n1",
         "",
@@ -1002,15 +914,9 @@ async fn list_filter_syntax() {
     ] {
         assert_code(c.list(bad).await, Code::InvalidArgument, "filter");
     }
-}
+});
 
-#[tokio::test]
-async fn list_streams_batches_of_at_most_100() {
-    if !require_root() {
-        return;
-    }
-    let d = TestDaemon::start().await;
-    let c = d.client().await;
+daemon_test!(list_streams_batches_of_at_most_100, |_d, c| {
     // Enough for ten full batches, and for a filter that matches only the last snapshot to
     // pass over a thousand that it does not.
     let n = 1050;
@@ -1057,222 +963,209 @@ async fn list_streams_batches_of_at_most_100() {
     assert_eq!((infos[0].name.as_str(), batches), ("v1049", 1));
     let (infos, _) = c.list_batches(&["name==none"]).await.unwrap();
     assert!(infos.is_empty());
-}
+});
 
-/// Clients Stat inside their Walk callback: nothing may be held while a List stream is open.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn stat_and_prepare_while_a_list_stream_is_open() {
-    if !require_root() {
-        return;
-    }
-    let d = TestDaemon::start().await;
-    let mut c = d.client().await;
-    for i in 0..150 {
-        c.view(&format!("v{i:03}"), "").await.unwrap();
-    }
-    let req = ListSnapshotsRequest {
-        snapshotter: "lamina".into(),
-        filters: vec![],
-    };
-    let mut stream = c.inner.list(req).await.unwrap().into_inner();
-    let first = stream.message().await.unwrap().expect("a first batch");
-    assert!(!first.info.is_empty());
-
-    let mut other = c.clone();
-    let mut fresh = d.client().await;
-    let stats = tokio::time::timeout(Duration::from_secs(10), async {
-        for i in &first.info {
-            let s = other.stat(&i.name).await.unwrap();
-            assert_eq!(&s, i);
+// Clients Stat inside their Walk callback: nothing may be held while a List stream is open.
+daemon_test!(
+    stat_and_prepare_while_a_list_stream_is_open,
+    threads = 4,
+    |d, mut c| {
+        for i in 0..150 {
+            c.view(&format!("v{i:03}"), "").await.unwrap();
         }
-        fresh.prepare("during", "").await.unwrap();
-        fresh.stat("during").await.unwrap()
-    })
-    .await
-    .expect("Stat and Prepare must not wait for the open List stream");
-    assert_eq!(stats.kind, ACTIVE);
+        let req = ListSnapshotsRequest {
+            snapshotter: "lamina".into(),
+            filters: vec![],
+        };
+        let mut stream = c.inner.list(req).await.unwrap().into_inner();
+        let first = stream.message().await.unwrap().expect("a first batch");
+        assert!(!first.info.is_empty());
 
-    let mut total = first.info.len();
-    while let Some(msg) = stream.message().await.unwrap() {
-        total += msg.info.len();
+        let mut other = c.clone();
+        let mut fresh = d.client().await;
+        let stats = tokio::time::timeout(Duration::from_secs(10), async {
+            for i in &first.info {
+                let s = other.stat(&i.name).await.unwrap();
+                assert_eq!(&s, i);
+            }
+            fresh.prepare("during", "").await.unwrap();
+            fresh.stat("during").await.unwrap()
+        })
+        .await
+        .expect("Stat and Prepare must not wait for the open List stream");
+        assert_eq!(stats.kind, ACTIVE);
+
+        let mut total = first.info.len();
+        while let Some(msg) = stream.message().await.unwrap() {
+            total += msg.info.len();
+        }
+        assert_eq!(
+            total, 150,
+            "the stream lists the snapshots as they were when it began"
+        );
     }
-    assert_eq!(
-        total, 150,
-        "the stream lists the snapshots as they were when it began"
-    );
-}
+);
 
 // ---------------------------------------------------------------------------------------------
 // The upperdir label
 // ---------------------------------------------------------------------------------------------
 
-#[tokio::test]
-async fn upperdir_label_reports_each_snapshots_own_fs() {
-    if !require_root() {
-        return;
-    }
-    let d = TestDaemon::start_with_config("upperdir_label = true\n").await;
-    let mut c = d.client().await;
-    let p_fs = commit_new(&mut c, "p", "", labels(&[("l", "1")])).await;
-    let a_fs = own_fs(&c.prepare("a", "p").await.unwrap());
-    c.view("v", "p").await.unwrap();
+daemon_test!(
+    upperdir_label_reports_each_snapshots_own_fs,
+    config = "upperdir_label = true\n",
+    |d, mut c| {
+        let p_fs = commit_new(&mut c, "p", "", labels(&[("l", "1")])).await;
+        let a_fs = own_fs(&c.prepare("a", "p").await.unwrap());
+        c.view("v", "p").await.unwrap();
 
-    let snapshots = d.root.join("snapshots");
-    let expect = |fs: &Path| {
-        assert_eq!(fs.parent().unwrap().parent().unwrap(), snapshots);
-        fs.display().to_string()
-    };
-    let p = c.stat("p").await.unwrap();
-    assert_eq!(p.labels.get(UPPERDIR), Some(&expect(&p_fs)));
-    assert_eq!(p.labels.get("l").map(String::as_str), Some("1"));
-    assert_eq!(p.labels.len(), 2);
-    let a = c.stat("a").await.unwrap();
-    assert_eq!(a.labels.get(UPPERDIR), Some(&expect(&a_fs)));
-    let v = c.stat("v").await.unwrap();
-    let v_fs = PathBuf::from(v.labels.get(UPPERDIR).expect("label on a view"));
-    assert_eq!(v_fs.file_name().unwrap(), "fs");
-    assert_eq!(v_fs.parent().unwrap().parent().unwrap(), snapshots);
-    assert_ne!(v_fs, p_fs, "a view reports its own fs, not its parent's");
-    let mut dirs = vec![id_of(&p_fs), id_of(&a_fs), id_of(&v_fs)];
-    dirs.sort();
-    assert_eq!(d.snapshot_dirs(), dirs);
-    for info in [&p, &a, &v] {
-        assert!(Path::new(&info.labels[UPPERDIR]).is_dir(), "{info:?}");
-    }
+        let snapshots = d.root.join("snapshots");
+        let expect = |fs: &Path| {
+            assert_eq!(fs.parent().unwrap().parent().unwrap(), snapshots);
+            fs.display().to_string()
+        };
+        let p = c.stat("p").await.unwrap();
+        assert_eq!(p.labels.get(UPPERDIR), Some(&expect(&p_fs)));
+        assert_eq!(p.labels.get("l").map(String::as_str), Some("1"));
+        assert_eq!(p.labels.len(), 2);
+        let a = c.stat("a").await.unwrap();
+        assert_eq!(a.labels.get(UPPERDIR), Some(&expect(&a_fs)));
+        let v = c.stat("v").await.unwrap();
+        let v_fs = PathBuf::from(v.labels.get(UPPERDIR).expect("label on a view"));
+        assert_eq!(v_fs.file_name().unwrap(), "fs");
+        assert_eq!(v_fs.parent().unwrap().parent().unwrap(), snapshots);
+        assert_ne!(v_fs, p_fs, "a view reports its own fs, not its parent's");
+        let mut dirs = vec![id_of(&p_fs), id_of(&a_fs), id_of(&v_fs)];
+        dirs.sort();
+        assert_eq!(d.snapshot_dirs(), dirs);
+        for info in [&p, &a, &v] {
+            assert!(Path::new(&info.labels[UPPERDIR]).is_dir(), "{info:?}");
+        }
 
-    let (listed, _) = c.list_batches(&[]).await.unwrap();
-    assert_eq!(listed.len(), 3);
-    for info in listed {
-        assert_eq!(
-            info,
-            c.stat(&info.name).await.unwrap(),
-            "List reports what Stat does"
-        );
-    }
+        let (listed, _) = c.list_batches(&[]).await.unwrap();
+        assert_eq!(listed.len(), 3);
+        for info in listed {
+            assert_eq!(
+                info,
+                c.stat(&info.name).await.unwrap(),
+                "List reports what Stat does"
+            );
+        }
 
-    // Computed, not stored: replacing all labels keeps it; it is no filter field of the store.
-    let got = c.update(info("p", labels(&[])), &[]).await.unwrap();
-    assert_eq!(got.labels, labels(&[(UPPERDIR, &expect(&p_fs))]));
-}
+        // Computed, not stored: replacing all labels keeps it; it is no filter field of the store.
+        let got = c.update(info("p", labels(&[])), &[]).await.unwrap();
+        assert_eq!(got.labels, labels(&[(UPPERDIR, &expect(&p_fs))]));
+    }
+);
 
 // ---------------------------------------------------------------------------------------------
 // Concurrency
 // ---------------------------------------------------------------------------------------------
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn concurrent_prepares_of_one_key_make_one_snapshot() {
-    if !require_root() {
-        return;
-    }
-    let d = TestDaemon::start().await;
-    let mut clients = Vec::new();
-    for _ in 0..16 {
-        clients.push(d.client().await);
-    }
-    let barrier = Arc::new(tokio::sync::Barrier::new(16));
-    let mut tasks = tokio::task::JoinSet::new();
-    for mut c in clients {
-        let barrier = Arc::clone(&barrier);
-        tasks.spawn(async move {
-            barrier.wait().await;
-            c.prepare("same", "").await
-        });
-    }
-    let (mut ok, mut exists) = (0, 0);
-    while let Some(r) = tasks.join_next().await {
-        match r.unwrap() {
-            Ok(_) => ok += 1,
-            Err(s) if s.code() == Code::AlreadyExists => exists += 1,
-            Err(s) => panic!("unexpected {s:?}"),
+daemon_test!(
+    concurrent_prepares_of_one_key_make_one_snapshot,
+    threads = 4,
+    |d| {
+        let mut clients = Vec::new();
+        for _ in 0..16 {
+            clients.push(d.client().await);
         }
-    }
-    assert_eq!((ok, exists), (1, 15));
-    let mut c = d.client().await;
-    assert_eq!(c.list(&[]).await.unwrap(), names(&["same"]));
-    assert_eq!(d.snapshot_dirs().len(), 1, "the losers left no directory");
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn prepare_of_a_child_races_remove_of_its_parent() {
-    if !require_root() {
-        return;
-    }
-    let d = TestDaemon::start().await;
-    let mut c = d.client().await;
-    let mut other = d.client().await;
-    let rounds = 40;
-    let mut expected = BTreeSet::new();
-    let (mut child_won, mut remove_won) = (0, 0);
-    for i in 0..rounds {
-        let parent = format!("P{i}");
-        let child = format!("c{i}");
-        commit_new(&mut c, &parent, "", labels(&[])).await;
-
-        let barrier = Arc::new(tokio::sync::Barrier::new(2));
-        let (b1, b2) = (Arc::clone(&barrier), barrier);
-        let (mut c1, mut c2) = (c.clone(), other.clone());
-        let (p1, p2, ch) = (parent.clone(), parent.clone(), child.clone());
-        let prep = tokio::spawn(async move {
-            b1.wait().await;
-            c1.prepare(&ch, &p1).await
-        });
-        let rm = tokio::spawn(async move {
-            b2.wait().await;
-            c2.remove(&p2).await
-        });
-        let (prep, rm) = (prep.await.unwrap(), rm.await.unwrap());
-        match (&prep, &rm) {
-            (Ok(_), Err(s)) if s.code() == Code::FailedPrecondition => {
-                child_won += 1;
-                let info = c.stat(&child).await.unwrap();
-                assert_eq!((info.parent.as_str(), info.kind), (parent.as_str(), ACTIVE));
-                assert_eq!(c.stat(&parent).await.unwrap().kind, COMMITTED);
-                expected.insert(parent.clone());
-                expected.insert(child.clone());
-            }
-            (Err(s), Ok(())) if s.code() == Code::NotFound => {
-                remove_won += 1;
-                assert_code(c.stat(&parent).await, Code::NotFound, &parent);
-                assert_code(c.stat(&child).await, Code::NotFound, &child);
-            }
-            _ => panic!("round {i}: prepare {prep:?}, remove {rm:?}"),
+        let barrier = Arc::new(tokio::sync::Barrier::new(16));
+        let mut tasks = tokio::task::JoinSet::new();
+        for mut c in clients {
+            let barrier = Arc::clone(&barrier);
+            tasks.spawn(async move {
+                barrier.wait().await;
+                c.prepare("same", "").await
+            });
         }
+        let (mut ok, mut exists) = (0, 0);
+        while let Some(r) = tasks.join_next().await {
+            match r.unwrap() {
+                Ok(_) => ok += 1,
+                Err(s) if s.code() == Code::AlreadyExists => exists += 1,
+                Err(s) => panic!("unexpected {s:?}"),
+            }
+        }
+        assert_eq!((ok, exists), (1, 15));
+        let mut c = d.client().await;
+        assert_eq!(c.list(&[]).await.unwrap(), names(&["same"]));
+        assert_eq!(d.snapshot_dirs().len(), 1, "the losers left no directory");
     }
-    eprintln!("child created first {child_won} times, parent removed first {remove_won} times");
+);
 
-    // The store is consistent: what is listed is what the rounds decided, every child's parent
-    // is there and refuses removal, and Cleanup leaves exactly one directory per snapshot.
-    let (infos, _) = c.list_batches(&[]).await.unwrap();
-    let listed: BTreeSet<String> = infos.iter().map(|i| i.name.clone()).collect();
-    assert_eq!(listed, expected);
-    c.cleanup().await.unwrap();
-    assert_eq!(d.snapshot_dirs().len(), expected.len());
-    for info in infos.iter().filter(|i| i.kind == ACTIVE) {
-        assert!(listed.contains(&info.parent));
-        assert_code(
-            other.remove(&info.parent).await,
-            Code::FailedPrecondition,
-            "",
-        );
-        c.remove(&info.name).await.unwrap();
-        c.remove(&info.parent).await.unwrap();
+daemon_test!(
+    prepare_of_a_child_races_remove_of_its_parent,
+    threads = 4,
+    |d, mut c| {
+        let mut other = d.client().await;
+        let rounds = 40;
+        let mut expected = BTreeSet::new();
+        let (mut child_won, mut remove_won) = (0, 0);
+        for i in 0..rounds {
+            let parent = format!("P{i}");
+            let child = format!("c{i}");
+            commit_new(&mut c, &parent, "", labels(&[])).await;
+
+            let barrier = Arc::new(tokio::sync::Barrier::new(2));
+            let (b1, b2) = (Arc::clone(&barrier), barrier);
+            let (mut c1, mut c2) = (c.clone(), other.clone());
+            let (p1, p2, ch) = (parent.clone(), parent.clone(), child.clone());
+            let prep = tokio::spawn(async move {
+                b1.wait().await;
+                c1.prepare(&ch, &p1).await
+            });
+            let rm = tokio::spawn(async move {
+                b2.wait().await;
+                c2.remove(&p2).await
+            });
+            let (prep, rm) = (prep.await.unwrap(), rm.await.unwrap());
+            match (&prep, &rm) {
+                (Ok(_), Err(s)) if s.code() == Code::FailedPrecondition => {
+                    child_won += 1;
+                    let info = c.stat(&child).await.unwrap();
+                    assert_eq!((info.parent.as_str(), info.kind), (parent.as_str(), ACTIVE));
+                    assert_eq!(c.stat(&parent).await.unwrap().kind, COMMITTED);
+                    expected.insert(parent.clone());
+                    expected.insert(child.clone());
+                }
+                (Err(s), Ok(())) if s.code() == Code::NotFound => {
+                    remove_won += 1;
+                    assert_code(c.stat(&parent).await, Code::NotFound, &parent);
+                    assert_code(c.stat(&child).await, Code::NotFound, &child);
+                }
+                _ => panic!("round {i}: prepare {prep:?}, remove {rm:?}"),
+            }
+        }
+        eprintln!("child created first {child_won} times, parent removed first {remove_won} times");
+
+        // The store is consistent: what is listed is what the rounds decided, every child's parent
+        // is there and refuses removal, and Cleanup leaves exactly one directory per snapshot.
+        let (infos, _) = c.list_batches(&[]).await.unwrap();
+        let listed: BTreeSet<String> = infos.iter().map(|i| i.name.clone()).collect();
+        assert_eq!(listed, expected);
+        c.cleanup().await.unwrap();
+        assert_eq!(d.snapshot_dirs().len(), expected.len());
+        for info in infos.iter().filter(|i| i.kind == ACTIVE) {
+            assert!(listed.contains(&info.parent));
+            assert_code(
+                other.remove(&info.parent).await,
+                Code::FailedPrecondition,
+                "",
+            );
+            c.remove(&info.name).await.unwrap();
+            c.remove(&info.parent).await.unwrap();
+        }
+        assert_eq!(c.list(&[]).await.unwrap(), names(&[]));
+        c.cleanup().await.unwrap();
+        assert_eq!(d.snapshot_dirs(), Vec::<String>::new());
     }
-    assert_eq!(c.list(&[]).await.unwrap(), names(&[]));
-    c.cleanup().await.unwrap();
-    assert_eq!(d.snapshot_dirs(), Vec::<String>::new());
-}
+);
 
 // ---------------------------------------------------------------------------------------------
 // Label limits
 // ---------------------------------------------------------------------------------------------
 
-#[tokio::test]
-async fn oversized_labels_are_refused() {
-    if !require_root() {
-        return;
-    }
-    let d = TestDaemon::start().await;
-    let mut c = d.client().await;
+daemon_test!(oversized_labels_are_refused, |d, mut c| {
     let key = "containerd.io/snapshot/big";
     let fits = "v".repeat(4096 - key.len());
     let over = "v".repeat(4097 - key.len());
@@ -1327,59 +1220,47 @@ async fn oversized_labels_are_refused() {
         "",
     );
     assert_eq!(c.stat("ok").await.unwrap(), before);
-}
+});
 
 // ---------------------------------------------------------------------------------------------
 // The daemon's life
 // ---------------------------------------------------------------------------------------------
 
-#[tokio::test]
-async fn socket_is_a_0660_socket_and_root_is_0700() {
-    if !require_root() {
-        return;
-    }
-    let d = TestDaemon::start().await;
+daemon_test!(socket_is_a_0660_socket_and_root_is_0700, |d| {
     let meta = std::fs::symlink_metadata(&d.socket).unwrap();
     assert!(meta.file_type().is_socket());
     assert_eq!(mode(&d.socket), 0o660);
     assert_eq!(mode(&d.root), 0o700);
-}
+});
 
-#[tokio::test]
-async fn a_second_daemon_on_the_same_socket_refuses_to_start() {
-    if !require_root() {
-        return;
+daemon_test!(
+    a_second_daemon_on_the_same_socket_refuses_to_start,
+    |d, mut c| {
+        c.prepare("a", "").await.unwrap();
+        let other_root = d.scratch("other-root");
+
+        let out = run_to_exit(lamina(&[
+            "serve".as_ref(),
+            "--root".as_ref(),
+            other_root.as_os_str(),
+            "--address".as_ref(),
+            d.socket.as_os_str(),
+        ]));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "second lamina exited {}", out.status);
+        assert!(stderr.contains("already serving"), "stderr: {stderr}");
+
+        // The first one still owns and serves the socket.
+        assert!(std::fs::symlink_metadata(&d.socket)
+            .unwrap()
+            .file_type()
+            .is_socket());
+        let mut fresh = d.client().await;
+        assert_eq!(fresh.stat("a").await.unwrap().kind, ACTIVE);
     }
-    let d = TestDaemon::start().await;
-    let mut c = d.client().await;
-    c.prepare("a", "").await.unwrap();
-    let other_root = d.scratch("other-root");
+);
 
-    let out = run_to_exit(lamina(&[
-        "serve".as_ref(),
-        "--root".as_ref(),
-        other_root.as_os_str(),
-        "--address".as_ref(),
-        d.socket.as_os_str(),
-    ]));
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "second lamina exited {}", out.status);
-    assert!(stderr.contains("already serving"), "stderr: {stderr}");
-
-    // The first one still owns and serves the socket.
-    assert!(std::fs::symlink_metadata(&d.socket)
-        .unwrap()
-        .file_type()
-        .is_socket());
-    let mut fresh = d.client().await;
-    assert_eq!(fresh.stat("a").await.unwrap().kind, ACTIVE);
-}
-
-#[tokio::test]
-async fn an_address_that_is_not_a_socket_is_left_alone() {
-    if !require_root() {
-        return;
-    }
+root_test!(an_address_that_is_not_a_socket_is_left_alone, || {
     let dir = tempfile::tempdir().unwrap();
     let address = dir.path().join("lamina.sock");
     std::fs::write(&address, b"precious").unwrap();
@@ -1392,15 +1273,9 @@ async fn an_address_that_is_not_a_socket_is_left_alone() {
     ]));
     assert!(!out.status.success());
     assert_eq!(std::fs::read(&address).unwrap(), b"precious");
-}
+});
 
-#[tokio::test]
-async fn a_stale_socket_is_replaced() {
-    if !require_root() {
-        return;
-    }
-    let mut d = TestDaemon::start().await;
-    let mut c = d.client().await;
+daemon_test!(a_stale_socket_is_replaced, |mut d, mut c| {
     c.prepare("a", "").await.unwrap();
     assert!(d.stop().success());
     drop(c);
@@ -1416,15 +1291,9 @@ async fn a_stale_socket_is_replaced() {
     let mut c = d.client().await;
     assert_eq!(c.stat("a").await.unwrap().kind, ACTIVE);
     assert_eq!(mode(&d.socket), 0o660);
-}
+});
 
-#[tokio::test]
-async fn sigterm_exits_zero_and_removes_the_socket() {
-    if !require_root() {
-        return;
-    }
-    let mut d = TestDaemon::start().await;
-    let mut c = d.client().await;
+daemon_test!(sigterm_exits_zero_and_removes_the_socket, |mut d, mut c| {
     c.prepare("a", "").await.unwrap();
     let status = d.stop();
     assert_eq!(status.code(), Some(0), "{status}");
@@ -1432,15 +1301,9 @@ async fn sigterm_exits_zero_and_removes_the_socket() {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         other => panic!("the socket is still there: {other:?}"),
     }
-}
+});
 
-#[tokio::test]
-async fn data_persists_across_restart() {
-    if !require_root() {
-        return;
-    }
-    let mut d = TestDaemon::start().await;
-    let mut c = d.client().await;
+daemon_test!(data_persists_across_restart, |mut d, mut c| {
     let p_fs = commit_new(&mut c, "P", "", labels(&[("l", "p")])).await;
     std::fs::write(p_fs.join("f"), b"x").unwrap();
     c.prepare_with("a", "P", labels(&[("l", "a")]))
@@ -1473,13 +1336,9 @@ async fn data_persists_across_restart() {
     assert_code(c.remove("P").await, Code::FailedPrecondition, "P");
     let new = id_of(&own_fs(&c.prepare("b", "").await.unwrap()));
     assert!(!dirs.contains(&new), "IDs are not handed out again");
-}
+});
 
-#[tokio::test]
-async fn an_unknown_config_key_is_refused_by_name() {
-    if !require_root() {
-        return;
-    }
+root_test!(an_unknown_config_key_is_refused_by_name, || {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("config.toml");
     std::fs::write(&config, "sync_remove = true\nbogus_option = 1\n").unwrap();
@@ -1497,221 +1356,221 @@ async fn an_unknown_config_key_is_refused_by_name() {
     assert!(!out.status.success(), "exited {}", out.status);
     assert!(stderr.contains("bogus_option"), "stderr: {stderr}");
     assert!(!address.exists(), "no socket was bound");
-}
+});
 
-#[tokio::test]
-async fn socket_group_owns_the_socket() {
-    if !require_root() {
-        return;
+daemon_test!(
+    socket_group_owns_the_socket,
+    config = "socket_group = \"4321\"\n",
+    |d| {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let meta = std::fs::metadata(&d.socket).unwrap();
+        assert_eq!(meta.gid(), 4321);
+        assert_eq!(meta.uid(), 0);
+        assert_eq!(meta.permissions().mode() & 0o777, 0o660);
     }
-    use std::os::unix::fs::{MetadataExt, PermissionsExt};
-    let d = TestDaemon::start_with_config("socket_group = \"4321\"\n").await;
-    let meta = std::fs::metadata(&d.socket).unwrap();
-    assert_eq!(meta.gid(), 4321);
-    assert_eq!(meta.uid(), 0);
-    assert_eq!(meta.permissions().mode() & 0o777, 0o660);
-}
+);
 
-/// Started with umask 000, lamina's socket is never at its address with a mode wider than
-/// 0660, not even for a moment: an inotify watch on its directory sees the name appear, its
-/// mode is read at once, and it must never be changed afterwards (a chmod or chown after the
-/// name appeared means it had another mode before). Half the rounds start over a stale
-/// socket, which must be replaced the same way. The log names the address clients use.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_socket_never_has_a_wider_mode_than_0660() {
-    use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
-    use std::os::unix::process::CommandExt;
-    if !require_root() {
-        return;
-    }
-    for round in 0..10 {
-        let dir = tempfile::tempdir().unwrap();
-        let run = dir.path().join("run");
-        std::fs::create_dir(&run).unwrap();
-        let socket = run.join("lamina.sock");
-        if round % 2 == 1 {
-            // Stale: nobody listens on it any more.
-            drop(std::os::unix::net::UnixListener::bind(&socket).unwrap());
-        }
-        let inotify = Inotify::init(InitFlags::IN_CLOEXEC | InitFlags::IN_NONBLOCK).unwrap();
-        inotify
-            .add_watch(
-                &run,
-                AddWatchFlags::IN_CREATE | AddWatchFlags::IN_MOVED_TO | AddWatchFlags::IN_ATTRIB,
-            )
-            .unwrap();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_lamina"));
-        cmd.arg("serve")
-            .arg("--root")
-            .arg(dir.path().join("root"))
-            .arg("--address")
-            .arg(&socket)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stderr(Stdio::piped());
-        // SAFETY: umask(2) is async-signal-safe and allocates nothing.
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::umask(0);
-                Ok(())
-            });
-        }
-        let mut child = cmd.spawn().unwrap();
-
-        // (what happened to the name, its mode in octal read right then)
-        let mut seen: Vec<(String, Option<String>)> = Vec::new();
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        let mut answered = false;
-        while !answered {
-            assert!(std::time::Instant::now() < deadline, "lamina did not serve");
-            assert!(child.try_wait().unwrap().is_none(), "lamina exited");
-            // Once it answers, every event of its start-up is queued already.
-            answered = std::os::unix::net::UnixStream::connect(&socket).is_ok();
-            loop {
-                let events = match inotify.read_events() {
-                    Ok(events) => events,
-                    Err(nix::errno::Errno::EAGAIN) => break,
-                    Err(e) => panic!("inotify: {e}"),
-                };
-                for e in events {
-                    if e.name.as_deref() != Some(std::ffi::OsStr::new("lamina.sock")) {
-                        continue;
-                    }
-                    let mode = std::fs::symlink_metadata(&socket)
-                        .ok()
-                        .map(|m| format!("{:o}", m.permissions().mode() & 0o7777));
-                    seen.push((format!("{:?}", e.mask), mode));
-                }
+// Started with umask 000, lamina's socket is never at its address with a mode wider than
+// 0660, not even for a moment: an inotify watch on its directory sees the name appear, its
+// mode is read at once, and it must never be changed afterwards (a chmod or chown after the
+// name appeared means it had another mode before). Half the rounds start over a stale
+// socket, which must be replaced the same way. The log names the address clients use.
+root_test!(
+    the_socket_never_has_a_wider_mode_than_0660,
+    threads = 2,
+    || {
+        use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+        use std::os::unix::process::CommandExt;
+        for round in 0..10 {
+            let dir = tempfile::tempdir().unwrap();
+            let run = dir.path().join("run");
+            std::fs::create_dir(&run).unwrap();
+            let socket = run.join("lamina.sock");
+            if round % 2 == 1 {
+                // Stale: nobody listens on it any more.
+                drop(std::os::unix::net::UnixListener::bind(&socket).unwrap());
             }
-            if !answered {
-                tokio::time::sleep(Duration::from_millis(2)).await;
-            }
-        }
-        let appeared = seen
-            .iter()
-            .position(|(what, _)| what.contains("IN_CREATE") || what.contains("IN_MOVED_TO"))
-            .unwrap_or_else(|| panic!("round {round}: the socket never appeared: {seen:?}"));
-        for (what, mode) in &seen[appeared..] {
-            assert!(
-                !what.contains("IN_ATTRIB"),
-                "round {round}: the socket's mode or owner changed after it appeared at its \
-                 address, so it had another mode there before: {seen:?}"
-            );
-            assert_eq!(mode.as_deref(), Some("660"), "round {round}: {seen:?}");
-        }
-        assert_eq!(mode(&socket), 0o660);
-
-        // Serving (a SIGTERM during start-up would exit before the line below is logged).
-        let mut c = Client::connect(&socket).await;
-        assert_eq!(c.list(&[]).await.unwrap(), Vec::<String>::new());
-        drop(c);
-        let names: Vec<_> = std::fs::read_dir(&run)
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
-        assert_eq!(
-            names,
-            ["lamina.sock"],
-            "once serving, nothing else is left beside it"
-        );
-        signal(child.id(), nix::sys::signal::Signal::SIGTERM);
-        let out = child.wait_with_output().unwrap();
-        assert!(out.status.success(), "{out:?}");
-        let logs = String::from_utf8_lossy(&out.stderr);
-        let serving = logs
-            .lines()
-            .find(|l| l.contains(" serving "))
-            .unwrap_or_else(|| panic!("no serving line: {logs}"));
-        assert!(
-            serving.contains(&format!("address={}", socket.display())),
-            "{serving}"
-        );
-    }
-}
-
-/// A client that gives up on a Prepare (here: a grpc-timeout shorter than the call, which makes
-/// the server drop the request) may drop it anywhere, even between the record and its
-/// directories. Every snapshot that exists afterwards must have its directories.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn prepares_given_up_midway_still_get_their_directories() {
-    use containerd_snapshots::api::snapshots::v1::PrepareSnapshotRequest;
-    if !require_root() {
-        return;
-    }
-    let d = TestDaemon::start().await;
-    let mut tasks = Vec::new();
-    for w in 0..16u64 {
-        let mut c = d.client().await;
-        let socket = d.socket.clone();
-        tasks.push(tokio::spawn(async move {
-            let (mut answered, mut gave_up) = (0, 0);
-            for i in 0..25u64 {
-                let mut req = tonic::Request::new(PrepareSnapshotRequest {
-                    snapshotter: "lamina".into(),
-                    key: format!("k-{w}-{i}"),
-                    parent: String::new(),
-                    labels: HashMap::new(),
+            let inotify = Inotify::init(InitFlags::IN_CLOEXEC | InitFlags::IN_NONBLOCK).unwrap();
+            inotify
+                .add_watch(
+                    &run,
+                    AddWatchFlags::IN_CREATE
+                        | AddWatchFlags::IN_MOVED_TO
+                        | AddWatchFlags::IN_ATTRIB,
+                )
+                .unwrap();
+            let mut cmd = Command::new(env!("CARGO_BIN_EXE_lamina"));
+            cmd.arg("serve")
+                .arg("--root")
+                .arg(dir.path().join("root"))
+                .arg("--address")
+                .arg(&socket)
+                .env("RUST_LOG", "info")
+                .stdin(Stdio::null())
+                .stderr(Stdio::piped());
+            // SAFETY: umask(2) is async-signal-safe and allocates nothing.
+            unsafe {
+                cmd.pre_exec(|| {
+                    libc::umask(0);
+                    Ok(())
                 });
-                // From 20 µs to 5 ms: some expire before the record, some after it, some
-                // not at all.
-                req.set_timeout(Duration::from_micros(20 + (w * 25 + i) * 137 % 5000));
-                match c.inner.prepare(req).await {
-                    Ok(_) => answered += 1,
-                    Err(s) if matches!(s.code(), Code::Cancelled | Code::DeadlineExceeded) => {
-                        gave_up += 1
+            }
+            let mut child = cmd.spawn().unwrap();
+
+            // (what happened to the name, its mode in octal read right then)
+            let mut seen: Vec<(String, Option<String>)> = Vec::new();
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            let mut answered = false;
+            while !answered {
+                assert!(std::time::Instant::now() < deadline, "lamina did not serve");
+                assert!(child.try_wait().unwrap().is_none(), "lamina exited");
+                // Once it answers, every event of its start-up is queued already.
+                answered = std::os::unix::net::UnixStream::connect(&socket).is_ok();
+                loop {
+                    let events = match inotify.read_events() {
+                        Ok(events) => events,
+                        Err(nix::errno::Errno::EAGAIN) => break,
+                        Err(e) => panic!("inotify: {e}"),
+                    };
+                    for e in events {
+                        if e.name.as_deref() != Some(std::ffi::OsStr::new("lamina.sock")) {
+                            continue;
+                        }
+                        let mode = std::fs::symlink_metadata(&socket)
+                            .ok()
+                            .map(|m| format!("{:o}", m.permissions().mode() & 0o7777));
+                        seen.push((format!("{:?}", e.mask), mode));
                     }
-                    // The server's HTTP/2 library closes a connection whose client resets more
-                    // than 20 streams it has not accepted yet (its guard against "rapid reset"
-                    // floods), which a loaded machine makes likely here. The requests cut off
-                    // were given up too; the worker goes on over a new connection.
-                    Err(s) if s.code() == Code::Unknown && s.message() == "transport error" => {
-                        gave_up += 1;
-                        c = Client::connect(&socket).await;
-                    }
-                    Err(s) => panic!("unexpected answer: {s:?}"),
+                }
+                if !answered {
+                    tokio::time::sleep(Duration::from_millis(2)).await;
                 }
             }
-            (answered, gave_up)
-        }));
-    }
-    let (mut answered, mut gave_up) = (0, 0);
-    for t in tasks {
-        let (a, g) = t.await.unwrap();
-        answered += a;
-        gave_up += g;
-    }
-    assert!(gave_up > 0, "no request was given up ({answered} answered)");
-    eprintln!("{answered} Prepares answered, {gave_up} given up");
-
-    // A given-up Prepare finishes in the background; give it a moment, no more.
-    let mut c = d.client().await;
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    loop {
-        let mut missing = Vec::new();
-        let keys = c.list(&[]).await.unwrap();
-        for key in &keys {
-            let mounts = c.mounts(key).await.unwrap();
-            let fs = bind_source_of(&mounts);
-            let work = fs.parent().unwrap().join("work");
-            if !fs.is_dir() || !work.is_dir() {
-                missing.push(key.clone());
+            let appeared = seen
+                .iter()
+                .position(|(what, _)| what.contains("IN_CREATE") || what.contains("IN_MOVED_TO"))
+                .unwrap_or_else(|| panic!("round {round}: the socket never appeared: {seen:?}"));
+            for (what, mode) in &seen[appeared..] {
+                assert!(
+                    !what.contains("IN_ATTRIB"),
+                    "round {round}: the socket's mode or owner changed after it appeared at its \
+                 address, so it had another mode there before: {seen:?}"
+                );
+                assert_eq!(mode.as_deref(), Some("660"), "round {round}: {seen:?}");
             }
-        }
-        if missing.is_empty() {
-            assert!(
-                keys.len() >= answered,
-                "{} snapshots listed, {answered} Prepares answered",
-                keys.len()
+            assert_eq!(mode(&socket), 0o660);
+
+            // Serving (a SIGTERM during start-up would exit before the line below is logged).
+            let mut c = Client::connect(&socket).await;
+            assert_eq!(c.list(&[]).await.unwrap(), Vec::<String>::new());
+            drop(c);
+            let names: Vec<_> = std::fs::read_dir(&run)
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .collect();
+            assert_eq!(
+                names,
+                ["lamina.sock"],
+                "once serving, nothing else is left beside it"
             );
-            break;
+            signal(child.id(), nix::sys::signal::Signal::SIGTERM);
+            let out = child.wait_with_output().unwrap();
+            assert!(out.status.success(), "{out:?}");
+            let logs = String::from_utf8_lossy(&out.stderr);
+            let serving = logs
+                .lines()
+                .find(|l| l.contains(" serving "))
+                .unwrap_or_else(|| panic!("no serving line: {logs}"));
+            assert!(
+                serving.contains(&format!("address={}", socket.display())),
+                "{serving}"
+            );
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "snapshots without their directories ({gave_up} Prepares given up): {missing:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
-}
+);
+
+// A client that gives up on a Prepare (here: a grpc-timeout shorter than the call, which makes
+// the server drop the request) may drop it anywhere, even between the record and its
+// directories. Every snapshot that exists afterwards must have its directories.
+daemon_test!(
+    prepares_given_up_midway_still_get_their_directories,
+    threads = 4,
+    |d| {
+        use containerd_snapshots::api::snapshots::v1::PrepareSnapshotRequest;
+        let mut tasks = Vec::new();
+        for w in 0..16u64 {
+            let mut c = d.client().await;
+            let socket = d.socket.clone();
+            tasks.push(tokio::spawn(async move {
+                let (mut answered, mut gave_up) = (0, 0);
+                for i in 0..25u64 {
+                    let mut req = tonic::Request::new(PrepareSnapshotRequest {
+                        snapshotter: "lamina".into(),
+                        key: format!("k-{w}-{i}"),
+                        parent: String::new(),
+                        labels: HashMap::new(),
+                    });
+                    // From 20 µs to 5 ms: some expire before the record, some after it, some
+                    // not at all.
+                    req.set_timeout(Duration::from_micros(20 + (w * 25 + i) * 137 % 5000));
+                    match c.inner.prepare(req).await {
+                        Ok(_) => answered += 1,
+                        Err(s) if matches!(s.code(), Code::Cancelled | Code::DeadlineExceeded) => {
+                            gave_up += 1
+                        }
+                        // The server's HTTP/2 library closes a connection whose client resets more
+                        // than 20 streams it has not accepted yet (its guard against "rapid reset"
+                        // floods), which a loaded machine makes likely here. The requests cut off
+                        // were given up too; the worker goes on over a new connection.
+                        Err(s) if s.code() == Code::Unknown && s.message() == "transport error" => {
+                            gave_up += 1;
+                            c = Client::connect(&socket).await;
+                        }
+                        Err(s) => panic!("unexpected answer: {s:?}"),
+                    }
+                }
+                (answered, gave_up)
+            }));
+        }
+        let (mut answered, mut gave_up) = (0, 0);
+        for t in tasks {
+            let (a, g) = t.await.unwrap();
+            answered += a;
+            gave_up += g;
+        }
+        assert!(gave_up > 0, "no request was given up ({answered} answered)");
+        eprintln!("{answered} Prepares answered, {gave_up} given up");
+
+        // A given-up Prepare finishes in the background; give it a moment, no more.
+        let mut c = d.client().await;
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let mut missing = Vec::new();
+            let keys = c.list(&[]).await.unwrap();
+            for key in &keys {
+                let mounts = c.mounts(key).await.unwrap();
+                let fs = bind_source_of(&mounts);
+                let work = fs.parent().unwrap().join("work");
+                if !fs.is_dir() || !work.is_dir() {
+                    missing.push(key.clone());
+                }
+            }
+            if missing.is_empty() {
+                assert!(
+                    keys.len() >= answered,
+                    "{} snapshots listed, {answered} Prepares answered",
+                    keys.len()
+                );
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "snapshots without their directories ({gave_up} Prepares given up): {missing:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+);
 
 /// The `fs` directory a parentless active snapshot's bind mount names.
 fn bind_source_of(mounts: &[Mount]) -> PathBuf {

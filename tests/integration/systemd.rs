@@ -32,65 +32,61 @@ fn wait_for(sock: &UnixDatagram, want: &str, limit: Duration) -> Option<Instant>
     None
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn notifies_ready_only_once_serving_then_watchdog_and_stopping() {
-    if !require_root() {
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let notify_path = dir.path().join("notify");
-    let notify = UnixDatagram::bind(&notify_path).unwrap();
-    let socket = dir.path().join("lamina.sock");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_lamina"))
-        .args(["serve", "--root"])
-        .arg(dir.path().join("root"))
-        .arg("--address")
-        .arg(&socket)
-        .env("NOTIFY_SOCKET", &notify_path)
-        .env("WATCHDOG_USEC", "200000")
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .spawn()
+root_test!(
+    notifies_ready_only_once_serving_then_watchdog_and_stopping,
+    threads = 2,
+    || {
+        let dir = tempfile::tempdir().unwrap();
+        let notify_path = dir.path().join("notify");
+        let notify = UnixDatagram::bind(&notify_path).unwrap();
+        let socket = dir.path().join("lamina.sock");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_lamina"))
+            .args(["serve", "--root"])
+            .arg(dir.path().join("root"))
+            .arg("--address")
+            .arg(&socket)
+            .env("NOTIFY_SOCKET", &notify_path)
+            .env("WATCHDOG_USEC", "200000")
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap();
+
+        assert!(
+            wait_for(&notify, "READY=1", Duration::from_secs(20)).is_some(),
+            "no READY=1"
+        );
+        // READY=1 means requests are answered now, not merely that the process runs.
+        let mut c = Client::connect(&socket).await;
+        assert_eq!(c.list(&[]).await.unwrap(), Vec::<String>::new());
+
+        // WATCHDOG_USEC=200ms: pings come at half that; two in a second is well inside the limit.
+        let start = Instant::now();
+        assert!(
+            wait_for(&notify, "WATCHDOG=1", Duration::from_secs(1)).is_some(),
+            "no WATCHDOG=1"
+        );
+        assert!(
+            wait_for(&notify, "WATCHDOG=1", Duration::from_secs(1)).is_some(),
+            "no second WATCHDOG=1"
+        );
+        assert!(start.elapsed() < Duration::from_secs(2));
+
+        drop(c);
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
         .unwrap();
-
-    assert!(
-        wait_for(&notify, "READY=1", Duration::from_secs(20)).is_some(),
-        "no READY=1"
-    );
-    // READY=1 means requests are answered now, not merely that the process runs.
-    let mut c = Client::connect(&socket).await;
-    assert_eq!(c.list(&[]).await.unwrap(), Vec::<String>::new());
-
-    // WATCHDOG_USEC=200ms: pings come at half that; two in a second is well inside the limit.
-    let start = Instant::now();
-    assert!(
-        wait_for(&notify, "WATCHDOG=1", Duration::from_secs(1)).is_some(),
-        "no WATCHDOG=1"
-    );
-    assert!(
-        wait_for(&notify, "WATCHDOG=1", Duration::from_secs(1)).is_some(),
-        "no second WATCHDOG=1"
-    );
-    assert!(start.elapsed() < Duration::from_secs(2));
-
-    drop(c);
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
-    assert!(
-        wait_for(&notify, "STOPPING=1", Duration::from_secs(10)).is_some(),
-        "no STOPPING=1"
-    );
-    assert!(child.wait().unwrap().success());
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn serves_the_socket_systemd_passes() {
-    if !require_root() {
-        return;
+        assert!(
+            wait_for(&notify, "STOPPING=1", Duration::from_secs(10)).is_some(),
+            "no STOPPING=1"
+        );
+        assert!(child.wait().unwrap().success());
     }
+);
+
+root_test!(serves_the_socket_systemd_passes, threads = 2, || {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("activated.sock");
     let root = dir.path().join("root");
@@ -142,7 +138,7 @@ async fn serves_the_socket_systemd_passes() {
     assert!(logs.contains("socket_group is ignored"), "{logs}");
     let serving = logs.lines().find(|l| l.contains(" serving ")).unwrap();
     assert!(serving.contains("activated.sock"), "{serving}");
-}
+});
 
 /// A container booted by systemd-nspawn with this machine's systemd (its /usr shared
 /// read-only) and lamina's units; halted on drop.
@@ -220,286 +216,287 @@ impl Drop for Booted {
     }
 }
 
-/// The packaged units, run by systemd itself. systemd-nspawn boots this machine's systemd as
-/// PID 1 of a container (the host's /usr, read-only, everything else fresh) with
-/// lamina.socket and lamina.service exactly as in systemd/, the packaged config.toml and the
-/// binary under test as /usr/bin/lamina. So lamina runs in the sandbox the unit declares, set
-/// up by systemd: its capability bounding set, seccomp filter (SystemCallFilter=,
-/// SystemCallArchitectures=, RestrictNamespaces=, RestrictSUIDSGID=,
-/// MemoryDenyWriteExecute=, ...), no_new_privs and mount namespace (ProtectSystem=, ...).
-/// Through the socket systemd holds, a workload then makes lamina do what it does in
-/// production: the start-up overlay probe mount and the new-mount-API probe, Prepare, writes
-/// as containerd's applier makes them, Commit (usage walk), View, Stat, Usage, List, Remove,
-/// Cleanup (the parallel deleter), fsck and status through the admin API, and a restart with
-/// recovery. A syscall the filter denies fails with EPERM (SystemCallErrorNumber=), which
-/// fails start-up or a request, or shows in lamina's log.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_packaged_units_run_lamina_in_their_sandbox() {
-    if !require_root() {
-        return;
-    }
-    if Command::new("systemd-nspawn")
-        .arg("--version")
-        .output()
-        .is_err()
-    {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "systemd-nspawn (Debian's systemd-container, which .ci/setup installs) is missing"
-        );
-        eprintln!("skipped: needs systemd-nspawn (Debian's systemd-container)");
-        return;
-    }
-    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    let dir = tempfile::tempdir().unwrap();
-    let path = |p: &str| dir.path().join(p);
-    for d in ["units", "etc", "bin", "state", "run"] {
-        std::fs::create_dir(path(d)).unwrap();
-    }
-    for unit in ["lamina.service", "lamina.socket"] {
-        std::fs::copy(repo.join("systemd").join(unit), path("units").join(unit)).unwrap();
-    }
-    // Boot only into what `systemctl enable --now lamina.socket lamina.service` starts (and
-    // what lamina.service depends on), without asking for a first-boot configuration.
-    std::fs::write(
-        path("units/lamina-test.target"),
-        "[Unit]\nDescription=lamina under test\nWants=lamina.socket lamina.service\n",
-    )
-    .unwrap();
-    std::os::unix::fs::symlink("/dev/null", path("units/systemd-firstboot.service")).unwrap();
-    std::fs::copy(repo.join("packaging/config.toml"), path("etc/config.toml")).unwrap();
-    std::fs::copy(env!("CARGO_BIN_EXE_lamina"), path("bin/lamina")).unwrap();
-    let console = path("console.log");
-    let arg = |flag: &str, from: &str, to: &str| format!("{flag}={}:{to}", path(from).display());
-    let nspawn = Command::new("systemd-nspawn")
-        .args([
-            "--quiet",
-            // No machined, no host systemd to make a scope: PID 1 here is not systemd.
-            "--register=no",
-            "--keep-unit",
-            "--machine",
-            &format!("lamina-test-{}", std::process::id()),
-            "--directory=/",
-            "--volatile=yes",
-            // nspawn's default set leaves CAP_SYS_MODULE out: give it, so that it is the unit
-            // that must keep it from lamina.
-            "--capability=CAP_SYS_MODULE",
-            "--console=pipe",
-            &format!("--overlay-ro=/usr/bin:{}:/usr/bin", path("bin").display()),
-            &arg("--bind-ro", "units", "/etc/systemd/system"),
-            &arg("--bind-ro", "etc", "/etc/lamina"),
-            &arg("--bind", "state", "/var/lib/lamina"),
-            &arg("--bind", "run", "/run/lamina"),
-            "--boot",
-            "--",
-            "systemd.unit=lamina-test.target",
-        ])
-        .stdin(Stdio::null())
-        .stdout(std::fs::File::create(&console).unwrap())
-        .stderr(Stdio::from(
-            std::fs::OpenOptions::new()
-                .append(true)
-                .open(&console)
-                .unwrap(),
-        ))
-        .spawn()
-        .unwrap();
-    let nspawn_pid = nspawn.id();
-    let mut booted = Booted {
-        nspawn,
-        leader: 0,
-        console: console.clone(),
-    };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    booted.leader = loop {
-        // nspawn's child that is PID 1 of its own PID namespace (NSpid: <here> 1); nspawn's
-        // other, short-lived children are not.
-        let leader = std::fs::read_dir("/proc").unwrap().find_map(|e| {
-            let pid: u32 = e.ok()?.file_name().to_str()?.parse().ok()?;
-            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-            let field = |name: &str| {
-                status
-                    .lines()
-                    .find_map(|l| l.strip_prefix(name))
-                    .map(|v| v.split_whitespace().collect::<Vec<_>>())
-            };
-            let ppid = field("PPid:")?;
-            let nspid = field("NSpid:")?;
-            (ppid == [nspawn_pid.to_string()] && nspid == [pid.to_string(), "1".to_string()])
-                .then_some(pid)
-        });
-        if let Some(leader) = leader {
-            break leader;
+// The packaged units, run by systemd itself. systemd-nspawn boots this machine's systemd as
+// PID 1 of a container (the host's /usr, read-only, everything else fresh) with
+// lamina.socket and lamina.service exactly as in systemd/, the packaged config.toml and the
+// binary under test as /usr/bin/lamina. So lamina runs in the sandbox the unit declares, set
+// up by systemd: its capability bounding set, seccomp filter (SystemCallFilter=,
+// SystemCallArchitectures=, RestrictNamespaces=, RestrictSUIDSGID=,
+// MemoryDenyWriteExecute=, ...), no_new_privs and mount namespace (ProtectSystem=, ...).
+// Through the socket systemd holds, a workload then makes lamina do what it does in
+// production: the start-up overlay probe mount and the new-mount-API probe, Prepare, writes
+// as containerd's applier makes them, Commit (usage walk), View, Stat, Usage, List, Remove,
+// Cleanup (the parallel deleter), fsck and status through the admin API, and a restart with
+// recovery. A syscall the filter denies fails with EPERM (SystemCallErrorNumber=), which
+// fails start-up or a request, or shows in lamina's log.
+root_test!(
+    the_packaged_units_run_lamina_in_their_sandbox,
+    threads = 2,
+    || {
+        if Command::new("systemd-nspawn")
+            .arg("--version")
+            .output()
+            .is_err()
+        {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "systemd-nspawn (Debian's systemd-container, which .ci/setup installs) is missing"
+            );
+            eprintln!("skipped: needs systemd-nspawn (Debian's systemd-container)");
+            return;
         }
-        if let Ok(Some(status)) = booted.nspawn.try_wait() {
-            panic!(
-                "systemd-nspawn exited with {status}: {}",
-                std::fs::read_to_string(&console).unwrap_or_default()
+        let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let dir = tempfile::tempdir().unwrap();
+        let path = |p: &str| dir.path().join(p);
+        for d in ["units", "etc", "bin", "state", "run"] {
+            std::fs::create_dir(path(d)).unwrap();
+        }
+        for unit in ["lamina.service", "lamina.socket"] {
+            std::fs::copy(repo.join("systemd").join(unit), path("units").join(unit)).unwrap();
+        }
+        // Boot only into what `systemctl enable --now lamina.socket lamina.service` starts (and
+        // what lamina.service depends on), without asking for a first-boot configuration.
+        std::fs::write(
+            path("units/lamina-test.target"),
+            "[Unit]\nDescription=lamina under test\nWants=lamina.socket lamina.service\n",
+        )
+        .unwrap();
+        std::os::unix::fs::symlink("/dev/null", path("units/systemd-firstboot.service")).unwrap();
+        std::fs::copy(repo.join("packaging/config.toml"), path("etc/config.toml")).unwrap();
+        std::fs::copy(env!("CARGO_BIN_EXE_lamina"), path("bin/lamina")).unwrap();
+        let console = path("console.log");
+        let arg =
+            |flag: &str, from: &str, to: &str| format!("{flag}={}:{to}", path(from).display());
+        let nspawn = Command::new("systemd-nspawn")
+            .args([
+                "--quiet",
+                // No machined, no host systemd to make a scope: PID 1 here is not systemd.
+                "--register=no",
+                "--keep-unit",
+                "--machine",
+                &format!("lamina-test-{}", std::process::id()),
+                "--directory=/",
+                "--volatile=yes",
+                // nspawn's default set leaves CAP_SYS_MODULE out: give it, so that it is the unit
+                // that must keep it from lamina.
+                "--capability=CAP_SYS_MODULE",
+                "--console=pipe",
+                &format!("--overlay-ro=/usr/bin:{}:/usr/bin", path("bin").display()),
+                &arg("--bind-ro", "units", "/etc/systemd/system"),
+                &arg("--bind-ro", "etc", "/etc/lamina"),
+                &arg("--bind", "state", "/var/lib/lamina"),
+                &arg("--bind", "run", "/run/lamina"),
+                "--boot",
+                "--",
+                "systemd.unit=lamina-test.target",
+            ])
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&console).unwrap())
+            .stderr(Stdio::from(
+                std::fs::OpenOptions::new()
+                    .append(true)
+                    .open(&console)
+                    .unwrap(),
+            ))
+            .spawn()
+            .unwrap();
+        let nspawn_pid = nspawn.id();
+        let mut booted = Booted {
+            nspawn,
+            leader: 0,
+            console: console.clone(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        booted.leader = loop {
+            // nspawn's child that is PID 1 of its own PID namespace (NSpid: <here> 1); nspawn's
+            // other, short-lived children are not.
+            let leader = std::fs::read_dir("/proc").unwrap().find_map(|e| {
+                let pid: u32 = e.ok()?.file_name().to_str()?.parse().ok()?;
+                let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+                let field = |name: &str| {
+                    status
+                        .lines()
+                        .find_map(|l| l.strip_prefix(name))
+                        .map(|v| v.split_whitespace().collect::<Vec<_>>())
+                };
+                let ppid = field("PPid:")?;
+                let nspid = field("NSpid:")?;
+                (ppid == [nspawn_pid.to_string()] && nspid == [pid.to_string(), "1".to_string()])
+                    .then_some(pid)
+            });
+            if let Some(leader) = leader {
+                break leader;
+            }
+            if let Ok(Some(status)) = booted.nspawn.try_wait() {
+                panic!(
+                    "systemd-nspawn exited with {status}: {}",
+                    std::fs::read_to_string(&console).unwrap_or_default()
+                );
+            }
+            assert!(Instant::now() < deadline, "no container PID 1 within 30 s");
+            std::thread::sleep(Duration::from_millis(50));
+        };
+
+        // Served through lamina.socket: the first request starts lamina if it is not up yet.
+        let socket = path("run/lamina.sock");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut c = loop {
+            if socket.exists() {
+                let attempt = tokio::time::timeout(Duration::from_secs(5), async {
+                    let mut c = Client::connect(&socket).await;
+                    c.list(&[]).await.map(|_| c)
+                })
+                .await;
+                if let Ok(Ok(c)) = attempt {
+                    break c;
+                }
+            }
+            if let Ok(Some(status)) = booted.nspawn.try_wait() {
+                panic!("the container stopped ({status}):\n{}", booted.logs());
+            }
+            let state = booted.run(&[
+                "systemctl",
+                "show",
+                "-p",
+                "NRestarts",
+                "--value",
+                "lamina.service",
+            ]);
+            let restarts = String::from_utf8_lossy(&state.stdout).trim().to_string();
+            assert!(
+                restarts.is_empty() || restarts == "0",
+                "lamina failed to start under its unit ({restarts} restarts):\n{}",
+                booted.logs()
+            );
+            assert!(
+                Instant::now() < deadline,
+                "lamina did not answer within 60 s:\n{}",
+                booted.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+
+        // The sandbox is the unit's: lamina's bounding set has CAP_SYS_ADMIN, CAP_CHOWN,
+        // CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH and CAP_FOWNER only (bits 21, 0, 1, 2, 3; not
+        // CAP_SYS_MODULE, 16), no_new_privs is set and a seccomp filter is in place.
+        let main_pid = booted.show("MainPID");
+        let status = booted.stdout(&["cat", &format!("/proc/{main_pid}/status")]);
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(str::trim)
+                .unwrap_or_else(|| panic!("no {name} in {status}"))
+                .to_string()
+        };
+        assert_eq!(field("CapBnd:"), "000000000020000f", "{status}");
+        assert_eq!(field("NoNewPrivs:"), "1", "{status}");
+        assert_eq!(field("Seccomp:"), "2", "{status}");
+        // Only modprobe runs with full privileges ("+").
+        let pre = booted.show("ExecStartPreEx");
+        assert!(pre.contains("flags=ignore-failure privileged"), "{pre}");
+
+        // The workload. Paths in mounts are the container's; the test writes through the host's.
+        let host = |p: &str| {
+            path("state").join(
+                p.strip_prefix("/var/lib/lamina/")
+                    .unwrap_or_else(|| panic!("{p} is not under the root")),
+            )
+        };
+        let upper = |m: &[containerd_snapshots::api::types::Mount]| -> std::path::PathBuf {
+            match m[0].r#type.as_str() {
+                "bind" => host(&m[0].source),
+                _ => host(
+                    m[0].options
+                        .iter()
+                        .find_map(|o| o.strip_prefix("upperdir="))
+                        .unwrap(),
+                ),
+            }
+        };
+        let fill = |dir: &std::path::Path, tag: &str| {
+            for d in 0..4 {
+                let sub = dir.join(format!("{tag}-{d}/nested"));
+                std::fs::create_dir_all(&sub).unwrap();
+                for f in 0..50 {
+                    std::fs::write(sub.join(f.to_string()), format!("{tag} {d} {f}")).unwrap();
+                }
+            }
+        };
+        let base = c.prepare("base", "").await.unwrap();
+        fill(&upper(&base), "base");
+        c.commit("B", "base").await.unwrap();
+        let app = c.prepare("app", "B").await.unwrap();
+        fill(&upper(&app), "app");
+        assert!(c.usage("app").await.unwrap().inodes > 200);
+        c.commit("A", "app").await.unwrap();
+        assert!(c.usage("A").await.unwrap().inodes > 200);
+        let view = c.view("v", "A").await.unwrap();
+        assert_eq!(view[0].r#type, "overlay");
+        assert_eq!(c.stat("A").await.unwrap().kind, COMMITTED);
+        let gone = c.prepare("gone", "A").await.unwrap();
+        fill(&upper(&gone), "gone");
+        c.remove("gone").await.unwrap();
+        c.remove("v").await.unwrap();
+        c.cleanup().await.unwrap();
+        assert_eq!(c.list(&[]).await.unwrap(), ["A", "B"]);
+        let dirs = std::fs::read_dir(path("state/snapshots")).unwrap().count();
+        assert_eq!(dirs, 2, "Cleanup left the directories of A and B only");
+
+        // The admin API: features probed at start-up inside the sandbox, and an online fsck.
+        let cli = |args: &[&str]| {
+            Command::new(env!("CARGO_BIN_EXE_lamina"))
+                .args(args)
+                .arg("--address")
+                .arg(&socket)
+                .output()
+                .unwrap()
+        };
+        let status = cli(&["status"]);
+        let text = String::from_utf8_lossy(&status.stdout);
+        assert!(status.status.success(), "{status:?}");
+        for feature in [
+            "overlayfs        yes",
+            "d_type           yes",
+            "lowerdir+        yes",
+        ] {
+            assert!(
+                text.contains(feature),
+                "{feature}: {text}\n{}",
+                booted.logs()
             );
         }
-        assert!(Instant::now() < deadline, "no container PID 1 within 30 s");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+        let fsck = cli(&["fsck"]);
+        assert!(fsck.status.success(), "{fsck:?}\n{}", booted.logs());
 
-    // Served through lamina.socket: the first request starts lamina if it is not up yet.
-    let socket = path("run/lamina.sock");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut c = loop {
-        if socket.exists() {
-            let attempt = tokio::time::timeout(Duration::from_secs(5), async {
-                let mut c = Client::connect(&socket).await;
-                c.list(&[]).await.map(|_| c)
-            })
-            .await;
-            if let Ok(Ok(c)) = attempt {
-                break c;
-            }
-        }
-        if let Ok(Some(status)) = booted.nspawn.try_wait() {
-            panic!("the container stopped ({status}):\n{}", booted.logs());
-        }
-        let state = booted.run(&[
-            "systemctl",
-            "show",
-            "-p",
-            "NRestarts",
-            "--value",
+        // A restart: the drain on SIGTERM, then start-up recovery, with the socket kept meanwhile.
+        drop(c);
+        booted.stdout(&["systemctl", "restart", "lamina.service"]);
+        let mut c = Client::connect(&socket).await;
+        assert_eq!(c.list(&[]).await.unwrap(), ["A", "B"]);
+        assert_ne!(booted.show("MainPID"), main_pid);
+        drop(c);
+
+        assert_eq!(booted.show("NRestarts"), "0", "{}", booted.logs());
+        assert_eq!(booted.show("ActiveState"), "active");
+        let logs = booted.logs();
+        assert!(!logs.contains(" ERROR "), "{logs}");
+        // And the units pass systemd's own check (their man: documentation is containerd's).
+        let verify = booted.run(&[
+            "systemd-analyze",
+            "verify",
+            "--man=no",
+            "/etc/systemd/system/lamina.service",
+            "/etc/systemd/system/lamina.socket",
+        ]);
+        assert!(verify.status.success(), "{verify:?}");
+        let analysis = booted.run(&[
+            "systemd-analyze",
+            "security",
+            "--no-pager",
             "lamina.service",
         ]);
-        let restarts = String::from_utf8_lossy(&state.stdout).trim().to_string();
-        assert!(
-            restarts.is_empty() || restarts == "0",
-            "lamina failed to start under its unit ({restarts} restarts):\n{}",
-            booted.logs()
-        );
-        assert!(
-            Instant::now() < deadline,
-            "lamina did not answer within 60 s:\n{}",
-            booted.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
-
-    // The sandbox is the unit's: lamina's bounding set has CAP_SYS_ADMIN, CAP_CHOWN,
-    // CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH and CAP_FOWNER only (bits 21, 0, 1, 2, 3; not
-    // CAP_SYS_MODULE, 16), no_new_privs is set and a seccomp filter is in place.
-    let main_pid = booted.show("MainPID");
-    let status = booted.stdout(&["cat", &format!("/proc/{main_pid}/status")]);
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .map(str::trim)
-            .unwrap_or_else(|| panic!("no {name} in {status}"))
-            .to_string()
-    };
-    assert_eq!(field("CapBnd:"), "000000000020000f", "{status}");
-    assert_eq!(field("NoNewPrivs:"), "1", "{status}");
-    assert_eq!(field("Seccomp:"), "2", "{status}");
-    // Only modprobe runs with full privileges ("+").
-    let pre = booted.show("ExecStartPreEx");
-    assert!(pre.contains("flags=ignore-failure privileged"), "{pre}");
-
-    // The workload. Paths in mounts are the container's; the test writes through the host's.
-    let host = |p: &str| {
-        path("state").join(
-            p.strip_prefix("/var/lib/lamina/")
-                .unwrap_or_else(|| panic!("{p} is not under the root")),
-        )
-    };
-    let upper = |m: &[containerd_snapshots::api::types::Mount]| -> std::path::PathBuf {
-        match m[0].r#type.as_str() {
-            "bind" => host(&m[0].source),
-            _ => host(
-                m[0].options
-                    .iter()
-                    .find_map(|o| o.strip_prefix("upperdir="))
-                    .unwrap(),
-            ),
-        }
-    };
-    let fill = |dir: &std::path::Path, tag: &str| {
-        for d in 0..4 {
-            let sub = dir.join(format!("{tag}-{d}/nested"));
-            std::fs::create_dir_all(&sub).unwrap();
-            for f in 0..50 {
-                std::fs::write(sub.join(f.to_string()), format!("{tag} {d} {f}")).unwrap();
-            }
-        }
-    };
-    let base = c.prepare("base", "").await.unwrap();
-    fill(&upper(&base), "base");
-    c.commit("B", "base").await.unwrap();
-    let app = c.prepare("app", "B").await.unwrap();
-    fill(&upper(&app), "app");
-    assert!(c.usage("app").await.unwrap().inodes > 200);
-    c.commit("A", "app").await.unwrap();
-    assert!(c.usage("A").await.unwrap().inodes > 200);
-    let view = c.view("v", "A").await.unwrap();
-    assert_eq!(view[0].r#type, "overlay");
-    assert_eq!(c.stat("A").await.unwrap().kind, COMMITTED);
-    let gone = c.prepare("gone", "A").await.unwrap();
-    fill(&upper(&gone), "gone");
-    c.remove("gone").await.unwrap();
-    c.remove("v").await.unwrap();
-    c.cleanup().await.unwrap();
-    assert_eq!(c.list(&[]).await.unwrap(), ["A", "B"]);
-    let dirs = std::fs::read_dir(path("state/snapshots")).unwrap().count();
-    assert_eq!(dirs, 2, "Cleanup left the directories of A and B only");
-
-    // The admin API: features probed at start-up inside the sandbox, and an online fsck.
-    let cli = |args: &[&str]| {
-        Command::new(env!("CARGO_BIN_EXE_lamina"))
-            .args(args)
-            .arg("--address")
-            .arg(&socket)
-            .output()
-            .unwrap()
-    };
-    let status = cli(&["status"]);
-    let text = String::from_utf8_lossy(&status.stdout);
-    assert!(status.status.success(), "{status:?}");
-    for feature in [
-        "overlayfs        yes",
-        "d_type           yes",
-        "lowerdir+        yes",
-    ] {
-        assert!(
-            text.contains(feature),
-            "{feature}: {text}\n{}",
-            booted.logs()
-        );
+        let analysis = String::from_utf8_lossy(&analysis.stdout);
+        eprintln!("{}", analysis.lines().last().unwrap_or_default());
     }
-    let fsck = cli(&["fsck"]);
-    assert!(fsck.status.success(), "{fsck:?}\n{}", booted.logs());
-
-    // A restart: the drain on SIGTERM, then start-up recovery, with the socket kept meanwhile.
-    drop(c);
-    booted.stdout(&["systemctl", "restart", "lamina.service"]);
-    let mut c = Client::connect(&socket).await;
-    assert_eq!(c.list(&[]).await.unwrap(), ["A", "B"]);
-    assert_ne!(booted.show("MainPID"), main_pid);
-    drop(c);
-
-    assert_eq!(booted.show("NRestarts"), "0", "{}", booted.logs());
-    assert_eq!(booted.show("ActiveState"), "active");
-    let logs = booted.logs();
-    assert!(!logs.contains(" ERROR "), "{logs}");
-    // And the units pass systemd's own check (their man: documentation is containerd's).
-    let verify = booted.run(&[
-        "systemd-analyze",
-        "verify",
-        "--man=no",
-        "/etc/systemd/system/lamina.service",
-        "/etc/systemd/system/lamina.socket",
-    ]);
-    assert!(verify.status.success(), "{verify:?}");
-    let analysis = booted.run(&[
-        "systemd-analyze",
-        "security",
-        "--no-pager",
-        "lamina.service",
-    ]);
-    let analysis = String::from_utf8_lossy(&analysis.stdout);
-    eprintln!("{}", analysis.lines().last().unwrap_or_default());
-}
+);
