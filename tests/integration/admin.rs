@@ -2,30 +2,18 @@
 
 use std::{
     io::{Read, Write},
-    process::{Command, Output},
+    os::unix::{fs::PermissionsExt, net::UnixStream},
+    path::{Path, PathBuf},
+    process::Stdio,
     time::Duration,
 };
 
+use nix::sys::signal::Signal;
 use tonic_health::pb::{
     health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest,
 };
 
 use crate::util::*;
-
-fn lamina(args: &[&str], d: &TestDaemon) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_lamina"))
-        .args(args)
-        .arg("--root")
-        .arg(&d.root)
-        .arg("--address")
-        .arg(&d.socket)
-        .output()
-        .unwrap()
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
 
 daemon_test!(
     status_reports_counts_features_and_config,
@@ -35,7 +23,7 @@ daemon_test!(
         c.commit("A", "a").await.unwrap();
         c.prepare("b", "A").await.unwrap();
         c.view("v", "A").await.unwrap();
-        let out = lamina(&["status"], &d);
+        let out = d.cli(&["status"]);
         assert!(out.status.success(), "{out:?}");
         let text = stdout(&out);
         assert!(
@@ -70,11 +58,9 @@ daemon_test!(
     config = "upperdir_label = true\n",
     |mut d, mut c| {
         c.prepare("act", "").await.unwrap();
-        let fs = std::path::PathBuf::from(
-            &c.stat("act").await.unwrap().labels["containerd.io/snapshot/overlay.upperdir"],
-        );
+        let fs = PathBuf::from(&c.stat("act").await.unwrap().labels[UPPERDIR]);
         let dir = fs.parent().unwrap().to_path_buf();
-        let clean = lamina(&["fsck"], &d);
+        let clean = d.cli(&["fsck"]);
         assert!(clean.status.success(), "{clean:?}");
         assert!(stdout(&clean).contains("clean"));
 
@@ -85,9 +71,8 @@ daemon_test!(
         std::fs::create_dir_all(orphan.join("fs")).unwrap();
         std::fs::create_dir(d.root.join("snapshots/not-ours")).unwrap();
         std::fs::remove_dir(dir.join("work")).unwrap();
-        std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o777))
-            .unwrap();
-        let found = lamina(&["fsck"], &d);
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let found = d.cli(&["fsck"]);
         assert!(
             !found.status.success(),
             "problems must give a non-zero exit"
@@ -98,7 +83,7 @@ daemon_test!(
         }
         assert!(orphan.exists(), "fsck without --repair changes nothing");
 
-        let repaired = lamina(&["fsck", "--repair"], &d);
+        let repaired = d.cli(&["fsck", "--repair"]);
         assert!(repaired.status.success(), "{repaired:?}");
         assert!(!orphan.exists());
         assert!(
@@ -114,21 +99,17 @@ daemon_test!(
         drop(c);
         d.stop_async().await;
         std::fs::create_dir_all(orphan.join("fs")).unwrap();
-        let offline = lamina(&["fsck", "--repair"], &d);
+        let offline = d.cli(&["fsck", "--repair"]);
         assert!(offline.status.success(), "{offline:?}");
         assert!(stdout(&offline).contains("orphan:"));
         assert!(!orphan.exists());
 
         // While a daemon runs, an offline fsck on its root is refused (one writer at a time).
         d.spawn().await;
-        let blocked = Command::new(env!("CARGO_BIN_EXE_lamina"))
-            .args(["fsck", "--address", "/nonexistent/lamina.sock", "--root"])
-            .arg(&d.root)
-            .output()
-            .unwrap();
+        let blocked = d.offline(&["fsck"]);
         assert!(!blocked.status.success());
         assert!(
-            String::from_utf8_lossy(&blocked.stderr).contains("in use by another process"),
+            stderr(&blocked).contains("in use by another process"),
             "{blocked:?}"
         );
     }
@@ -140,8 +121,7 @@ daemon_test!(
     offline_fsck_without_repair_changes_nothing,
     threads = 2,
     |mut d, mut c| {
-        use std::os::unix::fs::PermissionsExt;
-        let fs = std::path::PathBuf::from(&c.prepare("a", "").await.unwrap()[0].source);
+        let fs = own_fs(&c.prepare("a", "").await.unwrap());
         c.commit("A", "a").await.unwrap();
         c.prepare("b", "A").await.unwrap();
         drop(c);
@@ -153,7 +133,7 @@ daemon_test!(
         let before = std::fs::read(&db).unwrap();
         let modified = std::fs::metadata(&db).unwrap().modified().unwrap();
 
-        let out = lamina(&["fsck"], &d);
+        let out = d.cli(&["fsck"]);
         let text = stdout(&out);
         assert_eq!(out.status.code(), Some(1), "{out:?}");
         assert!(text.contains("wrong_mode:"), "{text}");
@@ -166,10 +146,8 @@ daemon_test!(
             std::fs::metadata(&db).unwrap().modified().unwrap(),
             modified
         );
-        let mode =
-            |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
-        assert_eq!(mode(&d.root), 0o755, "fsck changed the root's mode");
-        assert_eq!(mode(dir), 0o777, "fsck changed a snapshot's mode");
+        assert_eq!(mode_of(&d.root), 0o755, "fsck changed the root's mode");
+        assert_eq!(mode_of(dir), 0o777, "fsck changed a snapshot's mode");
     }
 );
 
@@ -188,8 +166,8 @@ daemon_test!(health_is_serving_after_start, threads = 2, |_d, c| {
 });
 
 /// GET /metrics over the unix socket lamina serves them on.
-fn scrape(path: &std::path::Path) -> String {
-    let mut s = std::os::unix::net::UnixStream::connect(path).unwrap();
+fn scrape(path: &Path) -> String {
+    let mut s = UnixStream::connect(path).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     s.write_all(b"GET /metrics HTTP/1.0\r\nHost: lamina\r\n\r\n")
         .unwrap();
@@ -217,12 +195,13 @@ root_test!(metrics_move_with_the_work_done, threads = 2, || {
         TestDaemon::start_with_config(&format!("metrics_address = \"unix:{}\"\n", sock.display()))
             .await;
     let mut c = d.client().await;
-    for _ in 0..50 {
-        if sock.exists() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_for(
+        Duration::from_secs(10),
+        Duration::from_millis(20),
+        async || sock.exists().then_some(()),
+    )
+    .await
+    .expect("lamina makes its metrics socket");
     let before = scrape(&sock);
     assert_eq!(metric(&before, "lamina_snapshots{kind=\"active\"}"), 0.0);
 
@@ -283,8 +262,7 @@ root_test!(metrics_move_with_the_work_done, threads = 2, || {
 
 root_test!(check_reports_without_a_daemon, threads = 2, || {
     let dir = tempfile::tempdir().unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_lamina"))
-        .args(["check", "--root"])
+    let out = lamina(["check", "--root"])
         .arg(dir.path().join("root"))
         .output()
         .unwrap();
@@ -293,24 +271,18 @@ root_test!(check_reports_without_a_daemon, threads = 2, || {
     assert!(text.starts_with("kernel "), "{text}");
     assert!(text.contains("  overlayfs        yes"), "{text}");
     assert!(text.contains("  d_type           yes"), "{text}");
-    let index = std::path::Path::new("/sys/module/overlay/parameters/index").exists();
+    let index = Path::new("/sys/module/overlay/parameters/index").exists();
     assert_eq!(text.contains("lamina adds index=off"), index, "{text}");
     // It only looks: a missing root is not created, nothing is left beside it, and an existing
     // directory keeps its mode and gets no snapshots directory.
     assert!(!dir.path().join("root").exists());
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
-    use std::os::unix::fs::PermissionsExt;
     let shared = dir.path().join("shared");
     std::fs::create_dir(&shared).unwrap();
     std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o1777)).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_lamina"))
-        .args(["check", "--root"])
-        .arg(&shared)
-        .output()
-        .unwrap();
+    let out = lamina(["check", "--root"]).arg(&shared).output().unwrap();
     assert!(out.status.success(), "{out:?}");
-    let mode = std::fs::metadata(&shared).unwrap().permissions().mode();
-    assert_eq!(mode & 0o7777, 0o1777);
+    assert_eq!(mode_of(&shared), 0o1777);
     assert_eq!(std::fs::read_dir(&shared).unwrap().count(), 0);
 });
 
@@ -340,22 +312,16 @@ daemon_test!(mount_command_mounts_deep_chains, threads = 2, |d, mut c| {
         "the chain must not fit in one page ({options_len} bytes)"
     );
     let target = d.scratch("inspect");
-    let out = lamina(&["mount", "top", target.to_str().unwrap()], &d);
+    let out = d.cli(&["mount", "top", target.to_str().unwrap()]);
     assert!(out.status.success(), "{out:?}");
-    let read = |f: &str| std::fs::read_to_string(target.join(f));
+    let inspected = Mounted::adopt(&target);
+    let read = |f: &str| std::fs::read_to_string(inspected.join(f));
     let first = read("f0");
     let last = read("f199");
-    let _ = nix::mount::umount2(&target, nix::mount::MntFlags::MNT_DETACH);
+    drop(inspected);
     assert_eq!(first.unwrap(), "0");
     assert_eq!(last.unwrap(), "199");
 });
-
-/// Whether something is mounted at `path` in this mount namespace.
-fn is_mount_point(path: &std::path::Path) -> bool {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    let path = path.to_str().unwrap();
-    info.lines().any(|l| l.split(' ').nth(4) == Some(path))
-}
 
 // `lamina mount` inspects an active snapshot read-only, with or without parents, even while
 // containerd has it mounted; `--rw` is refused while that mount is in place (two writable
@@ -375,20 +341,13 @@ daemon_test!(
         c.prepare("on-l", "L").await.unwrap();
         for key in ["alone", "on-l"] {
             let mounts = c.mounts(key).await.unwrap();
-            let upper = std::path::PathBuf::from(match mounts[0].r#type.as_str() {
-                "bind" => mounts[0].source.as_str(),
-                _ => mounts[0]
-                    .options
-                    .iter()
-                    .find_map(|o| o.strip_prefix("upperdir="))
-                    .unwrap(),
-            });
+            let upper = own_fs(&mounts);
             // As containerd would have it, for a running container.
             let containerd = Mounted::new(&mounts, &d.scratch(&format!("rootfs-{key}")));
             std::fs::write(containerd.join("in-use"), "container").unwrap();
 
             let ro = d.scratch(&format!("ro-{key}"));
-            let out = lamina(&["mount", key, ro.to_str().unwrap()], &d);
+            let out = d.cli(&["mount", key, ro.to_str().unwrap()]);
             assert!(out.status.success(), "{key}: {out:?}");
             let ro = Mounted::adopt(&ro);
             assert_eq!(
@@ -410,17 +369,17 @@ daemon_test!(
             drop(ro);
 
             let rw = d.scratch(&format!("rw-{key}"));
-            let out = lamina(&["mount", "--rw", key, rw.to_str().unwrap()], &d);
+            let out = d.cli(&["mount", "--rw", key, rw.to_str().unwrap()]);
             let stderr = String::from_utf8_lossy(&out.stderr);
             assert!(!out.status.success(), "{key}: --rw while in use: {out:?}");
             assert!(
                 stderr.contains(containerd.path().to_str().unwrap()) && stderr.contains("--rw"),
                 "{key}: the message names the mount in the way and the way out: {stderr}"
             );
-            assert!(!is_mount_point(&rw), "{key}: nothing was mounted");
+            assert!(mounts_under(&rw).is_empty(), "{key}: nothing was mounted");
 
             drop(containerd);
-            let out = lamina(&["mount", "--rw", key, rw.to_str().unwrap()], &d);
+            let out = d.cli(&["mount", "--rw", key, rw.to_str().unwrap()]);
             assert!(out.status.success(), "{key}: --rw once not in use: {out:?}");
             let rw = Mounted::adopt(&rw);
             std::fs::write(rw.join("written"), "by hand").unwrap();
@@ -433,14 +392,11 @@ daemon_test!(
 
         c.view("v", "L").await.unwrap();
         let target = d.scratch("rw-view");
-        let out = lamina(&["mount", "--rw", "v", target.to_str().unwrap()], &d);
+        let out = d.cli(&["mount", "--rw", "v", target.to_str().unwrap()]);
         assert!(!out.status.success());
-        assert!(
-            String::from_utf8_lossy(&out.stderr).contains("is a view"),
-            "{out:?}"
-        );
-        assert!(!is_mount_point(&target));
-        let out = lamina(&["mount", "v", target.to_str().unwrap()], &d);
+        assert!(stderr(&out).contains("is a view"), "{out:?}");
+        assert!(mounts_under(&target).is_empty());
+        let out = d.cli(&["mount", "v", target.to_str().unwrap()]);
         assert!(out.status.success(), "{out:?}");
         let view = Mounted::adopt(&target);
         assert_eq!(
@@ -461,39 +417,33 @@ root_test!(
     || {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("l.sock");
-        let child = Command::new(env!("CARGO_BIN_EXE_lamina"))
-            .args([
-                "serve",
-                "--log-format",
-                "json",
-                "--log-level",
-                "info",
-                "--root",
-            ])
-            .arg(dir.path().join("root"))
-            .arg("--address")
-            .arg(&socket)
-            .env_remove("RUST_LOG")
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        for _ in 0..500 {
-            if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let child = lamina([
+            "serve",
+            "--log-format",
+            "json",
+            "--log-level",
+            "info",
+            "--root",
+        ])
+        .arg(dir.path().join("root"))
+        .arg("--address")
+        .arg(&socket)
+        .env_remove("RUST_LOG")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+        wait_for(
+            Duration::from_secs(10),
+            Duration::from_millis(20),
+            async || UnixStream::connect(&socket).ok(),
+        )
+        .await;
         let mut c = Client::connect(&socket).await;
         c.prepare("json-key", "").await.unwrap();
         drop(c);
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(child.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        )
-        .unwrap();
-        let out = child.wait_with_output().unwrap();
+        let out = terminate(child);
         assert!(out.status.success());
-        let logs = String::from_utf8_lossy(&out.stderr);
+        let logs = stderr(&out);
         let mut created = None;
         for line in logs.lines() {
             let v: serde_json::Value =
@@ -524,11 +474,7 @@ daemon_test!(
             .into_inner();
         let first = watch.message().await.unwrap().unwrap();
         assert_eq!(first.status, ServingStatus::Serving as i32);
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(d.pid() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        )
-        .unwrap();
+        signal(d.pid(), Signal::SIGTERM);
         // tonic-health may repeat the current status before the change; wait for the change.
         let changed = tokio::time::timeout(Duration::from_secs(5), async {
             loop {
@@ -591,8 +537,6 @@ daemon_test!(
     orphans_go_after_start_up_and_a_second_signal_cuts_the_drain,
     threads = 2,
     |mut d| {
-        use nix::sys::signal::Signal;
-
         let id = spent_id(&d, &mut d.client().await).await;
         d.stop();
         let orphan = d.root.join(format!("snapshots/{id}"));
@@ -647,21 +591,16 @@ root_test!(
             format!("metrics_address = \"{}\"\n", taken.local_addr().unwrap()),
         )
         .unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_lamina"))
-            .arg("serve")
-            .arg("--root")
+        let mut serve = lamina(["serve", "--root"]);
+        serve
             .arg(dir.path().join("root"))
             .arg("--address")
             .arg(dir.path().join("lamina.sock"))
             .arg("--config")
-            .arg(&config)
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
+            .arg(&config);
         // Killed, and the test failed, if lamina keeps running without its metrics endpoint.
-        wait_timeout(&mut child, Duration::from_secs(20));
-        let out = child.wait_with_output().unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
+        let out = run_to_exit(serve);
+        let stderr = stderr(&out);
         assert!(!out.status.success());
         assert!(stderr.contains("metrics_address 127.0.0.1:"), "{stderr}");
         assert!(!dir.path().join("lamina.sock").exists());
@@ -674,8 +613,7 @@ daemon_test!(
     a_commit_under_way_at_sigterm_finishes,
     threads = 2,
     |mut d, mut c| {
-        use nix::sys::signal::Signal;
-        let fs = std::path::PathBuf::from(&c.prepare("big", "").await.unwrap()[0].source);
+        let fs = own_fs(&c.prepare("big", "").await.unwrap());
         // Enough files that the walk takes a while after the Commit is admitted.
         for dir in 0..50 {
             let dir = fs.join(dir.to_string());

@@ -5,9 +5,9 @@
 use std::{
     io::{Read, Write},
     os::unix::{net::UnixStream, process::CommandExt},
-    path::{Path, PathBuf},
+    path::Path,
     process::Stdio,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use containerd_snapshots::api::snapshots::v1::{
@@ -70,21 +70,25 @@ root_test!(
                     .unwrap_or_else(|e| panic!("connection {i} into lamina's backlog: {e}"))
             })
             .collect();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !log.text().contains("cannot accept") {
-            if let Some(status) = d.exited() {
-                panic!(
-                "lamina stopped serving when it ran out of descriptors ({status}); its log:\n{}",
-                log.text()
-            );
-            }
-            assert!(
-            Instant::now() < deadline,
+        let logged = wait_for(
+            Duration::from_secs(30),
+            Duration::from_millis(20),
+            async || {
+                if let Some(status) = d.exited() {
+                    panic!(
+                    "lamina stopped serving when it ran out of descriptors ({status}); log:\n{}",
+                    log.text()
+                );
+                }
+                log.text().contains("cannot accept").then_some(())
+            },
+        )
+        .await;
+        assert!(
+            logged.is_some(),
             "lamina neither logged an accept error nor exited with 80 connections open; log:\n{}",
             log.text()
         );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
         // Long enough for several retries (the pause starts at a few milliseconds).
         tokio::time::sleep(Duration::from_secs(2)).await;
         assert!(d.exited().is_none(), "lamina exited; log:\n{}", log.text());
@@ -142,13 +146,7 @@ async fn fill(c: &Client) {
         tasks.spawn(async move {
             let l = labels(&[("containerd.io/snapshot/pad", &"p".repeat(1000))]);
             for i in (w..LISTED).step_by(16) {
-                let req = containerd_snapshots::api::snapshots::v1::ViewSnapshotRequest {
-                    snapshotter: "lamina".into(),
-                    key: format!("v{i:04}"),
-                    parent: String::new(),
-                    labels: l.clone(),
-                };
-                c.inner.view(req).await?;
+                c.view_with(&format!("v{i:04}"), "", l.clone()).await?;
             }
             Ok::<_, tonic::Status>(())
         });
@@ -161,16 +159,12 @@ async fn fill(c: &Client) {
 /// A connection whose flow-control windows are HTTP/2's initial 64 KiB, so that a reader that
 /// stops reading stops the stream soon (tonic's client otherwise takes megabytes ahead).
 async fn narrow_client(socket: &Path) -> SnapshotsClient<tonic::transport::Channel> {
-    let socket = socket.to_path_buf();
-    let channel = tonic::transport::Endpoint::try_from("http://lamina.invalid")
-        .unwrap()
-        .initial_stream_window_size(65_535)
-        .initial_connection_window_size(65_535)
-        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
-            tokio::net::UnixStream::connect(socket.clone())
-        }))
-        .await
-        .expect("connecting to lamina");
+    let channel = channel_with(socket, |e| {
+        e.initial_stream_window_size(65_535)
+            .initial_connection_window_size(65_535)
+    })
+    .await
+    .expect("connecting to lamina");
     SnapshotsClient::new(channel)
 }
 
@@ -214,17 +208,19 @@ root_test!(
         let mut c = d.client().await;
         fill(&c).await;
         // More than the 32 entries a Commit measures in place before handing the walk over.
-        let mounts = c.prepare("big", "").await.unwrap();
-        let fs = PathBuf::from(&mounts[0].source);
+        let fs = own_fs(&c.prepare("big", "").await.unwrap());
         for i in 0..100 {
             std::fs::write(fs.join(format!("f{i}")), b"x").unwrap();
         }
 
         let stalled = stalled_lists(&d.socket, 40).await;
         tokio::time::timeout(Duration::from_secs(60), c.commit("big-c", "big"))
-        .await
-        .expect("Commit (its usage walk off the request's thread) must answer while 40 Lists are stalled")
-        .unwrap();
+            .await
+            .expect(
+                "Commit (its usage walk off the request's thread) must answer while 40 Lists \
+                 are stalled",
+            )
+            .unwrap();
         assert_eq!(c.usage("big-c").await.unwrap().inodes, 101);
         tokio::time::timeout(Duration::from_secs(60), c.cleanup())
             .await
@@ -504,14 +500,7 @@ daemon_test!(
 
         // 500 ancestors: accepted, and the kernel mounts them.
         let mounts = c.prepare("top", "c500").await.unwrap();
-        let lowers = |m: &containerd_snapshots::api::types::Mount| {
-            let opt = m
-                .options
-                .iter()
-                .find(|o| o.starts_with("lowerdir="))
-                .unwrap();
-            opt["lowerdir=".len()..].split(':').count()
-        };
+        let lowers = |m: &Mount| option(&m.options, "lowerdir").unwrap().split(':').count();
         assert_eq!(lowers(&mounts[0]), 500);
         {
             let m = Mounted::new_any(&mounts, &d.scratch("top"));
@@ -545,17 +534,14 @@ daemon_test!(
 
         // The limit is the kernel's: the same mount with one lower more is refused by overlayfs.
         let extra = d.scratch("extra-lower");
-        let mut options = view[0].options.clone();
-        for o in &mut options {
+        let mut deeper = view[0].clone();
+        for o in &mut deeper.options {
             if let Some(list) = o.strip_prefix("lowerdir=") {
                 *o = format!("lowerdir={}:{list}", extra.display());
             }
         }
-        let target = d.scratch("501");
-        let refused =
-            lamina::sys::mount_spec(&view[0].r#type, &view[0].source, &options, &target);
-        let _ = nix::mount::umount2(&target, nix::mount::MntFlags::MNT_DETACH);
-        let err = refused.expect_err("overlayfs mounted 501 lower layers");
+        let err = lamina_mount(&deeper, &d.scratch("501"))
+            .expect_err("overlayfs mounted 501 lower layers");
         assert_eq!(err.raw_os_error(), Some(libc::EINVAL), "{err}");
     }
 );

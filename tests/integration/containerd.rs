@@ -7,16 +7,15 @@
 //! only program in the image).
 
 use std::{
-    cell::Cell,
     fs,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Child, Command, Output, Stdio},
     time::{Duration, Instant},
 };
 
 use crate::{
     oci_support::{layer_tar, sha256, write_oci_archive, Entry},
-    util::{daemon_test, TestDaemon},
+    util::*,
 };
 
 const IMAGE1: &str = "lamina.test/e2e:1";
@@ -29,7 +28,7 @@ const APPLETS: &[&str] = &[
 ];
 
 // ---------------------------------------------------------------------------------------------
-// Running a command with a deadline.
+// What a `ctr` call printed.
 
 struct Out {
     success: bool,
@@ -38,42 +37,15 @@ struct Out {
     stderr: String,
 }
 
-/// Runs `cmd` with no stdin and its output in files under `scratch`; kills it after `limit`.
-fn run_bounded(mut cmd: Command, limit: Duration, scratch: &Path, n: usize) -> Result<Out, String> {
-    let out_path = scratch.join(format!("cmd{n}.out"));
-    let err_path = scratch.join(format!("cmd{n}.err"));
-    let what = format!("{cmd:?}");
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(fs::File::create(&out_path).map_err(|e| e.to_string())?)
-        .stderr(fs::File::create(&err_path).map_err(|e| e.to_string())?)
-        .spawn()
-        .map_err(|e| format!("cannot start {what}: {e}"))?;
-    let deadline = Instant::now() + limit;
-    let status = loop {
-        if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
-            break status;
+impl From<Output> for Out {
+    fn from(o: Output) -> Out {
+        Out {
+            success: o.status.success(),
+            status: o.status.to_string(),
+            stdout: stdout(&o),
+            stderr: stderr(&o),
         }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(format!(
-                "{what} did not finish within {limit:?}; stdout: {}; stderr: {}",
-                fs::read_to_string(&out_path).unwrap_or_default(),
-                fs::read_to_string(&err_path).unwrap_or_default()
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let out = Out {
-        success: status.success(),
-        status: status.to_string(),
-        stdout: fs::read_to_string(&out_path).unwrap_or_default(),
-        stderr: fs::read_to_string(&err_path).unwrap_or_default(),
-    };
-    let _ = fs::remove_file(&out_path);
-    let _ = fs::remove_file(&err_path);
-    Ok(out)
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -84,7 +56,6 @@ struct Containerd {
     address: PathBuf,
     ns: String,
     child: Option<Child>,
-    calls: Cell<usize>,
 }
 
 impl Containerd {
@@ -116,31 +87,28 @@ impl Containerd {
             address,
             ns: format!("lamina-e2e-{}-{tag}", std::process::id()),
             child: Some(child),
-            calls: Cell::new(0),
         };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(status) = c.child.as_mut().unwrap().try_wait().unwrap() {
-                c.child = None;
-                panic!(
-                    "containerd exited during start-up: {status}; log:\n{}",
-                    c.log_tail()
-                );
-            }
-            if c.address.exists() {
-                if let Ok(out) = c.try_ctr(&["version"], Duration::from_secs(10)) {
-                    if out.success {
-                        return c;
-                    }
+        let answered =
+            wait_for_blocking(Duration::from_secs(30), Duration::from_millis(50), || {
+                if let Some(status) = c.child.as_mut().unwrap().try_wait().unwrap() {
+                    c.child = None;
+                    panic!(
+                        "containerd exited during start-up: {status}; log:\n{}",
+                        c.log_tail()
+                    );
                 }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "containerd did not answer `ctr version` within 30 s; log:\n{}",
-                c.log_tail()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+                let version = c
+                    .address
+                    .exists()
+                    .then(|| c.try_ctr(&["version"], Duration::from_secs(10)));
+                matches!(version, Some(Ok(Out { success: true, .. }))).then_some(())
+            });
+        assert!(
+            answered.is_some(),
+            "containerd did not answer `ctr version` within 30 s; log:\n{}",
+            c.log_tail()
+        );
+        c
     }
 
     fn try_ctr(&self, args: &[&str], limit: Duration) -> Result<Out, String> {
@@ -150,9 +118,7 @@ impl Containerd {
             .arg("--namespace")
             .arg(&self.ns)
             .args(args);
-        let n = self.calls.get();
-        self.calls.set(n + 1);
-        run_bounded(cmd, limit, self.dir.path(), n)
+        run_for(&mut cmd, limit).map(Out::from)
     }
 
     /// `ctr ARGS`, whatever its exit status.
@@ -209,21 +175,21 @@ impl Containerd {
 
     /// Waits until task `id` reports `status` in `ctr task ls`.
     fn wait_task(&self, id: &str, status: &str) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let out = self.ctr_ok(&["task", "ls"]);
-            if out.lines().any(|l| {
-                let f: Vec<&str> = l.split_whitespace().collect();
-                f.first() == Some(&id) && f.last() == Some(&status)
-            }) {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "task {id} not {status} within 30 s; `ctr task ls`:\n{out}"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        let mut out = String::new();
+        let reached =
+            wait_for_blocking(Duration::from_secs(30), Duration::from_millis(100), || {
+                out = self.ctr_ok(&["task", "ls"]);
+                out.lines()
+                    .any(|l| {
+                        let f: Vec<&str> = l.split_whitespace().collect();
+                        f.first() == Some(&id) && f.last() == Some(&status)
+                    })
+                    .then_some(())
+            });
+        assert!(
+            reached.is_some(),
+            "task {id} not {status} within 30 s; `ctr task ls`:\n{out}"
+        );
     }
 
     /// Deletes what a failed test left (tasks, containers), stops containerd, then ends the
@@ -373,22 +339,26 @@ fn check_merged_view(c: &Containerd, name: &str) {
 /// Polls until containerd lists no lamina snapshot and lamina has neither records nor
 /// directories left (containerd's GC removed them and called Cleanup).
 async fn wait_all_collected(c: &Containerd, d: &TestDaemon) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let listed = c.snapshots().unwrap_or_else(|e| panic!("{e}"));
-        let records = d.client().await.list(&[]).await.expect("lamina List");
-        let dirs = d.snapshot_dirs();
-        if listed.is_empty() && records.is_empty() && dirs.is_empty() {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "30 s after `ctr images rm --sync` something is left: containerd lists {listed:?}, \
-             lamina has records {records:?} and directories {dirs:?} under {}",
-            d.root.join("snapshots").display()
+    let mut left = String::new();
+    let collected = wait_for(
+        Duration::from_secs(30),
+        Duration::from_millis(200),
+        async || {
+            let listed = c.snapshots().unwrap_or_else(|e| panic!("{e}"));
+            let records = d.client().await.list(&[]).await.expect("lamina List");
+            let dirs = d.snapshot_dirs();
+            left = format!(
+            "containerd lists {listed:?}, lamina has records {records:?} and directories {dirs:?}"
         );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+            (listed.is_empty() && records.is_empty() && dirs.is_empty()).then_some(())
+        },
+    )
+    .await;
+    assert!(
+        collected.is_some(),
+        "30 s after `ctr images rm --sync` something is left: {left} under {}",
+        d.root.join("snapshots").display()
+    );
 }
 
 /// The `-o` options of a `mount -t TYPE SOURCE TARGET -o OPTS` line printed by ctr.
@@ -404,11 +374,6 @@ fn parse_mount_line(out: &str) -> (String, String, Vec<String>) {
         f[3].to_string(),
         f[6].split(',').map(String::from).collect(),
     )
-}
-
-fn option<'a>(opts: &'a [String], key: &str) -> Option<&'a str> {
-    opts.iter()
-        .find_map(|o| o.strip_prefix(key)?.strip_prefix('='))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -667,18 +632,22 @@ daemon_test!(
         d.restart().await;
 
         // containerd reconnects by itself.
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let listed = loop {
-            match c.snapshots() {
-                Ok(l) if !l.is_empty() => break l,
-                other => assert!(
-                    Instant::now() < deadline,
-                    "containerd did not reach lamina again within 20 s of its restart: {:?}",
-                    other.map(|l| format!("listed {l:?}"))
-                ),
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        };
+        let mut last = Ok(Vec::new());
+        let listed = wait_for(
+            Duration::from_secs(20),
+            Duration::from_millis(200),
+            async || {
+                last = c.snapshots();
+                last.as_ref().ok().filter(|l| !l.is_empty()).cloned()
+            },
+        )
+        .await
+        .unwrap_or_else(|| {
+            panic!(
+                "containerd did not reach lamina again within 20 s of its restart: {:?}",
+                last.map(|l| format!("listed {l:?}"))
+            )
+        });
         for key in ["sleeper", chain1[0].as_str(), chain1[1].as_str()] {
             assert!(
                 listed.iter().any(|(k, _, _)| k == key),

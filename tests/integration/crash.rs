@@ -8,21 +8,6 @@ use std::{
 
 use crate::util::*;
 
-const UPPERDIR: &str = "containerd.io/snapshot/overlay.upperdir";
-
-/// The `<id>` directory names that the listed snapshots own, learnt from the upperdir label.
-async fn owned_dirs(c: &mut Client) -> BTreeSet<String> {
-    let (infos, _) = c.list_batches(&[]).await.unwrap();
-    infos
-        .iter()
-        .map(|i| {
-            let fs = std::path::Path::new(&i.labels[UPPERDIR]);
-            let id = fs.parent().unwrap().file_name().unwrap();
-            id.to_string_lossy().into_owned()
-        })
-        .collect()
-}
-
 daemon_test!(everything_survives_a_restart, |mut d, mut c| {
     c.prepare_with("base", "", labels(&[("l", "1")]))
         .await
@@ -65,22 +50,14 @@ daemon_test!(
     threads = 4,
     config = "upperdir_label = true\n",
     |mut d| {
-        let rounds: usize = std::env::var("LAMINA_CRASH_ROUNDS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(25);
+        let rounds = env_or("LAMINA_CRASH_ROUNDS", 25) as usize;
         // name -> content, for every commit lamina acknowledged; and removes it acknowledged.
         let committed: Arc<Mutex<Vec<(String, String)>>> = Arc::default();
         let removed: Arc<Mutex<Vec<String>>> = Arc::default();
         // Removes that got no answer because the daemon died: either outcome is correct.
         let in_doubt: Arc<Mutex<Vec<String>>> = Arc::default();
-        let mut seed: u64 = 0x9e3779b97f4a7c15;
-        let mut next = move || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed
-        };
+        // When each round's SIGKILL comes.
+        let mut rng = Rng::new(0x9e3779b97f4a7c15);
         let mut verified_upto = 0;
         for round in 0..rounds {
             let mut workers = Vec::new();
@@ -137,7 +114,7 @@ daemon_test!(
                     }
                 }));
             }
-            tokio::time::sleep(Duration::from_millis(50 + next() % 400)).await;
+            tokio::time::sleep(Duration::from_millis(50 + rng.below(400) as u64)).await;
             d.kill();
             for mut w in workers {
                 // A request cut off by the kill normally fails at once; one that tonic's channel

@@ -6,10 +6,11 @@
 use std::{
     collections::BTreeMap,
     io::{Read, Seek, SeekFrom, Write},
+    os::unix::net::UnixStream,
     path::{Path, PathBuf},
     process::Stdio,
     sync::atomic::{AtomicUsize, Ordering},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
@@ -95,12 +96,6 @@ async fn listed(c: &mut Client) -> Vec<(String, i32, String, BTreeMap<String, St
         .collect();
     v.sort();
     v
-}
-
-/// The `fs` directory a bind mount (an active snapshot without parent) exposes.
-fn bind_source(mounts: &[containerd_snapshots::api::types::Mount]) -> PathBuf {
-    assert_eq!(mounts[0].r#type, "bind", "{mounts:?}");
-    PathBuf::from(&mounts[0].source)
 }
 
 fn mentions_no_space(msg: &str) -> bool {
@@ -601,18 +596,6 @@ daemon_test!(
 // (e) A signal during start-up
 // ---------------------------------------------------------------------------------------------
 
-/// Mount points at or under `dir`, from this process's mount table.
-fn mounts_under(dir: &Path) -> Vec<String> {
-    let table = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    let dir = dir.display().to_string();
-    table
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .filter(|m| *m == dir || m.starts_with(&format!("{dir}/")))
-        .map(str::to_string)
-        .collect()
-}
-
 // containerd connects as soon as the socket exists; systemd may stop lamina at any moment. A
 // SIGTERM while lamina is still starting (probe, store, recovery) must end it as cleanly as
 // one while serving: exit 0, socket removed.
@@ -630,21 +613,16 @@ daemon_test!(sigterm_during_start_up_exits_cleanly, |mut d, mut c| {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::os::unix::net::UnixStream::connect(&d.socket).is_err() {
-            assert!(Instant::now() < deadline, "lamina never listened");
-            if child.try_wait().unwrap().is_some() {
-                panic!("lamina exited during start-up");
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(child.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        )
-        .unwrap();
+        let listening =
+            wait_for_blocking(Duration::from_secs(20), Duration::from_millis(1), || {
+                if child.try_wait().unwrap().is_some() {
+                    panic!("lamina exited during start-up");
+                }
+                UnixStream::connect(&d.socket).ok()
+            });
+        assert!(listening.is_some(), "lamina never listened");
+        let out = terminate(child);
         injected("SIGTERM during start-up");
-        let out = child.wait_with_output().unwrap();
         let socket_left = d.socket.exists();
         // Killed during its overlayfs probe, lamina would leave the probe mounted.
         let leaked = mounts_under(&d.root);
@@ -670,28 +648,6 @@ daemon_test!(sigterm_during_start_up_exits_cleanly, |mut d, mut c| {
 // ---------------------------------------------------------------------------------------------
 // (f) A root that cannot be lamina's
 // ---------------------------------------------------------------------------------------------
-
-/// Runs `lamina ARGS` and returns its output once it exits, or kills it and returns None if it
-/// is still running after 20 s (it started serving).
-fn exits(args: &[&std::ffi::OsStr]) -> Option<std::process::Output> {
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_lamina"))
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while child.try_wait().unwrap().is_none() {
-        if Instant::now() > deadline {
-            stop_child(child);
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Some(child.wait_with_output().unwrap())
-}
 
 // `lamina serve --root /var/lib` by mistake, a root whose path breaks overlay options, a root
 // whose name is not UTF-8: each is refused at once with a message that says why (no panic),
@@ -721,7 +677,7 @@ root_test!(a_root_that_cannot_be_lamina_s_is_refused_untouched, || {
             "--address".as_ref(),
             socket.as_os_str(),
         ];
-        match exits(&args) {
+        match exits(lamina(args)) {
             None => problems.push(format!("{}: lamina started serving", root.display())),
             Some(out) => {
                 let line = final_line(&out.stderr);
@@ -742,17 +698,17 @@ root_test!(a_root_that_cannot_be_lamina_s_is_refused_untouched, || {
             "--address".as_ref(),
             socket.as_os_str(),
         ];
-        let out = exits(&args).unwrap();
+        let out = exits(lamina(args)).unwrap();
         if out.status.code() != Some(1) {
             problems.push(format!("{cmd}: {} {}", out.status, final_line(&out.stderr)));
         }
     }
-    let out = exits(&[
+    let out = exits(lamina([
         "config".as_ref(),
         "dump".as_ref(),
         "--root".as_ref(),
         bad_utf8.as_os_str(),
-    ])
+    ]))
     .unwrap();
     if out.status.code() != Some(1) {
         problems.push(format!(
@@ -761,9 +717,9 @@ root_test!(a_root_that_cannot_be_lamina_s_is_refused_untouched, || {
             final_line(&out.stderr)
         ));
     }
-    let mode = std::fs::metadata(&system).unwrap().permissions().mode() & 0o7777;
     assert_eq!(
-        mode, 0o755,
+        mode_of(&system),
+        0o755,
         "the mode of a directory that is not lamina's changed"
     );
     let mut names: Vec<_> = std::fs::read_dir(&system)
@@ -787,12 +743,7 @@ daemon_test!(
         std::os::unix::fs::chown(&base, Some(1234), Some(1234)).unwrap();
         c.commit("Base", "base").await.unwrap();
         let m = c.prepare("active", "Base").await.unwrap();
-        let upper = m[0]
-            .options
-            .iter()
-            .find_map(|o| o.strip_prefix("upperdir="))
-            .map(PathBuf::from)
-            .unwrap();
+        let upper = own_fs(&m);
         drop(c);
         assert!(d.stop_async().await.success());
         let dir = upper.parent().unwrap();
@@ -803,12 +754,8 @@ daemon_test!(
         injected("a symlink in place of an active snapshot's directory");
 
         d.spawn().await;
+        assert_eq!(mode_of(&outside), 0o750, "chmod through a symlink");
         let meta = std::fs::metadata(&outside).unwrap();
-        assert_eq!(
-            meta.permissions().mode() & 0o7777,
-            0o750,
-            "chmod through a symlink"
-        );
         assert_eq!(meta.uid(), 0, "chown through a symlink");
         assert_eq!(
             std::fs::read_dir(&outside).unwrap().count(),
@@ -819,12 +766,8 @@ daemon_test!(
             .unwrap()
             .file_type()
             .is_symlink());
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_lamina"))
-            .args(["fsck", "--repair", "--address"])
-            .arg(&d.socket)
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout);
+        let out = d.cli(&["fsck", "--repair"]);
+        let text = stdout(&out);
         assert!(text.contains("not_a_directory:"), "{text}");
         assert!(!out.status.success());
         assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0);

@@ -12,17 +12,13 @@ use std::{
     sync::atomic::{AtomicUsize, Ordering},
 };
 
-use containerd_snapshots::api::snapshots::v1::{Info, UpdateSnapshotRequest, ViewSnapshotRequest};
 use prost::bytes::{Buf, BufMut};
 use tonic::{
     codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder},
     Code, Status,
 };
 
-use crate::{
-    model::{env_or, go_quote, Rng},
-    util::*,
-};
+use crate::util::*;
 
 /// Hostile inputs sent over all tests of this module.
 static TRIED: AtomicUsize = AtomicUsize::new(0);
@@ -142,23 +138,22 @@ fn walk(base: &Path, dir: &Path, bad: &mut Vec<String>) {
             .to_string_lossy()
             .into_owned();
         let parts: Vec<&str> = rel.split('/').collect();
-        let decimal = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
         // Ready-made empty trees: `a-<n>` (with work) or `v-<n>`.
         let spare = |s: &str| {
             s.strip_prefix("a-")
                 .or_else(|| s.strip_prefix("v-"))
-                .is_some_and(decimal)
+                .is_some_and(is_decimal)
         };
         let ok = match parts.as_slice() {
             ["root"] | ["run"] | ["config.toml"] => true,
             ["root", "metadata.redb"] | ["root", "snapshots"] | ["run", "lamina.sock"] => true,
-            ["root", "snapshots", id] => decimal(id),
-            ["root", "snapshots", id, "fs" | "work"] => decimal(id),
+            ["root", "snapshots", id] => is_decimal(id),
+            ["root", "snapshots", id, "fs" | "work"] => is_decimal(id),
             ["root", "spare"] => true,
             ["root", "spare", tree] => spare(tree),
             ["root", "spare", tree, "fs" | "work"] => spare(tree),
             // Inside a snapshot's own directories: the snapshot's data, not lamina's names.
-            ["root", "snapshots", id, "fs" | "work", ..] => decimal(id),
+            ["root", "snapshots", id, "fs" | "work", ..] => is_decimal(id),
             _ => false,
         };
         if !ok {
@@ -187,38 +182,6 @@ async fn seed(c: &mut Client) {
         .unwrap();
     c.view("vw", "base").await.unwrap();
     c.prepare("solo", "").await.unwrap();
-}
-
-async fn view_with(
-    c: &mut Client,
-    key: &str,
-    parent: &str,
-    labels: HashMap<String, String>,
-) -> Res<()> {
-    let req = ViewSnapshotRequest {
-        snapshotter: "lamina".into(),
-        key: key.into(),
-        parent: parent.into(),
-        labels,
-    };
-    c.inner.view(req).await.map(|_| ())
-}
-
-async fn update_with(c: &mut Client, info: Option<Info>, paths: Option<Vec<String>>) -> Res<Info> {
-    let req = UpdateSnapshotRequest {
-        snapshotter: "lamina".into(),
-        info,
-        update_mask: paths.map(|paths| prost_types::FieldMask { paths }),
-    };
-    Ok(c.inner.update(req).await?.into_inner().info.expect("info"))
-}
-
-fn info(name: &str, labels: HashMap<String, String>) -> Info {
-    Info {
-        name: name.into(),
-        labels,
-        ..Info::default()
-    }
 }
 
 /// containerd accepts up to 16 MiB messages, and so does lamina; the tests' client too.
@@ -557,7 +520,7 @@ daemon_test!(labels_over_the_limit_are_refused_by_every_rpc, |d| {
         );
         refused(
             &w("View"),
-            view_with(&mut c, "fresh", "", l()).await,
+            c.view_with("fresh", "", l()).await,
             Code::InvalidArgument,
             &needles,
         );
@@ -584,7 +547,7 @@ daemon_test!(labels_over_the_limit_are_refused_by_every_rpc, |d| {
     );
     refused(
         "View with an empty label key",
-        view_with(&mut c, "fresh", "", empty()).await,
+        c.view_with("fresh", "", empty()).await,
         Code::InvalidArgument,
         &["label", "empty"],
     );
@@ -1013,13 +976,13 @@ daemon_test!(update_refuses_fields_it_cannot_change, |d| {
     }
     refused(
         "Update without info",
-        update_with(&mut c, None, None).await,
+        c.update_with(None, None).await,
         Code::InvalidArgument,
         &["info"],
     );
     refused(
         "Update without info, with paths",
-        update_with(&mut c, None, Some(vec!["labels".into()])).await,
+        c.update_with(None, Some(vec!["labels".into()])).await,
         Code::InvalidArgument,
         &["info"],
     );
@@ -1307,7 +1270,7 @@ daemon_test!(random_requests_get_only_documented_codes, |mut d| {
             }
             1 => {
                 let (k, p, l) = (s(&mut rng), s(&mut rng), random_labels(&mut rng, &pool));
-                view_with(&mut c, &k, &p, l).await
+                c.view_with(&k, &p, l).await.map(|_| ())
             }
             2 => c.mounts(&s(&mut rng)).await.map(|_| ()),
             3 => {
@@ -1330,7 +1293,7 @@ daemon_test!(random_requests_get_only_documented_codes, |mut d| {
                         })
                         .collect()
                 });
-                update_with(&mut c, inf, paths).await.map(|_| ())
+                c.update_with(inf, paths).await.map(|_| ())
             }
             7 => c.usage(&s(&mut rng)).await.map(|_| ()),
             8 => {
@@ -1488,15 +1451,8 @@ daemon_test!(malformed_requests_are_refused_and_change_nothing, |d| {
     let mut c = big_client(&d).await;
     seed(&mut c).await;
     let before = stored(&mut c, &d).await;
-    let socket = d.socket.clone();
-    let channel = tonic::transport::Endpoint::try_from("http://lamina.invalid")
-        .unwrap()
-        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
-            tokio::net::UnixStream::connect(socket.clone())
-        }))
-        .await
-        .unwrap();
-    let mut grpc = tonic::client::Grpc::new(channel);
+    // The raw requests go over a connection of their own.
+    let mut grpc = tonic::client::Grpc::new(channel(&d.socket).await.unwrap());
     let methods = [
         "Prepare", "View", "Mounts", "Commit", "Remove", "Stat", "Update", "Usage", "List",
         "Cleanup",

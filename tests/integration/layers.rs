@@ -91,7 +91,7 @@ fn meta(root: &Path, p: &str) -> fs::Metadata {
 }
 
 fn mode(root: &Path, p: &str) -> u32 {
-    meta(root, p).mode() & 0o7777
+    mode_of(&at(root, p))
 }
 
 #[track_caller]
@@ -180,23 +180,12 @@ fn tree(root: &Path) -> Tree {
 /// Asserts two trees are equal, listing every difference (not just the first).
 #[track_caller]
 fn assert_same_tree(actual: &Tree, expected: &Tree, what: &str) {
-    if actual == expected {
-        return;
-    }
-    let mut diffs = Vec::new();
-    for (k, v) in expected {
-        match actual.get(k) {
-            None => diffs.push(format!("  missing {k}: expected {v:?}")),
-            Some(a) if a != v => diffs.push(format!("  differs {k}: got {a:?}, expected {v:?}")),
-            _ => {}
-        }
-    }
-    for (k, v) in actual {
-        if !expected.contains_key(k) {
-            diffs.push(format!("  unexpected {k}: {v:?}"));
-        }
-    }
-    panic!("{what}: trees differ\n{}", diffs.join("\n"));
+    let diffs = differences(actual, expected);
+    assert!(
+        diffs.is_empty(),
+        "{what}: trees differ\n  {}",
+        diffs.join("\n  ")
+    );
 }
 
 /// A fresh directory to mirror the layers in, with the mode a snapshot's `fs` has.
@@ -355,21 +344,6 @@ static SEQ: AtomicUsize = AtomicUsize::new(0);
 
 fn unique(what: &str) -> String {
     format!("{what}-{}", SEQ.fetch_add(1, Ordering::Relaxed))
-}
-
-/// A snapshot's own `fs` directory, as named in the mounts of an Active snapshot (or a View
-/// without parent): the bind source, or `upperdir=`.
-fn own_fs(mounts: &[Mount]) -> PathBuf {
-    let m = &mounts[0];
-    match m.r#type.as_str() {
-        "bind" => PathBuf::from(&m.source),
-        _ => PathBuf::from(
-            m.options
-                .iter()
-                .find_map(|o| o.strip_prefix("upperdir="))
-                .unwrap_or_else(|| panic!("no upperdir in {m:?}")),
-        ),
-    }
 }
 
 /// Mounts a new view of `parent`, hands its root to `f`, then unmounts and removes the view.
@@ -588,44 +562,32 @@ daemon_test!(basic_workflow_through_mounts, |d, mut c| {
 // ---------------------------------------------------------------------------------------------
 // 2. The mount shapes over the wire
 
-/// `<root>/snapshots/<id>/fs` with a canonical decimal `<id>`: returns the id.
+/// The ID of snapshot directory `fs` ([`id_of`]), which must exist under this daemon's
+/// `<root>/snapshots`.
 #[track_caller]
-fn id_of(d: &TestDaemon, fs_path: &str) -> String {
-    let p = Path::new(fs_path);
+fn id_under(d: &TestDaemon, fs: impl AsRef<Path>) -> u64 {
+    let fs = fs.as_ref();
+    let id = id_of(fs);
     assert_eq!(
-        p.file_name().unwrap(),
-        "fs",
-        "{fs_path} is a snapshot's fs directory"
-    );
-    let dir = p.parent().unwrap();
-    assert_eq!(
-        dir.parent().unwrap(),
+        fs.parent().unwrap().parent().unwrap(),
         d.root.join("snapshots"),
-        "{fs_path} is under <root>/snapshots"
+        "{} is under <root>/snapshots",
+        fs.display()
     );
-    let id = dir.file_name().unwrap().to_str().unwrap().to_string();
-    let n: u64 = id
-        .parse()
-        .unwrap_or_else(|_| panic!("id {id:?} of {fs_path} is decimal"));
-    assert_eq!(n.to_string(), id, "id {id:?} is canonical decimal");
-    assert!(p.is_dir(), "{fs_path} exists");
+    assert!(fs.is_dir(), "{} exists", fs.display());
     id
 }
 
-fn fs_of(d: &TestDaemon, id: &str) -> String {
+fn fs_of(d: &TestDaemon, id: u64) -> String {
     d.root
-        .join("snapshots")
-        .join(id)
-        .join("fs")
+        .join(format!("snapshots/{id}/fs"))
         .display()
         .to_string()
 }
 
-fn work_of(d: &TestDaemon, id: &str) -> String {
+fn work_of(d: &TestDaemon, id: u64) -> String {
     d.root
-        .join("snapshots")
-        .join(id)
-        .join("work")
+        .join(format!("snapshots/{id}/work"))
         .display()
         .to_string()
 }
@@ -639,9 +601,9 @@ daemon_test!(mount_shapes_over_the_wire, |d, mut c| {
     assert_eq!(a[0].r#type, "bind");
     assert_eq!(a[0].options, strings(&["rw", "rbind"]));
     assert_eq!(a[0].target, "");
-    let id_a = id_of(&d, &a[0].source);
+    let id_a = id_under(&d, &a[0].source);
     assert!(
-        Path::new(&work_of(&d, &id_a)).is_dir(),
+        Path::new(&work_of(&d, id_a)).is_dir(),
         "an active snapshot has a work directory"
     );
     assert_eq!(
@@ -663,12 +625,12 @@ daemon_test!(mount_shapes_over_the_wire, |d, mut c| {
         (b[0].r#type.as_str(), b[0].source.as_str()),
         ("overlay", "overlay")
     );
-    let id_b = id_of(&d, own_fs(&b).to_str().unwrap());
+    let id_b = id_under(&d, own_fs(&b));
     assert_ne!(id_b, id_a);
     let mut want = vec![
-        format!("workdir={}", work_of(&d, &id_b)),
-        format!("upperdir={}", fs_of(&d, &id_b)),
-        format!("lowerdir={}", fs_of(&d, &id_a)),
+        format!("workdir={}", work_of(&d, id_b)),
+        format!("upperdir={}", fs_of(&d, id_b)),
+        format!("lowerdir={}", fs_of(&d, id_a)),
     ];
     want.extend(extra.iter().cloned());
     assert_eq!(b[0].options, want);
@@ -682,11 +644,11 @@ daemon_test!(mount_shapes_over_the_wire, |d, mut c| {
 
     // Active, two parents: lowerdir nearest parent first.
     let cc = c.prepare("c", "B").await.unwrap();
-    let id_c = id_of(&d, own_fs(&cc).to_str().unwrap());
+    let id_c = id_under(&d, own_fs(&cc));
     let mut want = vec![
-        format!("workdir={}", work_of(&d, &id_c)),
-        format!("upperdir={}", fs_of(&d, &id_c)),
-        format!("lowerdir={}:{}", fs_of(&d, &id_b), fs_of(&d, &id_a)),
+        format!("workdir={}", work_of(&d, id_c)),
+        format!("upperdir={}", fs_of(&d, id_c)),
+        format!("lowerdir={}:{}", fs_of(&d, id_b), fs_of(&d, id_a)),
     ];
     want.extend(extra.iter().cloned());
     assert_eq!(cc[0].options, want);
@@ -700,13 +662,13 @@ daemon_test!(mount_shapes_over_the_wire, |d, mut c| {
     assert_eq!(v0.len(), 1);
     assert_eq!(v0[0].r#type, "bind");
     assert_eq!(v0[0].options, strings(&["ro", "rbind"]));
-    let id_v0 = id_of(&d, &v0[0].source);
+    let id_v0 = id_under(&d, &v0[0].source);
     assert!(
         ![&id_a, &id_b, &id_c].contains(&&id_v0),
         "a view gets its own directory"
     );
     assert!(
-        !Path::new(&work_of(&d, &id_v0)).exists(),
+        !Path::new(&work_of(&d, id_v0)).exists(),
         "views have no work directory"
     );
     assert_eq!(fs::read_dir(&v0[0].source).unwrap().count(), 0);
@@ -716,7 +678,7 @@ daemon_test!(mount_shapes_over_the_wire, |d, mut c| {
     let v1 = c.view("v1", "A").await.unwrap();
     assert_eq!(v1.len(), 1);
     assert_eq!(v1[0].r#type, "bind");
-    assert_eq!(v1[0].source, fs_of(&d, &id_a));
+    assert_eq!(v1[0].source, fs_of(&d, id_a));
     assert_eq!(v1[0].options, strings(&["ro", "rbind"]));
     assert_eq!(c.mounts("v1").await.unwrap(), v1);
 
@@ -727,11 +689,7 @@ daemon_test!(mount_shapes_over_the_wire, |d, mut c| {
         (v2[0].r#type.as_str(), v2[0].source.as_str()),
         ("overlay", "overlay")
     );
-    let mut want = vec![format!(
-        "lowerdir={}:{}",
-        fs_of(&d, &id_b),
-        fs_of(&d, &id_a)
-    )];
+    let mut want = vec![format!("lowerdir={}:{}", fs_of(&d, id_b), fs_of(&d, id_a))];
     want.extend(extra.iter().cloned());
     assert_eq!(v2[0].options, want);
     assert_eq!(c.mounts("v2").await.unwrap(), v2);
@@ -1405,13 +1363,6 @@ fn start_with_umask(mask: u32) -> TestDaemon {
     .expect("starting lamina with a umask")
 }
 
-fn dir_mode(p: &Path) -> u32 {
-    fs::metadata(p)
-        .unwrap_or_else(|e| panic!("stat {}: {e}", p.display()))
-        .mode()
-        & 0o7777
-}
-
 root_test!(new_snapshots_have_contract_modes_whatever_the_umask, || {
     for mask in [0o000, 0o077] {
         let d = start_with_umask(mask);
@@ -1426,9 +1377,9 @@ root_test!(new_snapshots_have_contract_modes_whatever_the_umask, || {
             "lamina runs with the umask under test"
         );
         let mut c = d.client().await;
-        assert_eq!(dir_mode(&d.root), 0o700, "umask {mask:o}: root");
+        assert_eq!(mode_of(&d.root), 0o700, "umask {mask:o}: root");
         assert_eq!(
-            dir_mode(&d.root.join("snapshots")),
+            mode_of(&d.root.join("snapshots")),
             0o700,
             "umask {mask:o}: snapshots"
         );
@@ -1436,16 +1387,16 @@ root_test!(new_snapshots_have_contract_modes_whatever_the_umask, || {
         // Active, no parent.
         let a = c.prepare("a", "").await.unwrap();
         let fs_a = own_fs(&a);
-        assert_eq!(dir_mode(&fs_a), 0o755, "umask {mask:o}: fs");
+        assert_eq!(mode_of(&fs_a), 0o755, "umask {mask:o}: fs");
         assert_eq!(
-            dir_mode(&fs_a.parent().unwrap().join("work")),
+            mode_of(&fs_a.parent().unwrap().join("work")),
             0o711,
             "umask {mask:o}: work"
         );
         {
             let m = mount_at(&a, &d.scratch("a"));
             assert_eq!(
-                dir_mode(m.path()),
+                mode_of(m.path()),
                 0o755,
                 "umask {mask:o}: root of the mount"
             );
@@ -1459,8 +1410,8 @@ root_test!(new_snapshots_have_contract_modes_whatever_the_umask, || {
         let b = c.prepare("b", "A").await.unwrap();
         let fs_b = own_fs(&b);
         let work_b = fs_b.parent().unwrap().join("work");
-        assert_eq!(dir_mode(&fs_b), 0o755, "umask {mask:o}: child fs");
-        assert_eq!(dir_mode(&work_b), 0o711, "umask {mask:o}: child work");
+        assert_eq!(mode_of(&fs_b), 0o755, "umask {mask:o}: child fs");
+        assert_eq!(mode_of(&work_b), 0o711, "umask {mask:o}: child work");
         let mb = fs::metadata(&fs_b).unwrap();
         assert_eq!(
             (mb.uid(), mb.gid()),
@@ -1482,11 +1433,11 @@ root_test!(new_snapshots_have_contract_modes_whatever_the_umask, || {
         // A view has fs but no work directory.
         let v = c.view("v", "").await.unwrap();
         let fs_v = PathBuf::from(&v[0].source);
-        assert_eq!(dir_mode(&fs_v), 0o755, "umask {mask:o}: view fs");
+        assert_eq!(mode_of(&fs_v), 0o755, "umask {mask:o}: view fs");
         assert!(!fs_v.parent().unwrap().join("work").exists());
         {
             let m = mount_at(&v, &d.scratch("v"));
-            assert_eq!(dir_mode(m.path()), 0o755);
+            assert_eq!(mode_of(m.path()), 0o755);
         }
     }
 });

@@ -9,74 +9,9 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use containerd_snapshots::api::{
-    snapshots::v1::{Info, UpdateSnapshotRequest, ViewSnapshotRequest},
-    types::Mount,
-};
 use tonic::Code;
 
 use crate::util::*;
-
-// ---------------------------------------------------------------------------------------------
-// A small seeded random number generator (splitmix64), shared with hostile.rs.
-// ---------------------------------------------------------------------------------------------
-
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Rng {
-        Rng(seed)
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `0..n` (n > 0).
-    pub fn below(&mut self, n: usize) -> usize {
-        (self.next_u64() % n as u64) as usize
-    }
-
-    /// True with probability `percent`/100.
-    pub fn chance(&mut self, percent: u32) -> bool {
-        self.below(100) < percent as usize
-    }
-
-    pub fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
-        &items[self.below(items.len())]
-    }
-}
-
-pub fn env_or(name: &str, default: u64) -> u64 {
-    match std::env::var(name) {
-        Ok(v) => v
-            .parse()
-            .unwrap_or_else(|_| panic!("{name}={v:?} is not a number")),
-        Err(_) => default,
-    }
-}
-
-/// Renders `s` as a containerd filter `"…"` literal, with Go escapes.
-pub fn go_quote(s: &str) -> String {
-    let mut out = String::from("\"");
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            c if (c as u32) < 0x20 || c as u32 == 0x7f => {
-                out.push_str(&format!("\\x{:02x}", c as u32))
-            }
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
-}
 
 // ---------------------------------------------------------------------------------------------
 // The model
@@ -645,15 +580,7 @@ async fn run_op(c: &mut Client, op: &Op) -> Res<Got> {
             key,
             parent,
             labels,
-        } => {
-            let req = ViewSnapshotRequest {
-                snapshotter: "lamina".into(),
-                key: key.clone(),
-                parent: parent.clone(),
-                labels: hmap(labels),
-            };
-            Got::Mounts(c.inner.view(req).await?.into_inner().mounts)
-        }
+        } => Got::Mounts(c.view_with(key, parent, hmap(labels)).await?),
         Op::Mounts { key } => Got::Mounts(c.mounts(key).await?),
         Op::Commit { name, key, labels } => {
             c.commit_with(name, key, hmap(labels)).await?;
@@ -664,20 +591,10 @@ async fn run_op(c: &mut Client, op: &Op) -> Res<Got> {
             Got::Unit
         }
         Op::Stat { key } => Got::Info(c.stat(key).await?),
-        Op::Update { key, labels, paths } => {
-            let req = UpdateSnapshotRequest {
-                snapshotter: "lamina".into(),
-                info: Some(Info {
-                    name: key.clone(),
-                    labels: hmap(labels),
-                    ..Info::default()
-                }),
-                update_mask: paths
-                    .as_ref()
-                    .map(|p| prost_types::FieldMask { paths: p.clone() }),
-            };
-            Got::Info(c.inner.update(req).await?.into_inner().info.expect("info"))
-        }
+        Op::Update { key, labels, paths } => Got::Info(
+            c.update_with(Some(info(key, hmap(labels))), paths.clone())
+                .await?,
+        ),
         Op::Usage { key } => {
             let u = c.usage(key).await?;
             Got::Usage(u.size, u.inodes)
@@ -716,18 +633,6 @@ fn info_matches(info: &Info, name: &str, s: &Snap) -> Result<(), String> {
     Ok(())
 }
 
-/// The snapshot's own `fs` from the mounts of an active snapshot.
-fn own_fs(m: &Mount) -> Option<String> {
-    match m.r#type.as_str() {
-        "bind" => Some(m.source.clone()),
-        _ => m
-            .options
-            .iter()
-            .find_map(|o| o.strip_prefix("upperdir="))
-            .map(str::to_string),
-    }
-}
-
 /// Checks the mount shape of REFERENCE.md §2 and that every directory named is
 /// `<root>/snapshots/<decimal>/fs` (keys never become paths).
 fn check_mounts(
@@ -746,12 +651,7 @@ fn check_mounts(
         return fail("not exactly one mount");
     }
     let m = &mounts[0];
-    let is_fs = |p: &str| {
-        p.strip_prefix(snapshots_dir)
-            .and_then(|r| r.strip_prefix('/'))
-            .and_then(|r| r.strip_suffix("/fs"))
-            .is_some_and(|id| !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit()))
-    };
+    let is_fs = |p: &str| is_snapshot_fs(snapshots_dir, p);
     let same_lowers = |got: &[&str]| {
         got.len() == lowers.len()
             && got
@@ -823,7 +723,7 @@ fn compare(
         (Ok(want), Ok(got)) => match (want, got) {
             (Expect::Mounts { kind, lowers }, Got::Mounts(m)) => {
                 check_mounts(m, *kind, lowers, snapshots_dir)?;
-                Ok(if *kind == ACTIVE { own_fs(&m[0]) } else { None })
+                Ok((*kind == ACTIVE).then(|| own_fs(m).display().to_string()))
             }
             (Expect::Info(name, s), Got::Info(info)) => info_matches(info, name, s).map(|_| None),
             (Expect::Usage(kind), Got::Usage(size, inodes)) => {
@@ -864,11 +764,6 @@ fn compare_list(want: &[(String, Snap)], got: &[Info]) -> Result<(), String> {
         info_matches(info, name, s)?;
     }
     Ok(())
-}
-
-fn all_decimal(dirs: &[String]) -> bool {
-    dirs.iter()
-        .all(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -960,7 +855,7 @@ async fn run_sequence(seed: u64, steps: u64, sync_remove: bool, totals: &mut Tot
         } else {
             d.snapshot_dirs()
         };
-        if !all_decimal(&dirs) {
+        if !dirs.iter().all(|d| is_decimal(d)) {
             fail(
                 format!("non-decimal names under snapshots/: {dirs:?}"),
                 &trace,

@@ -21,19 +21,15 @@ use std::{
     os::fd::AsRawFd,
     path::{Path, PathBuf},
     process::Command,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use nix::mount::{umount2, MntFlags};
 
-use crate::{
-    model::{env_or, Rng},
-    util::*,
-};
+use crate::util::*;
 
 /// The upperdir label tells the test which directory each snapshot owns.
 const CONFIG: &str = "upperdir_label = true\n";
-const UPPERDIR: &str = "containerd.io/snapshot/overlay.upperdir";
 
 /// `FS_IOC_SHUTDOWN` of linux/fs.h, `_IOR('X', 125, __u32)`; ext4 and xfs both take it.
 const FS_IOC_SHUTDOWN: libc::c_ulong = (2 << 30) | (4 << 16) | ((b'X' as libc::c_ulong) << 8) | 125;
@@ -124,15 +120,18 @@ impl LoopFs {
     /// Unmounts for real (the loop device goes with it). Never lazily: mounting the image
     /// again while the old superblock lived on would put two filesystems on one device.
     fn unmount(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            match umount2(&self.mnt, MntFlags::empty()) {
-                Ok(()) => break,
-                Err(nix::errno::Errno::EBUSY) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(20))
-                }
-                Err(e) => panic!("unmounting {}: {e}", self.mnt.display()),
-            }
+        let unmounted = wait_for_blocking(
+            Duration::from_secs(10),
+            Duration::from_millis(20),
+            || match umount2(&self.mnt, MntFlags::empty()) {
+                Err(nix::errno::Errno::EBUSY) => None,
+                done => Some(done),
+            },
+        );
+        match unmounted {
+            Some(Ok(())) => {}
+            Some(Err(e)) => panic!("unmounting {}: {e}", self.mnt.display()),
+            None => panic!("unmounting {}: still busy after 10 s", self.mnt.display()),
         }
         self.mounted = false;
     }
@@ -174,78 +173,6 @@ fn run(cmd: &mut Command) {
         out.status,
         String::from_utf8_lossy(&out.stderr)
     );
-}
-
-/// One entry of a tree as a container sees it.
-#[derive(Clone, PartialEq, Eq)]
-enum Entry {
-    Dir,
-    File(Vec<u8>),
-    Symlink(PathBuf),
-}
-
-impl std::fmt::Debug for Entry {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Entry::Dir => f.write_str("a directory"),
-            Entry::File(data) => write!(f, "a file of {} bytes", data.len()),
-            Entry::Symlink(to) => write!(f, "a symlink to {to:?}"),
-        }
-    }
-}
-
-/// Path under the layer's root -> entry.
-type Tree = BTreeMap<String, Entry>;
-
-/// Everything under `root`. Errors are returned, not panicked on: a layer that cannot be read
-/// is reported with the others.
-fn read_tree(root: &Path) -> io::Result<Tree> {
-    let mut out = Tree::new();
-    let mut stack = vec![(root.to_path_buf(), String::new())];
-    while let Some((dir, prefix)) = stack.pop() {
-        for entry in fs::read_dir(&dir)? {
-            let entry = entry?;
-            let rel = format!("{prefix}{}", entry.file_name().to_string_lossy());
-            let ft = entry.file_type()?;
-            let what = if ft.is_dir() {
-                stack.push((entry.path(), format!("{rel}/")));
-                Entry::Dir
-            } else if ft.is_symlink() {
-                Entry::Symlink(fs::read_link(entry.path())?)
-            } else {
-                Entry::File(fs::read(entry.path())?)
-            };
-            out.insert(rel, what);
-        }
-    }
-    Ok(out)
-}
-
-/// None when `got` is `want`; else how many entries are wrong, with a few of them.
-fn differences(got: &Tree, want: &Tree) -> Option<String> {
-    let mut wrong = Vec::new();
-    for (path, w) in want {
-        match got.get(path) {
-            None => wrong.push(format!("{path}: missing, expected {w:?}")),
-            Some(g) if g != w => wrong.push(format!("{path}: {g:?}, expected {w:?}")),
-            Some(_) => {}
-        }
-    }
-    for (path, g) in got {
-        if !want.contains_key(path) {
-            wrong.push(format!("{path}: {g:?}, expected nothing"));
-        }
-    }
-    if wrong.is_empty() {
-        return None;
-    }
-    let shown: Vec<&str> = wrong.iter().take(3).map(String::as_str).collect();
-    Some(format!(
-        "{} of {} entries wrong, e.g. {}",
-        wrong.len(),
-        want.len(),
-        shown.join("; ")
-    ))
 }
 
 /// Writes a layer into `top` with plain writes and no fsync, as containerd's applier does,
@@ -382,21 +309,9 @@ impl Round<'_> {
         // As containerd's applier: an overlay is never mounted, the layer goes straight into
         // its upper directory (and that matters here: unmounting an overlay syncs its upper
         // directory's filesystem); anything else is mounted and written through.
-        let upper = mounts[0]
-            .options
-            .iter()
-            .find_map(|o| o.strip_prefix("upperdir="))
-            .filter(|_| mounts[0].r#type == "overlay");
+        let upper = (mounts[0].r#type == "overlay").then(|| own_fs(&mounts));
         let tree = match upper {
-            Some(upper) => write_layer(
-                Path::new(upper),
-                tag,
-                files,
-                max_size,
-                &mut self.rng,
-                &below,
-                true,
-            ),
+            Some(upper) => write_layer(&upper, tag, files, max_size, &mut self.rng, &below, true),
             None => {
                 let m = Mounted::new(&mounts, &self.d.scratch(&format!("w-{tag}")));
                 write_layer(m.path(), tag, files, max_size, &mut self.rng, &below, false)
@@ -516,15 +431,7 @@ async fn verify(d: &TestDaemon, acked: &mut Acked, fstype: &str, round: usize) {
     }
     // Recovery recreates what a creation did not finish before serving, and deletes orphans
     // (left by Removes and by the Cleanup the power cut interrupted) in the background.
-    let (infos, _) = c.list_batches(&[]).await.unwrap();
-    let owned: BTreeSet<String> = infos
-        .iter()
-        .map(|i| {
-            let fs = Path::new(&i.labels[UPPERDIR]);
-            let id = fs.parent().unwrap().file_name().unwrap();
-            id.to_string_lossy().into_owned()
-        })
-        .collect();
+    let owned = owned_dirs(&mut c).await;
     let settled: BTreeSet<String> = d
         .snapshot_dirs_when(Duration::from_secs(30), |dirs| {
             dirs.iter().all(|d| owned.contains(d))
@@ -544,15 +451,8 @@ async fn verify(d: &TestDaemon, acked: &mut Acked, fstype: &str, round: usize) {
             .problems
             .push(format!("{at}: snapshots without a directory: {missing:?}"));
     }
-    let fsck = Command::new(env!("CARGO_BIN_EXE_lamina"))
-        .arg("fsck")
-        .arg("--root")
-        .arg(&d.root)
-        .arg("--address")
-        .arg(&d.socket)
-        .output()
-        .unwrap();
-    let report = String::from_utf8_lossy(&fsck.stdout);
+    let fsck = d.cli(&["fsck"]);
+    let report = stdout(&fsck);
     if !fsck.status.success() || !report.contains(": clean") {
         acked.problems.push(format!(
             "{at}: lamina fsck ({}): {report}{}",
@@ -594,7 +494,18 @@ async fn check_layer(
     match got {
         Err(_) => Some("its View does not mount".into()),
         Ok(Err(e)) => Some(format!("cannot be read through a View: {e}")),
-        Ok(Ok(got)) => differences(&got, want),
+        Ok(Ok(got)) => {
+            let wrong = differences(&got, want);
+            let shown: Vec<&str> = wrong.iter().take(3).map(String::as_str).collect();
+            (!wrong.is_empty()).then(|| {
+                format!(
+                    "{} of {} entries wrong, e.g. {}",
+                    wrong.len(),
+                    want.len(),
+                    shown.join("; ")
+                )
+            })
+        }
     }
 }
 

@@ -2,59 +2,26 @@
 //! than they are (put back from a backup). lamina must neither delete the layers it does not
 //! know nor hand out their IDs again, and it must say how to go on.
 
-use std::{
-    path::{Path, PathBuf},
-    process::{Command, Output},
-    time::Duration,
-};
+use std::{process::Output, time::Duration};
 
 use crate::util::*;
 
-/// `lamina ARGS --root <d.root>` with an address nobody serves on: the offline tools.
-fn offline(d: &TestDaemon, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_lamina"))
-        .args(args)
-        .arg("--root")
-        .arg(&d.root)
-        .args(["--address", "/nonexistent/lamina.sock"])
-        .output()
-        .unwrap()
-}
-
+/// What `o` printed, stdout then stderr.
 fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-/// The snapshot ID in a mount's `…/snapshots/<id>/fs` path.
-fn id_in(path: &str) -> u64 {
-    let fs = Path::new(path);
-    assert!(fs.ends_with("fs"), "{path}");
-    let id = fs.parent().unwrap().file_name().unwrap().to_str().unwrap();
-    id.parse()
-        .unwrap_or_else(|_| panic!("no snapshot ID in {path}"))
-}
-
-/// The `fs` directory of an active snapshot without parent (a bind mount).
-fn fs_of(mounts: &[containerd_snapshots::api::types::Mount]) -> PathBuf {
-    assert_eq!(mounts[0].r#type, "bind", "{mounts:?}");
-    PathBuf::from(&mounts[0].source)
+    format!("{}{}", stdout(o), stderr(o))
 }
 
 /// Commits a layer holding `secret` and a directory of files under `name`; returns its ID.
 async fn layer(c: &mut Client, name: &str, secret: &str) -> u64 {
     let key = format!("{name}-tmp");
-    let fs = fs_of(&c.prepare(&key, "").await.unwrap());
+    let fs = bind_source(&c.prepare(&key, "").await.unwrap());
     std::fs::create_dir(fs.join("big")).unwrap();
     for i in 0..100 {
         std::fs::write(fs.join(format!("big/{i}")), vec![7u8; 4096]).unwrap();
     }
     std::fs::write(fs.join("secret"), secret).unwrap();
     c.commit(name, &key).await.unwrap();
-    id_in(fs.to_str().unwrap())
+    id_of(&fs)
 }
 
 /// Starting must be refused, with `needles` in the message, and nothing under `snapshots/`
@@ -88,8 +55,8 @@ async fn refused(d: &TestDaemon, needles: &[&str]) -> String {
 /// and still there once the background deleter has had time to run.
 async fn a_fresh_snapshot_is_its_own(d: &TestDaemon, highest: u64) {
     let mut c = d.client().await;
-    let fs = fs_of(&c.prepare("fresh", "").await.unwrap());
-    let id = id_in(fs.to_str().unwrap());
+    let fs = bind_source(&c.prepare("fresh", "").await.unwrap());
+    let id = id_of(&fs);
     assert!(
         id > highest,
         "ID {id} handed out again (highest on disk was {highest})"
@@ -160,7 +127,7 @@ daemon_test!(
         let snapshots = d.root.join("snapshots");
         let before = contents(&snapshots);
 
-        let looked = offline(&d, &["fsck"]);
+        let looked = d.offline(&["fsck"]);
         let out = text(&looked);
         eprintln!("rollback: fsck: {out}");
         assert_eq!(looked.status.code(), Some(1), "{out}");
@@ -181,7 +148,7 @@ daemon_test!(
             "fsck created a store"
         );
 
-        let repaired = offline(&d, &["fsck", "--repair"]);
+        let repaired = d.offline(&["fsck", "--repair"]);
         let out = text(&repaired);
         eprintln!("rollback: fsck --repair: {out}");
         assert_eq!(repaired.status.code(), Some(1), "{out}");
@@ -192,7 +159,7 @@ daemon_test!(
             "--repair alone deleted unknown layers"
         );
 
-        let deleted = offline(&d, &["fsck", "--repair", "--delete-unknown"]);
+        let deleted = d.offline(&["fsck", "--repair", "--delete-unknown"]);
         let out = text(&deleted);
         eprintln!("rollback: fsck --repair --delete-unknown: {out}");
         assert!(deleted.status.success(), "{out}");
@@ -229,7 +196,7 @@ daemon_test!(
         )
         .await;
 
-        let deleted = offline(&d, &["fsck", "--repair", "--delete-unknown"]);
+        let deleted = d.offline(&["fsck", "--repair", "--delete-unknown"]);
         let out = text(&deleted);
         eprintln!("rollback: fsck --repair --delete-unknown: {out}");
         assert!(deleted.status.success(), "{out}");
@@ -253,11 +220,7 @@ daemon_test!(
 daemon_test!(
     a_directory_planted_for_the_next_id_is_never_adopted,
     |d, mut c| {
-        let first = id_in(
-            fs_of(&c.prepare("first", "").await.unwrap())
-                .to_str()
-                .unwrap(),
-        );
+        let first = id_of(bind_source(&c.prepare("first", "").await.unwrap()));
         let snapshots = d.root.join("snapshots");
         let planted = snapshots.join((first + 1).to_string());
         std::fs::create_dir_all(planted.join("fs/old-layer")).unwrap();
@@ -267,8 +230,8 @@ daemon_test!(
         std::os::unix::fs::symlink(&elsewhere, snapshots.join((first + 2).to_string())).unwrap();
 
         for key in ["second", "third"] {
-            let fs = fs_of(&c.prepare(key, "").await.unwrap());
-            let id = id_in(fs.to_str().unwrap());
+            let fs = bind_source(&c.prepare(key, "").await.unwrap());
+            let id = id_of(&fs);
             assert!(id > first + 2, "{key} took planted ID {id}");
             assert!(fs.symlink_metadata().unwrap().is_dir());
             assert_eq!(
@@ -288,7 +251,7 @@ daemon_test!(
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
         for key in ["second", "third"] {
-            let fs = fs_of(&c.mounts(key).await.unwrap());
+            let fs = bind_source(&c.mounts(key).await.unwrap());
             assert!(fs.is_dir(), "{key}'s directory was deleted under it");
         }
     }

@@ -6,55 +6,26 @@
 
 use std::{
     collections::{BTreeSet, HashMap},
-    os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt},
+    os::unix::{
+        fs::{FileTypeExt, MetadataExt, PermissionsExt},
+        net::UnixStream,
+    },
     path::{Path, PathBuf},
-    process::{Command, Output, Stdio},
+    process::Stdio,
     sync::Arc,
     time::{Duration, SystemTime},
 };
 
-use containerd_snapshots::api::{
-    snapshots::v1::{Info, ListSnapshotsRequest, UpdateSnapshotRequest, ViewSnapshotRequest},
-    types::Mount,
-};
+use containerd_snapshots::api::snapshots::v1::ListSnapshotsRequest;
 use tonic::Code;
 
 use crate::util::*;
 
-const UPPERDIR: &str = "containerd.io/snapshot/overlay.upperdir";
 const GC_ROOT: &str = "containerd.io/gc.root";
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------------------------
-
-/// The snapshot's own `fs` directory, from the mounts of an *active* snapshot: the source of
-/// its bind mount, or the `upperdir=` of its overlay.
-fn own_fs(mounts: &[Mount]) -> PathBuf {
-    assert_eq!(mounts.len(), 1, "one mount: {mounts:?}");
-    let m = &mounts[0];
-    match m.r#type.as_str() {
-        "bind" => PathBuf::from(&m.source),
-        "overlay" => PathBuf::from(
-            m.options
-                .iter()
-                .find_map(|o| o.strip_prefix("upperdir="))
-                .unwrap_or_else(|| panic!("no upperdir in {m:?}")),
-        ),
-        other => panic!("unexpected mount type {other:?}"),
-    }
-}
-
-/// The `<id>` of `<root>/snapshots/<id>/fs`.
-fn id_of(fs: &Path) -> String {
-    assert_eq!(fs.file_name().unwrap(), "fs", "{}", fs.display());
-    fs.parent()
-        .unwrap()
-        .file_name()
-        .unwrap()
-        .to_string_lossy()
-        .into_owned()
-}
 
 fn time(ts: &Option<prost_types::Timestamp>) -> SystemTime {
     SystemTime::try_from(ts.clone().expect("timestamp set")).expect("valid timestamp")
@@ -74,78 +45,15 @@ async fn commit_new(
     own_fs(&mounts)
 }
 
-async fn view_with(
-    c: &mut Client,
-    key: &str,
-    parent: &str,
-    labels: HashMap<String, String>,
-) -> Res<Vec<Mount>> {
-    let req = ViewSnapshotRequest {
-        snapshotter: "lamina".into(),
-        key: key.into(),
-        parent: parent.into(),
-        labels,
-    };
-    Ok(c.inner.view(req).await?.into_inner().mounts)
-}
-
-fn info(name: &str, labels: HashMap<String, String>) -> Info {
-    Info {
-        name: name.into(),
-        labels,
-        ..Info::default()
-    }
-}
-
 fn names(v: &[&str]) -> Vec<String> {
     let mut out: Vec<String> = v.iter().map(|s| s.to_string()).collect();
     out.sort();
     out
 }
 
-fn mode(path: &Path) -> u32 {
-    std::fs::symlink_metadata(path)
-        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-        .permissions()
-        .mode()
-        & 0o7777
-}
-
 /// `st_blocks * 512` of one path.
 fn bytes_of(path: &Path) -> i64 {
     std::fs::symlink_metadata(path).unwrap().blocks() as i64 * 512
-}
-
-/// The lamina binary, not through TestDaemon (which always uses its own root and socket).
-fn lamina(args: &[&std::ffi::OsStr]) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_lamina"));
-    cmd.args(args).env("RUST_LOG", "warn");
-    cmd
-}
-
-/// Runs `cmd` to completion with output captured; fails the test if it runs over 20 s.
-fn run_to_exit(mut cmd: Command) -> Output {
-    let child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("starting lamina");
-    let pid = child.id();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    match rx.recv_timeout(Duration::from_secs(20)) {
-        Ok(out) => out.unwrap(),
-        Err(_) => {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid as i32),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-            panic!("lamina (pid {pid}) was expected to exit but still ran after 20 s");
-        }
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -225,9 +133,7 @@ daemon_test!(
         ]);
         c.prepare_with("a", "", l.clone()).await.unwrap();
         commit_new(&mut c, "p", "", labels(&[])).await;
-        view_with(&mut c, "v", "p", labels(&[("v", "1")]))
-            .await
-            .unwrap();
+        c.view_with("v", "p", labels(&[("v", "1")])).await.unwrap();
         let t1 = SystemTime::now();
 
         let a = c.stat("a").await.unwrap();
@@ -457,8 +363,8 @@ daemon_test!(remove_frees_the_key_and_the_name_at_once, |_d, mut c| {
 daemon_test!(
     remove_deletes_the_directory_in_the_background,
     |d, mut c| {
-        let a = id_of(&own_fs(&c.prepare("a", "").await.unwrap()));
-        let b = id_of(&own_fs(&c.prepare("b", "").await.unwrap()));
+        let a = id_of(own_fs(&c.prepare("a", "").await.unwrap())).to_string();
+        let b = id_of(own_fs(&c.prepare("b", "").await.unwrap())).to_string();
         let mut both = vec![a.clone(), b.clone()];
         both.sort();
         assert_eq!(d.snapshot_dirs(), both);
@@ -499,8 +405,8 @@ daemon_test!(
     sync_remove_deletes_the_directory_before_answering,
     config = "sync_remove = true\n",
     |d, mut c| {
-        let p = id_of(&commit_new(&mut c, "p", "", labels(&[])).await);
-        let a = id_of(&own_fs(&c.prepare("a", "p").await.unwrap()));
+        let p = id_of(&commit_new(&mut c, "p", "", labels(&[])).await).to_string();
+        let a = id_of(own_fs(&c.prepare("a", "p").await.unwrap())).to_string();
         let mut both = vec![p.clone(), a];
         both.sort();
         assert_eq!(d.snapshot_dirs(), both);
@@ -521,9 +427,7 @@ daemon_test!(stat_reports_every_field, |_d, mut c| {
     c.prepare_with("a", "p", labels(&[("l", "a")]))
         .await
         .unwrap();
-    view_with(&mut c, "v", "p", labels(&[("l", "v")]))
-        .await
-        .unwrap();
+    c.view_with("v", "p", labels(&[("l", "v")])).await.unwrap();
 
     // The wire numbers of containerd's snapshots.v1.Kind: VIEW 1, ACTIVE 2, COMMITTED 3.
     for (key, parent, kind) in [("p", "", 3), ("a", "p", 2), ("v", "p", 1)] {
@@ -654,15 +558,7 @@ daemon_test!(
         assert_eq!(c.stat("a").await.unwrap(), got);
 
         // No info at all.
-        let res = c
-            .inner
-            .update(UpdateSnapshotRequest {
-                snapshotter: "lamina".into(),
-                info: None,
-                update_mask: None,
-            })
-            .await;
-        assert_code(res, Code::InvalidArgument, "");
+        assert_code(c.update_with(None, None).await, Code::InvalidArgument, "");
 
         assert_code(
             c.update(info("nope", labels(&[])), &[]).await,
@@ -777,11 +673,11 @@ daemon_test!(list_filters_of_the_conformance_walk, |_d, mut c| {
     c.prepare_with("p-tmp", "", gc()).await.unwrap();
     c.commit_with("p", "p-tmp", gc()).await.unwrap();
     c.prepare_with("a", "p", gc()).await.unwrap();
-    view_with(&mut c, "v", "p", gc()).await.unwrap();
+    c.view_with("v", "p", gc()).await.unwrap();
     c.prepare_with("p-wl-tmp", "", gc()).await.unwrap();
     c.commit_with("p-wl", "p-wl-tmp", gc_l("1")).await.unwrap();
     c.prepare_with("a-wl", "p-wl", gc_l("2")).await.unwrap();
-    view_with(&mut c, "v-wl", "p-wl", gc_l("3")).await.unwrap();
+    c.view_with("v-wl", "p-wl", gc_l("3")).await.unwrap();
     c.prepare_with("a-np-wl", "", gc_l("2")).await.unwrap();
 
     let cases: [(&[&str], &[&str]); 10] = [
@@ -833,7 +729,7 @@ daemon_test!(list_filter_syntax, |_d, mut c| {
     .await
     .unwrap();
     commit_new(&mut c, "n2", "", labels(&[("l", "two"), ("a.b", "dot")])).await;
-    view_with(&mut c, "layer-10", "n2", labels(&[("l", "pipe|x")]))
+    c.view_with("layer-10", "n2", labels(&[("l", "pipe|x")]))
         .await
         .unwrap();
     let all = names(&["n1", "n2", "layer-10"]);
@@ -1034,7 +930,10 @@ daemon_test!(
         assert_eq!(v_fs.file_name().unwrap(), "fs");
         assert_eq!(v_fs.parent().unwrap().parent().unwrap(), snapshots);
         assert_ne!(v_fs, p_fs, "a view reports its own fs, not its parent's");
-        let mut dirs = vec![id_of(&p_fs), id_of(&a_fs), id_of(&v_fs)];
+        let mut dirs: Vec<String> = [&p_fs, &a_fs, &v_fs]
+            .iter()
+            .map(|fs| id_of(fs).to_string())
+            .collect();
         dirs.sort();
         assert_eq!(d.snapshot_dirs(), dirs);
         for info in [&p, &a, &v] {
@@ -1189,7 +1088,7 @@ daemon_test!(oversized_labels_are_refused, |d, mut c| {
         "",
     );
     assert_code(
-        view_with(&mut c, "big", "", labels(&[(key, &over)])).await,
+        c.view_with("big", "", labels(&[(key, &over)])).await,
         Code::InvalidArgument,
         "",
     );
@@ -1229,8 +1128,8 @@ daemon_test!(oversized_labels_are_refused, |d, mut c| {
 daemon_test!(socket_is_a_0660_socket_and_root_is_0700, |d| {
     let meta = std::fs::symlink_metadata(&d.socket).unwrap();
     assert!(meta.file_type().is_socket());
-    assert_eq!(mode(&d.socket), 0o660);
-    assert_eq!(mode(&d.root), 0o700);
+    assert_eq!(mode_of(&d.socket), 0o660);
+    assert_eq!(mode_of(&d.root), 0o700);
 });
 
 daemon_test!(
@@ -1239,7 +1138,7 @@ daemon_test!(
         c.prepare("a", "").await.unwrap();
         let other_root = d.scratch("other-root");
 
-        let out = run_to_exit(lamina(&[
+        let out = run_to_exit(lamina([
             "serve".as_ref(),
             "--root".as_ref(),
             other_root.as_os_str(),
@@ -1264,7 +1163,7 @@ root_test!(an_address_that_is_not_a_socket_is_left_alone, || {
     let dir = tempfile::tempdir().unwrap();
     let address = dir.path().join("lamina.sock");
     std::fs::write(&address, b"precious").unwrap();
-    let out = run_to_exit(lamina(&[
+    let out = run_to_exit(lamina([
         "serve".as_ref(),
         "--root".as_ref(),
         dir.path().join("root").as_os_str(),
@@ -1285,12 +1184,12 @@ daemon_test!(a_stale_socket_is_replaced, |mut d, mut c| {
         .unwrap()
         .file_type()
         .is_socket());
-    assert!(std::os::unix::net::UnixStream::connect(&d.socket).is_err());
+    assert!(UnixStream::connect(&d.socket).is_err());
 
     d.spawn().await;
     let mut c = d.client().await;
     assert_eq!(c.stat("a").await.unwrap().kind, ACTIVE);
-    assert_eq!(mode(&d.socket), 0o660);
+    assert_eq!(mode_of(&d.socket), 0o660);
 });
 
 daemon_test!(sigterm_exits_zero_and_removes_the_socket, |mut d, mut c| {
@@ -1334,7 +1233,7 @@ daemon_test!(data_persists_across_restart, |mut d, mut c| {
     );
     assert_eq!(c.list(&[]).await.unwrap(), names(&keys));
     assert_code(c.remove("P").await, Code::FailedPrecondition, "P");
-    let new = id_of(&own_fs(&c.prepare("b", "").await.unwrap()));
+    let new = id_of(own_fs(&c.prepare("b", "").await.unwrap())).to_string();
     assert!(!dirs.contains(&new), "IDs are not handed out again");
 });
 
@@ -1343,7 +1242,7 @@ root_test!(an_unknown_config_key_is_refused_by_name, || {
     let config = dir.path().join("config.toml");
     std::fs::write(&config, "sync_remove = true\nbogus_option = 1\n").unwrap();
     let address = dir.path().join("lamina.sock");
-    let out = run_to_exit(lamina(&[
+    let out = run_to_exit(lamina([
         "serve".as_ref(),
         "--config".as_ref(),
         config.as_os_str(),
@@ -1399,9 +1298,8 @@ root_test!(
                         | AddWatchFlags::IN_ATTRIB,
                 )
                 .unwrap();
-            let mut cmd = Command::new(env!("CARGO_BIN_EXE_lamina"));
-            cmd.arg("serve")
-                .arg("--root")
+            let mut cmd = lamina(["serve"]);
+            cmd.arg("--root")
                 .arg(dir.path().join("root"))
                 .arg("--address")
                 .arg(&socket)
@@ -1419,33 +1317,34 @@ root_test!(
 
             // (what happened to the name, its mode in octal read right then)
             let mut seen: Vec<(String, Option<String>)> = Vec::new();
-            let deadline = std::time::Instant::now() + Duration::from_secs(20);
-            let mut answered = false;
-            while !answered {
-                assert!(std::time::Instant::now() < deadline, "lamina did not serve");
-                assert!(child.try_wait().unwrap().is_none(), "lamina exited");
-                // Once it answers, every event of its start-up is queued already.
-                answered = std::os::unix::net::UnixStream::connect(&socket).is_ok();
-                loop {
-                    let events = match inotify.read_events() {
-                        Ok(events) => events,
-                        Err(nix::errno::Errno::EAGAIN) => break,
-                        Err(e) => panic!("inotify: {e}"),
-                    };
-                    for e in events {
-                        if e.name.as_deref() != Some(std::ffi::OsStr::new("lamina.sock")) {
-                            continue;
+            let served = wait_for(
+                Duration::from_secs(20),
+                Duration::from_millis(2),
+                async || {
+                    assert!(child.try_wait().unwrap().is_none(), "lamina exited");
+                    // Once it answers, every event of its start-up is queued already.
+                    let answered = UnixStream::connect(&socket).is_ok();
+                    loop {
+                        let events = match inotify.read_events() {
+                            Ok(events) => events,
+                            Err(nix::errno::Errno::EAGAIN) => break,
+                            Err(e) => panic!("inotify: {e}"),
+                        };
+                        for e in events {
+                            if e.name.as_deref() != Some(std::ffi::OsStr::new("lamina.sock")) {
+                                continue;
+                            }
+                            let mode = std::fs::symlink_metadata(&socket)
+                                .ok()
+                                .map(|m| format!("{:o}", m.permissions().mode() & 0o7777));
+                            seen.push((format!("{:?}", e.mask), mode));
                         }
-                        let mode = std::fs::symlink_metadata(&socket)
-                            .ok()
-                            .map(|m| format!("{:o}", m.permissions().mode() & 0o7777));
-                        seen.push((format!("{:?}", e.mask), mode));
                     }
-                }
-                if !answered {
-                    tokio::time::sleep(Duration::from_millis(2)).await;
-                }
-            }
+                    answered.then_some(())
+                },
+            )
+            .await;
+            assert!(served.is_some(), "lamina did not serve");
             let appeared = seen
                 .iter()
                 .position(|(what, _)| what.contains("IN_CREATE") || what.contains("IN_MOVED_TO"))
@@ -1458,7 +1357,7 @@ root_test!(
                 );
                 assert_eq!(mode.as_deref(), Some("660"), "round {round}: {seen:?}");
             }
-            assert_eq!(mode(&socket), 0o660);
+            assert_eq!(mode_of(&socket), 0o660);
 
             // Serving (a SIGTERM during start-up would exit before the line below is logged).
             let mut c = Client::connect(&socket).await;
@@ -1473,10 +1372,9 @@ root_test!(
                 ["lamina.sock"],
                 "once serving, nothing else is left beside it"
             );
-            signal(child.id(), nix::sys::signal::Signal::SIGTERM);
-            let out = child.wait_with_output().unwrap();
+            let out = terminate(child);
             assert!(out.status.success(), "{out:?}");
-            let logs = String::from_utf8_lossy(&out.stderr);
+            let logs = stderr(&out);
             let serving = logs
                 .lines()
                 .find(|l| l.contains(" serving "))
@@ -1543,38 +1441,31 @@ daemon_test!(
 
         // A given-up Prepare finishes in the background; give it a moment, no more.
         let mut c = d.client().await;
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        loop {
-            let mut missing = Vec::new();
-            let keys = c.list(&[]).await.unwrap();
-            for key in &keys {
-                let mounts = c.mounts(key).await.unwrap();
-                let fs = bind_source_of(&mounts);
-                let work = fs.parent().unwrap().join("work");
-                if !fs.is_dir() || !work.is_dir() {
-                    missing.push(key.clone());
+        let mut missing = Vec::new();
+        let keys = wait_for(
+            Duration::from_secs(5),
+            Duration::from_millis(50),
+            async || {
+                missing.clear();
+                let keys = c.list(&[]).await.unwrap();
+                for key in &keys {
+                    let fs = bind_source(&c.mounts(key).await.unwrap());
+                    let work = fs.parent().unwrap().join("work");
+                    if !fs.is_dir() || !work.is_dir() {
+                        missing.push(key.clone());
+                    }
                 }
-            }
-            if missing.is_empty() {
-                assert!(
-                    keys.len() >= answered,
-                    "{} snapshots listed, {answered} Prepares answered",
-                    keys.len()
-                );
-                break;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "snapshots without their directories ({gave_up} Prepares given up): {missing:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+                missing.is_empty().then_some(keys)
+            },
+        )
+        .await
+        .unwrap_or_else(|| {
+            panic!("snapshots without their directories ({gave_up} Prepares given up): {missing:?}")
+        });
+        assert!(
+            keys.len() >= answered,
+            "{} snapshots listed, {answered} Prepares answered",
+            keys.len()
+        );
     }
 );
-
-/// The `fs` directory a parentless active snapshot's bind mount names.
-fn bind_source_of(mounts: &[Mount]) -> PathBuf {
-    assert_eq!(mounts.len(), 1, "{mounts:?}");
-    assert_eq!(mounts[0].r#type, "bind", "{mounts:?}");
-    PathBuf::from(&mounts[0].source)
-}

@@ -6,10 +6,12 @@ use std::{
     time::{Duration, Instant},
 };
 
+use nix::sys::signal::Signal;
+
 use crate::util::*;
 
 /// Reads notification datagrams until one contains `want` or `limit` passes.
-fn wait_for(sock: &UnixDatagram, want: &str, limit: Duration) -> Option<Instant> {
+fn notification(sock: &UnixDatagram, want: &str, limit: Duration) -> Option<Instant> {
     let deadline = Instant::now() + limit;
     let mut buf = [0u8; 4096];
     while Instant::now() < deadline {
@@ -40,20 +42,18 @@ root_test!(
         let notify_path = dir.path().join("notify");
         let notify = UnixDatagram::bind(&notify_path).unwrap();
         let socket = dir.path().join("lamina.sock");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_lamina"))
-            .args(["serve", "--root"])
+        let mut child = lamina(["serve", "--root"])
             .arg(dir.path().join("root"))
             .arg("--address")
             .arg(&socket)
             .env("NOTIFY_SOCKET", &notify_path)
             .env("WATCHDOG_USEC", "200000")
-            .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .spawn()
             .unwrap();
 
         assert!(
-            wait_for(&notify, "READY=1", Duration::from_secs(20)).is_some(),
+            notification(&notify, "READY=1", Duration::from_secs(20)).is_some(),
             "no READY=1"
         );
         // READY=1 means requests are answered now, not merely that the process runs.
@@ -63,23 +63,19 @@ root_test!(
         // WATCHDOG_USEC=200ms: pings come at half that; two in a second is well inside the limit.
         let start = Instant::now();
         assert!(
-            wait_for(&notify, "WATCHDOG=1", Duration::from_secs(1)).is_some(),
+            notification(&notify, "WATCHDOG=1", Duration::from_secs(1)).is_some(),
             "no WATCHDOG=1"
         );
         assert!(
-            wait_for(&notify, "WATCHDOG=1", Duration::from_secs(1)).is_some(),
+            notification(&notify, "WATCHDOG=1", Duration::from_secs(1)).is_some(),
             "no second WATCHDOG=1"
         );
         assert!(start.elapsed() < Duration::from_secs(2));
 
         drop(c);
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(child.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        )
-        .unwrap();
+        signal(child.id(), Signal::SIGTERM);
         assert!(
-            wait_for(&notify, "STOPPING=1", Duration::from_secs(10)).is_some(),
+            notification(&notify, "STOPPING=1", Duration::from_secs(10)).is_some(),
             "no STOPPING=1"
         );
         assert!(child.wait().unwrap().success());
@@ -108,14 +104,16 @@ root_test!(serves_the_socket_systemd_passes, threads = 2, || {
         .stderr(Stdio::piped())
         .spawn()
         .expect("systemd-socket-activate (Debian's systemd package) must be installed");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !socket.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "systemd-socket-activate did not create the socket"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let made = wait_for(
+        Duration::from_secs(10),
+        Duration::from_millis(20),
+        async || socket.exists().then_some(()),
+    )
+    .await;
+    assert!(
+        made.is_some(),
+        "systemd-socket-activate did not create the socket"
+    );
     // The first connection waits in the backlog while lamina starts behind it.
     let mut c = Client::connect(&socket).await;
     c.prepare("k", "").await.unwrap();
@@ -123,18 +121,13 @@ root_test!(serves_the_socket_systemd_passes, threads = 2, || {
     assert!(root.join("metadata.redb").exists());
     assert!(!std::path::Path::new("/nonexistent/dir").exists());
     drop(c);
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = terminate(child);
     assert!(out.status.success());
     assert!(
         socket.exists(),
         "an inherited socket belongs to systemd and stays"
     );
-    let logs = String::from_utf8_lossy(&out.stderr);
+    let logs = stderr(&out);
     assert!(logs.contains("socket_group is ignored"), "{logs}");
     let serving = logs.lines().find(|l| l.contains(" serving ")).unwrap();
     assert!(serving.contains("activated.sock"), "{serving}");
@@ -204,12 +197,11 @@ impl Drop for Booted {
             nix::unistd::Pid::from_raw(pid as i32),
             nix::sys::signal::Signal::SIGTERM,
         );
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < deadline {
-            if self.nspawn.try_wait().ok().flatten().is_some() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
+        let halted = wait_for_blocking(Duration::from_secs(30), Duration::from_millis(50), || {
+            self.nspawn.try_wait().ok().flatten()
+        });
+        if halted.is_some() {
+            return;
         }
         let _ = self.nspawn.kill();
         let _ = self.nspawn.wait();
@@ -306,8 +298,7 @@ root_test!(
             leader: 0,
             console: console.clone(),
         };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        booted.leader = loop {
+        let leader = wait_for_blocking(Duration::from_secs(30), Duration::from_millis(50), || {
             // nspawn's child that is PID 1 of its own PID namespace (NSpid: <here> 1); nspawn's
             // other, short-lived children are not.
             let leader = std::fs::read_dir("/proc").unwrap().find_map(|e| {
@@ -324,8 +315,8 @@ root_test!(
                 (ppid == [nspawn_pid.to_string()] && nspid == [pid.to_string(), "1".to_string()])
                     .then_some(pid)
             });
-            if let Some(leader) = leader {
-                break leader;
+            if leader.is_some() {
+                return leader;
             }
             if let Ok(Some(status)) = booted.nspawn.try_wait() {
                 panic!(
@@ -333,48 +324,49 @@ root_test!(
                     std::fs::read_to_string(&console).unwrap_or_default()
                 );
             }
-            assert!(Instant::now() < deadline, "no container PID 1 within 30 s");
-            std::thread::sleep(Duration::from_millis(50));
-        };
+            None
+        });
+        booted.leader = leader.expect("no container PID 1 within 30 s");
 
         // Served through lamina.socket: the first request starts lamina if it is not up yet.
         let socket = path("run/lamina.sock");
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let mut c = loop {
-            if socket.exists() {
-                let attempt = tokio::time::timeout(Duration::from_secs(5), async {
-                    let mut c = Client::connect(&socket).await;
-                    c.list(&[]).await.map(|_| c)
-                })
-                .await;
-                if let Ok(Ok(c)) = attempt {
-                    break c;
+        let c = wait_for(
+            Duration::from_secs(60),
+            Duration::from_millis(200),
+            async || {
+                if socket.exists() {
+                    let attempt = tokio::time::timeout(Duration::from_secs(5), async {
+                        let mut c = Client::connect(&socket).await;
+                        c.list(&[]).await.map(|_| c)
+                    })
+                    .await;
+                    if let Ok(Ok(c)) = attempt {
+                        return Some(c);
+                    }
                 }
-            }
-            if let Ok(Some(status)) = booted.nspawn.try_wait() {
-                panic!("the container stopped ({status}):\n{}", booted.logs());
-            }
-            let state = booted.run(&[
-                "systemctl",
-                "show",
-                "-p",
-                "NRestarts",
-                "--value",
-                "lamina.service",
-            ]);
-            let restarts = String::from_utf8_lossy(&state.stdout).trim().to_string();
-            assert!(
-                restarts.is_empty() || restarts == "0",
-                "lamina failed to start under its unit ({restarts} restarts):\n{}",
-                booted.logs()
-            );
-            assert!(
-                Instant::now() < deadline,
-                "lamina did not answer within 60 s:\n{}",
-                booted.logs()
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        };
+                if let Ok(Some(status)) = booted.nspawn.try_wait() {
+                    panic!("the container stopped ({status}):\n{}", booted.logs());
+                }
+                let state = booted.run(&[
+                    "systemctl",
+                    "show",
+                    "-p",
+                    "NRestarts",
+                    "--value",
+                    "lamina.service",
+                ]);
+                let restarts = String::from_utf8_lossy(&state.stdout).trim().to_string();
+                assert!(
+                    restarts.is_empty() || restarts == "0",
+                    "lamina failed to start under its unit ({restarts} restarts):\n{}",
+                    booted.logs()
+                );
+                None
+            },
+        )
+        .await;
+        let mut c =
+            c.unwrap_or_else(|| panic!("lamina did not answer within 60 s:\n{}", booted.logs()));
 
         // The sandbox is the unit's: lamina's bounding set has CAP_SYS_ADMIN, CAP_CHOWN,
         // CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH and CAP_FOWNER only (bits 21, 0, 1, 2, 3; not
@@ -403,17 +395,7 @@ root_test!(
                     .unwrap_or_else(|| panic!("{p} is not under the root")),
             )
         };
-        let upper = |m: &[containerd_snapshots::api::types::Mount]| -> std::path::PathBuf {
-            match m[0].r#type.as_str() {
-                "bind" => host(&m[0].source),
-                _ => host(
-                    m[0].options
-                        .iter()
-                        .find_map(|o| o.strip_prefix("upperdir="))
-                        .unwrap(),
-                ),
-            }
-        };
+        let upper = |m: &[Mount]| host(own_fs(m).to_str().unwrap());
         let fill = |dir: &std::path::Path, tag: &str| {
             for d in 0..4 {
                 let sub = dir.join(format!("{tag}-{d}/nested"));
@@ -444,14 +426,7 @@ root_test!(
         assert_eq!(dirs, 2, "Cleanup left the directories of A and B only");
 
         // The admin API: features probed at start-up inside the sandbox, and an online fsck.
-        let cli = |args: &[&str]| {
-            Command::new(env!("CARGO_BIN_EXE_lamina"))
-                .args(args)
-                .arg("--address")
-                .arg(&socket)
-                .output()
-                .unwrap()
-        };
+        let cli = |args: &[&str]| lamina(args).arg("--address").arg(&socket).output().unwrap();
         let status = cli(&["status"]);
         let text = String::from_utf8_lossy(&status.stdout);
         assert!(status.status.success(), "{status:?}");

@@ -1,0 +1,127 @@
+//! Running the lamina binary (and other programs) with a deadline, and signalling them.
+
+use std::{
+    ffi::OsStr,
+    io::{Read, Seek},
+    process::{Child, Command, Output, Stdio},
+    time::Duration,
+};
+
+use nix::sys::signal::Signal;
+
+use super::wait_for_blocking;
+
+/// The lamina binary under test with `args`, logging at `LAMINA_TEST_LOG` (default `warn`).
+pub fn lamina<I, S>(args: I) -> Command
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_lamina"));
+    cmd.args(args).env(
+        "RUST_LOG",
+        std::env::var("LAMINA_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+    );
+    cmd
+}
+
+pub fn signal(pid: u32, sig: Signal) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig).unwrap();
+}
+
+/// SIGKILL, and the exit collected.
+pub fn stop_child(mut child: Child) {
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// SIGTERM to `child`, then its exit status and what it wrote to its pipes; kills it and fails
+/// the test when it has not exited within 15 s.
+pub fn terminate(child: Child) -> Output {
+    let pid = child.id();
+    signal(pid, Signal::SIGTERM);
+    // The pipes are read while waiting, or a child that fills one would never exit.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(Duration::from_secs(15)) {
+        Ok(out) => out.unwrap(),
+        Err(_) => {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGKILL);
+            panic!("pid {pid} did not exit within 15 s of SIGTERM");
+        }
+    }
+}
+
+/// Runs `cmd` until it exits, for at most `limit`: stdin from /dev/null, stdout and stderr
+/// into anonymous files (not pipes, which a grandchild such as a containerd shim would hold
+/// open after the command exits). After `limit` it is killed, and the error says what it
+/// printed so far.
+pub fn run_for(cmd: &mut Command, limit: Duration) -> Result<Output, String> {
+    let what = format!("{cmd:?}");
+    let mut out = tempfile::tempfile().map_err(|e| e.to_string())?;
+    let mut err = tempfile::tempfile().map_err(|e| e.to_string())?;
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(out.try_clone().map_err(|e| e.to_string())?)
+        .stderr(err.try_clone().map_err(|e| e.to_string())?)
+        .spawn()
+        .map_err(|e| format!("cannot start {what}: {e}"))?;
+    let status = wait_for_blocking(limit, Duration::from_millis(20), || {
+        child.try_wait().unwrap()
+    });
+    let read = |f: &mut std::fs::File| {
+        let mut v = Vec::new();
+        let _ = f.rewind().and_then(|()| f.read_to_end(&mut v));
+        v
+    };
+    match status {
+        Some(status) => Ok(Output {
+            status,
+            stdout: read(&mut out),
+            stderr: read(&mut err),
+        }),
+        None => {
+            stop_child(child);
+            Err(format!(
+                "{what} did not finish within {limit:?}; stdout: {}; stderr: {}",
+                String::from_utf8_lossy(&read(&mut out)),
+                String::from_utf8_lossy(&read(&mut err))
+            ))
+        }
+    }
+}
+
+/// Runs `cmd` (see [`run_for`]) and returns its output once it exits, or None when it was
+/// still running after 20 s (killed then: it started serving, say).
+pub fn exits(mut cmd: Command) -> Option<Output> {
+    run_for(&mut cmd, Duration::from_secs(20)).ok()
+}
+
+/// [`exits`] for a command that must exit: fails the test when it is still running after 20 s.
+#[track_caller]
+pub fn run_to_exit(mut cmd: Command) -> Output {
+    run_for(&mut cmd, Duration::from_secs(20)).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// What `o` printed on stdout.
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// What `o` printed on stderr.
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// The line where lamina says why it exits (`lamina: …`), else the last line of `stderr`.
+pub fn final_line(stderr: &[u8]) -> String {
+    let text = String::from_utf8_lossy(stderr);
+    text.lines()
+        .rev()
+        .find(|l| l.starts_with("lamina:"))
+        .or_else(|| text.lines().rev().find(|l| !l.trim().is_empty()))
+        .unwrap_or("")
+        .to_string()
+}
