@@ -514,7 +514,7 @@ daemon_test!(
             let mut v: Vec<String> = d
                 .snapshot_dirs()
                 .into_iter()
-                .filter(|n| !n.bytes().all(|b| b.is_ascii_digit()) || n.starts_with('0'))
+                .filter(|n| !is_decimal(n) || n.starts_with('0'))
                 .collect();
             v.sort();
             v

@@ -130,12 +130,7 @@ fn odd_keys() -> Vec<String> {
 daemon_test!(odd_keys_are_ordinary_keys_and_never_paths, |d| {
     let mut c = big_client(&d).await;
     let snapshots = d.root.join("snapshots").display().to_string();
-    let is_fs = |p: &str| {
-        p.strip_prefix(&snapshots)
-            .and_then(|r| r.strip_prefix('/'))
-            .and_then(|r| r.strip_suffix("/fs"))
-            .is_some_and(|id| !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit()))
-    };
+    let is_fs = |p: &str| is_snapshot_fs(&snapshots, p);
     let keys = odd_keys();
     // The key itself as a label value, unless the label would then exceed 4096 bytes.
     let short = |k: &str| {
@@ -179,10 +174,7 @@ daemon_test!(odd_keys_are_ordinary_keys_and_never_paths, |d| {
             &["does not exist"],
         );
         let child = c.prepare(k, &name).await.unwrap();
-        let lower = child[0]
-            .options
-            .iter()
-            .find_map(|o| o.strip_prefix("lowerdir="))
+        let lower = option(&child[0].options, "lowerdir")
             .unwrap_or_else(|| panic!("child of {what}: {child:?}"));
         assert!(is_fs(lower), "child of {what}: {child:?}");
         let vmounts = c.view(&format!("{k}\u{2}view"), &name).await;

@@ -124,16 +124,15 @@ fn check_mounts(
             if m.r#type != "overlay" || m.source != "overlay" {
                 return fail("expected an overlay mount");
             }
-            let lowerdir: Vec<&str> =
-                match m.options.iter().find_map(|o| o.strip_prefix("lowerdir=")) {
-                    Some(l) => l.split(':').collect(),
-                    None => return fail("no lowerdir="),
-                };
+            let lowerdir: Vec<&str> = match option(&m.options, "lowerdir") {
+                Some(l) => l.split(':').collect(),
+                None => return fail("no lowerdir="),
+            };
             if !same_lowers(&lowerdir) {
                 return fail("lowerdir= is not the chain of parents, nearest first");
             }
-            let upper = m.options.iter().find_map(|o| o.strip_prefix("upperdir="));
-            let work = m.options.iter().any(|o| o.starts_with("workdir="));
+            let upper = option(&m.options, "upperdir");
+            let work = option(&m.options, "workdir").is_some();
             match kind {
                 ACTIVE if !upper.is_some_and(is_fs) || !work => {
                     return fail("an active overlay needs upperdir= and workdir=")
