@@ -444,8 +444,9 @@ async fn build(
     chain
 }
 
-/// The options lamina adds after `lowerdir=` on this host with no configured options
-/// (REFERENCE §2): `index=off` when the kernel has the parameter, `userxattr` in a user namespace.
+/// The options lamina adds after `lowerdir=` on this host with no configured options, as
+/// containerd's overlay snapshotter does: `index=off` when the kernel has the parameter,
+/// `userxattr` in a user namespace.
 fn host_overlay_options() -> Vec<String> {
     let mut out = Vec::new();
     if Path::new("/sys/module/overlay/parameters/index").exists() {

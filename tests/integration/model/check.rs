@@ -84,7 +84,8 @@ fn info_matches(info: &Info, name: &str, s: &Snap) -> Result<(), String> {
     Ok(())
 }
 
-/// Checks the mount shape of REFERENCE.md §2 and that every directory named is
+/// Checks the mount shapes containerd's overlay snapshotter returns (a bind without parents,
+/// else one overlay, lowers nearest first) and that every directory named is
 /// `<root>/snapshots/<decimal>/fs` (keys never become paths).
 fn check_mounts(
     mounts: &[Mount],

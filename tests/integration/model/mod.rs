@@ -1,6 +1,7 @@
 //! Model-based test: random sequences of all ten RPCs run against the real daemon and against a
-//! small in-memory model of REFERENCE.md §4–§8 (kinds, parents, labels, error codes, mount
-//! shapes, filters), compared after every step. The daemon is restarted now and then in the
+//! small in-memory model of what containerd expects of a snapshotter (the RPCs' rules for kinds,
+//! parents and labels, their error codes, mount shapes and List's filters, as containerd's own
+//! overlay snapshotter and its conformance suite have them), compared after every step. The daemon is restarted now and then in the
 //! middle of a sequence, and must still agree with the model afterwards (persistence).
 //!
 //! Deterministic: a fixed seed and a fixed budget in CI. `LAMINA_MODEL_CASES` (sequences),
