@@ -14,14 +14,7 @@
 //! so on the same filesystem. Every workload is cut into rounds that alternate between the two
 //! (and which of them goes first), so both meet the same disk and CPU weather.
 //!
-//! Options (after `--`):
-//!   --smoke             tiny sizes (also LAMINA_BENCH_SMOKE=1)
-//!   --max-scale N       largest store size for the latency curve (default 100000)
-//!   --no-containerd     skip the user-level part (a private containerd, `ctr import`/`run`)
-//!   --only-containerd   run only the user-level part
-//!   --only-durable      run only what durable_commit costs (lamina with it on against off)
-//!   --dir DIR           where the roots go (default /var/tmp); must not be tmpfs to be fair
-//!   --keep              keep the roots and logs afterwards
+//! Options come after `--`; `cargo bench --bench compare -- --help` lists them ([`Args`]).
 //!
 //! Needs root (the snapshotters probe overlayfs; containerd runs containers).
 
@@ -130,65 +123,64 @@ fn cap(sizes: &[usize], max: usize) -> Vec<usize> {
     out
 }
 
+/// lamina against containerd's built-in overlayfs snapshotter, side by side, in one run (as
+/// root).
+#[derive(clap::Parser)]
+#[command(
+    name = "compare",
+    override_usage = "cargo bench --bench compare -- [OPTIONS]",
+    // The old hand-written parser let a flag come twice; so does this one.
+    args_override_self = true
+)]
 struct Args {
+    /// Every workload at a few operations (seconds, not minutes). Also set by
+    /// LAMINA_BENCH_SMOKE=1, and whenever the program runs without --bench.
+    #[arg(long)]
     smoke: bool,
+    /// The largest store size of the latency curve.
+    #[arg(long, value_name = "N", default_value_t = 100_000)]
     max_scale: usize,
-    containerd: bool,
-    snapshotter: bool,
+    /// Leave out the user level (a private containerd, `ctr images import` and `ctr run`).
+    #[arg(long)]
+    no_containerd: bool,
+    /// Run only the user level.
+    #[arg(long)]
+    only_containerd: bool,
+    /// Run only what durable_commit costs (lamina with it on against lamina with it off).
+    #[arg(long)]
     only_durable: bool,
+    /// Where the roots go; not a tmpfs, to be fair to both.
+    #[arg(long, value_name = "DIR", default_value = "/var/tmp")]
     dir: PathBuf,
+    /// Keep the roots and logs afterwards.
+    #[arg(long)]
     keep: bool,
+    /// Passed by `cargo bench` to targets with `harness = false`.
+    #[arg(long, hide = true)]
+    bench: bool,
 }
 
-fn usage() -> ! {
-    eprintln!(
-        "usage: cargo bench --bench compare -- [--smoke] [--max-scale N] [--no-containerd] \
-         [--only-containerd] [--only-durable] [--dir DIR] [--keep]"
-    );
-    std::process::exit(2)
-}
+impl Args {
+    /// The command line, and LAMINA_BENCH_SMOKE.
+    fn from_command_line() -> Args {
+        let mut args = <Args as clap::Parser>::parse();
+        // `cargo test --all-targets` (README's test command) runs this program without --bench,
+        // and then it runs the smoke mode: CI keeps the benchmark building and running without
+        // spending minutes on it.
+        args.smoke |= !args.bench
+            || std::env::var("LAMINA_BENCH_SMOKE").is_ok_and(|v| !v.is_empty() && v != "0");
+        args
+    }
 
-fn parse_args() -> Args {
-    let mut a = Args {
-        smoke: std::env::var("LAMINA_BENCH_SMOKE").is_ok_and(|v| !v.is_empty() && v != "0"),
-        max_scale: 100_000,
-        containerd: true,
-        snapshotter: true,
-        only_durable: false,
-        dir: PathBuf::from("/var/tmp"),
-        keep: false,
-    };
-    // `cargo bench` passes --bench; `cargo test --all-targets` (README's test command) runs this
-    // program without it, and then it runs the smoke mode: CI keeps the benchmark building and
-    // running without spending minutes on it.
-    if !std::env::args().any(|a| a == "--bench") {
-        a.smoke = true;
+    /// Whether the snapshotter level runs (each snapshotter over its own socket).
+    fn snapshotter(&self) -> bool {
+        !self.only_containerd
     }
-    let mut it = std::env::args().skip(1);
-    while let Some(arg) = it.next() {
-        match arg.as_str() {
-            "--smoke" => a.smoke = true,
-            "--no-containerd" => a.containerd = false,
-            "--only-containerd" => a.snapshotter = false,
-            "--only-durable" => a.only_durable = true,
-            "--keep" => a.keep = true,
-            "--max-scale" => {
-                a.max_scale = it
-                    .next()
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or_else(|| usage())
-            }
-            "--dir" => a.dir = it.next().map(PathBuf::from).unwrap_or_else(|| usage()),
-            // cargo bench passes --bench to harness = false targets.
-            "--bench" => {}
-            "-h" | "--help" => usage(),
-            other => {
-                eprintln!("unknown argument {other:?}");
-                usage()
-            }
-        }
+
+    /// Whether the user level runs (through containerd).
+    fn containerd(&self) -> bool {
+        !self.no_containerd
     }
-    a
 }
 
 /// Flushes dirty data so that one workload's writeback does not land in the next one's timing.
@@ -721,7 +713,7 @@ fn require_root() -> bool {
 #[tokio::main]
 async fn main() {
     std::sync::LazyLock::force(&START);
-    let args = parse_args();
+    let args = Args::from_command_line();
     if !require_root() {
         return;
     }
@@ -751,12 +743,12 @@ async fn main() {
         if args.smoke { "smoke" } else { "full" }
     );
     println!("{}", machine(base.path()));
-    if args.snapshotter && !args.only_durable {
+    if args.snapshotter() && !args.only_durable {
         let main = main_sequence(base.path(), &bins, &s).await;
         let (points, scale_rss) = scale_sequence(base.path(), &bins, &s).await;
         println!("{}", snapshotter_report(&s, &main, &points, &scale_rss));
     }
-    if args.containerd && !args.only_durable {
+    if args.containerd() && !args.only_durable {
         println!(
             "### User level (one containerd: its built-in `overlayfs` vs `lamina` as its proxy plugin)\n"
         );
@@ -779,15 +771,15 @@ async fn main() {
             }
         }
     }
-    if args.snapshotter || args.containerd {
+    if args.snapshotter() || args.containerd() {
         println!("### durable_commit: what a durable Commit costs (lamina against itself)\n");
         let mut rows = Vec::new();
-        if args.snapshotter {
+        if args.snapshotter() {
             rows.extend(durable_sequence(base.path(), &bins, &s).await);
         }
         match containerd::missing_tools() {
-            Some(why) if args.containerd => println!("`ctr images import` skipped: {why}\n"),
-            None if args.containerd => {
+            Some(why) if args.containerd() => println!("`ctr images import` skipped: {why}\n"),
+            None if args.containerd() => {
                 stage("durable_commit on and off: `ctr images import`");
                 let dir = base.path().join("durable-user");
                 let ([on, off], layers) = containerd::durable_import(&dir, &bins, &s);
