@@ -13,6 +13,7 @@ use std::{
 use crate::{
     client::Target,
     image,
+    pair::{alternate, chunk, Pair},
     report::{median, Row, Val},
     server::{Bins, Kind, Server},
     workloads, Sizes,
@@ -201,21 +202,21 @@ impl Drop for Containerd {
     }
 }
 
-/// True when backend `i` (0 lamina, 1 overlayfs) has no snapshot directory left.
-fn backend_empty(c: &Containerd, lamina: &Server, i: usize) -> bool {
-    let dir = if i == 0 {
-        lamina.root.join("snapshots")
-    } else {
-        c.dir
-            .join("root/io.containerd.snapshotter.v1.overlayfs/snapshots")
-    };
-    fs::read_dir(dir).map(|d| d.count() == 0).unwrap_or(true)
+/// One snapshotter as containerd's client sees it: its name in containerd, the target that
+/// reaches it through containerd, the snapshots the benchmark holds on it, and what it measured.
+struct Side {
+    snapshotter: &'static str,
+    target: Target,
+    /// Where the backend keeps its snapshot directories.
+    snapshots_dir: PathBuf,
+    live: Vec<String>,
+    serial: Duration,
+    concurrent: Duration,
+    import: Vec<Duration>,
+    run: Vec<Duration>,
 }
 
-/// The two snapshotters as containerd names them, in the order of [`Kind`].
-const SNAPSHOTTERS: [&str; 2] = ["lamina", "overlayfs"];
-
-/// Runs the user-level workloads; returns their rows (lamina, overlay).
+/// Runs the user-level workloads; returns their rows.
 pub async fn run(dir: &Path, bins: &Bins, sizes: &Sizes) -> Vec<Row> {
     let mut lamina = Server::start(Kind::Lamina, bins, &dir.join("lamina"));
     let c = Containerd::start(&dir.join("ctrd"), &lamina.target.socket);
@@ -225,57 +226,68 @@ pub async fn run(dir: &Path, bins: &Bins, sizes: &Sizes) -> Vec<Row> {
         c.dir.display()
     );
 
-    // [lamina, overlay]; rounds alternate between them as in the snapshotter-level part.
-    let targets: Vec<Target> = SNAPSHOTTERS
-        .iter()
-        .map(|sn| c.target(sn, &format!("bench-{sn}")))
-        .collect();
-    for t in &targets {
+    let mut sides = Pair::new(|kind| {
+        let (snapshotter, snapshots_dir) = match kind {
+            Kind::Lamina => ("lamina", lamina.root.join("snapshots")),
+            Kind::Overlay => (
+                "overlayfs",
+                c.dir
+                    .join("root/io.containerd.snapshotter.v1.overlayfs/snapshots"),
+            ),
+        };
+        Side {
+            snapshotter,
+            target: c.target(snapshotter, &format!("bench-{snapshotter}")),
+            snapshots_dir,
+            live: Vec::new(),
+            serial: Duration::ZERO,
+            concurrent: Duration::ZERO,
+            import: Vec::new(),
+            run: Vec::new(),
+        }
+    });
+    for side in sides.each_mut() {
         // containerd dials a proxy plugin on first use: not part of the timing.
-        t.client().await.list_count().await;
+        side.target.client().await.list_count().await;
     }
-    let mut live: [Vec<String>; 2] = Default::default();
-    let mut serial = [Duration::ZERO; 2];
-    let mut conc = [Duration::ZERO; 2];
-    for r in 0..sizes.rounds {
-        for i in crate::order(r) {
-            crate::sync_disks();
-            let range = crate::chunk(sizes.user_pairs, sizes.rounds, r);
-            let (wall, _) =
-                workloads::serial_pairs(&targets[i], "cserial", range, 10, "", &mut live[i]).await;
-            serial[i] += wall;
-        }
-    }
-    for r in 0..sizes.rounds {
-        for i in crate::order(r) {
-            crate::sync_disks();
-            let range = crate::chunk(sizes.user_concurrent, sizes.rounds, r);
-            conc[i] += workloads::concurrent_pairs(
-                &targets[i],
-                "cconc",
-                range.start,
-                range.len(),
-                sizes.clients,
-                10,
-                &mut live[i],
-            )
-            .await;
-        }
-    }
-    for (i, sn) in SNAPSHOTTERS.iter().enumerate() {
+    alternate(0..sizes.rounds, sides.each_mut(), async |r, side| {
+        crate::sync_disks();
+        let range = chunk(sizes.user_pairs, sizes.rounds, r);
+        let (wall, _) =
+            workloads::serial_pairs(&side.target, "cserial", range, 10, "", &mut side.live).await;
+        side.serial += wall;
+    })
+    .await;
+    alternate(0..sizes.rounds, sides.each_mut(), async |r, side| {
+        crate::sync_disks();
+        let range = chunk(sizes.user_concurrent, sizes.rounds, r);
+        side.concurrent += workloads::concurrent_pairs(
+            &side.target,
+            "cconc",
+            range.start,
+            range.len(),
+            sizes.clients,
+            10,
+            &mut side.live,
+        )
+        .await;
+    })
+    .await;
+    for side in sides.each_mut() {
+        let sn = side.snapshotter;
         // Not timed: through containerd, Remove only drops containerd's record and its
         // garbage collector removes the snapshot later.
-        let doomed: Vec<String> = live[i].iter().rev().cloned().collect();
-        workloads::removes(&targets[i], &doomed).await;
+        let doomed: Vec<String> = side.live.iter().rev().cloned().collect();
+        workloads::removes(&side.target, &doomed).await;
         // Let containerd's collector reach the backend before anything else is timed: it
         // runs on its own only every 100 changes, so force a run (deleting a lease with
         // --sync collects synchronously), then wait for the directories to go.
         let ns = format!("bench-{sn}");
-        let lease = format!("gc-{i}");
+        let lease = format!("gc-{sn}");
         c.ctr_ok(&ns, &["leases", "create", "--id", &lease]);
         c.ctr_ok(&ns, &["leases", "delete", "--sync", &lease]);
         let deadline = Instant::now() + Duration::from_secs(120);
-        while !backend_empty(&c, &lamina, i) {
+        while !is_empty(&side.snapshots_dir) {
             assert!(
                 Instant::now() < deadline,
                 "containerd did not garbage-collect the {sn} snapshots within 120 s"
@@ -287,36 +299,32 @@ pub async fn run(dir: &Path, bins: &Bins, sizes: &Sizes) -> Vec<Row> {
     let archive = dir.join("image.tar");
     let layers = image::write_archive(&archive, IMAGE, sizes.image_layers, sizes.image_files);
     let archive = archive.to_str().expect("UTF-8 path").to_string();
-    let mut import = [Vec::new(), Vec::new()];
-    let mut run = [Vec::new(), Vec::new()];
-    for rep in 0..sizes.user_reps {
-        for i in crate::order(rep) {
-            let sn = SNAPSHOTTERS[i];
-            let ns = format!("img-{sn}-{rep}");
-            // The content first, untimed, so the timed import only unpacks the layers.
-            c.ctr_ok(&ns, &["images", "import", "--no-unpack", &archive]);
-            crate::sync_disks();
-            import[i].push(c.ctr_ok(&ns, &["images", "import", "--snapshotter", sn, &archive]));
-            crate::sync_disks();
-            let id = format!("run{rep}");
-            run[i].push(c.ctr_ok(
-                &ns,
-                &["run", "--rm", "--snapshotter", sn, IMAGE, &id, "/bin/true"],
-            ));
-        }
-    }
+    alternate(0..sizes.user_reps, sides.each_mut(), async |rep, side| {
+        let sn = side.snapshotter;
+        let ns = format!("img-{sn}-{rep}");
+        // The content first, untimed, so the timed import only unpacks the layers.
+        c.ctr_ok(&ns, &["images", "import", "--no-unpack", &archive]);
+        crate::sync_disks();
+        let import = ["images", "import", "--snapshotter", sn, &archive];
+        side.import.push(c.ctr_ok(&ns, &import));
+        crate::sync_disks();
+        let id = format!("run{rep}");
+        let run = ["run", "--rm", "--snapshotter", sn, IMAGE, &id, "/bin/true"];
+        side.run.push(c.ctr_ok(&ns, &run));
+    })
+    .await;
     drop(c);
     lamina.stop();
 
     let reps = sizes.user_reps;
+    let time = |f: &dyn Fn(&Side) -> Duration| sides.as_ref().map(|side| Val::Time(f(side)));
     vec![
         Row::new(
             format!(
                 "containerd Snapshots API: {} serial prepare+commit pairs",
                 sizes.user_pairs
             ),
-            Val::Time(serial[0]),
-            Val::Time(serial[1]),
+            time(&|side| side.serial),
             None,
         ),
         Row::new(
@@ -324,8 +332,7 @@ pub async fn run(dir: &Path, bins: &Bins, sizes: &Sizes) -> Vec<Row> {
                 "containerd Snapshots API: {} pairs from {} clients",
                 sizes.user_concurrent, sizes.clients
             ),
-            Val::Time(conc[0]),
-            Val::Time(conc[1]),
+            time(&|side| side.concurrent),
             None,
         ),
         Row::new(
@@ -333,59 +340,66 @@ pub async fn run(dir: &Path, bins: &Bins, sizes: &Sizes) -> Vec<Row> {
                 "`ctr images import` (unpack of {layers} layers, {} files), median of {reps}",
                 sizes.image_layers * sizes.image_files
             ),
-            Val::Time(median(&import[0])),
-            Val::Time(median(&import[1])),
+            time(&|side| median(&side.import)),
             Some(1.0),
         )
-        .within_noise(&import[1]),
+        .within_noise(&sides.overlay.import),
         Row::new(
             format!("`ctr run --rm … /bin/true`, median of {reps}"),
-            Val::Time(median(&run[0])),
-            Val::Time(median(&run[1])),
+            time(&|side| median(&side.run)),
             Some(1.0),
         )
-        .within_noise(&run[1]),
+        .within_noise(&sides.overlay.run),
     ]
 }
 
+/// True when `dir` holds nothing (or is not there).
+fn is_empty(dir: &Path) -> bool {
+    fs::read_dir(dir).map(|d| d.count() == 0).unwrap_or(true)
+}
+
 /// `ctr images import` of the image archive through two containerds, each with its own lamina,
-/// one with durable_commit on and one with it off ([`crate::DURABLE`]), in rounds alternating
-/// between them. Returns the samples, [on, off], and the image's layer count.
-pub fn durable_import(dir: &Path, bins: &Bins, sizes: &Sizes) -> ([Vec<Duration>; 2], usize) {
-    let mut servers = Vec::new();
-    let mut ctrds = Vec::new();
-    for (config, label) in crate::DURABLE {
-        let server = Server::start_with(
-            Kind::Lamina,
-            bins,
-            &dir.join(format!("lamina-{label}")),
-            config,
-        );
-        ctrds.push(Containerd::start(
-            &dir.join(format!("ctrd-{label}")),
-            &server.target.socket,
-        ));
-        servers.push(server);
+/// one with durable_commit on and one with it off ([`crate::DURABLE`]), in rounds that
+/// [`alternate`] between them. Returns the samples, [on, off], and the image's layer count.
+pub async fn durable_import(dir: &Path, bins: &Bins, sizes: &Sizes) -> ([Vec<Duration>; 2], usize) {
+    /// One lamina, the containerd that uses it, and the import times.
+    struct Side {
+        server: Server,
+        containerd: Containerd,
+        import: Vec<Duration>,
     }
+    let mut sides = crate::DURABLE.map(|(config, label)| {
+        let server_dir = dir.join(format!("lamina-{label}"));
+        let server = Server::start_with(Kind::Lamina, bins, &server_dir, config);
+        let containerd =
+            Containerd::start(&dir.join(format!("ctrd-{label}")), &server.target.socket);
+        Side {
+            server,
+            containerd,
+            import: Vec::new(),
+        }
+    });
     let archive = dir.join("image.tar");
     let layers = image::write_archive(&archive, IMAGE, sizes.image_layers, sizes.image_files);
     let archive = archive.to_str().expect("UTF-8 path").to_string();
-    let mut import = [Vec::new(), Vec::new()];
-    for rep in 0..sizes.durable_reps {
-        for i in crate::order(rep) {
+    alternate(
+        0..sizes.durable_reps,
+        sides.each_mut(),
+        async |rep, side| {
             let ns = format!("durable-{rep}");
+            let c = &side.containerd;
             // The content first, untimed, so the timed import only unpacks the layers.
-            ctrds[i].ctr_ok(&ns, &["images", "import", "--no-unpack", &archive]);
+            c.ctr_ok(&ns, &["images", "import", "--no-unpack", &archive]);
             crate::sync_disks();
-            import[i].push(ctrds[i].ctr_ok(
-                &ns,
-                &["images", "import", "--snapshotter", "lamina", &archive],
-            ));
-        }
-    }
-    drop(ctrds);
-    for server in &mut servers {
-        server.stop();
-    }
-    (import, layers)
+            let import = ["images", "import", "--snapshotter", "lamina", &archive];
+            side.import.push(c.ctr_ok(&ns, &import));
+        },
+    )
+    .await;
+    let [mut on, mut off] = sides;
+    // Both containerds first: each still talks to its lamina while it tears down.
+    drop((on.containerd, off.containerd));
+    on.server.stop();
+    off.server.stop();
+    ([on.import, off.import], layers)
 }

@@ -25,6 +25,7 @@ mod containerd_support;
 mod image;
 #[path = "../../tests/support/oci.rs"]
 mod oci_support;
+mod pair;
 mod report;
 mod server;
 mod workloads;
@@ -37,6 +38,7 @@ use std::{
 };
 
 use futures::FutureExt;
+use pair::{alternate, chunk, Pair};
 use report::{dur, mean, median, quantile, Check, Row, Val};
 use server::{Bins, Kind, Server};
 
@@ -189,17 +191,6 @@ pub fn sync_disks() {
     unsafe { libc::sync() };
 }
 
-/// Both orders in turn, so neither snapshotter always goes first.
-pub fn order(step: usize) -> [usize; 2] {
-    if step.is_multiple_of(2) {
-        [0, 1]
-    } else {
-        [1, 0]
-    }
-}
-
-const KINDS: [Kind; 2] = [Kind::Lamina, Kind::Overlay];
-
 /// lamina's config with durable_commit on, then off, and the label of each.
 pub const DURABLE: [(&str, &str); 2] = [
     ("durable_commit = true\n", "on"),
@@ -219,7 +210,7 @@ struct RemoveAll {
 
 /// What the main sequence measured for one snapshotter.
 #[derive(Default)]
-struct Main {
+struct MainFigures {
     serial: Duration,
     serial_lat: Vec<Duration>,
     concurrent: Duration,
@@ -231,15 +222,37 @@ struct Main {
     big: Vec<Duration>,
     removed: usize,
     remove: RemoveAll,
-    /// The machine limit per pair, measured in the same rounds (kept in lamina's entry).
-    limit: Duration,
-    /// `rm -rf` of a tree shaped like the one remove-all frees (kept in lamina's entry).
-    rm_limit: Duration,
     /// Serial Stats, one at a time: the cost of a round trip that does no I/O.
     stat_lat: Vec<Duration>,
     /// VmHWM after each step.
     hwm: Vec<(&'static str, u64)>,
     rss: u64,
+}
+
+/// What the machine itself takes for the main sequence's durable work, on the filesystem that
+/// holds both roots.
+struct MachineLimits {
+    /// Per serial pair: 2 mkdir + 2 × (4 KiB write + fsync), measured in the same rounds.
+    pair: Duration,
+    /// `rm -rf` of a tree shaped like the one remove-all frees.
+    remove_all: Duration,
+}
+
+/// One snapshotter in the main sequence: its server, the snapshots it holds (oldest first), and
+/// what it measured.
+struct MainSide {
+    server: Server,
+    live: Vec<String>,
+    /// The top of the chain built so far: where the chain's next round and the views start.
+    top: String,
+    figures: MainFigures,
+}
+
+impl MainSide {
+    /// Records the server's peak RSS so far, after `step`.
+    fn mark(&mut self, step: &'static str) {
+        self.figures.hwm.push((step, self.server.peak_rss()));
+    }
 }
 
 /// One store size of the latency curve, for one snapshotter.
@@ -250,31 +263,24 @@ struct Point {
     remove: Vec<Duration>,
 }
 
-/// `n` split into `rounds` chunks: the range of round `r`.
-pub fn chunk(n: usize, rounds: usize, r: usize) -> std::ops::Range<usize> {
-    (n * r / rounds)..(n * (r + 1) / rounds)
-}
-
 /// The main sequence on two fresh servers: every snapshotter-level workload, then peak RSS.
-/// Each workload is cut into rounds and the rounds alternate between the two snapshotters
-/// (and which goes first), so that both meet the same disk and CPU weather.
-async fn main_sequence(base: &Path, bins: &Bins, s: &Sizes) -> [Main; 2] {
-    let mut servers: Vec<Server> = KINDS
-        .iter()
-        .map(|&k| Server::start(k, bins, &base.join(format!("main-{}", k.label()))))
-        .collect();
-    let t: Vec<client::Target> = servers.iter().map(|s| s.target.clone()).collect();
-    let mut res: [Main; 2] = Default::default();
-    let mut live: [Vec<String>; 2] = Default::default();
+/// Each workload is cut into rounds that [`alternate`] between the two snapshotters.
+async fn main_sequence(base: &Path, bins: &Bins, s: &Sizes) -> (Pair<MainFigures>, MachineLimits) {
+    let mut sides = Pair::new(|kind| MainSide {
+        server: Server::start(kind, bins, &base.join(format!("main-{}", kind.label()))),
+        live: Vec::new(),
+        top: String::new(),
+        figures: MainFigures::default(),
+    });
     let rounds = s.rounds;
-    let mark = |res: &mut [Main; 2], servers: &[Server], step: &'static str| {
-        for i in 0..2 {
-            res[i].hwm.push((step, servers[i].peak_rss()));
+    let mark = |sides: &mut Pair<MainSide>, step| {
+        for side in sides.each_mut() {
+            side.mark(step);
         }
     };
 
-    // Serial pairs, with the machine's floor for a durable pair (same filesystem) measured in
-    // the same rounds.
+    // Serial pairs, with the machine's floor for a durable pair (same filesystem) measured at the
+    // start of each of their rounds.
     stage(&format!(
         "{} serial prepare+commit pairs; machine limit: {} × (2 mkdir + 2 × (4 KiB write + fsync))",
         s.serial, s.machine
@@ -284,319 +290,339 @@ async fn main_sequence(base: &Path, bins: &Bins, s: &Sizes) -> [Main; 2] {
     for r in 0..rounds {
         sync_disks();
         floor_time += floor.pairs(chunk(s.machine, rounds, r).len());
-        for i in order(r) {
+        alternate(r..r + 1, sides.each_mut(), async |r, side| {
             sync_disks();
+            let range = chunk(s.serial, rounds, r);
             let (wall, lat) = workloads::serial_pairs(
-                &t[i],
+                &side.server.target,
                 "serial",
-                chunk(s.serial, rounds, r),
+                range,
                 10,
                 "",
-                &mut live[i],
+                &mut side.live,
             )
             .await;
-            res[i].serial += wall;
-            res[i].serial_lat.extend(lat);
-        }
+            side.figures.serial += wall;
+            side.figures.serial_lat.extend(lat);
+        })
+        .await;
     }
     drop(floor);
-    res[0].limit = floor_time / s.machine as u32;
-    mark(&mut res, &servers, "serial pairs");
+    let pair_limit = floor_time / s.machine as u32;
+    mark(&mut sides, "serial pairs");
 
     stage(&format!(
         "{} pairs from {} clients",
         s.concurrent, s.clients
     ));
-    for r in 0..rounds {
-        for i in order(r) {
-            sync_disks();
-            let c = chunk(s.concurrent, rounds, r);
-            res[i].concurrent += workloads::concurrent_pairs(
-                &t[i],
-                "conc",
-                c.start,
-                c.len(),
-                s.clients,
-                10,
-                &mut live[i],
-            )
-            .await;
-        }
-    }
-    mark(&mut res, &servers, "concurrent pairs");
+    alternate(0..rounds, sides.each_mut(), async |r, side| {
+        sync_disks();
+        let c = chunk(s.concurrent, rounds, r);
+        side.figures.concurrent += workloads::concurrent_pairs(
+            &side.server.target,
+            "conc",
+            c.start,
+            c.len(),
+            s.clients,
+            10,
+            &mut side.live,
+        )
+        .await;
+    })
+    .await;
+    mark(&mut sides, "concurrent pairs");
 
     stage(&format!(
         "{} Stats from {} clients, then {} serial Stats",
         s.stats, s.clients, s.serial
     ));
-    for r in 0..rounds {
-        for i in order(r) {
-            let n = chunk(s.stats, rounds, r).len();
-            res[i].stats += workloads::stats(&t[i], &live[i], n, s.clients, r as u64).await;
-            let n = chunk(s.serial, rounds, r).len();
-            res[i]
-                .stat_lat
-                .extend(workloads::serial_stats(&t[i], &live[i], n, r as u64).await);
-        }
-    }
-    mark(&mut res, &servers, "Stats");
+    alternate(0..rounds, sides.each_mut(), async |r, side| {
+        let t = &side.server.target;
+        let n = chunk(s.stats, rounds, r).len();
+        side.figures.stats += workloads::stats(t, &side.live, n, s.clients, r as u64).await;
+        let n = chunk(s.serial, rounds, r).len();
+        let lat = workloads::serial_stats(t, &side.live, n, r as u64).await;
+        side.figures.stat_lat.extend(lat);
+    })
+    .await;
+    mark(&mut sides, "Stats");
 
-    let n = live[0].len();
-    stage(&format!("{} Lists of {n} snapshots", s.lists));
-    for r in 0..rounds {
-        for i in order(r) {
-            res[i].lists +=
-                workloads::lists(&t[i], chunk(s.lists, rounds, r).len(), live[i].len()).await;
-            res[i].list_size = live[i].len();
-        }
-    }
-    mark(&mut res, &servers, "Lists");
+    stage(&format!(
+        "{} Lists of {} snapshots",
+        s.lists,
+        sides.lamina.live.len()
+    ));
+    alternate(0..rounds, sides.each_mut(), async |r, side| {
+        let n = chunk(s.lists, rounds, r).len();
+        side.figures.lists += workloads::lists(&side.server.target, n, side.live.len()).await;
+        side.figures.list_size = side.live.len();
+    })
+    .await;
+    mark(&mut sides, "Lists");
 
     stage(&format!(
         "{}-layer chain, then {} views of its top",
         s.chain, s.views
     ));
-    let mut top = [String::new(), String::new()];
-    for r in 0..rounds {
-        for i in order(r) {
-            sync_disks();
-            let (wall, _) = workloads::serial_pairs(
-                &t[i],
-                "chain",
-                chunk(s.chain, rounds, r),
-                usize::MAX,
-                &top[i],
-                &mut live[i],
-            )
-            .await;
-            res[i].chain += wall;
-            if let Some(last) = live[i].last() {
-                top[i] = last.clone();
-            }
+    alternate(0..rounds, sides.each_mut(), async |r, side| {
+        sync_disks();
+        let range = chunk(s.chain, rounds, r);
+        let (wall, _) = workloads::serial_pairs(
+            &side.server.target,
+            "chain",
+            range,
+            usize::MAX,
+            &side.top,
+            &mut side.live,
+        )
+        .await;
+        side.figures.chain += wall;
+        if let Some(last) = side.live.last() {
+            side.top = last.clone();
         }
-    }
-    for r in 0..rounds {
-        for i in order(r) {
-            res[i].views += workloads::views(
-                &t[i],
-                "view",
-                &top[i],
-                chunk(s.views, rounds, r),
-                &mut live[i],
-            )
-            .await;
-        }
-    }
-    mark(&mut res, &servers, "chain and views");
+    })
+    .await;
+    alternate(0..rounds, sides.each_mut(), async |r, side| {
+        let range = chunk(s.views, rounds, r);
+        side.figures.views += workloads::views(
+            &side.server.target,
+            "view",
+            &side.top,
+            range,
+            &mut side.live,
+        )
+        .await;
+    })
+    .await;
+    mark(&mut sides, "chain and views");
 
     stage(&format!(
         "Commit of an active snapshot holding {} files (×{})",
         s.files, s.file_reps
     ));
-    for r in 0..s.file_reps {
-        for i in order(r) {
-            sync_disks();
-            res[i]
-                .big
-                .push(workloads::big_commit(&t[i], "big", r, s.files, true, &mut live[i]).await);
-        }
-    }
-    mark(&mut res, &servers, "big Commits");
-
-    let n = live[0].len();
-    stage(&format!(
-        "Remove of all {n} snapshots, Cleanup, until the space is freed"
-    ));
-    // Newest first, so children go before their parents.
-    let doomed: [Vec<String>; 2] = [0, 1].map(|i| live[i].iter().rev().cloned().collect());
-    for r in 0..rounds {
-        for i in order(r) {
-            sync_disks();
-            let c = chunk(doomed[i].len(), rounds, r);
-            res[i].remove.removes += workloads::removes(&t[i], &doomed[i][c]).await;
-        }
-    }
-    for i in order(rounds) {
+    alternate(0..s.file_reps, sides.each_mut(), async |r, side| {
         sync_disks();
-        let (rpc, freed) = workloads::cleanup_until_freed(&t[i], &servers[i].root).await;
-        res[i].remove.cleanup_rpc = rpc;
-        res[i].remove.until_freed = res[i].remove.removes + freed;
-        res[i].removed = doomed[i].len();
+        let t = &side.server.target;
+        let took = workloads::big_commit(t, "big", r, s.files, true, &mut side.live).await;
+        side.figures.big.push(took);
+    })
+    .await;
+    mark(&mut sides, "big Commits");
+
+    stage(&format!(
+        "Remove of all {} snapshots, Cleanup, until the space is freed",
+        sides.lamina.live.len()
+    ));
+    for side in sides.each_mut() {
+        // Newest first, so children go before their parents.
+        side.live.reverse();
+        side.figures.removed = side.live.len();
     }
-    mark(&mut res, &servers, "remove-all");
-    for (i, server) in servers.iter_mut().enumerate() {
-        res[i].rss = server.peak_rss();
-        server.stop();
+    alternate(0..rounds, sides.each_mut(), async |r, side| {
+        sync_disks();
+        let doomed = &side.live[chunk(side.live.len(), rounds, r)];
+        side.figures.remove.removes += workloads::removes(&side.server.target, doomed).await;
+    })
+    .await;
+    // One round more, so that the order keeps alternating.
+    alternate(rounds..rounds + 1, sides.each_mut(), async |_, side| {
+        sync_disks();
+        let (rpc, freed) =
+            workloads::cleanup_until_freed(&side.server.target, &side.server.root).await;
+        let remove = &mut side.figures.remove;
+        remove.cleanup_rpc = rpc;
+        remove.until_freed = remove.removes + freed;
+    })
+    .await;
+    mark(&mut sides, "remove-all");
+    for side in sides.each_mut() {
+        side.figures.rss = side.server.peak_rss();
+        side.server.stop();
     }
 
     // The floor for freeing that much: `rm -rf` (remove_dir_all) of a tree of the same shape.
     stage("machine limit for remove-all: remove_dir_all of a tree of the same shape");
-    res[0].rm_limit = workloads::machine_remove_limit(
-        &base.join("machine"),
-        res[0].removed,
-        s.files,
-        s.file_reps,
-    );
-    res
+    let limits = MachineLimits {
+        pair: pair_limit,
+        remove_all: workloads::machine_remove_limit(
+            &base.join("machine"),
+            sides.lamina.figures.removed,
+            s.files,
+            s.file_reps,
+        ),
+    };
+    (sides.map(|side| side.figures), limits)
 }
 
-/// The latency curve: for each size, both stores are filled up to it (16 clients,
-/// parentless pairs), then `samples` serial pairs and `samples` Removes are timed one by one,
-/// in rounds alternating between the two.
-async fn scale_sequence(base: &Path, bins: &Bins, s: &Sizes) -> ([Vec<Point>; 2], [u64; 2]) {
-    let mut servers: Vec<Server> = KINDS
-        .iter()
-        .map(|&k| Server::start(k, bins, &base.join(format!("scale-{}", k.label()))))
-        .collect();
-    let t: Vec<client::Target> = servers.iter().map(|s| s.target.clone()).collect();
-    let mut points: [Vec<Point>; 2] = Default::default();
+/// The latency curve: for each size, both stores are filled up to it (16 clients, parentless
+/// pairs), then `samples` serial pairs and `samples` Removes are timed one by one, in rounds
+/// that [`alternate`] between the two. Returns the points and each server's peak RSS.
+async fn scale_sequence(base: &Path, bins: &Bins, s: &Sizes) -> (Pair<Vec<Point>>, Pair<u64>) {
+    /// One snapshotter: its server, the snapshots it holds, and its points so far.
+    struct Side {
+        server: Server,
+        populated: Vec<String>,
+        points: Vec<Point>,
+    }
+    impl Side {
+        /// The point of the size being measured.
+        fn point(&mut self) -> &mut Point {
+            self.points
+                .last_mut()
+                .expect("a point is pushed for each size")
+        }
+    }
+    let mut sides = Pair::new(|kind| Side {
+        server: Server::start(kind, bins, &base.join(format!("scale-{}", kind.label()))),
+        populated: Vec::new(),
+        points: Vec::new(),
+    });
     let mut filled = 0;
-    let mut populated: [Vec<String>; 2] = Default::default();
     for &size in &s.scale {
         stage(&format!(
             "filling both stores from {filled} to {size} snapshots"
         ));
-        let mut populate = [Duration::ZERO; 2];
-        let add = size.saturating_sub(filled);
-        for r in 0..s.rounds {
-            for i in order(r) {
-                let c = chunk(add, s.rounds, r);
-                populate[i] += workloads::concurrent_pairs(
-                    &t[i],
-                    "pop",
-                    filled + c.start,
-                    c.len(),
-                    s.clients,
-                    1,
-                    &mut populated[i],
-                )
-                .await;
-            }
+        for side in sides.each_mut() {
+            side.points.push(Point {
+                size,
+                populate: Duration::ZERO,
+                pair: Vec::new(),
+                remove: Vec::new(),
+            });
         }
+        let add = size.saturating_sub(filled);
+        alternate(0..s.rounds, sides.each_mut(), async |r, side| {
+            let c = chunk(add, s.rounds, r);
+            let took = workloads::concurrent_pairs(
+                &side.server.target,
+                "pop",
+                filled + c.start,
+                c.len(),
+                s.clients,
+                1,
+                &mut side.populated,
+            )
+            .await;
+            side.point().populate += took;
+        })
+        .await;
         filled = size;
         stage(&format!(
             "latency of {} pairs and {} Removes at {size}",
             s.samples, s.samples
         ));
-        let mut pair = [Vec::new(), Vec::new()];
-        let mut remove = [Vec::new(), Vec::new()];
-        for r in 0..s.rounds {
-            for i in order(r) {
-                sync_disks();
-                let mut names = Vec::new();
-                let tag = format!("lat{size}");
-                let (_, lat) = workloads::serial_pairs(
-                    &t[i],
-                    &tag,
-                    chunk(s.samples, s.rounds, r),
-                    1,
-                    "",
-                    &mut names,
-                )
-                .await;
-                pair[i].extend(lat);
-                sync_disks();
-                remove[i].extend(workloads::timed_removes(&t[i], &names).await);
-            }
-        }
-        for i in 0..2 {
-            points[i].push(Point {
-                size,
-                populate: populate[i],
-                pair: std::mem::take(&mut pair[i]),
-                remove: std::mem::take(&mut remove[i]),
-            });
-        }
+        let tag = format!("lat{size}");
+        alternate(0..s.rounds, sides.each_mut(), async |r, side| {
+            let t = &side.server.target;
+            sync_disks();
+            let mut names = Vec::new();
+            let range = chunk(s.samples, s.rounds, r);
+            let (_, lat) = workloads::serial_pairs(t, &tag, range, 1, "", &mut names).await;
+            sync_disks();
+            let removes = workloads::timed_removes(t, &names).await;
+            let point = side.point();
+            point.pair.extend(lat);
+            point.remove.extend(removes);
+        })
+        .await;
     }
-    let mut rss = [0; 2];
-    for (i, server) in servers.iter_mut().enumerate() {
-        rss[i] = server.peak_rss();
-        server.stop();
-    }
-    (points, rss)
+    let rss = sides.as_mut().map(|side| {
+        let rss = side.server.peak_rss();
+        side.server.stop();
+        rss
+    });
+    (sides.map(|side| side.points), rss)
 }
 
 /// What durable_commit costs Commit, on two lamina servers, one with durable_commit on and one
-/// with it off, in rounds alternating between them: a freshly written layer of `s.files` files
-/// (not synced, as containerd's applier leaves it), and empty layers (the sync's fixed cost),
-/// from one client and from `s.clients`.
+/// with it off, in rounds that [`alternate`] between them: a freshly written layer of `s.files`
+/// files (not synced, as containerd's applier leaves it), and empty layers (the sync's fixed
+/// cost), from one client and from `s.clients`.
 async fn durable_sequence(base: &Path, bins: &Bins, s: &Sizes) -> Vec<report::OnOff> {
-    let mut servers: Vec<Server> = DURABLE
-        .iter()
-        .map(|(config, label)| {
-            let mut server = Server::start_with(
-                Kind::Lamina,
-                bins,
-                &base.join(format!("durable-{label}")),
-                config,
-            );
-            server.target.label = format!("lamina (durable_commit {label})");
-            server
-        })
-        .collect();
+    /// One of the two servers, and its samples: one per round.
+    struct Side {
+        server: Server,
+        commit: Vec<Duration>,
+        serial: Vec<Duration>,
+        concurrent: Vec<Duration>,
+        live: Vec<String>,
+    }
+    let mut sides = DURABLE.map(|(config, label)| {
+        let dir = base.join(format!("durable-{label}"));
+        let mut server = Server::start_with(Kind::Lamina, bins, &dir, config);
+        server.target.label = format!("lamina (durable_commit {label})");
+        Side {
+            server,
+            commit: Vec::new(),
+            serial: Vec::new(),
+            concurrent: Vec::new(),
+            live: Vec::new(),
+        }
+    });
     stage(&format!(
         "durable_commit on and off: Commit of a freshly written layer of {} files, {} serial \
          pairs, {} pairs from {} clients (in {} rounds)",
         s.files, s.serial, s.concurrent, s.clients, s.durable_reps
     ));
-    let [mut commit, mut serial, mut conc]: [[Vec<Duration>; 2]; 3] = Default::default();
-    let mut live = Vec::new();
     let reps = s.durable_reps;
-    for r in 0..reps {
-        for i in order(r) {
-            let t = &servers[i].target;
-            // What the previous round left dirty is written out first, untimed; this round's
-            // files stay dirty until its Commit.
-            sync_disks();
-            commit[i].push(workloads::big_commit(t, "fresh", r, s.files, false, &mut live).await);
-            // Per pair, so that each round is one sample; after the layer above is on disk,
-            // so that neither server's pairs meet its writeback.
-            sync_disks();
-            let range = chunk(s.serial, reps, r);
-            let n = range.len() as u32;
-            let (wall, _) = workloads::serial_pairs(t, "dserial", range, 10, "", &mut live).await;
-            serial[i].push(wall / n);
-            let range = chunk(s.concurrent, reps, r);
-            let n = range.len() as u32;
-            let wall = workloads::concurrent_pairs(
-                t,
-                "dconc",
-                range.start,
-                range.len(),
-                s.clients,
-                10,
-                &mut live,
-            )
-            .await;
-            conc[i].push(wall / n);
-        }
+    alternate(0..reps, sides.each_mut(), async |r, side| {
+        let t = &side.server.target;
+        // What the previous round left dirty is written out first, untimed; this round's
+        // files stay dirty until its Commit.
+        sync_disks();
+        let took = workloads::big_commit(t, "fresh", r, s.files, false, &mut side.live).await;
+        side.commit.push(took);
+        // Per pair, so that each round is one sample; after the layer above is on disk,
+        // so that neither server's pairs meet its writeback.
+        sync_disks();
+        let range = chunk(s.serial, reps, r);
+        let n = range.len() as u32;
+        let (wall, _) = workloads::serial_pairs(t, "dserial", range, 10, "", &mut side.live).await;
+        side.serial.push(wall / n);
+        let range = chunk(s.concurrent, reps, r);
+        let n = range.len() as u32;
+        let wall = workloads::concurrent_pairs(
+            t,
+            "dconc",
+            range.start,
+            range.len(),
+            s.clients,
+            10,
+            &mut side.live,
+        )
+        .await;
+        side.concurrent.push(wall / n);
+    })
+    .await;
+    for side in &mut sides {
+        side.server.stop();
     }
-    for server in &mut servers {
-        server.stop();
-    }
-    let row = |workload: String, [on, off]: [Vec<Duration>; 2]| report::OnOff { workload, on, off };
+    let [on, off] = sides;
     vec![
-        row(
-            format!(
+        report::OnOff {
+            workload: format!(
                 "Commit of a freshly written (unsynced) layer of {} files",
                 s.files
             ),
-            commit,
-        ),
-        row(
-            format!(
+            on: on.commit,
+            off: off.commit,
+        },
+        report::OnOff {
+            workload: format!(
                 "serial prepare+commit pair, empty layers (wall time per pair; {} in all)",
                 s.serial
             ),
-            serial,
-        ),
-        row(
-            format!(
+            on: on.serial,
+            off: off.serial,
+        },
+        report::OnOff {
+            workload: format!(
                 "prepare+commit pairs from {} clients, empty layers (wall time per pair; {} in all)",
                 s.clients, s.concurrent
             ),
-            conc,
-        ),
+            on: on.concurrent,
+            off: off.concurrent,
+        },
     ]
 }
 
@@ -744,9 +770,12 @@ async fn main() {
     );
     println!("{}", machine(base.path()));
     if args.snapshotter() && !args.only_durable {
-        let main = main_sequence(base.path(), &bins, &s).await;
+        let (main, limits) = main_sequence(base.path(), &bins, &s).await;
         let (points, scale_rss) = scale_sequence(base.path(), &bins, &s).await;
-        println!("{}", snapshotter_report(&s, &main, &points, &scale_rss));
+        println!(
+            "{}",
+            snapshotter_report(&s, &main, &limits, &points, &scale_rss)
+        );
     }
     if args.containerd() && !args.only_durable {
         println!(
@@ -782,7 +811,7 @@ async fn main() {
             None if args.containerd() => {
                 stage("durable_commit on and off: `ctr images import`");
                 let dir = base.path().join("durable-user");
-                let ([on, off], layers) = containerd::durable_import(&dir, &bins, &s);
+                let ([on, off], layers) = containerd::durable_import(&dir, &bins, &s).await;
                 rows.push(report::OnOff {
                     workload: format!(
                         "`ctr images import` (unpack of {layers} layers, {} files)",
@@ -821,16 +850,15 @@ async fn main() {
 /// The snapshotter-level tables.
 fn snapshotter_report(
     s: &Sizes,
-    main: &[Main; 2],
-    points: &[Vec<Point>; 2],
-    scale_rss: &[u64; 2],
+    main: &Pair<MainFigures>,
+    limits: &MachineLimits,
+    points: &Pair<Vec<Point>>,
+    scale_rss: &Pair<u64>,
 ) -> String {
-    let limit = main[0].limit;
-    let both = |f: &dyn Fn(&Main) -> Val| (f(&main[0]), f(&main[1]));
+    let limit = limits.pair;
     let mut rows = Vec::new();
-    let mut row = |name: String, f: &dyn Fn(&Main) -> Val, target: Option<f64>| {
-        let (l, o) = both(f);
-        rows.push(Row::new(name, l, o, target));
+    let mut row = |name: String, f: &dyn Fn(&MainFigures) -> Val, target: Option<f64>| {
+        rows.push(Row::new(name, main.as_ref().map(f), target));
     };
     row(
         format!("{} serial prepare+commit pairs (total)", s.serial),
@@ -853,7 +881,7 @@ fn snapshotter_report(
     row(
         format!(
             "{} Lists of {} snapshots (total)",
-            s.lists, main[0].list_size
+            s.lists, main.lamina.list_size
         ),
         &|m| Val::Time(m.lists),
         Some(0.5),
@@ -879,7 +907,7 @@ fn snapshotter_report(
     row(
         format!(
             "Remove of {} snapshots + Cleanup, until `du` shows it freed",
-            main[0].removed
+            main.lamina.removed
         ),
         &|m| Val::Time(m.remove.until_freed),
         Some(0.25),
@@ -892,47 +920,49 @@ fn snapshotter_report(
     for (k, &size) in s.scale.iter().enumerate() {
         rows.push(Row::new(
             format!("prepare+commit latency (median) with {size} snapshots in the store"),
-            Val::Time(median(&points[0][k].pair)),
-            Val::Time(median(&points[1][k].pair)),
+            points.as_ref().map(|p| Val::Time(median(&p[k].pair))),
             Some(0.5),
         ));
     }
     for (k, &size) in s.scale.iter().enumerate() {
         rows.push(Row::new(
             format!("Remove latency (median) with {size} snapshots in the store"),
-            Val::Time(median(&points[0][k].remove)),
-            Val::Time(median(&points[1][k].remove)),
+            points.as_ref().map(|p| Val::Time(median(&p[k].remove))),
             Some(0.5),
         ));
     }
     if let Some(&last) = s.scale.last() {
         rows.push(Row::new(
             format!("peak RSS of the server (VmHWM) with {last} snapshots"),
-            Val::Bytes(scale_rss[0]),
-            Val::Bytes(scale_rss[1]),
+            scale_rss.map(Val::Bytes),
             Some(0.5),
         ));
     }
 
     let mut checks = Vec::new();
-    let pair_mean = [mean(&main[0].serial_lat), mean(&main[1].serial_lat)];
+    let pair_mean = [
+        mean(&main.lamina.serial_lat),
+        mean(&main.overlay.serial_lat),
+    ];
     let x_limit = |i: usize| pair_mean[i].as_secs_f64() / limit.as_secs_f64();
     checks.push(Check {
         what: format!(
             "serial prepare+commit pair (mean) ÷ machine limit ({} per pair)",
             dur(limit)
         ),
-        lamina: format!("{:.2}× ({})", x_limit(0), dur(pair_mean[0])),
-        overlay: format!("{:.2}× ({})", x_limit(1), dur(pair_mean[1])),
+        value: Pair {
+            lamina: format!("{:.2}× ({})", x_limit(0), dur(pair_mean[0])),
+            overlay: format!("{:.2}× ({})", x_limit(1), dur(pair_mean[1])),
+        },
         target: "≤ 2×".into(),
         met: Some(x_limit(0) <= 2.0),
     });
-    let speedup = |m: &Main| {
+    let speedup = |m: &MainFigures| {
         let serial = s.serial as f64 / m.serial.as_secs_f64();
         let conc = s.concurrent as f64 / m.concurrent.as_secs_f64();
         (conc / serial, serial, conc)
     };
-    let fmt_speedup = |m: &Main| {
+    let fmt_speedup = |m: &MainFigures| {
         let (x, serial, conc) = speedup(m);
         format!("{x:.2}× ({conc:.0} vs {serial:.0} pairs/s)")
     };
@@ -941,10 +971,9 @@ fn snapshotter_report(
             "{}-client throughput ÷ serial throughput (prepare+commit pairs)",
             s.clients
         ),
-        lamina: fmt_speedup(&main[0]),
-        overlay: fmt_speedup(&main[1]),
+        value: main.as_ref().map(fmt_speedup),
         target: "≥ 3×".into(),
-        met: Some(speedup(&main[0]).0 >= 3.0),
+        met: Some(speedup(&main.lamina).0 >= 3.0),
     });
     if s.scale.len() >= 2 {
         let (first, last) = (s.scale[0], *s.scale.last().expect("sizes"));
@@ -958,24 +987,26 @@ fn snapshotter_report(
             ),
             ("Remove", |p: &Point| &p.remove),
         ] {
-            let (l, o) = (growth(&points[0], f), growth(&points[1], f));
+            let (l, o) = (growth(&points.lamina, f), growth(&points.overlay, f));
             checks.push(Check {
                 what: format!("{what} latency (median) at {last} ÷ at {first} snapshots"),
-                lamina: format!("{l:.2}×"),
-                overlay: format!("{o:.2}×"),
+                value: Pair {
+                    lamina: format!("{l:.2}×"),
+                    overlay: format!("{o:.2}×"),
+                },
                 target: "≤ 1.5×".into(),
                 met: Some(l <= 1.5),
             });
         }
     }
-    let rm = |i: usize| &main[i].remove;
+    let rm = |i: usize| &[&main.lamina, &main.overlay][i].remove;
     let mut details = vec![
         format!(
             "| serial pair latency p50 / p99 | {} / {} | {} / {} |",
-            dur(median(&main[0].serial_lat)),
-            dur(quantile(&main[0].serial_lat, 0.99)),
-            dur(median(&main[1].serial_lat)),
-            dur(quantile(&main[1].serial_lat, 0.99))
+            dur(median(&main.lamina.serial_lat)),
+            dur(quantile(&main.lamina.serial_lat, 0.99)),
+            dur(median(&main.overlay.serial_lat)),
+            dur(quantile(&main.overlay.serial_lat, 0.99))
         ),
         format!(
             "| remove-all: Removes / Cleanup call / until freed | {} / {} / {} | {} / {} / {} |",
@@ -988,37 +1019,37 @@ fn snapshotter_report(
         ),
         format!(
             "| remove-all until freed ÷ `rm -rf` of a tree of the same shape ({}) | {:.2}× | {:.2}× |",
-            dur(main[0].rm_limit),
-            rm(0).until_freed.as_secs_f64() / main[0].rm_limit.as_secs_f64(),
-            rm(1).until_freed.as_secs_f64() / main[0].rm_limit.as_secs_f64(),
+            dur(limits.remove_all),
+            rm(0).until_freed.as_secs_f64() / limits.remove_all.as_secs_f64(),
+            rm(1).until_freed.as_secs_f64() / limits.remove_all.as_secs_f64(),
         ),
         format!(
             "| serial Stat latency p50 / p99 (a round trip without I/O) | {} / {} | {} / {} |",
-            dur(median(&main[0].stat_lat)),
-            dur(quantile(&main[0].stat_lat, 0.99)),
-            dur(median(&main[1].stat_lat)),
-            dur(quantile(&main[1].stat_lat, 0.99))
+            dur(median(&main.lamina.stat_lat)),
+            dur(quantile(&main.lamina.stat_lat, 0.99)),
+            dur(median(&main.overlay.stat_lat)),
+            dur(quantile(&main.overlay.stat_lat, 0.99))
         ),
         format!(
             "| peak RSS (VmHWM) after each step | {} | {} |",
-            hwm_steps(&main[0].hwm),
-            hwm_steps(&main[1].hwm)
+            hwm_steps(&main.lamina.hwm),
+            hwm_steps(&main.overlay.hwm)
         ),
     ];
     for (k, &size) in s.scale.iter().enumerate() {
-        let (l, o) = (&points[0][k], &points[1][k]);
+        let (l, o) = (&points.lamina[k], &points.overlay[k]);
         details.push(format!(
             "| at {size}: pair p50 / p99; Remove p50 / p99; fill rate | {} / {}; {} / {}; {:.0} pairs/s | {} / {}; {} / {}; {:.0} pairs/s |",
             dur(median(&l.pair)),
             dur(quantile(&l.pair, 0.99)),
             dur(median(&l.remove)),
             dur(quantile(&l.remove, 0.99)),
-            fill_rate(l, k, &points[0]),
+            fill_rate(l, k, &points.lamina),
             dur(median(&o.pair)),
             dur(quantile(&o.pair, 0.99)),
             dur(median(&o.remove)),
             dur(quantile(&o.remove, 0.99)),
-            fill_rate(o, k, &points[1]),
+            fill_rate(o, k, &points.overlay),
         ));
     }
 

@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use crate::pair::Pair;
+
 /// One measured value.
 #[derive(Clone, Debug)]
 pub enum Val {
@@ -42,8 +44,7 @@ pub fn dur(d: Duration) -> String {
 /// One line of the comparison table: lower is better for every value in it.
 pub struct Row {
     pub workload: String,
-    pub lamina: Val,
-    pub overlay: Val,
+    pub value: Pair<Val>,
     /// The ratio lamina/overlay the issue asks for, if any.
     pub target: Option<f64>,
     /// For a target "within noise": the highest ratio overlay's own runs reached against their
@@ -53,11 +54,10 @@ pub struct Row {
 }
 
 impl Row {
-    pub fn new(workload: impl Into<String>, lamina: Val, overlay: Val, target: Option<f64>) -> Row {
+    pub fn new(workload: impl Into<String>, value: Pair<Val>, target: Option<f64>) -> Row {
         Row {
             workload: workload.into(),
-            lamina,
-            overlay,
+            value,
             target,
             noise: None,
         }
@@ -77,7 +77,7 @@ impl Row {
     }
 
     pub fn ratio(&self) -> f64 {
-        self.lamina.number() / self.overlay.number()
+        self.value.lamina.number() / self.value.overlay.number()
     }
 }
 
@@ -104,8 +104,8 @@ pub fn comparison_table(rows: &[Row]) -> String {
         out.push_str(&format!(
             "| {} | {} | {} | {} | {} | {} |\n",
             r.workload,
-            r.lamina,
-            r.overlay,
+            r.value.lamina,
+            r.value.overlay,
             ratio_text(ratio, r.target),
             target,
             met
@@ -126,8 +126,7 @@ fn ratio_text(ratio: f64, target: Option<f64>) -> String {
 /// A target lamina is held to on its own (not against overlay).
 pub struct Check {
     pub what: String,
-    pub lamina: String,
-    pub overlay: String,
+    pub value: Pair<String>,
     pub target: String,
     pub met: Option<bool>,
 }
@@ -144,7 +143,7 @@ pub fn checks_table(checks: &[Check]) -> String {
         };
         out.push_str(&format!(
             "| {} | {} | {} | {} | {} |\n",
-            c.what, c.lamina, c.overlay, c.target, met
+            c.what, c.value.lamina, c.value.overlay, c.target, met
         ));
     }
     out
