@@ -39,7 +39,7 @@ use std::{
 
 use futures::FutureExt;
 use pair::{alternate, chunk, Pair};
-use report::{dur, mean, median, quantile, Check, Row, Val};
+use report::dur;
 use server::{Bins, Kind, Server};
 
 /// How much of each workload to do.
@@ -253,6 +253,16 @@ impl MainSide {
     fn mark(&mut self, step: &'static str) {
         self.figures.hwm.push((step, self.server.peak_rss()));
     }
+}
+
+/// Everything the snapshotter level measured.
+struct SnapshotterLevel {
+    main: Pair<MainFigures>,
+    limits: MachineLimits,
+    /// The latency curve: one point per store size.
+    curve: Pair<Vec<Point>>,
+    /// Each server's peak RSS at the end of the curve.
+    curve_rss: Pair<u64>,
 }
 
 /// One store size of the latency curve, for one snapshotter.
@@ -771,11 +781,14 @@ async fn main() {
     println!("{}", machine(base.path()));
     if args.snapshotter() && !args.only_durable {
         let (main, limits) = main_sequence(base.path(), &bins, &s).await;
-        let (points, scale_rss) = scale_sequence(base.path(), &bins, &s).await;
-        println!(
-            "{}",
-            snapshotter_report(&s, &main, &limits, &points, &scale_rss)
-        );
+        let (curve, curve_rss) = scale_sequence(base.path(), &bins, &s).await;
+        let level = SnapshotterLevel {
+            main,
+            limits,
+            curve,
+            curve_rss,
+        };
+        println!("{}", report::snapshotter_level(&s, &level));
     }
     if args.containerd() && !args.only_durable {
         println!(
@@ -845,237 +858,4 @@ async fn main() {
     if failed {
         std::process::exit(1);
     }
-}
-
-/// The snapshotter-level tables.
-fn snapshotter_report(
-    s: &Sizes,
-    main: &Pair<MainFigures>,
-    limits: &MachineLimits,
-    points: &Pair<Vec<Point>>,
-    scale_rss: &Pair<u64>,
-) -> String {
-    let limit = limits.pair;
-    let mut rows = Vec::new();
-    let mut row = |name: String, f: &dyn Fn(&MainFigures) -> Val, target: Option<f64>| {
-        rows.push(Row::new(name, main.as_ref().map(f), target));
-    };
-    row(
-        format!("{} serial prepare+commit pairs (total)", s.serial),
-        &|m| Val::Time(m.serial),
-        Some(0.5),
-    );
-    row(
-        format!(
-            "{} prepare+commit pairs from {} clients (total)",
-            s.concurrent, s.clients
-        ),
-        &|m| Val::Time(m.concurrent),
-        Some(0.5),
-    );
-    row(
-        format!("{} Stats from {} clients (total)", s.stats, s.clients),
-        &|m| Val::Time(m.stats),
-        Some(0.5),
-    );
-    row(
-        format!(
-            "{} Lists of {} snapshots (total)",
-            s.lists, main.lamina.list_size
-        ),
-        &|m| Val::Time(m.lists),
-        Some(0.5),
-    );
-    row(
-        format!("{}-layer chain: prepare+commit each (total)", s.chain),
-        &|m| Val::Time(m.chain),
-        Some(0.5),
-    );
-    row(
-        format!("{} Views of the chain's top (total)", s.views),
-        &|m| Val::Time(m.views),
-        Some(0.5),
-    );
-    row(
-        format!(
-            "Commit of a snapshot holding {} files (median of {})",
-            s.files, s.file_reps
-        ),
-        &|m| Val::Time(median(&m.big)),
-        Some(0.5),
-    );
-    row(
-        format!(
-            "Remove of {} snapshots + Cleanup, until `du` shows it freed",
-            main.lamina.removed
-        ),
-        &|m| Val::Time(m.remove.until_freed),
-        Some(0.25),
-    );
-    row(
-        "peak RSS of the server (VmHWM), after all of the above".into(),
-        &|m| Val::Bytes(m.rss),
-        Some(0.5),
-    );
-    for (k, &size) in s.scale.iter().enumerate() {
-        rows.push(Row::new(
-            format!("prepare+commit latency (median) with {size} snapshots in the store"),
-            points.as_ref().map(|p| Val::Time(median(&p[k].pair))),
-            Some(0.5),
-        ));
-    }
-    for (k, &size) in s.scale.iter().enumerate() {
-        rows.push(Row::new(
-            format!("Remove latency (median) with {size} snapshots in the store"),
-            points.as_ref().map(|p| Val::Time(median(&p[k].remove))),
-            Some(0.5),
-        ));
-    }
-    if let Some(&last) = s.scale.last() {
-        rows.push(Row::new(
-            format!("peak RSS of the server (VmHWM) with {last} snapshots"),
-            scale_rss.map(Val::Bytes),
-            Some(0.5),
-        ));
-    }
-
-    let mut checks = Vec::new();
-    let pair_mean = [
-        mean(&main.lamina.serial_lat),
-        mean(&main.overlay.serial_lat),
-    ];
-    let x_limit = |i: usize| pair_mean[i].as_secs_f64() / limit.as_secs_f64();
-    checks.push(Check {
-        what: format!(
-            "serial prepare+commit pair (mean) ÷ machine limit ({} per pair)",
-            dur(limit)
-        ),
-        value: Pair {
-            lamina: format!("{:.2}× ({})", x_limit(0), dur(pair_mean[0])),
-            overlay: format!("{:.2}× ({})", x_limit(1), dur(pair_mean[1])),
-        },
-        target: "≤ 2×".into(),
-        met: Some(x_limit(0) <= 2.0),
-    });
-    let speedup = |m: &MainFigures| {
-        let serial = s.serial as f64 / m.serial.as_secs_f64();
-        let conc = s.concurrent as f64 / m.concurrent.as_secs_f64();
-        (conc / serial, serial, conc)
-    };
-    let fmt_speedup = |m: &MainFigures| {
-        let (x, serial, conc) = speedup(m);
-        format!("{x:.2}× ({conc:.0} vs {serial:.0} pairs/s)")
-    };
-    checks.push(Check {
-        what: format!(
-            "{}-client throughput ÷ serial throughput (prepare+commit pairs)",
-            s.clients
-        ),
-        value: main.as_ref().map(fmt_speedup),
-        target: "≥ 3×".into(),
-        met: Some(speedup(&main.lamina).0 >= 3.0),
-    });
-    if s.scale.len() >= 2 {
-        let (first, last) = (s.scale[0], *s.scale.last().expect("sizes"));
-        let growth = |p: &[Point], f: fn(&Point) -> &Vec<Duration>| {
-            median(f(p.last().expect("points"))).as_secs_f64() / median(f(&p[0])).as_secs_f64()
-        };
-        for (what, f) in [
-            (
-                "prepare+commit",
-                (|p: &Point| &p.pair) as fn(&Point) -> &Vec<Duration>,
-            ),
-            ("Remove", |p: &Point| &p.remove),
-        ] {
-            let (l, o) = (growth(&points.lamina, f), growth(&points.overlay, f));
-            checks.push(Check {
-                what: format!("{what} latency (median) at {last} ÷ at {first} snapshots"),
-                value: Pair {
-                    lamina: format!("{l:.2}×"),
-                    overlay: format!("{o:.2}×"),
-                },
-                target: "≤ 1.5×".into(),
-                met: Some(l <= 1.5),
-            });
-        }
-    }
-    let rm = |i: usize| &[&main.lamina, &main.overlay][i].remove;
-    let mut details = vec![
-        format!(
-            "| serial pair latency p50 / p99 | {} / {} | {} / {} |",
-            dur(median(&main.lamina.serial_lat)),
-            dur(quantile(&main.lamina.serial_lat, 0.99)),
-            dur(median(&main.overlay.serial_lat)),
-            dur(quantile(&main.overlay.serial_lat, 0.99))
-        ),
-        format!(
-            "| remove-all: Removes / Cleanup call / until freed | {} / {} / {} | {} / {} / {} |",
-            dur(rm(0).removes),
-            dur(rm(0).cleanup_rpc),
-            dur(rm(0).until_freed),
-            dur(rm(1).removes),
-            dur(rm(1).cleanup_rpc),
-            dur(rm(1).until_freed)
-        ),
-        format!(
-            "| remove-all until freed ÷ `rm -rf` of a tree of the same shape ({}) | {:.2}× | {:.2}× |",
-            dur(limits.remove_all),
-            rm(0).until_freed.as_secs_f64() / limits.remove_all.as_secs_f64(),
-            rm(1).until_freed.as_secs_f64() / limits.remove_all.as_secs_f64(),
-        ),
-        format!(
-            "| serial Stat latency p50 / p99 (a round trip without I/O) | {} / {} | {} / {} |",
-            dur(median(&main.lamina.stat_lat)),
-            dur(quantile(&main.lamina.stat_lat, 0.99)),
-            dur(median(&main.overlay.stat_lat)),
-            dur(quantile(&main.overlay.stat_lat, 0.99))
-        ),
-        format!(
-            "| peak RSS (VmHWM) after each step | {} | {} |",
-            hwm_steps(&main.lamina.hwm),
-            hwm_steps(&main.overlay.hwm)
-        ),
-    ];
-    for (k, &size) in s.scale.iter().enumerate() {
-        let (l, o) = (&points.lamina[k], &points.overlay[k]);
-        details.push(format!(
-            "| at {size}: pair p50 / p99; Remove p50 / p99; fill rate | {} / {}; {} / {}; {:.0} pairs/s | {} / {}; {} / {}; {:.0} pairs/s |",
-            dur(median(&l.pair)),
-            dur(quantile(&l.pair, 0.99)),
-            dur(median(&l.remove)),
-            dur(quantile(&l.remove, 0.99)),
-            fill_rate(l, k, &points.lamina),
-            dur(median(&o.pair)),
-            dur(quantile(&o.pair, 0.99)),
-            dur(median(&o.remove)),
-            dur(quantile(&o.remove, 0.99)),
-            fill_rate(o, k, &points.overlay),
-        ));
-    }
-
-    let mut out = String::new();
-    out.push_str("### Snapshotter level (each over its own unix socket, same client)\n\n");
-    out.push_str(&report::comparison_table(&rows));
-    out.push_str("\n### lamina's own targets\n\n");
-    out.push_str(&report::checks_table(&checks));
-    out.push_str("\n### Details\n\n| figure | lamina | overlay |\n|---|---:|---:|\n");
-    for d in &details {
-        out.push_str(d);
-        out.push('\n');
-    }
-    out
-}
-
-/// "step: N MiB" for each step, joined.
-fn hwm_steps(hwm: &[(&str, u64)]) -> String {
-    hwm.iter()
-        .map(|(step, b)| format!("{step}: {:.0} MiB", *b as f64 / (1024.0 * 1024.0)))
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
-/// Pairs per second while filling the store up to `p.size`.
-fn fill_rate(p: &Point, k: usize, all: &[Point]) -> f64 {
-    let from = if k == 0 { 0 } else { all[k - 1].size };
-    (p.size - from) as f64 / p.populate.as_secs_f64()
 }

@@ -1,8 +1,252 @@
-//! Figures, and the Markdown tables they are printed in.
+//! Figures, and the Markdown tables they are printed in: the snapshotter level's three tables
+//! (against overlay, lamina's own targets, details), and the table primitives the user level
+//! and durable_commit use too.
 
-use std::time::Duration;
+use std::{fmt::Display, time::Duration};
 
-use crate::pair::Pair;
+use crate::{pair::Pair, MainFigures, Point, Sizes, SnapshotterLevel};
+
+/// The snapshotter-level tables.
+pub fn snapshotter_level(s: &Sizes, level: &SnapshotterLevel) -> String {
+    let mut out = String::new();
+    out.push_str("### Snapshotter level (each over its own unix socket, same client)\n\n");
+    out.push_str(&comparison_table(&snapshotter_rows(s, level)));
+    out.push_str("\n### lamina's own targets\n\n");
+    out.push_str(&checks_table(&lamina_checks(s, level)));
+    out.push_str("\n### Details\n\n| figure | lamina | overlay |\n|---|---:|---:|\n");
+    for line in details(s, level) {
+        out.push_str(&line);
+        out.push('\n');
+    }
+    out
+}
+
+/// lamina against overlay, workload by workload, each with the ratio the issue asks for.
+fn snapshotter_rows(s: &Sizes, level: &SnapshotterLevel) -> Vec<Row> {
+    let main = &level.main;
+    let time = |f: fn(&MainFigures) -> Duration| main.as_ref().map(|m| Val::Time(f(m)));
+    let mut rows = vec![
+        Row::new(
+            format!("{} serial prepare+commit pairs (total)", s.serial),
+            time(|m| m.serial),
+            Some(0.5),
+        ),
+        Row::new(
+            format!(
+                "{} prepare+commit pairs from {} clients (total)",
+                s.concurrent, s.clients
+            ),
+            time(|m| m.concurrent),
+            Some(0.5),
+        ),
+        Row::new(
+            format!("{} Stats from {} clients (total)", s.stats, s.clients),
+            time(|m| m.stats),
+            Some(0.5),
+        ),
+        Row::new(
+            format!(
+                "{} Lists of {} snapshots (total)",
+                s.lists, main.lamina.list_size
+            ),
+            time(|m| m.lists),
+            Some(0.5),
+        ),
+        Row::new(
+            format!("{}-layer chain: prepare+commit each (total)", s.chain),
+            time(|m| m.chain),
+            Some(0.5),
+        ),
+        Row::new(
+            format!("{} Views of the chain's top (total)", s.views),
+            time(|m| m.views),
+            Some(0.5),
+        ),
+        Row::new(
+            format!(
+                "Commit of a snapshot holding {} files (median of {})",
+                s.files, s.file_reps
+            ),
+            time(|m| median(&m.big)),
+            Some(0.5),
+        ),
+        Row::new(
+            format!(
+                "Remove of {} snapshots + Cleanup, until `du` shows it freed",
+                main.lamina.removed
+            ),
+            time(|m| m.remove.until_freed),
+            Some(0.25),
+        ),
+        Row::new(
+            "peak RSS of the server (VmHWM), after all of the above",
+            main.as_ref().map(|m| Val::Bytes(m.rss)),
+            Some(0.5),
+        ),
+    ];
+    let curve = level.curve.as_ref();
+    for (k, &size) in s.scale.iter().enumerate() {
+        rows.push(Row::new(
+            format!("prepare+commit latency (median) with {size} snapshots in the store"),
+            curve.map(|points| Val::Time(median(&points[k].pair))),
+            Some(0.5),
+        ));
+    }
+    for (k, &size) in s.scale.iter().enumerate() {
+        rows.push(Row::new(
+            format!("Remove latency (median) with {size} snapshots in the store"),
+            curve.map(|points| Val::Time(median(&points[k].remove))),
+            Some(0.5),
+        ));
+    }
+    if let Some(&last) = s.scale.last() {
+        rows.push(Row::new(
+            format!("peak RSS of the server (VmHWM) with {last} snapshots"),
+            level.curve_rss.map(Val::Bytes),
+            Some(0.5),
+        ));
+    }
+    rows
+}
+
+/// The targets lamina is held to on its own; overlay's figures are shown for reference.
+fn lamina_checks(s: &Sizes, level: &SnapshotterLevel) -> Vec<Check> {
+    let main = &level.main;
+    let limit = level.limits.pair;
+    let pair_mean = main.as_ref().map(|m| mean(&m.serial_lat));
+    let x_limit = |pair: Duration| pair.as_secs_f64() / limit.as_secs_f64();
+    let mut checks = vec![Check {
+        what: format!(
+            "serial prepare+commit pair (mean) ÷ machine limit ({} per pair)",
+            dur(limit)
+        ),
+        value: pair_mean.map(|pair| format!("{:.2}× ({})", x_limit(pair), dur(pair))),
+        target: "≤ 2×".into(),
+        met: Some(x_limit(pair_mean.lamina) <= 2.0),
+    }];
+
+    // Pairs per second from all the clients ÷ pairs per second from one; and both rates.
+    let speedup = |m: &MainFigures| {
+        let serial = s.serial as f64 / m.serial.as_secs_f64();
+        let conc = s.concurrent as f64 / m.concurrent.as_secs_f64();
+        (conc / serial, serial, conc)
+    };
+    checks.push(Check {
+        what: format!(
+            "{}-client throughput ÷ serial throughput (prepare+commit pairs)",
+            s.clients
+        ),
+        value: main.as_ref().map(|m| {
+            let (x, serial, conc) = speedup(m);
+            format!("{x:.2}× ({conc:.0} vs {serial:.0} pairs/s)")
+        }),
+        target: "≥ 3×".into(),
+        met: Some(speedup(&main.lamina).0 >= 3.0),
+    });
+
+    if s.scale.len() >= 2 {
+        let (first, last) = (s.scale[0], *s.scale.last().expect("sizes"));
+        // How much a median latency grew from the smallest store to the largest.
+        let growth = |points: &Vec<Point>, f: fn(&Point) -> &Vec<Duration>| {
+            let (small, large) = (&points[0], points.last().expect("points"));
+            median(f(large)).as_secs_f64() / median(f(small)).as_secs_f64()
+        };
+        for (what, f) in [
+            (
+                "prepare+commit",
+                (|p: &Point| &p.pair) as fn(&Point) -> &Vec<Duration>,
+            ),
+            ("Remove", |p: &Point| &p.remove),
+        ] {
+            let grew = level.curve.as_ref().map(|points| growth(points, f));
+            checks.push(Check {
+                what: format!("{what} latency (median) at {last} ÷ at {first} snapshots"),
+                value: grew.map(|x| format!("{x:.2}×")),
+                target: "≤ 1.5×".into(),
+                met: Some(grew.lamina <= 1.5),
+            });
+        }
+    }
+    checks
+}
+
+/// The lines of the details table: figures behind the rows above, without targets.
+fn details(s: &Sizes, level: &SnapshotterLevel) -> Vec<String> {
+    /// `| figure | f(lamina's) | f(overlay's) |`
+    fn line<T>(figure: impl Display, sides: Pair<&T>, f: impl Fn(&T) -> String) -> String {
+        format!("| {figure} | {} | {} |", f(sides.lamina), f(sides.overlay))
+    }
+    let p50_p99 = |xs: &[Duration]| format!("{} / {}", dur(median(xs)), dur(quantile(xs, 0.99)));
+    let main = level.main.as_ref();
+    let rm_limit = level.limits.remove_all;
+    let mut lines = vec![
+        line("serial pair latency p50 / p99", main, |m| {
+            p50_p99(&m.serial_lat)
+        }),
+        line(
+            "remove-all: Removes / Cleanup call / until freed",
+            main,
+            |m| {
+                let r = &m.remove;
+                format!(
+                    "{} / {} / {}",
+                    dur(r.removes),
+                    dur(r.cleanup_rpc),
+                    dur(r.until_freed)
+                )
+            },
+        ),
+        line(
+            format_args!(
+                "remove-all until freed ÷ `rm -rf` of a tree of the same shape ({})",
+                dur(rm_limit)
+            ),
+            main,
+            |m| {
+                let x = m.remove.until_freed.as_secs_f64() / rm_limit.as_secs_f64();
+                format!("{x:.2}×")
+            },
+        ),
+        line(
+            "serial Stat latency p50 / p99 (a round trip without I/O)",
+            main,
+            |m| p50_p99(&m.stat_lat),
+        ),
+        line("peak RSS (VmHWM) after each step", main, |m| {
+            hwm_steps(&m.hwm)
+        }),
+    ];
+    for (k, &size) in s.scale.iter().enumerate() {
+        lines.push(line(
+            format_args!("at {size}: pair p50 / p99; Remove p50 / p99; fill rate"),
+            level.curve.as_ref(),
+            |points| {
+                let p = &points[k];
+                format!(
+                    "{}; {}; {:.0} pairs/s",
+                    p50_p99(&p.pair),
+                    p50_p99(&p.remove),
+                    fill_rate(points, k)
+                )
+            },
+        ));
+    }
+    lines
+}
+
+/// "step: N MiB" for each step, joined.
+fn hwm_steps(hwm: &[(&str, u64)]) -> String {
+    hwm.iter()
+        .map(|(step, b)| format!("{step}: {:.0} MiB", *b as f64 / (1024.0 * 1024.0)))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Pairs per second while filling the store from the previous point's size up to point `k`'s.
+fn fill_rate(points: &[Point], k: usize) -> f64 {
+    let from = if k == 0 { 0 } else { points[k - 1].size };
+    (points[k].size - from) as f64 / points[k].populate.as_secs_f64()
+}
 
 /// One measured value.
 #[derive(Clone, Debug)]
