@@ -359,7 +359,7 @@ fn is_empty(dir: &Path) -> bool {
 }
 
 /// `ctr images import` of the image archive through two containerds, each with its own lamina,
-/// one with durable_commit on and one with it off ([`crate::DURABLE`]), in rounds that
+/// one with durable_commit on and one with it off ([`crate::durable::DURABLE`]), in rounds that
 /// [`alternate`] between them. Returns the samples, [on, off], and the image's layer count.
 pub async fn durable_import(dir: &Path, bins: &Bins, sizes: &Sizes) -> ([Vec<Duration>; 2], usize) {
     /// One lamina, the containerd that uses it, and the import times.
@@ -368,7 +368,7 @@ pub async fn durable_import(dir: &Path, bins: &Bins, sizes: &Sizes) -> ([Vec<Dur
         containerd: Containerd,
         import: Vec<Duration>,
     }
-    let mut sides = crate::DURABLE.map(|(config, label)| {
+    let mut sides = crate::durable::DURABLE.map(|(config, label)| {
         let server_dir = dir.join(format!("lamina-{label}"));
         let server = Server::start_with(Kind::Lamina, bins, &server_dir, config);
         let containerd =

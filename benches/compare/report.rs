@@ -4,7 +4,11 @@
 
 use std::{fmt::Display, time::Duration};
 
-use crate::{pair::Pair, MainFigures, Point, Sizes, SnapshotterLevel};
+use crate::{
+    pair::Pair,
+    snapshotter::{MainFigures, Point, SnapshotterLevel},
+    Sizes,
+};
 
 /// The snapshotter-level tables.
 pub fn snapshotter_level(s: &Sizes, level: &SnapshotterLevel) -> String {
