@@ -264,8 +264,7 @@ pub async fn run(dir: &Path, bins: &Bins, sizes: &Sizes) -> Vec<Row> {
         side.concurrent += workloads::concurrent_pairs(
             &side.target,
             "cconc",
-            range.start,
-            range.len(),
+            range,
             sizes.clients,
             10,
             &mut side.live,

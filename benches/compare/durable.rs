@@ -62,16 +62,8 @@ pub async fn run(base: &Path, bins: &Bins, s: &Sizes) -> Vec<report::OnOff> {
         side.serial.push(wall / n);
         let range = chunk(s.concurrent, reps, r);
         let n = range.len() as u32;
-        let wall = workloads::concurrent_pairs(
-            t,
-            "dconc",
-            range.start,
-            range.len(),
-            s.clients,
-            10,
-            &mut side.live,
-        )
-        .await;
+        let wall =
+            workloads::concurrent_pairs(t, "dconc", range, s.clients, 10, &mut side.live).await;
         side.concurrent.push(wall / n);
     })
     .await;

@@ -152,12 +152,11 @@ async fn main_sequence(base: &Path, bins: &Bins, s: &Sizes) -> (Pair<MainFigures
     ));
     alternate(0..rounds, sides.each_mut(), async |r, side| {
         sync_disks();
-        let c = chunk(s.concurrent, rounds, r);
+        let range = chunk(s.concurrent, rounds, r);
         side.figures.concurrent += workloads::concurrent_pairs(
             &side.server.target,
             "conc",
-            c.start,
-            c.len(),
+            range,
             s.clients,
             10,
             &mut side.live,
@@ -328,11 +327,11 @@ async fn scale_sequence(base: &Path, bins: &Bins, s: &Sizes) -> (Pair<Vec<Point>
         let add = size.saturating_sub(filled);
         alternate(0..s.rounds, sides.each_mut(), async |r, side| {
             let c = chunk(add, s.rounds, r);
+            let range = filled + c.start..filled + c.end;
             let took = workloads::concurrent_pairs(
                 &side.server.target,
                 "pop",
-                filled + c.start,
-                c.len(),
+                range,
                 s.clients,
                 1,
                 &mut side.populated,

@@ -4,7 +4,9 @@
 use std::{
     collections::HashMap,
     fs,
+    future::Future,
     io::Write,
+    ops::Range,
     os::unix::fs::{FileExt, MetadataExt},
     path::Path,
     sync::{Arc, Mutex},
@@ -13,7 +15,10 @@ use std::{
 
 use sha2::{Digest, Sha256};
 
-use crate::client::Target;
+use crate::{
+    client::{Client, Target},
+    sync_disks,
+};
 
 /// A containerd-like chain ID for (tag, i): 64 hex digits.
 fn digest(tag: &str, i: usize) -> String {
@@ -48,7 +53,7 @@ fn labels(t: &Target, name: &str) -> HashMap<String, String> {
 
 /// One planned prepare+commit pair.
 #[derive(Clone)]
-struct Pair {
+struct PlannedPair {
     key: String,
     name: String,
     parent: String,
@@ -58,7 +63,7 @@ struct Pair {
 /// Pairs with indices `idx` of `tag`. The first takes `parent0` as parent; after it, every
 /// `chain`-th starts a new chain and the others take the previous pair's snapshot as parent (as
 /// unpacking the layers of images does).
-fn plan(t: &Target, tag: &str, idx: &[usize], chain: usize, parent0: &str) -> Vec<Pair> {
+fn plan(t: &Target, tag: &str, idx: &[usize], chain: usize, parent0: &str) -> Vec<PlannedPair> {
     let mut prev = parent0.to_string();
     idx.iter()
         .enumerate()
@@ -68,7 +73,7 @@ fn plan(t: &Target, tag: &str, idx: &[usize], chain: usize, parent0: &str) -> Ve
             } else {
                 prev.clone()
             };
-            let p = Pair {
+            let p = PlannedPair {
                 key: key(tag, i),
                 name: name(tag, i),
                 parent,
@@ -85,7 +90,7 @@ fn plan(t: &Target, tag: &str, idx: &[usize], chain: usize, parent0: &str) -> Ve
 pub async fn serial_pairs(
     t: &Target,
     tag: &str,
-    idx: std::ops::Range<usize>,
+    idx: Range<usize>,
     chain: usize,
     parent0: &str,
     live: &mut Vec<String>,
@@ -105,47 +110,58 @@ pub async fn serial_pairs(
     (start.elapsed(), lat)
 }
 
-/// `n` prepare+commit pairs spread over `clients` clients, each with its own connection, all at
-/// once. Returns the wall time; the committed names are appended to `live` in the order they
-/// were committed (a parent always before its children).
+/// Pairs `idx` (see [`plan`]; every client's first pair starts a chain) dealt out to `clients`
+/// clients, each with its own connection, all at once. Returns the wall time; the committed
+/// names are appended to `live` in the order they were committed (a parent always before its
+/// children).
 pub async fn concurrent_pairs(
     t: &Target,
     tag: &str,
-    first: usize,
-    n: usize,
+    idx: Range<usize>,
     clients: usize,
     chain: usize,
     live: &mut Vec<String>,
 ) -> Duration {
     let conns = t.clients(clients).await;
-    let done = Arc::new(Mutex::new(Vec::with_capacity(n)));
-    let plans: Vec<Vec<Pair>> = (0..clients)
+    let done = Arc::new(Mutex::new(Vec::with_capacity(idx.len())));
+    let plans: Vec<Vec<PlannedPair>> = (0..clients)
         .map(|c| {
-            let idx: Vec<usize> = (first..first + n).skip(c).step_by(clients).collect();
+            let idx: Vec<usize> = idx.clone().skip(c).step_by(clients).collect();
             plan(t, tag, &idx, chain, "")
         })
         .collect();
+    let wall = all_at_once(conns, plans, |mut c, pairs| {
+        let done = Arc::clone(&done);
+        async move {
+            for p in pairs {
+                c.prepare(&p.key, &p.parent, p.labels.clone()).await;
+                c.commit(&p.name, &p.key, p.labels).await;
+                done.lock().unwrap().push(p.name);
+            }
+        }
+    })
+    .await;
+    live.extend(done.lock().unwrap().drain(..));
+    wall
+}
+
+/// Runs `work` for each client and its part, each on its own task, all at once. Returns the
+/// wall time from the first start until the last one is done.
+async fn all_at_once<P, F, Fut>(conns: Vec<Client>, parts: Vec<P>, work: F) -> Duration
+where
+    F: Fn(Client, P) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
     let start = Instant::now();
     let tasks: Vec<_> = conns
         .into_iter()
-        .zip(plans)
-        .map(|(mut c, pairs)| {
-            let done = Arc::clone(&done);
-            tokio::spawn(async move {
-                for p in pairs {
-                    c.prepare(&p.key, &p.parent, p.labels.clone()).await;
-                    c.commit(&p.name, &p.key, p.labels).await;
-                    done.lock().unwrap().push(p.name);
-                }
-            })
-        })
+        .zip(parts)
+        .map(|(c, part)| tokio::spawn(work(c, part)))
         .collect();
     for task in tasks {
         task.await.expect("client task");
     }
-    let wall = start.elapsed();
-    live.extend(done.lock().unwrap().drain(..));
-    wall
+    start.elapsed()
 }
 
 /// A small deterministic generator (xorshift64*), so both snapshotters get the same keys.
@@ -172,23 +188,13 @@ pub async fn stats(t: &Target, keys: &[String], n: usize, clients: usize, seed: 
                 .collect()
         })
         .collect();
-    let start = Instant::now();
-    let tasks: Vec<_> = conns
-        .into_iter()
-        .zip(plans)
-        .map(|(mut c, keys)| {
-            tokio::spawn(async move {
-                for k in keys {
-                    let info = c.stat(&k).await;
-                    assert_eq!(info.name, k);
-                }
-            })
-        })
-        .collect();
-    for task in tasks {
-        task.await.expect("client task");
-    }
-    start.elapsed()
+    all_at_once(conns, plans, |mut c, keys| async move {
+        for k in keys {
+            let info = c.stat(&k).await;
+            assert_eq!(info.name, k);
+        }
+    })
+    .await
 }
 
 /// `n` Stats of existing snapshots from one client, one after the other; returns each one's
@@ -228,7 +234,7 @@ pub async fn views(
     t: &Target,
     tag: &str,
     parent: &str,
-    idx: std::ops::Range<usize>,
+    idx: Range<usize>,
     live: &mut Vec<String>,
 ) -> Duration {
     let keys: Vec<String> = idx.map(|i| key(tag, i)).collect();
@@ -264,8 +270,7 @@ pub async fn big_commit(
     );
     write_files(Path::new(&mounts[0].source), files);
     if synced {
-        // SAFETY: sync(2) takes no arguments and cannot fail.
-        unsafe { libc::sync() };
+        sync_disks();
     }
     let s = Instant::now();
     c.commit(&n, &k, labels(t, &n)).await;
@@ -427,8 +432,7 @@ pub fn machine_remove_limit(dir: &Path, snapshots: usize, files: usize, reps: us
             write_files(&d.join("fs"), files);
         }
     }
-    // SAFETY: sync(2) takes no arguments and cannot fail.
-    unsafe { libc::sync() };
+    sync_disks();
     let start = Instant::now();
     fs::remove_dir_all(dir).expect("removing the machine-limit tree");
     start.elapsed()
