@@ -316,14 +316,14 @@ pub async fn run(dir: &Path, bins: &Bins, sizes: &Sizes) -> Vec<Row> {
     lamina.stop();
 
     let reps = sizes.user_reps;
-    let time = |f: &dyn Fn(&Side) -> Duration| sides.as_ref().map(|side| Val::Time(f(side)));
+    let time = |f: fn(&Side) -> Duration| sides.as_ref().map(|side| Val::Time(f(side)));
     vec![
         Row::new(
             format!(
                 "containerd Snapshots API: {} serial prepare+commit pairs",
                 sizes.user_pairs
             ),
-            time(&|side| side.serial),
+            time(|side| side.serial),
             None,
         ),
         Row::new(
@@ -331,7 +331,7 @@ pub async fn run(dir: &Path, bins: &Bins, sizes: &Sizes) -> Vec<Row> {
                 "containerd Snapshots API: {} pairs from {} clients",
                 sizes.user_concurrent, sizes.clients
             ),
-            time(&|side| side.concurrent),
+            time(|side| side.concurrent),
             None,
         ),
         Row::new(
@@ -339,13 +339,13 @@ pub async fn run(dir: &Path, bins: &Bins, sizes: &Sizes) -> Vec<Row> {
                 "`ctr images import` (unpack of {layers} layers, {} files), median of {reps}",
                 sizes.image_layers * sizes.image_files
             ),
-            time(&|side| median(&side.import)),
+            time(|side| median(&side.import)),
             Some(1.0),
         )
         .within_noise(&sides.overlay.import),
         Row::new(
             format!("`ctr run --rm … /bin/true`, median of {reps}"),
-            time(&|side| median(&side.run)),
+            time(|side| median(&side.run)),
             Some(1.0),
         )
         .within_noise(&sides.overlay.run),

@@ -173,8 +173,8 @@ async fn main() {
     }
 }
 
-/// Prints the user-level section; returns false if it failed. A failure there (containerd is
-/// a lot of moving parts) is printed in place of the table, and the rest of the run goes on.
+/// Prints the user-level section; returns false if it failed. A failure is printed in place of
+/// the table and the rest of the run goes on; the exit status tells of it at the end.
 async fn user_level(base: &Path, bins: &Bins, s: &Sizes) -> bool {
     println!(
         "### User level (one containerd: its built-in `overlayfs` vs `lamina` as its proxy plugin)\n"
