@@ -35,7 +35,7 @@ enum Command {
         flags: Flags,
     },
     /// Compare the store with the snapshot directories (through the daemon, or offline on
-    /// a stopped daemon's root). Exits non-zero when something is wrong.
+    /// a stopped daemon's root). Exits 1 when it finds problems, 2 when it cannot run.
     Fsck {
         /// Fix what is safe to fix: orphans, missing directories of active snapshots, modes.
         #[arg(long)]
@@ -76,17 +76,44 @@ enum ConfigCommand {
     },
 }
 
+/// The command ran and found something wrong (fsck's problems, a root `check` finds unusable).
+const FOUND_PROBLEMS: u8 = 1;
+/// The command could not do what it was asked (a bad configuration, a daemon that cannot start
+/// or be reached, an I/O error): its message says why. Distinct from [`FOUND_PROBLEMS`], so
+/// that a script can tell "fsck found damage" from "fsck could not run".
+const FAILED: u8 = 2;
+
 fn main() -> ExitCode {
     match run(Cli::parse()) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(Outcome::Done) => ExitCode::SUCCESS,
+        Ok(Outcome::Found(what)) => {
+            eprintln!("lamina: {what}");
+            ExitCode::from(FOUND_PROBLEMS)
+        }
         Err(err) => {
             eprintln!("lamina: {}", chain(&err));
-            ExitCode::FAILURE
+            ExitCode::from(FAILED)
         }
     }
 }
 
-fn run(cli: Cli) -> Result<(), Error> {
+/// How a command that ran to its end ended.
+enum Outcome {
+    Done,
+    /// It found problems, which it has printed; the text says so in one line.
+    Found(&'static str),
+}
+
+/// [`Outcome::Done`] when `ok`, else [`Outcome::Found`] with `what`.
+fn found_unless(ok: bool, what: &'static str) -> Outcome {
+    if ok {
+        Outcome::Done
+    } else {
+        Outcome::Found(what)
+    }
+}
+
+fn run(cli: Cli) -> Result<Outcome, Error> {
     match cli.command {
         Command::Serve { flags } => {
             let config = Config::load(&flags)?;
@@ -105,11 +132,11 @@ fn run(cli: Cli) -> Result<(), Error> {
             // usage walk) is cut off, not waited for: dropping the runtime would wait for it
             // all. What it leaves half done, start-up recovery finishes, as after a crash.
             runtime.shutdown_timeout(std::time::Duration::from_millis(100));
-            result
+            result.map(|()| Outcome::Done)
         }
         Command::Status { flags } => {
             print!("{}", block_on(lamina::cli::status(&Config::load(&flags)?))?);
-            Ok(())
+            Ok(Outcome::Done)
         }
         Command::Fsck {
             repair,
@@ -122,16 +149,18 @@ fn run(cli: Cli) -> Result<(), Error> {
             };
             let (out, clean) = block_on(lamina::cli::fsck(&Config::load(&flags)?, repair))?;
             print!("{out}");
-            clean.then_some(()).ok_or_else(|| {
-                Error::Config("fsck found problems; see above (--repair fixes what is safe)".into())
-            })
+            Ok(found_unless(
+                clean,
+                "fsck found problems; see above (--repair fixes what is safe)",
+            ))
         }
         Command::Check { flags } => {
             let (out, usable) = lamina::cli::check(&Config::load(&flags)?)?;
             print!("{out}");
-            usable.then_some(()).ok_or_else(|| {
-                Error::Unsupported("lamina cannot run on this root; see above".into())
-            })
+            Ok(found_unless(
+                usable,
+                "lamina cannot run on this root; see above",
+            ))
         }
         Command::Mount {
             key,
@@ -143,14 +172,15 @@ fn run(cli: Cli) -> Result<(), Error> {
             &key,
             &target,
             rw,
-        )),
+        ))
+        .map(|()| Outcome::Done),
         Command::Config(ConfigCommand::Default) => {
             print!("{}", lamina::config::DEFAULT_FILE);
-            Ok(())
+            Ok(Outcome::Done)
         }
         Command::Config(ConfigCommand::Dump { flags }) => {
             print!("{}", Config::load(&flags)?.to_toml());
-            Ok(())
+            Ok(Outcome::Done)
         }
     }
 }

@@ -682,7 +682,7 @@ root_test!(a_root_that_cannot_be_lamina_s_is_refused_untouched, || {
             Some(out) => {
                 let line = final_line(&out.stderr);
                 eprintln!("faults: --root {}: {} {line}", root.display(), out.status);
-                if out.status.code() != Some(1) || !line.contains(why) {
+                if out.status.code() != Some(2) || !line.contains(why) {
                     problems.push(format!("{}: {} {line:?}", root.display(), out.status));
                 }
             }
@@ -699,7 +699,7 @@ root_test!(a_root_that_cannot_be_lamina_s_is_refused_untouched, || {
             socket.as_os_str(),
         ];
         let out = exits(lamina(args)).unwrap();
-        if out.status.code() != Some(1) {
+        if out.status.code() != Some(2) {
             problems.push(format!("{cmd}: {} {}", out.status, final_line(&out.stderr)));
         }
     }
@@ -710,7 +710,7 @@ root_test!(a_root_that_cannot_be_lamina_s_is_refused_untouched, || {
         bad_utf8.as_os_str(),
     ]))
     .unwrap();
-    if out.status.code() != Some(1) {
+    if out.status.code() != Some(2) {
         problems.push(format!(
             "config dump: {} {}",
             out.status,
