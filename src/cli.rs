@@ -267,12 +267,7 @@ mod tests {
     /// what the mount shows (here a directory elsewhere on the same filesystem).
     #[test]
     fn removing_the_scratch_directory_does_not_delete_through_a_mount() {
-        if !nix::unistd::geteuid().is_root() {
-            assert!(
-                std::env::var_os("CI").is_none(),
-                "needs root (it bind-mounts); CI is set"
-            );
-            eprintln!("skipped: needs root (it bind-mounts)");
+        if !crate::testing::mounting_allowed() {
             return;
         }
         let tmp = tempfile::tempdir().unwrap();
@@ -282,14 +277,7 @@ mod tests {
         let scratch = tmp.path().join(".lamina-check-1");
         fs::create_dir_all(scratch.join("merged")).unwrap();
         fs::write(scratch.join("upper-file"), "scratch").unwrap();
-        nix::mount::mount(
-            Some(&precious),
-            &scratch.join("merged"),
-            None::<&str>,
-            nix::mount::MsFlags::MS_BIND,
-            None::<&str>,
-        )
-        .unwrap();
+        crate::testing::bind(&precious, &scratch.join("merged"));
         let removed = remove_scratch(tmp.path(), ".lamina-check-1");
         let _ = crate::sys::unmount(&scratch.join("merged"));
         assert_eq!(

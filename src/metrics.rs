@@ -59,33 +59,24 @@ impl Metrics {
             deleted_bytes: Counter::default(),
             registry: Registry::with_prefix("lamina"),
         };
-        let r = &mut m.registry;
-        r.register(
-            "requests",
-            "Requests by RPC and gRPC code",
-            m.requests.clone(),
-        );
-        r.register(
-            "request_duration_seconds",
-            "Request latency by RPC",
-            m.latency.clone(),
-        );
-        r.register("snapshots", "Snapshots by kind", m.snapshots.clone());
-        r.register(
-            "store_commit_duration_seconds",
-            "Latency of durable store transactions",
-            m.store_commit.clone(),
-        );
-        r.register(
-            "cleanup_reclaimed_directories",
-            "Snapshot directories deleted (after Remove, by Cleanup, by recovery)",
-            m.deleted_dirs.clone(),
-        );
-        r.register(
-            "cleanup_reclaimed_bytes",
-            "Bytes freed by deleting snapshot directories (after Remove, by Cleanup, by recovery)",
-            m.deleted_bytes.clone(),
-        );
+        // Each metric: its field, its name (under `lamina_`) and its help. The two "reclaimed"
+        // names are lamina's since its first metrics; dashboards know them so.
+        macro_rules! register {
+            ($($metric:expr => $name:literal, $help:literal;)*) => {
+                $(m.registry.register($name, $help, $metric.clone());)*
+            };
+        }
+        register! {
+            m.requests => "requests", "Requests by RPC and gRPC code";
+            m.latency => "request_duration_seconds", "Request latency by RPC";
+            m.snapshots => "snapshots", "Snapshots by kind";
+            m.store_commit => "store_commit_duration_seconds",
+                "Latency of durable store transactions";
+            m.deleted_dirs => "cleanup_reclaimed_directories",
+                "Snapshot directories deleted (after Remove, by Cleanup, by recovery)";
+            m.deleted_bytes => "cleanup_reclaimed_bytes",
+                "Bytes freed by deleting snapshot directories (after Remove, by Cleanup, by recovery)";
+        }
         m
     }
 

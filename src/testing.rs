@@ -17,3 +17,30 @@ pub fn within<T: Send + 'static>(
     rx.recv_timeout(limit)
         .unwrap_or_else(|e| panic!("{what}: no answer ({e}) within {limit:?}"))
 }
+
+/// True when a test that mounts may run: as root. Otherwise it prints why and the test returns
+/// early, unless `CI` is set, where a test that cannot run is a failure.
+pub fn mounting_allowed() -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "needs root (it mounts); CI is set"
+    );
+    eprintln!("skipped: needs root (it mounts)");
+    false
+}
+
+/// Bind-mounts `source` at `target` (which must exist), for tests of what lamina does with a
+/// mount inside a tree.
+pub fn bind(source: &std::path::Path, target: &std::path::Path) {
+    nix::mount::mount(
+        Some(source),
+        target,
+        None::<&str>,
+        nix::mount::MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .unwrap_or_else(|e| panic!("bind {} at {}: {e}", source.display(), target.display()));
+}

@@ -271,7 +271,7 @@ mod tests {
     use super::*;
     use crate::{
         dirs::Layout,
-        snapshot::{Options, UPPERDIR_LABEL},
+        snapshot::{Kind, Options, UPPERDIR_LABEL},
     };
 
     fn labels(pairs: &[(&str, &str)]) -> HashMap<String, String> {
@@ -307,7 +307,7 @@ mod tests {
         for i in 0..250 {
             let key = format!("k/{i:03}");
             let l = labels(shapes[i % shapes.len()]);
-            s.prepare(key.clone(), parent.clone(), l.clone())
+            s.new_snapshot(Kind::Active, key.clone(), parent.clone(), l.clone())
                 .await
                 .unwrap();
             if i % 3 == 0 {
@@ -317,7 +317,7 @@ mod tests {
                 parent = name.clone();
                 keys.push(name);
             } else if i % 3 == 1 {
-                s.view(format!("v/{i:03}"), parent.clone(), l)
+                s.new_snapshot(Kind::View, format!("v/{i:03}"), parent.clone(), l)
                     .await
                     .unwrap();
                 keys.push(format!("v/{i:03}"));

@@ -140,7 +140,9 @@ impl Snapshots for Service {
         let span = info_span!("prepare", key = ?r.key, parent = ?r.parent, ns);
         let s = &self.snapshotter;
         traced("Prepare", span, async {
-            let mounts = s.prepare(r.key, r.parent, r.labels).await?;
+            let mounts = s
+                .new_snapshot(Kind::Active, r.key, r.parent, r.labels)
+                .await?;
             Ok(PrepareSnapshotResponse {
                 mounts: wire_mounts(mounts),
             })
@@ -157,7 +159,9 @@ impl Snapshots for Service {
         let span = info_span!("view", key = ?r.key, parent = ?r.parent, ns);
         let s = &self.snapshotter;
         traced("View", span, async {
-            let mounts = s.view(r.key, r.parent, r.labels).await?;
+            let mounts = s
+                .new_snapshot(Kind::View, r.key, r.parent, r.labels)
+                .await?;
             Ok(ViewSnapshotResponse {
                 mounts: wire_mounts(mounts),
             })

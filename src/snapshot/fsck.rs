@@ -454,7 +454,17 @@ mod tests {
     use futures::executor::block_on as wait;
 
     use super::*;
-    use crate::{dirs::Layout, snapshot::Options};
+    use crate::{dirs::Layout, snapshot::Options, store::any_chain};
+
+    /// Records active snapshot `key`, as a Prepare does before it makes its directories.
+    fn record_active(s: &Snapshotter, key: &str) -> Record {
+        let now = SystemTime::now();
+        wait(
+            s.store
+                .insert(key, "", Kind::Active, BTreeMap::new(), now, any_chain),
+        )
+        .unwrap()
+    }
 
     const REPAIR: Repair = Repair {
         safe: true,
@@ -471,11 +481,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let s = open(tmp.path());
         for key in ["gone", "kept"] {
-            let r = wait(
-                s.store
-                    .insert(key, "", Kind::Active, BTreeMap::new(), SystemTime::now()),
-            )
-            .unwrap();
+            let r = record_active(&s, key);
             s.layout.make_dirs(r.id, true, None).unwrap();
         }
         // What fsck read, then a Remove lands (record, then directory) before it looks.
@@ -507,11 +513,7 @@ mod tests {
         let s = open(tmp.path());
         s.start_background().unwrap();
         // A Prepare between its record and its directories.
-        let r = wait(
-            s.store
-                .insert("new", "", Kind::Active, BTreeMap::new(), SystemTime::now()),
-        )
-        .unwrap();
+        let r = record_active(&s, "new");
         let report = s.fsck(REPAIR).unwrap();
         assert!(report.findings.is_empty(), "{:?}", report.findings);
         assert!(

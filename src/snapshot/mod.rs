@@ -337,38 +337,35 @@ impl Snapshotter {
         .await
     }
 
-    /// Creates the active snapshot `key` on top of committed `parent` (or on nothing when
-    /// `parent` is empty) and answers its mounts: a writable bind of its own `fs` without a
-    /// parent, else one overlay whose upper directory is its `fs` and whose lowers are its
-    /// ancestors' `fs`, nearest first (see `overlay::active_mounts`).
+    /// Prepare (`kind` Active) or View (`kind` View): creates snapshot `key` on top of
+    /// committed `parent` (or on nothing when `parent` is empty) and answers its mounts.
+    ///
+    /// An active snapshot is writable: a writable bind of its own `fs` without a parent, else
+    /// one overlay whose upper directory is its `fs` and whose lowers are its ancestors' `fs`,
+    /// nearest first (see `overlay::active_mounts`). A view is read-only, with no work
+    /// directory, and its contents never change: a read-only bind of its own empty `fs` without
+    /// a parent, of the parent's `fs` with one, else an overlay of the ancestors alone (see
+    /// `overlay::view_mounts`).
     ///
     /// Errors: `key` taken by any snapshot → AlreadyExists; `parent` missing → NotFound;
     /// `parent` not committed → InvalidArgument; more ancestors than overlayfs stacks →
-    /// FailedPrecondition; an empty or oversized key or labels → InvalidArgument. On any error
-    /// nothing is left behind and the key can be used again. Once it answers, the snapshot is
-    /// durable in the store and its directories exist.
-    pub async fn prepare(
+    /// FailedPrecondition; an empty or oversized key or labels → InvalidArgument; `kind`
+    /// Committed → InvalidArgument (only Commit makes one). On any error nothing is left behind
+    /// and the key can be used again. Once it answers, the snapshot is durable in the store and
+    /// its directories exist.
+    pub async fn new_snapshot(
         self: &Arc<Self>,
+        kind: Kind,
         key: String,
         parent: String,
         labels: HashMap<String, String>,
     ) -> Result<Vec<Mount>> {
-        self.change(|s| async move { s.new_snapshot(key, parent, labels, Kind::Active).await })
-            .await
-    }
-
-    /// Creates the view `key` of committed `parent` (or of nothing) and answers its read-only
-    /// mounts: a read-only bind of its own empty `fs` without a parent, of the parent's `fs`
-    /// with one, else an overlay of the ancestors alone (see `overlay::view_mounts`). A view
-    /// has no work directory and its contents never change. Errors and guarantees as
-    /// [`Snapshotter::prepare`].
-    pub async fn view(
-        self: &Arc<Self>,
-        key: String,
-        parent: String,
-        labels: HashMap<String, String>,
-    ) -> Result<Vec<Mount>> {
-        self.change(|s| async move { s.new_snapshot(key, parent, labels, Kind::View).await })
+        if kind == Kind::Committed {
+            return Err(Error::invalid(
+                "a committed snapshot is made by Commit, not created",
+            ));
+        }
+        self.change(|s| async move { s.create_and_finish(key, parent, labels, kind).await })
             .await
     }
 
@@ -739,7 +736,7 @@ impl Snapshotter {
         Ok(results)
     }
 
-    async fn new_snapshot(
+    async fn create_and_finish(
         self: Arc<Self>,
         key: String,
         parent: String,
@@ -757,7 +754,7 @@ impl Snapshotter {
         };
         let mut record = self
             .store
-            .insert_checked(
+            .insert(
                 &key,
                 &parent,
                 kind,
@@ -779,7 +776,7 @@ impl Snapshotter {
                     warn!(id = record.id, path = %path.display(), "a directory is already where this snapshot's goes; leaving it alone and taking another ID");
                     record = self
                         .store
-                        .insert_checked(
+                        .insert(
                             &key,
                             &parent,
                             kind,
@@ -1074,6 +1071,7 @@ fn check_labels(labels: HashMap<String, String>) -> Result<BTreeMap<String, Stri
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::any_chain;
 
     fn open(dir: &std::path::Path) -> Arc<Snapshotter> {
         Snapshotter::open(Layout::new(dir.join("root")), Options::default()).unwrap()
@@ -1086,24 +1084,26 @@ mod tests {
     async fn a_remove_between_record_and_directories_leaves_no_orphan() {
         let tmp = tempfile::tempdir().unwrap();
         let s = open(tmp.path());
-        let record = s
-            .store
-            .insert("k", "", Kind::Active, BTreeMap::new(), SystemTime::now())
-            .await
-            .unwrap();
+        let insert = || {
+            s.store.insert(
+                "k",
+                "",
+                Kind::Active,
+                BTreeMap::new(),
+                SystemTime::now(),
+                any_chain,
+            )
+        };
+        let record = insert().await.unwrap();
         s.store.remove("k").await.unwrap();
         let answer = s.finish_creation("k", &record).await;
         assert!(matches!(answer, Err(Error::NotFound(_))), "{answer:?}");
         assert!(!s.layout.dir(record.id).exists(), "orphan left behind");
         // Prepared again meanwhile: that snapshot is not this one, and keeps what is its own.
-        let record = s
-            .store
-            .insert("k", "", Kind::Active, BTreeMap::new(), SystemTime::now())
-            .await
-            .unwrap();
+        let record = insert().await.unwrap();
         s.store.remove("k").await.unwrap();
         let again = s
-            .prepare("k".into(), String::new(), HashMap::new())
+            .new_snapshot(Kind::Active, "k".into(), String::new(), HashMap::new())
             .await
             .unwrap();
         assert!(s.finish_creation("k", &record).await.is_err());
@@ -1119,16 +1119,25 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let s = open(tmp.path());
         let none = HashMap::new;
-        s.prepare("a".into(), String::new(), none()).await.unwrap();
+        s.new_snapshot(Kind::Active, "a".into(), String::new(), none())
+            .await
+            .unwrap();
         s.commit("A".into(), "a".into(), none()).await.unwrap();
-        s.prepare("b".into(), "A".into(), none()).await.unwrap();
-        s.view("v".into(), "A".into(), none()).await.unwrap();
-        s.prepare("gone".into(), String::new(), none())
+        s.new_snapshot(Kind::Active, "b".into(), "A".into(), none())
+            .await
+            .unwrap();
+        s.new_snapshot(Kind::View, "v".into(), "A".into(), none())
+            .await
+            .unwrap();
+        s.new_snapshot(Kind::Active, "gone".into(), String::new(), none())
             .await
             .unwrap();
         s.remove("gone".into()).await.unwrap();
         // Refused requests change nothing.
-        assert!(s.prepare("b".into(), String::new(), none()).await.is_err());
+        assert!(s
+            .new_snapshot(Kind::Active, "b".into(), String::new(), none())
+            .await
+            .is_err());
         assert!(s.remove("A".into()).await.is_err());
         let want = Counts {
             active: 1,

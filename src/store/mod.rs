@@ -129,6 +129,20 @@ use commit::{open_guarded, Writer};
 use record::{decode, encode, view};
 pub use record::{Labels, RecordView};
 
+/// A check of a new snapshot's ancestors that accepts any chain, for [`Store::insert`] from
+/// tools and tests.
+pub fn any_chain(_: &[u64]) -> Result<()> {
+    Ok(())
+}
+
+/// AlreadyExists when a snapshot has the key `key`.
+fn refuse_taken(table: &impl ReadableTable<&'static str, &'static [u8]>, key: &str) -> Result<()> {
+    match table.get(key)? {
+        Some(_) => Err(Error::already_exists(key)),
+        None => Ok(()),
+    }
+}
+
 /// The record of `key`, or NotFound.
 fn lookup(table: &impl ReadableTable<&'static str, &'static [u8]>, key: &str) -> Result<Record> {
     match table.get(key)? {
@@ -234,6 +248,16 @@ impl Store {
         Ok(store)
     }
 
+    /// What a write does to the counts by kind, once its batch is durable (see
+    /// [`Writer::write_then`]).
+    fn counting(
+        &self,
+        change: impl FnOnce(&Counts, &Record) + Send + 'static,
+    ) -> impl FnOnce(&Record) + Send + 'static {
+        let counts = Arc::clone(&self.counts);
+        move |record| change(&counts, record)
+    }
+
     /// Announces a change (a request that will write) until the guard is dropped; see
     /// `commit.rs` for what it decides.
     pub fn enter(&self) -> Change {
@@ -249,24 +273,11 @@ impl Store {
     /// Records a new active snapshot or view under a fresh ID. The caller creates its
     /// directories afterwards: a directory never exists before the record that owns it.
     ///
-    /// [`Store::insert_checked`] without a check of the chain: for tools and tests that make
-    /// records directly.
+    /// Refused with `check_chain`'s error if it fails on the new snapshot's ancestors (their
+    /// IDs, nearest first; [`any_chain`] accepts all). Checked inside the write transaction,
+    /// against the parent as it is when the snapshot is recorded: a parent removed and
+    /// committed again under the same key meanwhile may have another chain.
     pub fn insert(
-        &self,
-        key: &str,
-        parent: &str,
-        kind: Kind,
-        labels: BTreeMap<String, String>,
-        now: SystemTime,
-    ) -> impl Future<Output = Result<Record>> + Send + 'static {
-        self.insert_checked(key, parent, kind, labels, now, |_| Ok(()))
-    }
-
-    /// [`Store::insert`], refused with `check_chain`'s error if it fails on the new snapshot's
-    /// ancestors (their IDs, nearest first). Checked inside the write transaction, against the
-    /// parent as it is when the snapshot is recorded: a parent removed and committed again
-    /// under the same key meanwhile may have another chain.
-    pub fn insert_checked(
         &self,
         key: &str,
         parent: &str,
@@ -276,16 +287,13 @@ impl Store {
         check_chain: impl FnOnce(&[u64]) -> Result<()> + Send + 'static,
     ) -> impl Future<Output = Result<Record>> + Send + 'static {
         let (key, parent) = (key.to_string(), parent.to_string());
-        let counts = Arc::clone(&self.counts);
-        let count = move |r: &Record| counts.add(r.kind, 1);
+        let count = self.counting(|counts, r| counts.add(r.kind, 1));
         self.writer.write_then(
             "creating a snapshot",
             move |tx| {
                 let (key, parent) = (key.as_str(), parent.as_str());
                 let mut snapshots = tx.open_table(SNAPSHOTS)?;
-                if snapshots.get(key)?.is_some() {
-                    return Err(Error::already_exists(key));
-                }
+                refuse_taken(&snapshots, key)?;
                 let mut parent_ids = Vec::new();
                 if !parent.is_empty() {
                     let parent_record = lookup(&snapshots, parent).map_err(|e| match e {
@@ -339,19 +347,16 @@ impl Store {
         now: SystemTime,
     ) -> impl Future<Output = Result<Record>> + Send + 'static {
         let (key, name) = (key.to_string(), name.to_string());
-        let counts = Arc::clone(&self.counts);
-        let count = move |_: &Record| {
+        let count = self.counting(|counts, _| {
             counts.add(Kind::Active, -1);
             counts.add(Kind::Committed, 1);
-        };
+        });
         self.writer.write_then(
             "committing a snapshot",
             move |tx| {
                 let (key, name) = (key.as_str(), name.as_str());
                 let mut snapshots = tx.open_table(SNAPSHOTS)?;
-                if snapshots.get(name)?.is_some() {
-                    return Err(Error::already_exists(name));
-                }
+                refuse_taken(&snapshots, name)?;
                 let active = lookup(&snapshots, key)?;
                 if active.kind != Kind::Active {
                     return Err(commit_wrong_kind(key, active.kind));
@@ -396,8 +401,7 @@ impl Store {
         id: Option<u64>,
     ) -> impl Future<Output = Result<Record>> + Send + 'static {
         let key = key.to_string();
-        let counts = Arc::clone(&self.counts);
-        let count = move |r: &Record| counts.add(r.kind, -1);
+        let count = self.counting(|counts, r| counts.add(r.kind, -1));
         self.writer.write_then(
             "removing a snapshot",
             move |tx| {
@@ -587,15 +591,15 @@ mod tests {
     #[test]
     fn ids_are_never_reused_and_chains_are_recorded() {
         let (_d, s) = store();
-        let a = wait(s.insert("a", "", Kind::Active, BTreeMap::new(), now())).unwrap();
+        let a = wait(s.insert("a", "", Kind::Active, BTreeMap::new(), now(), any_chain)).unwrap();
         wait(s.commit("a", a.id, "A", BTreeMap::new(), Usage::default(), now())).unwrap();
-        let b = wait(s.insert("b", "A", Kind::Active, BTreeMap::new(), now())).unwrap();
+        let b = wait(s.insert("b", "A", Kind::Active, BTreeMap::new(), now(), any_chain)).unwrap();
         assert_eq!(b.parent_ids, vec![a.id]);
         wait(s.commit("b", b.id, "B", BTreeMap::new(), Usage::default(), now())).unwrap();
-        let c = wait(s.insert("c", "B", Kind::View, BTreeMap::new(), now())).unwrap();
+        let c = wait(s.insert("c", "B", Kind::View, BTreeMap::new(), now(), any_chain)).unwrap();
         assert_eq!(c.parent_ids, vec![b.id, a.id]);
         wait(s.remove("c")).unwrap();
-        let c2 = wait(s.insert("c", "B", Kind::View, BTreeMap::new(), now())).unwrap();
+        let c2 = wait(s.insert("c", "B", Kind::View, BTreeMap::new(), now(), any_chain)).unwrap();
         assert!(c2.id > c.id, "a removed ID must not be handed out again");
     }
 
@@ -607,14 +611,14 @@ mod tests {
         }));
         assert!(matches!(boom, Err(Error::Internal(_))), "{boom:?}");
         // Written in place (no other change under way) and through the committer thread.
-        let a = wait(s.insert("a", "", Kind::Active, BTreeMap::new(), now())).unwrap();
+        let a = wait(s.insert("a", "", Kind::Active, BTreeMap::new(), now(), any_chain)).unwrap();
         let _busy = s.enter();
         let _other = s.enter();
         let boom = wait(s.writer.write("injected panic", |_| -> Result<()> {
             panic!("injected panic inside a queued write")
         }));
         assert!(matches!(boom, Err(Error::Internal(_))), "{boom:?}");
-        let b = wait(s.insert("b", "", Kind::Active, BTreeMap::new(), now())).unwrap();
+        let b = wait(s.insert("b", "", Kind::Active, BTreeMap::new(), now(), any_chain)).unwrap();
         assert_eq!(s.get("a").unwrap(), a);
         assert_eq!(s.get("b").unwrap(), b);
     }
@@ -622,7 +626,7 @@ mod tests {
     #[test]
     fn a_store_file_deleted_while_open_is_not_recreated_empty() {
         let (d, s) = store();
-        wait(s.insert("a", "", Kind::Active, BTreeMap::new(), now())).unwrap();
+        wait(s.insert("a", "", Kind::Active, BTreeMap::new(), now(), any_chain)).unwrap();
         let path = d.path().join("db");
         std::fs::remove_file(&path).unwrap();
         // A failed write makes the store reopen its file.
@@ -632,7 +636,7 @@ mod tests {
         assert!(boom.is_err());
         // An empty store would hand out ID 1 again, and Cleanup would then take every
         // existing snapshot's directory for an orphan.
-        let again = wait(s.insert("b", "", Kind::Active, BTreeMap::new(), now()));
+        let again = wait(s.insert("b", "", Kind::Active, BTreeMap::new(), now(), any_chain));
         assert!(again.is_err(), "{again:?}");
         assert!(!path.exists(), "no new, empty store file");
     }
@@ -640,9 +644,11 @@ mod tests {
     #[test]
     fn a_conditional_remove_leaves_a_key_that_changed_hands() {
         let (_d, s) = store();
-        let first = wait(s.insert("k", "", Kind::Active, BTreeMap::new(), now())).unwrap();
+        let first =
+            wait(s.insert("k", "", Kind::Active, BTreeMap::new(), now(), any_chain)).unwrap();
         wait(s.remove("k")).unwrap();
-        let second = wait(s.insert("k", "", Kind::Active, BTreeMap::new(), now())).unwrap();
+        let second =
+            wait(s.insert("k", "", Kind::Active, BTreeMap::new(), now(), any_chain)).unwrap();
         let stale = wait(s.remove_if("k", Some(first.id)));
         assert!(matches!(stale, Err(Error::NotFound(_))), "{stale:?}");
         assert_eq!(s.get("k").unwrap(), second);
@@ -662,7 +668,7 @@ mod tests {
     fn a_long_read_during_a_reopen() {
         let (_d, s) = store();
         let s = Arc::new(s);
-        let a = wait(s.insert("a", "", Kind::Active, BTreeMap::new(), now())).unwrap();
+        let a = wait(s.insert("a", "", Kind::Active, BTreeMap::new(), now(), any_chain)).unwrap();
         // A List whose client does not read: it holds its read transaction.
         let (started, reading) = std::sync::mpsc::channel();
         let (release, released) = std::sync::mpsc::channel::<()>();
@@ -689,7 +695,7 @@ mod tests {
         lister.join().unwrap().unwrap();
         // Once the read is over, the next request opens the store again, with everything.
         assert_eq!(s.get("a").unwrap(), a);
-        wait(s.insert("b", "", Kind::Active, BTreeMap::new(), now())).unwrap();
+        wait(s.insert("b", "", Kind::Active, BTreeMap::new(), now(), any_chain)).unwrap();
     }
 
     #[test]
@@ -709,8 +715,8 @@ mod tests {
             });
         is_inside.recv().unwrap();
         // Queued while the committer is inside the batch: they join it.
-        let first = s.insert("k", "", Kind::Active, BTreeMap::new(), now());
-        let second = s.insert("k", "", Kind::Active, BTreeMap::new(), now());
+        let first = s.insert("k", "", Kind::Active, BTreeMap::new(), now(), any_chain);
+        let second = s.insert("k", "", Kind::Active, BTreeMap::new(), now(), any_chain);
         let broken = s.writer.write("injected", |_| -> Result<()> {
             Err(Error::store(
                 "injected",
@@ -744,12 +750,20 @@ mod tests {
     #[test]
     fn remove_refuses_while_children_exist() {
         let (_d, s) = store();
-        let a = wait(s.insert("a", "", Kind::Active, BTreeMap::new(), now())).unwrap();
+        let a = wait(s.insert("a", "", Kind::Active, BTreeMap::new(), now(), any_chain)).unwrap();
         wait(s.commit("a", a.id, "A", BTreeMap::new(), Usage::default(), now())).unwrap();
         // A sibling key that sorts right after the parent must not count as a child.
-        wait(s.insert("A\0", "", Kind::View, BTreeMap::new(), now())).unwrap();
+        wait(s.insert("A\0", "", Kind::View, BTreeMap::new(), now(), any_chain)).unwrap();
         wait(s.remove("A\0")).unwrap();
-        wait(s.insert("child", "A", Kind::Active, BTreeMap::new(), now())).unwrap();
+        wait(s.insert(
+            "child",
+            "A",
+            Kind::Active,
+            BTreeMap::new(),
+            now(),
+            any_chain,
+        ))
+        .unwrap();
         assert!(matches!(
             wait(s.remove("A")),
             Err(Error::FailedPrecondition(_))
@@ -762,20 +776,20 @@ mod tests {
     #[test]
     fn errors_leave_the_store_unchanged() {
         let (_d, s) = store();
-        let a = wait(s.insert("a", "", Kind::Active, BTreeMap::new(), now())).unwrap();
+        let a = wait(s.insert("a", "", Kind::Active, BTreeMap::new(), now(), any_chain)).unwrap();
         assert!(matches!(
-            wait(s.insert("a", "", Kind::View, BTreeMap::new(), now())),
+            wait(s.insert("a", "", Kind::View, BTreeMap::new(), now(), any_chain)),
             Err(Error::AlreadyExists(_))
         ));
         assert!(matches!(
-            wait(s.insert("b", "a", Kind::View, BTreeMap::new(), now())),
+            wait(s.insert("b", "a", Kind::View, BTreeMap::new(), now(), any_chain)),
             Err(Error::InvalidArgument(_))
         ));
         assert!(matches!(
-            wait(s.insert("b", "nope", Kind::View, BTreeMap::new(), now())),
+            wait(s.insert("b", "nope", Kind::View, BTreeMap::new(), now(), any_chain)),
             Err(Error::NotFound(_))
         ));
-        let v = wait(s.insert("v", "", Kind::View, BTreeMap::new(), now())).unwrap();
+        let v = wait(s.insert("v", "", Kind::View, BTreeMap::new(), now(), any_chain)).unwrap();
         assert!(matches!(
             wait(s.commit("v", v.id, "V", BTreeMap::new(), Usage::default(), now())),
             Err(Error::FailedPrecondition(_))
@@ -797,12 +811,13 @@ mod tests {
                 Kind::Active,
                 BTreeMap::from([("l".into(), "v".into())]),
                 now(),
+                any_chain,
             ))
             .unwrap()
         };
         let s = Store::open(&path).unwrap();
         assert_eq!(s.get("a").unwrap(), a);
-        let b = wait(s.insert("b", "", Kind::Active, BTreeMap::new(), now())).unwrap();
+        let b = wait(s.insert("b", "", Kind::Active, BTreeMap::new(), now(), any_chain)).unwrap();
         assert_eq!(b.id, a.id + 1);
     }
 
@@ -857,7 +872,7 @@ mod tests {
             wait(s.remove("a")),
             Err(Error::FailedPrecondition(_))
         ));
-        let c = wait(s.insert("c", "a", Kind::View, BTreeMap::new(), now())).unwrap();
+        let c = wait(s.insert("c", "a", Kind::View, BTreeMap::new(), now(), any_chain)).unwrap();
         assert_eq!(c.id, 7);
         drop(s);
         let db = Database::create(&path).unwrap();
@@ -901,11 +916,14 @@ mod tests {
     fn refuses_a_truncated_store_without_panicking() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("db");
-        wait(
-            Store::open(&path)
-                .unwrap()
-                .insert("a", "", Kind::Active, BTreeMap::new(), now()),
-        )
+        wait(Store::open(&path).unwrap().insert(
+            "a",
+            "",
+            Kind::Active,
+            BTreeMap::new(),
+            now(),
+            any_chain,
+        ))
         .unwrap();
         let len = std::fs::metadata(&path).unwrap().len();
         std::fs::OpenOptions::new()
