@@ -12,21 +12,22 @@
 //! worker that received the request (microseconds: cheaper than a hand-off to another thread);
 //! writes wait for the store's committer thread without holding a thread; work of unbounded
 //! length (walking a tree, reading the whole store) runs on tokio's blocking pool, and deleting
-//! trees on the deleter's thread (see `store/deleter.rs`).
+//! trees on the deleter's thread (see `dirs/deleter.rs`). `checks.rs` holds the limits a
+//! request must keep; `unabandoned.rs` makes a change finish when its client hangs up.
 
+mod checks;
 pub mod filter;
 pub mod fsck;
+mod unabandoned;
 
 use std::{
     collections::{BTreeMap, HashMap},
     future::Future,
     path::PathBuf,
-    pin::Pin,
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc, OnceLock,
     },
-    task::{Context, Poll},
     time::SystemTime,
 };
 
@@ -39,30 +40,17 @@ use crate::{
     overlay::{self, usage, Dirs, Mount, Usage},
     store::{Labels, Record, RecordView, Store},
 };
+pub(crate) use checks::shorten;
+use checks::{check_depth, check_key, check_labels, check_labels_total};
+pub use checks::{MAX_ANCESTORS, MAX_KEY_BYTES, MAX_LABELS_TOTAL_BYTES, MAX_LABEL_BYTES};
 use filter::{Fields, Filter};
+use unabandoned::Unabandoned;
 
 /// A snapshot's kind, as the store records it: what the rules below depend on most.
 pub use crate::store::Kind;
 
-/// Longest key or name accepted. containerd's keys are `<namespace>/<n>/<chain id>`, far shorter.
-pub const MAX_KEY_BYTES: usize = 4096;
-/// containerd's own limit on one label's key plus value.
-pub const MAX_LABEL_BYTES: usize = 4096;
-/// lamina's limit on all of one snapshot's labels together, as encoded (see
-/// [`check_labels_total`]), so that every snapshot's Info fits in one gRPC message
-/// (containerd's limit is 16 MiB) with room to spare.
-pub const MAX_LABELS_TOTAL_BYTES: usize = 12 << 20;
-/// What one label costs in an Info beyond its key and value: protobuf's map-entry framing (a
-/// tag and a length for the entry, its key and its value), rounded up.
-const LABEL_ENCODING_BYTES: usize = 16;
 /// The label that reports a snapshot's upper directory when `upperdir_label` is on.
 pub const UPPERDIR_LABEL: &str = "containerd.io/snapshot/overlay.upperdir";
-
-/// Most ancestors a snapshot may have. overlayfs stacks at most 500 lower layers
-/// (OVL_MAX_STACK in the kernel's fs/overlayfs), and a snapshot with N ancestors mounts all N
-/// as lowers (an active snapshot always, a view from two on). A deeper one could be recorded
-/// but never mounted: containerd would learn only when its mount failed.
-pub const MAX_ANCESTORS: usize = 500;
 
 /// Threads of tokio's blocking pool (main.rs builds the runtime with this many), where work of
 /// unbounded length runs: usage walks too long to make in place, Cleanup, synchronous
@@ -904,52 +892,6 @@ impl Snapshotter {
     }
 }
 
-/// A future that, dropped before it is done, finishes anyway as a task of its own. Spawning
-/// every change up front would do the same but costs a hand-off between threads per request.
-struct Unabandoned<F: Future + Send + 'static>(Option<Pin<Box<F>>>)
-where
-    F::Output: Send;
-
-impl<F: Future + Send + 'static> Unabandoned<F>
-where
-    F::Output: Send,
-{
-    fn new(fut: F) -> Self {
-        Unabandoned(Some(Box::pin(fut)))
-    }
-}
-
-impl<F: Future + Send + 'static> Future for Unabandoned<F>
-where
-    F::Output: Send,
-{
-    type Output = F::Output;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
-        let fut = self.0.as_mut().expect("polled after completion");
-        let out = fut.as_mut().poll(cx);
-        if out.is_ready() {
-            self.0 = None;
-        }
-        out
-    }
-}
-
-impl<F: Future + Send + 'static> Drop for Unabandoned<F>
-where
-    F::Output: Send,
-{
-    fn drop(&mut self) {
-        if let Some(rest) = self.0.take() {
-            match tokio::runtime::Handle::try_current() {
-                Ok(runtime) => drop(runtime.spawn(rest)),
-                // Only when the runtime itself is going away; start-up recovery finishes it.
-                Err(_) => warn!("a change was abandoned midway as lamina stopped"),
-            }
-        }
-    }
-}
-
 /// Logs (and counts, for the metrics) the deletion of snapshot `id`'s directory.
 fn report_deleted(layout: &Layout, id: u64, result: &Result<u64>, why: &str) {
     let path = layout.dir(id);
@@ -986,86 +928,6 @@ impl Fields for Fielded<'_> {
             _ => None,
         }
     }
-}
-
-/// How much of a caller's string an error message quotes.
-const SHOWN: usize = 128;
-
-/// `s` quoted for an error message: whole when short, else its start and its length.
-pub(crate) fn shorten(s: &str) -> String {
-    if s.len() <= SHOWN {
-        return format!("{s:?}");
-    }
-    let mut end = SHOWN;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{:?}… ({} bytes)", &s[..end], s.len())
-}
-
-/// Refuses a snapshot `key` on `parent` that would have more than [`MAX_ANCESTORS`].
-fn check_depth(key: &str, parent: &str, ancestors: usize) -> Result<()> {
-    if ancestors > MAX_ANCESTORS {
-        return Err(Error::precondition(format!(
-            "cannot create {} on parent {}: it would have {ancestors} layers below it, and \
-             overlayfs mounts at most {MAX_ANCESTORS} (the kernel's OVL_MAX_STACK); an image \
-             this deep must be flattened to fewer layers",
-            shorten(key),
-            shorten(parent)
-        )));
-    }
-    Ok(())
-}
-
-fn check_key(what: &str, key: &str) -> Result<()> {
-    if key.is_empty() {
-        return Err(Error::invalid(format!("{what} must not be empty")));
-    }
-    if key.len() > MAX_KEY_BYTES {
-        return Err(Error::invalid(format!(
-            "{what} is {} bytes long; at most {MAX_KEY_BYTES} are accepted",
-            key.len()
-        )));
-    }
-    Ok(())
-}
-
-/// Refuses labels that would take more than [`MAX_LABELS_TOTAL_BYTES`] in an Info, counting
-/// each one's encoding: many tiny labels cost far more than their text.
-fn check_labels_total<'a>(
-    labels: impl IntoIterator<Item = (&'a String, &'a String)>,
-) -> Result<()> {
-    let (mut n, mut total) = (0, 0);
-    for (k, v) in labels {
-        n += 1;
-        total += k.len() + v.len() + LABEL_ENCODING_BYTES;
-    }
-    if total > MAX_LABELS_TOTAL_BYTES {
-        return Err(Error::invalid(format!(
-            "{n} labels of {total} bytes in all (counting {LABEL_ENCODING_BYTES} bytes of \
-             encoding each); at most {MAX_LABELS_TOTAL_BYTES} bytes are accepted per snapshot"
-        )));
-    }
-    Ok(())
-}
-
-fn check_labels(labels: HashMap<String, String>) -> Result<BTreeMap<String, String>> {
-    check_labels_total(&labels)?;
-    for (k, v) in &labels {
-        if k.is_empty() {
-            return Err(Error::invalid("label keys must not be empty"));
-        }
-        if k.len() + v.len() > MAX_LABEL_BYTES {
-            let shown: String = k.chars().take(64).collect();
-            return Err(Error::invalid(format!(
-                "label {shown:?}: key and value together are {} bytes; at most \
-                 {MAX_LABEL_BYTES} are accepted",
-                k.len() + v.len()
-            )));
-        }
-    }
-    // containerd's store never keeps a label with an empty value: setting one deletes it.
-    Ok(labels.into_iter().filter(|(_, v)| !v.is_empty()).collect())
 }
 
 #[cfg(test)]
