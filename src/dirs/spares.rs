@@ -229,13 +229,22 @@ mod tests {
         panic!("pool never filled: {:?}", spares.ready());
     }
 
+    /// Stops the refill, so that what the pool holds changes only by what a test takes.
+    fn stop_refilling(spares: &mut Spares) {
+        spares.shared.state.lock().unwrap().stopping = true;
+        spares.shared.wake.notify_one();
+        spares.thread.take().unwrap().join().unwrap();
+    }
+
     #[test]
     fn creations_take_ready_trees_of_their_shape() {
         let tmp = tempfile::tempdir().unwrap();
         let layout = Layout::new(tmp.path().join("root"));
         layout.init().unwrap();
-        let spares = Spares::start(layout.clone()).unwrap();
+        let mut spares = Spares::start(layout.clone()).unwrap();
         wait_full(&spares);
+        // Without its refill, which would race the count below.
+        stop_refilling(&mut spares);
         spares.make_dirs(1, true, None).unwrap();
         spares.make_dirs(2, false, Some((1234, 5678))).unwrap();
         assert_eq!(spares.ready(), (DEPTH - 1, DEPTH - 1));
@@ -246,6 +255,17 @@ mod tests {
         assert!(!layout.work(2).exists(), "a view has no work directory");
         assert_eq!(layout.owner(2).unwrap(), (1234, 5678));
         assert_eq!(fs::read_dir(layout.fs(1)).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn the_pool_refills_what_creations_take() {
+        let tmp = tempfile::tempdir().unwrap();
+        let layout = Layout::new(tmp.path().join("root"));
+        layout.init().unwrap();
+        let spares = Spares::start(layout.clone()).unwrap();
+        wait_full(&spares);
+        spares.make_dirs(1, true, None).unwrap();
+        spares.make_dirs(2, false, None).unwrap();
         wait_full(&spares);
     }
 
@@ -264,9 +284,7 @@ mod tests {
         );
         // Stop the refill and empty the pool: a creation then makes its own directories.
         let mut spares = spares;
-        spares.shared.state.lock().unwrap().stopping = true;
-        spares.shared.wake.notify_one();
-        spares.thread.take().unwrap().join().unwrap();
+        stop_refilling(&mut spares);
         {
             let mut state = spares.shared.state.lock().unwrap();
             state.active.clear();
