@@ -227,6 +227,7 @@ pub fn start(config: &Config) -> Result<Arc<Admin>> {
             sync_remove: config.sync_remove,
             upperdir_label: config.upperdir_label,
             durable_commit: config.durable_commit,
+            remap_ids: probe::supports_idmapped_layers(),
         },
     )?;
     let deleted = snapshotter.recover()?;

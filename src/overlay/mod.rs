@@ -25,13 +25,20 @@ pub struct Dirs<'a> {
     pub work: &'a Path,
     /// Ancestors' `fs` directories, nearest first.
     pub lowers: &'a [PathBuf],
+    /// Options that come first on each of the snapshot's mounts, bind or overlay: the
+    /// `uidmap=`/`gidmap=` of a user-namespaced container, where containerd's overlayfs puts
+    /// them. containerd ID-maps the common parent of the lowers (lamina's `snapshots/`) or the
+    /// bind's source from them.
+    pub first_options: &'a [String],
 }
 
-fn bind(source: &Path, writable: bool) -> Mount {
+fn bind(source: &Path, writable: bool, first: &[String]) -> Mount {
+    let mut options = first.to_vec();
+    options.extend([if writable { "rw" } else { "ro" }.into(), "rbind".into()]);
     Mount {
         r#type: "bind".into(),
         source: source.display().to_string(),
-        options: vec![if writable { "rw" } else { "ro" }.into(), "rbind".into()],
+        options,
     }
 }
 
@@ -47,13 +54,14 @@ fn lowerdir(lowers: &[PathBuf]) -> String {
 /// into `upperdir` without mounting; any other shape costs a real mount per layer.
 pub fn active_mounts(dirs: Dirs<'_>, options: &[String]) -> Vec<Mount> {
     if dirs.lowers.is_empty() {
-        return vec![bind(dirs.fs, true)];
+        return vec![bind(dirs.fs, true, dirs.first_options)];
     }
-    let mut opts = vec![
+    let mut opts = dirs.first_options.to_vec();
+    opts.extend([
         format!("workdir={}", dirs.work.display()),
         format!("upperdir={}", dirs.fs.display()),
         lowerdir(dirs.lowers),
-    ];
+    ]);
     opts.extend(options.iter().cloned());
     vec![Mount {
         r#type: "overlay".into(),
@@ -66,10 +74,11 @@ pub fn active_mounts(dirs: Dirs<'_>, options: &[String]) -> Vec<Mount> {
 /// `fs` (one parent), else a read-only overlay of the lowers alone (no upperdir).
 pub fn view_mounts(dirs: Dirs<'_>, options: &[String]) -> Vec<Mount> {
     match dirs.lowers {
-        [] => vec![bind(dirs.fs, false)],
-        [parent] => vec![bind(parent, false)],
+        [] => vec![bind(dirs.fs, false, dirs.first_options)],
+        [parent] => vec![bind(parent, false, dirs.first_options)],
         lowers => {
-            let mut opts = vec![lowerdir(lowers)];
+            let mut opts = dirs.first_options.to_vec();
+            opts.push(lowerdir(lowers));
             opts.extend(options.iter().cloned());
             vec![Mount {
                 r#type: "overlay".into(),
@@ -85,8 +94,23 @@ pub fn view_mounts(dirs: Dirs<'_>, options: &[String]) -> Vec<Mount> {
 /// its upper directory becomes the topmost lower: read-only by construction, and it never
 /// touches the work directory a mount by containerd may be using. A bind becomes read-only.
 /// Mounts that are read-only already (a view's) are returned as they are.
+///
+/// ID-mapping options (`uidmap=`, `gidmap=`) go: they are containerd's to apply, not the
+/// kernel's, and an inspection shows the files with the IDs they have on disk.
 pub fn read_only(mounts: &[Mount]) -> Vec<Mount> {
-    mounts.iter().map(read_only_one).collect()
+    mounts
+        .iter()
+        .map(|m| {
+            let mut m = read_only_one(m);
+            m.options.retain(|o| !is_id_mapping(o));
+            m
+        })
+        .collect()
+}
+
+/// An option that asks containerd to ID-map the mount (see [`Dirs::first_options`]).
+pub fn is_id_mapping(option: &str) -> bool {
+    option.starts_with("uidmap=") || option.starts_with("gidmap=")
 }
 
 fn read_only_one(m: &Mount) -> Mount {
@@ -162,6 +186,7 @@ mod tests {
                 fs: &fs,
                 work: &work,
                 lowers: &[],
+                first_options: &[],
             },
             &["index=off".into()],
         );
@@ -184,6 +209,7 @@ mod tests {
                 fs: &fs,
                 work: &work,
                 lowers: &lowers,
+                first_options: &[],
             },
             &["index=off".into()],
         );
@@ -211,6 +237,7 @@ mod tests {
                 fs: &fs,
                 work: &work,
                 lowers: &[],
+                first_options: &[],
             },
             &["x".into()],
         );
@@ -224,6 +251,7 @@ mod tests {
                 fs: &fs,
                 work: &work,
                 lowers: &one,
+                first_options: &[],
             },
             &["x".into()],
         );
@@ -240,6 +268,7 @@ mod tests {
                 fs: &fs,
                 work: &work,
                 lowers: &two,
+                first_options: &[],
             },
             &["x".into()],
         );
@@ -260,6 +289,7 @@ mod tests {
                 fs: &fs,
                 work: &work,
                 lowers: &lowers,
+                first_options: &[],
             },
             &["index=off".into(), "userxattr".into()],
         );
@@ -288,6 +318,7 @@ mod tests {
             fs: &fs,
             work: &work,
             lowers: &[],
+            first_options: &[],
         };
         let active = active_mounts(dirs, &[]);
         assert_eq!(written_dirs(&active[0]), vec![p("/r/snapshots/1/fs")]);
@@ -302,11 +333,53 @@ mod tests {
                     fs: &fs,
                     work: &work,
                     lowers: &lowers,
+                    first_options: &[],
                 },
                 &[],
             );
             assert_eq!(read_only(&view), view);
             assert!(written_dirs(&view[0]).is_empty(), "{view:?}");
+        }
+    }
+
+    #[test]
+    fn id_mapping_options_come_first_on_every_shape() {
+        let (fs, work) = (
+            PathBuf::from("/r/snapshots/9/fs"),
+            PathBuf::from("/r/snapshots/9/work"),
+        );
+        let mapped = [
+            "uidmap=0:65536:65536".to_string(),
+            "gidmap=0:65536:65536".into(),
+        ];
+        let lowers: Vec<PathBuf> = (1..=2)
+            .map(|i| PathBuf::from(format!("/r/snapshots/{i}/fs")))
+            .collect();
+        for n in 0..=2 {
+            let dirs = Dirs {
+                fs: &fs,
+                work: &work,
+                lowers: &lowers[..n],
+                first_options: &mapped,
+            };
+            for mounts in [
+                active_mounts(dirs, &["x".into()]),
+                view_mounts(dirs, &["x".into()]),
+            ] {
+                assert_eq!(mounts.len(), 1);
+                assert_eq!(mounts[0].options[..2], mapped, "{n} lowers: {mounts:?}");
+                assert_eq!(
+                    mounts[0]
+                        .options
+                        .iter()
+                        .filter(|o| o.contains("map="))
+                        .count(),
+                    2
+                );
+                // An inspection mounts the files as they are on disk.
+                let ro = read_only(&mounts);
+                assert!(!ro[0].options.iter().any(|o| is_id_mapping(o)), "{ro:?}");
+            }
         }
     }
 }

@@ -373,11 +373,20 @@ pub fn features_with(
 
     out.push(Feature {
         name: "idmapped_mounts",
-        supported: (major, minor) >= (5, 19),
-        detail: format!(
-            "kernel {major}.{minor}: overlayfs on idmapped layers needs 5.19; lamina does not \
-             remap layers itself"
-        ),
+        supported: supports_idmapped_layers(),
+        detail: if supports_idmapped_layers() {
+            format!(
+                "kernel {major}.{minor}: containerd can ID-map lamina's layers for \
+                 user-namespaced containers; lamina honours their ID-mapping labels and \
+                 `lamina config containerd` declares remap-ids"
+            )
+        } else {
+            format!(
+                "kernel {major}.{minor}: overlayfs on ID-mapped layers needs 5.19; \
+                 user-namespaced containers need containerd's copy-and-chown fallback \
+                 (slow_chown)"
+            )
+        },
     });
 
     let lowerdir_plus = sys::supports_lowerdir_plus(root);
@@ -395,6 +404,13 @@ pub fn features_with(
         },
     });
     out
+}
+
+/// Whether containerd can mount overlays on ID-mapped lower directories here, which is what
+/// honouring its ID-mapping labels relies on: kernel 5.19 or later, the rule containerd's own
+/// overlayfs snapshotter applies before it declares `remap-ids`.
+pub fn supports_idmapped_layers() -> bool {
+    kernel_version() >= (5, 19)
 }
 
 /// The running kernel's major and minor version.

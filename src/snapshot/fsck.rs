@@ -379,7 +379,7 @@ impl Snapshotter {
                     );
                 } else {
                     let mut fix = || {
-                        let owner = self.parent_owner(record)?;
+                        let owner = self.owner_of_new(record)?;
                         layout.complete_dirs(id, record.kind == Kind::Active, owner)
                     };
                     c.found(

@@ -18,6 +18,7 @@
 mod checks;
 pub mod filter;
 pub mod fsck;
+pub mod idmap;
 mod unabandoned;
 
 use std::{
@@ -44,6 +45,7 @@ pub(crate) use checks::shorten;
 use checks::{check_depth, check_key, check_labels, check_labels_total};
 pub use checks::{MAX_ANCESTORS, MAX_KEY_BYTES, MAX_LABELS_TOTAL_BYTES, MAX_LABEL_BYTES};
 use filter::{Fields, Filter};
+use idmap::Mapping;
 use unabandoned::Unabandoned;
 
 /// A snapshot's kind, as the store records it: what the rules below depend on most.
@@ -120,6 +122,11 @@ pub struct Options {
     pub upperdir_label: bool,
     /// Commit makes the layer durable (see [`Layout::sync_snapshot`]) before it answers.
     pub durable_commit: bool,
+    /// Honour containerd's ID-mapping labels (see [`idmap`]): the kernel can mount overlays
+    /// on ID-mapped lowers. Off, the labels are kept as any others and mean nothing, as in
+    /// containerd's overlayfs on such a kernel (containerd then copies and chowns the layers
+    /// itself, if allowed to).
+    pub remap_ids: bool,
 }
 
 impl Default for Options {
@@ -130,6 +137,7 @@ impl Default for Options {
             sync_remove: false,
             upperdir_label: false,
             durable_commit: true,
+            remap_ids: false,
         }
     }
 }
@@ -492,6 +500,7 @@ impl Snapshotter {
             // paths say (as in containerd). The labels are changed in memory and written only
             // if every path is valid.
             let name = key.clone();
+            let remap_ids = s.options.remap_ids;
             let record = s
                 .store
                 .update_labels(&key, SystemTime::now(), move |labels| {
@@ -512,7 +521,12 @@ impl Snapshotter {
                         }
                     }
                     // Updates of single labels add up: the result must fit too.
-                    check_labels_total(labels.iter())
+                    check_labels_total(labels.iter())?;
+                    // Mounts reads the ID mappings from the labels, as they are then.
+                    if remap_ids {
+                        idmap::from_labels(labels)?;
+                    }
+                    Ok(())
                 })
                 .await?;
             Ok(s.info(key, record))
@@ -736,6 +750,7 @@ impl Snapshotter {
             check_key("parent", &parent)?;
         }
         let labels = check_labels(labels)?;
+        self.mapping(&labels)?;
         let depth = |key: &str, parent: &str| {
             let (key, parent) = (key.to_string(), parent.to_string());
             move |chain: &[u64]| check_depth(&key, &parent, chain.len())
@@ -788,7 +803,7 @@ impl Snapshotter {
         // the blocking pool and back.
         let with_work = record.kind == Kind::Active;
         let made = self
-            .parent_owner(record)
+            .owner_of_new(record)
             .and_then(|owner| match self.spares.get() {
                 Some(spares) => spares.make_dirs(record.id, with_work, owner),
                 None => self.layout.make_dirs(record.id, with_work, owner),
@@ -840,6 +855,24 @@ impl Snapshotter {
         }
     }
 
+    /// The ID mappings of a snapshot with these labels, when lamina honours them.
+    fn mapping<'a>(&self, labels: &'a BTreeMap<String, String>) -> Result<Option<Mapping<'a>>> {
+        if !self.options.remap_ids {
+            return Ok(None);
+        }
+        idmap::from_labels(labels)
+    }
+
+    /// The owner of a new snapshot's `fs`: a user-namespaced container's root, as the host
+    /// sees it, so that it may write there (containerd never ID-maps the upper directory);
+    /// else its parent's owner.
+    fn owner_of_new(&self, record: &Record) -> Result<Option<(u32, u32)>> {
+        match self.mapping(&record.labels)? {
+            Some(mapping) => Ok(Some(mapping.root)),
+            None => self.parent_owner(record),
+        }
+    }
+
     /// A child's `fs` takes the owner of its parent's, so a layer unpacked by a non-root user
     /// (or remapped) stays writable by it.
     fn parent_owner(&self, record: &Record) -> Result<Option<(u32, u32)>> {
@@ -857,10 +890,18 @@ impl Snapshotter {
             .iter()
             .map(|&id| self.layout.fs(id))
             .collect();
+        // Checked at creation and at every Update of the labels, so only a snapshot made
+        // while lamina did not honour them can carry bad ones: its mounts then go without.
+        let mapped = self
+            .mapping(&record.labels)
+            .ok()
+            .flatten()
+            .map(|m| m.options());
         let dirs = Dirs {
             fs: &fs,
             work: &work,
             lowers: &lowers,
+            first_options: mapped.as_ref().map_or(&[], |o| o.as_slice()),
         };
         match record.kind {
             Kind::View => overlay::view_mounts(dirs, &self.options.mount_options),
@@ -1010,5 +1051,107 @@ mod tests {
         // Counted from the store when it opens again.
         drop(s);
         assert_eq!(open(tmp.path()).counts(), want);
+    }
+
+    fn mapped(uid: &str, gid: &str) -> HashMap<String, String> {
+        HashMap::from([
+            (idmap::UID_LABEL.to_string(), uid.to_string()),
+            (idmap::GID_LABEL.to_string(), gid.to_string()),
+        ])
+    }
+
+    /// A user-namespaced container's snapshot (remap-ids): its upper directory belongs to the
+    /// container's root as the host sees it, and every mount of it carries the mappings first.
+    #[tokio::test]
+    async fn id_mapped_snapshots_own_their_upper_and_carry_the_mappings() {
+        // Chowning to another user needs root (or CAP_CHOWN).
+        if !crate::testing::mounting_allowed() {
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let options = Options {
+            remap_ids: true,
+            ..Options::default()
+        };
+        let s = Snapshotter::open(Layout::new(tmp.path().join("root")), options).unwrap();
+        let none = HashMap::new;
+        s.new_snapshot(Kind::Active, "l1".into(), String::new(), none())
+            .await
+            .unwrap();
+        s.commit("L1".into(), "l1".into(), none()).await.unwrap();
+        s.new_snapshot(Kind::Active, "l2".into(), "L1".into(), none())
+            .await
+            .unwrap();
+        s.commit("L2".into(), "l2".into(), none()).await.unwrap();
+
+        let labels = mapped("0:65536:65536", "0:70000:65536");
+        let want = ["uidmap=0:65536:65536", "gidmap=0:70000:65536"];
+        for (key, parent) in [("c0", ""), ("c1", "L1"), ("c2", "L2")] {
+            let mounts = s
+                .new_snapshot(Kind::Active, key.into(), parent.into(), labels.clone())
+                .await
+                .unwrap();
+            assert_eq!(mounts[0].options[..2], want, "{key}: {mounts:?}");
+            assert_eq!(mounts, s.mounts(key.into()).await.unwrap());
+            let id = s.store.get(key).unwrap().id;
+            assert_eq!(s.layout.owner(id).unwrap(), (65536, 70000), "{key}'s fs");
+        }
+        for (key, parent) in [("v1", "L1"), ("v2", "L2")] {
+            let mounts = s
+                .new_snapshot(Kind::View, key.into(), parent.into(), labels.clone())
+                .await
+                .unwrap();
+            assert_eq!(mounts[0].options[..2], want, "{key}: {mounts:?}");
+        }
+
+        // Bad mappings are refused, naming the label, and leave nothing behind.
+        let before = s.counts();
+        for bad in [
+            mapped("0:65536", "0:1:1"),
+            mapped("1:65536:10", "0:1:1"),
+            HashMap::from([(idmap::UID_LABEL.to_string(), "0:1:1".to_string())]),
+        ] {
+            let err = s
+                .new_snapshot(Kind::Active, "bad".into(), "L2".into(), bad)
+                .await
+                .unwrap_err();
+            assert!(matches!(err, Error::InvalidArgument(_)), "{err:?}");
+            assert!(err.to_string().contains("containerd.io/snapshot/"), "{err}");
+        }
+        assert_eq!(s.counts(), before);
+        // Update may not break the mappings Mounts reads either.
+        let err = s
+            .update("c2".into(), mapped("x", "0:1:1"), vec![])
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::InvalidArgument(_)), "{err:?}");
+        assert_eq!(s.mounts("c2".into()).await.unwrap()[0].options[..2], want);
+    }
+
+    /// Where the kernel cannot ID-map layers, the mapping labels are labels like any other,
+    /// as in containerd's overlayfs there: no options, the parent's owner.
+    #[tokio::test]
+    async fn without_remap_ids_the_mapping_labels_change_nothing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let s = open(tmp.path());
+        let mounts = s
+            .new_snapshot(
+                Kind::Active,
+                "c".into(),
+                String::new(),
+                mapped("nonsense", "0:1:1"),
+            )
+            .await
+            .unwrap();
+        assert!(
+            !mounts[0].options.iter().any(|o| overlay::is_id_mapping(o)),
+            "{mounts:?}"
+        );
+        let id = s.store.get("c").unwrap().id;
+        let me = (
+            nix::unistd::geteuid().as_raw(),
+            nix::unistd::getegid().as_raw(),
+        );
+        assert_eq!(s.layout.owner(id).unwrap(), me);
     }
 }
