@@ -1,4 +1,4 @@
-//! The operator commands: `status`, `fsck`, `check`, `mount`. Each prints what it found in
+//! The operator commands: `status`, `fsck`, `check`, `mount`, `config containerd`. Each prints what it found in
 //! plain text and returns an error (non-zero exit) when something needs attention.
 
 use std::{
@@ -19,6 +19,41 @@ use crate::{
         Snapshotter,
     },
 };
+
+/// `lamina config containerd`: the fragment for containerd's config, for the series named or
+/// else the one `containerd --version` (of `binary`, or on PATH) reports.
+pub fn containerd_config(
+    config: &Config,
+    series: Option<&str>,
+    binary: Option<&Path>,
+    cri: bool,
+) -> Result<String> {
+    use crate::config::containerd::{fragment, host_platform, Series, Wanted};
+    let series = match series {
+        Some(name) => Series::from_name(name)?,
+        None => {
+            let binary = binary.unwrap_or(Path::new("containerd"));
+            let out = std::process::Command::new(binary)
+                .arg("--version")
+                .output()
+                .map_err(|e| {
+                    Error::Config(format!(
+                        "running `{} --version`: {e}; name the containerd series with \
+                         --containerd-version 1.6|1.7|2",
+                        binary.display()
+                    ))
+                })?;
+            Series::from_version_output(&String::from_utf8_lossy(&out.stdout))?
+        }
+    };
+    let wanted = Wanted {
+        series,
+        cri,
+        idmapped_mounts: probe::supports_idmapped_layers(),
+        platform: host_platform(),
+    };
+    Ok(fragment(config, &wanted))
+}
 
 /// `lamina status`: asks the running daemon.
 pub async fn status(config: &Config) -> Result<String> {
@@ -211,10 +246,33 @@ fn remove_scratch(parent: &Path, name: &str) -> Result<()> {
 /// overlay with no upper (or, without parents, a read-only bind), which changes nothing.
 /// `writable` mounts exactly what containerd would, and only while no mount in this mount
 /// namespace uses the directories it writes; a mount made after that check is not seen.
-pub async fn mount(config: &Config, key: &str, target: &Path, writable: bool) -> Result<()> {
+///
+/// `key` is lamina's key (containerd's `<namespace>/<n>/<name>`, as lamina logs it) or the
+/// name `ctr snapshots ls` shows in containerd namespace `namespace`.
+pub async fn mount(
+    config: &Config,
+    key: &str,
+    namespace: &str,
+    target: &Path,
+    writable: bool,
+) -> Result<()> {
     let channel = grpc::client::connect(&config.address).await?;
+    let keys = grpc::client::keys(channel.clone()).await?;
+    let key = resolve_key(&keys, key, namespace)?;
+    let key = key.as_str();
     let mounts = grpc::client::mounts(channel, key).await?;
     let mounts = if writable {
+        if mounts
+            .iter()
+            .flat_map(|m| &m.options)
+            .any(|o| overlay::is_id_mapping(o))
+        {
+            return Err(Error::precondition(format!(
+                "snapshot {key:?} belongs to a user-namespaced container: containerd ID-maps its \
+                 layers when it mounts it, which --rw cannot do the same way; leave out --rw to \
+                 inspect it read-only"
+            )));
+        }
         refuse_if_in_use(key, &mounts)?;
         mounts
     } else {
@@ -225,6 +283,42 @@ pub async fn mount(config: &Config, key: &str, target: &Path, writable: bool) ->
             .map_err(|e| Error::io("mounting at", target, e))?;
     }
     Ok(())
+}
+
+/// The key `given` means: itself when a snapshot has that key, else the one snapshot that
+/// containerd names `given` in `namespace` (containerd keys a snapshot `<namespace>/<n>/<name>`,
+/// `n` a number it counts up).
+fn resolve_key(keys: &[String], given: &str, namespace: &str) -> Result<String> {
+    if keys.iter().any(|k| k == given) {
+        return Ok(given.to_string());
+    }
+    let named = |k: &&String| {
+        k.strip_prefix(namespace)
+            .and_then(|rest| rest.strip_prefix('/'))
+            .and_then(|rest| rest.split_once('/'))
+            .is_some_and(|(n, name)| {
+                name == given && !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())
+            })
+    };
+    let found: Vec<&String> = keys.iter().filter(named).collect();
+    match found[..] {
+        [key] => Ok(key.clone()),
+        [] => Err(Error::NotFound(format!(
+            "no snapshot has key {given:?}, and none is named so in containerd namespace \
+             {namespace:?} (`ctr -n {namespace} snapshots --snapshotter lamina ls` lists them; \
+             --namespace picks another)"
+        ))),
+        _ => Err(Error::invalid(format!(
+            "{} snapshots are named {given:?} in containerd namespace {namespace:?}: {}; give \
+             the full key",
+            found.len(),
+            found
+                .iter()
+                .map(|k| k.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))),
+    }
 }
 
 fn refuse_if_in_use(key: &str, mounts: &[overlay::Mount]) -> Result<()> {
@@ -262,6 +356,34 @@ fn refuse_if_in_use(key: &str, mounts: &[overlay::Mount]) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_key_is_taken_as_given_or_as_a_name_in_the_namespace() {
+        let keys: Vec<String> = ["default/7/app", "k8s.io/9/app", "default/12/sha256:ab", "x"]
+            .iter()
+            .map(|k| k.to_string())
+            .collect();
+        let r = |given, ns| resolve_key(&keys, given, ns);
+        assert_eq!(r("default/7/app", "default").unwrap(), "default/7/app");
+        assert_eq!(r("x", "k8s.io").unwrap(), "x");
+        assert_eq!(r("app", "default").unwrap(), "default/7/app");
+        assert_eq!(r("app", "k8s.io").unwrap(), "k8s.io/9/app");
+        assert_eq!(r("sha256:ab", "default").unwrap(), "default/12/sha256:ab");
+        let err = r("app", "other").unwrap_err();
+        assert!(matches!(err, Error::NotFound(_)), "{err:?}");
+        assert!(err.to_string().contains("--namespace"), "{err}");
+        // Not a number between namespace and name: not containerd's key of that name.
+        let keys = vec!["default/x/app".to_string()];
+        assert!(resolve_key(&keys, "app", "default").is_err());
+        let keys = vec!["default/1/app".to_string(), "default/2/app".to_string()];
+        let err = resolve_key(&keys, "app", "default")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("default/1/app") && err.contains("full key"),
+            "{err}"
+        );
+    }
 
     /// A mount left inside `check`'s scratch directory: removing the directory must not delete
     /// what the mount shows (here a directory elsewhere on the same filesystem).

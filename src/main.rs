@@ -54,8 +54,13 @@ enum Command {
     },
     /// Mount snapshot KEY at TARGET for inspection, read-only.
     Mount {
+        /// lamina's key (containerd's `<namespace>/<n>/<name>`), or the name `ctr snapshots
+        /// ls` shows.
         key: String,
         target: PathBuf,
+        /// The containerd namespace a name is looked up in.
+        #[arg(long, short = 'n', default_value = "default")]
+        namespace: String,
         /// Mount an active snapshot writable, exactly as containerd would; refused while
         /// anything else mounts it (two writable mounts of one snapshot corrupt it).
         #[arg(long)]
@@ -71,6 +76,22 @@ enum ConfigCommand {
     Default,
     /// Print the configuration in effect: the file (if given) with the flags applied.
     Dump {
+        #[command(flatten)]
+        flags: Flags,
+    },
+    /// Print what to append to containerd's config.toml to use lamina, for the containerd
+    /// installed here (or the one named), filled from lamina's config.
+    Containerd {
+        /// The containerd series to write for: 1.6, 1.7 or 2 [default: asks `containerd
+        /// --version`].
+        #[arg(long, value_name = "VERSION")]
+        containerd_version: Option<String>,
+        /// The containerd binary to ask for its version [default: containerd on PATH].
+        #[arg(long, value_name = "PATH", conflicts_with = "containerd_version")]
+        containerd: Option<PathBuf>,
+        /// Also make Kubernetes (containerd's CRI) use lamina for images and containers.
+        #[arg(long)]
+        cri: bool,
         #[command(flatten)]
         flags: Flags,
     },
@@ -165,11 +186,13 @@ fn run(cli: Cli) -> Result<Outcome, Error> {
         Command::Mount {
             key,
             target,
+            namespace,
             rw,
             flags,
         } => block_on(lamina::cli::mount(
             &Config::load(&flags)?,
             &key,
+            &namespace,
             &target,
             rw,
         ))
@@ -180,6 +203,22 @@ fn run(cli: Cli) -> Result<Outcome, Error> {
         }
         Command::Config(ConfigCommand::Dump { flags }) => {
             print!("{}", Config::load(&flags)?.to_toml());
+            Ok(Outcome::Done)
+        }
+        Command::Config(ConfigCommand::Containerd {
+            containerd_version,
+            containerd,
+            cri,
+            flags,
+        }) => {
+            let config = Config::load(&flags)?;
+            let out = lamina::cli::containerd_config(
+                &config,
+                containerd_version.as_deref(),
+                containerd.as_deref(),
+                cri,
+            )?;
+            print!("{out}");
             Ok(Outcome::Done)
         }
     }

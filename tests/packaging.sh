@@ -13,7 +13,12 @@ expected=$(printf '%s\n' \
     ./lib/systemd/system/lamina.socket \
     ./usr/bin/lamina \
     ./usr/share/doc/lamina/README.md \
-    ./usr/share/doc/lamina/containerd-config.toml | sort)
+    ./usr/share/doc/lamina/containerd-1.6.toml \
+    ./usr/share/doc/lamina/containerd-1.6-kubernetes.toml \
+    ./usr/share/doc/lamina/containerd-1.7.toml \
+    ./usr/share/doc/lamina/containerd-1.7-kubernetes.toml \
+    ./usr/share/doc/lamina/containerd-2.x.toml \
+    ./usr/share/doc/lamina/containerd-2.x-kubernetes.toml | sort)
 if [ "$files" != "$expected" ]; then
     echo "packaging: unexpected file list in $deb:"; echo "$files"; exit 1
 fi
@@ -31,4 +36,14 @@ trap 'dpkg --purge lamina >/dev/null' EXIT
 systemd-analyze verify /lib/systemd/system/lamina.service /lib/systemd/system/lamina.socket
 diff <(lamina config default) /etc/lamina/config.toml
 lamina config dump --config /etc/lamina/config.toml >/dev/null
+# Without --config, lamina reads the installed file: a changed key shows in what it resolves.
+sed -i 's/^upperdir_label = false$/upperdir_label = true/' /etc/lamina/config.toml
+lamina config dump | grep -qx 'upperdir_label = true' \
+    || { echo "packaging: lamina does not read /etc/lamina/config.toml by default"; exit 1; }
+# The shipped containerd fragments are what the installed lamina prints for its config.
+for series in 1.6 1.7 2; do
+    name="containerd-${series/#2/2.x}"
+    diff <(lamina config containerd --config /etc/lamina/config.toml --containerd-version "$series" --cri) \
+        "/usr/share/doc/lamina/$name-kubernetes.toml"
+done
 echo "packaging: 1 passed, 0 failed"

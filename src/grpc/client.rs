@@ -2,7 +2,9 @@
 
 use std::path::Path;
 
-use containerd_snapshots::api::snapshots::v1::{snapshots_client::SnapshotsClient, MountsRequest};
+use containerd_snapshots::api::snapshots::v1::{
+    snapshots_client::SnapshotsClient, ListSnapshotsRequest, MountsRequest,
+};
 use tonic::transport::{Channel, Endpoint, Uri};
 
 use super::admin::proto::admin_client::AdminClient;
@@ -51,6 +53,23 @@ pub async fn mounts(channel: Channel, key: &str) -> Result<Vec<Mount>> {
             options: m.options,
         })
         .collect())
+}
+
+/// The keys of every snapshot, as containerd stores them (`<namespace>/<n>/<name>`).
+pub async fn keys(channel: Channel) -> Result<Vec<String>> {
+    let mut stream = SnapshotsClient::new(channel)
+        .list(ListSnapshotsRequest {
+            snapshotter: "lamina".into(),
+            filters: Vec::new(),
+        })
+        .await
+        .map_err(remote)?
+        .into_inner();
+    let mut keys = Vec::new();
+    while let Some(batch) = stream.message().await.map_err(remote)? {
+        keys.extend(batch.info.into_iter().map(|i| i.name));
+    }
+    Ok(keys)
 }
 
 /// A status the daemon answered with, as an error the command line prints.

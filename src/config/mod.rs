@@ -1,5 +1,8 @@
 //! Configuration: the TOML file and the command-line flags, resolved into one validated
-//! [`Config`] that the rest of lamina trusts.
+//! [`Config`] that the rest of lamina trusts; and (`containerd`) what containerd's own config
+//! needs in order to use lamina.
+
+pub mod containerd;
 
 use std::path::{Path, PathBuf};
 
@@ -9,9 +12,12 @@ use crate::error::{Error, Result};
 
 pub const DEFAULT_ROOT: &str = "/var/lib/lamina";
 pub const DEFAULT_ADDRESS: &str = "/run/lamina/lamina.sock";
+/// Read when no `--config` is given and it exists: the file the package installs and
+/// lamina.service names, so that a daemon started by hand runs with the same settings.
+pub const DEFAULT_CONFIG_FILE: &str = "/etc/lamina/config.toml";
 
 /// The default configuration file, every key commented (`lamina config default`).
-pub const DEFAULT_FILE: &str = include_str!("../packaging/config.toml");
+pub const DEFAULT_FILE: &str = include_str!("../../packaging/config.toml");
 
 /// The file as the user wrote it: every key optional, unknown keys refused.
 #[derive(Debug, Default, Deserialize)]
@@ -22,6 +28,7 @@ struct File {
     sync_remove: Option<bool>,
     durable_commit: Option<bool>,
     upperdir_label: Option<bool>,
+    slow_chown: Option<bool>,
     mount_options: Option<Vec<String>>,
     log_level: Option<String>,
     log_format: Option<LogFormat>,
@@ -71,7 +78,8 @@ pub enum LogFormat {
 /// they win over the file.
 #[derive(Debug, Default, Clone, clap::Args)]
 pub struct Flags {
-    /// TOML config file; flags given here override it.
+    /// TOML config file; flags given here override it [default: /etc/lamina/config.toml, when
+    /// it exists].
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// Directory holding the store and the snapshots [default: /var/lib/lamina].
@@ -104,6 +112,10 @@ pub struct Config {
     pub durable_commit: bool,
     /// Report `containerd.io/snapshot/overlay.upperdir` in Info labels.
     pub upperdir_label: bool,
+    /// containerd may fall back to copying and chowning each layer for a user-namespaced
+    /// container where lamina cannot ID-map it (`lamina config containerd` then leaves out the
+    /// `only-remap-ids` capability), as containerd's overlayfs `slow_chown`.
+    pub slow_chown: bool,
     /// Extra options for every overlay mount (never for bind mounts).
     pub mount_options: Vec<String>,
     /// A tracing filter: a level (`info`) or directives (`lamina=debug`). `RUST_LOG` wins.
@@ -153,9 +165,15 @@ fn display<S: serde::Serializer>(
 }
 
 impl Config {
-    /// Reads the file named by `flags.config` (if any) and applies the flags over it.
+    /// Reads the file named by `flags.config`, else [`DEFAULT_CONFIG_FILE`] when it exists, and
+    /// applies the flags over it.
     pub fn load(flags: &Flags) -> Result<Config> {
-        let file = match &flags.config {
+        let default = Path::new(DEFAULT_CONFIG_FILE);
+        let path = flags
+            .config
+            .as_deref()
+            .or_else(|| default.exists().then_some(default));
+        let file = match path {
             Some(path) => {
                 let text = std::fs::read_to_string(path)
                     .map_err(|e| Error::io("reading config file", path, e))?;
@@ -194,6 +212,7 @@ fn resolve(file: File, flags: &Flags) -> Result<Config> {
         sync_remove: file.sync_remove.unwrap_or(false),
         durable_commit: file.durable_commit.unwrap_or(true),
         upperdir_label: file.upperdir_label.unwrap_or(false),
+        slow_chown: file.slow_chown.unwrap_or(false),
         mount_options: file.mount_options.unwrap_or_default(),
         log_level: flags
             .log_level
@@ -335,6 +354,7 @@ mod tests {
             sync_remove: true,
             durable_commit: false,
             upperdir_label: true,
+            slow_chown: true,
             mount_options: vec!["volatile".into(), "metacopy=on".into()],
             log_level: "lamina=debug,warn".into(),
             log_format: LogFormat::Json,
