@@ -1,6 +1,9 @@
-//! A private containerd that reaches lamina as its `lamina` proxy plugin: its config, and
-//! finding its shims. Shared by the end-to-end tests and the benchmark (each includes this
-//! file with `#[path]`).
+//! A private containerd that reaches lamina as its `lamina` proxy plugin: which containerd
+//! (Debian's 1.6, or a 2.x built by `.ci/go-tools`), its config, and finding its shims.
+//! Shared by the end-to-end tests and the benchmark (each includes this file with `#[path]`).
+
+// Each of the test and benchmark binaries uses part of this file.
+#![allow(dead_code)]
 
 use std::{
     fs,
@@ -9,20 +12,128 @@ use std::{
     time::{Duration, Instant},
 };
 
-/// containerd's config (version 2) with everything under `dir`: its root, state, gRPC, ttrpc
-/// and debug sockets; CRI and the snapshotters this machine cannot use are off.
-pub fn config_toml(dir: &Path, lamina_socket: &Path) -> String {
-    format!(
-        r#"version = 2
+/// One containerd the tests run: Debian's 1.6 from PATH, or a 2.x that `.ci/go-tools` built.
+#[derive(Debug, Clone)]
+pub struct Flavor {
+    /// As the tests print it: `1.6 (Debian)`, `v2.3.7`.
+    pub name: String,
+    /// The directory of `containerd`, `ctr` and `containerd-shim-runc-v2`; None: PATH.
+    pub bin_dir: Option<PathBuf>,
+    /// A directory put first on containerd's PATH, holding the `runc` its shims run.
+    pub runc_dir: Option<PathBuf>,
+    /// containerd 2.x: config version 3, the transfer service, capabilities.
+    pub v2: bool,
+}
+
+impl Flavor {
+    /// Debian's containerd 1.6 and runc, from PATH (.ci/setup installs them).
+    pub fn debian() -> Flavor {
+        Flavor {
+            name: "1.6 (Debian)".into(),
+            bin_dir: None,
+            runc_dir: None,
+            v2: false,
+        }
+    }
+
+    /// The `index`th containerd 2.x of `.ci/versions` (0: the long-term release, 1: the
+    /// newest), with the runc built beside it; Err says what is missing.
+    pub fn v2(index: usize) -> Result<Flavor, String> {
+        let versions = ci_versions();
+        let get = |key: &str| {
+            versions
+                .iter()
+                .find(|(k, _)| k == key)
+                .map(|(_, v)| v.clone())
+                .ok_or_else(|| format!(".ci/versions has no {key}"))
+        };
+        let containerd = get("CONTAINERD_VERSIONS")?;
+        let version = containerd
+            .split_whitespace()
+            .nth(index)
+            .ok_or_else(|| format!(".ci/versions lists no containerd #{index}"))?
+            .to_string();
+        let runc = get("RUNC_VERSION")?;
+        let cache = ci_cache();
+        let bin_dir = cache.join(format!("containerd-{version}"));
+        let runc_dir = cache.join(format!("runc-{runc}"));
+        let crictl = cache.join(format!("crictl-{}/crictl", get("CRICTL_VERSION")?));
+        for needed in [bin_dir.join("containerd"), runc_dir.join("runc"), crictl] {
+            if !needed.is_file() {
+                return Err(format!(
+                    "{} is missing: .ci/setup builds it (.ci/go-tools)",
+                    needed.display()
+                ));
+            }
+        }
+        Ok(Flavor {
+            name: version,
+            bin_dir: Some(bin_dir),
+            runc_dir: Some(runc_dir),
+            v2: true,
+        })
+    }
+
+    /// The crictl that `.ci/go-tools` built.
+    pub fn crictl(&self) -> PathBuf {
+        let version = ci_versions()
+            .into_iter()
+            .find(|(k, _)| k == "CRICTL_VERSION")
+            .map(|(_, v)| v)
+            .unwrap_or_default();
+        ci_cache().join(format!("crictl-{version}/crictl"))
+    }
+
+    /// The path of one of this containerd's programs (`containerd`, `ctr`).
+    pub fn program(&self, name: &str) -> PathBuf {
+        match &self.bin_dir {
+            Some(dir) => dir.join(name),
+            None => PathBuf::from(name),
+        }
+    }
+
+    /// The PATH containerd runs with: its own directory (for the shim) and the runc to use
+    /// first.
+    pub fn path_env(&self) -> std::ffi::OsString {
+        let mut dirs: Vec<PathBuf> = self
+            .runc_dir
+            .iter()
+            .chain(self.bin_dir.iter())
+            .cloned()
+            .collect();
+        dirs.extend(std::env::split_paths(
+            &std::env::var_os("PATH").unwrap_or_default(),
+        ));
+        std::env::join_paths(dirs).expect("PATH entries without ':'")
+    }
+
+    /// The start of a private config for this containerd: everything under `dir` (its root,
+    /// state, gRPC, ttrpc and debug sockets) and the plugins this machine cannot use off; CRI
+    /// too unless `cri`. What lamina's `config containerd` prints is appended to it.
+    pub fn private_config(&self, dir: &Path, cri: bool) -> String {
+        let mut disabled: Vec<&str> = Vec::new();
+        if self.v2 {
+            if !cri {
+                disabled.push("io.containerd.grpc.v1.cri");
+            }
+        } else {
+            if !cri {
+                disabled.push("io.containerd.grpc.v1.cri");
+            }
+            disabled.extend([
+                "io.containerd.snapshotter.v1.aufs",
+                "io.containerd.snapshotter.v1.btrfs",
+                "io.containerd.snapshotter.v1.devmapper",
+                "io.containerd.snapshotter.v1.zfs",
+            ]);
+        }
+        let disabled: Vec<String> = disabled.iter().map(|p| format!("  \"{p}\",\n")).collect();
+        format!(
+            r#"version = {version}
 root = "{root}"
 state = "{state}"
 disabled_plugins = [
-  "io.containerd.grpc.v1.cri",
-  "io.containerd.snapshotter.v1.aufs",
-  "io.containerd.snapshotter.v1.btrfs",
-  "io.containerd.snapshotter.v1.devmapper",
-  "io.containerd.snapshotter.v1.zfs",
-]
+{disabled}]
 
 [grpc]
   address = "{address}"
@@ -36,16 +147,45 @@ disabled_plugins = [
 [metrics]
   address = ""
 
-[proxy_plugins.lamina]
-  type = "snapshot"
-  address = "{lamina}"
 "#,
-        root = dir.join("root").display(),
-        state = dir.join("state").display(),
-        address = dir.join("c.sock").display(),
-        ttrpc = dir.join("t.sock").display(),
-        debug = dir.join("d.sock").display(),
-        lamina = lamina_socket.display(),
+            version = if self.v2 { 3 } else { 2 },
+            disabled = disabled.concat(),
+            root = dir.join("root").display(),
+            state = dir.join("state").display(),
+            address = dir.join("c.sock").display(),
+            ttrpc = dir.join("t.sock").display(),
+            debug = dir.join("d.sock").display(),
+        )
+    }
+}
+
+/// `KEY=VALUE` lines of `.ci/versions` (quotes removed).
+fn ci_versions() -> Vec<(String, String)> {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/.ci/versions");
+    fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().trim_matches('"').to_string()))
+        .collect()
+}
+
+/// Where `.ci/go-tools` puts what it builds.
+fn ci_cache() -> PathBuf {
+    std::env::var_os("LAMINA_CI_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/cache/lamina-ci"))
+}
+
+/// containerd 1.6's config with everything under `dir` and lamina's socket registered as the
+/// `lamina` snapshotter, written here rather than by lamina (the benchmark runs lamina
+/// builds that predate `lamina config containerd`).
+pub fn config_toml(dir: &Path, lamina_socket: &Path) -> String {
+    format!(
+        "{}[proxy_plugins.lamina]\n  type = \"snapshot\"\n  address = \"{}\"\n",
+        Flavor::debian().private_config(dir, false),
+        lamina_socket.display()
     )
 }
 

@@ -82,6 +82,16 @@ pub fn layer_tar<S: AsRef<str>>(entries: &[Entry<'_, S>]) -> Vec<u8> {
 /// Shared so that the end-to-end tests and the benchmark import images built the same way,
 /// each with its own layers.
 pub fn write_oci_archive(path: &Path, name: &str, layers: &[Vec<u8>]) -> Vec<String> {
+    write_oci_archive_with(path, name, layers, &["sh"])
+}
+
+/// [`write_oci_archive`], with `cmd` as the image's command.
+pub fn write_oci_archive_with(
+    path: &Path,
+    name: &str,
+    layers: &[Vec<u8>],
+    cmd: &[&str],
+) -> Vec<String> {
     let diff_ids: Vec<String> = layers.iter().map(|l| sha256(l)).collect();
     let layer_descs: Vec<serde_json::Value> = layers
         .iter()
@@ -97,7 +107,7 @@ pub fn write_oci_archive(path: &Path, name: &str, layers: &[Vec<u8>]) -> Vec<Str
     let config = serde_json::to_vec(&serde_json::json!({
         "architecture": goarch(),
         "os": "linux",
-        "config": { "Env": ["PATH=/bin"], "Cmd": ["sh"] },
+        "config": { "Env": ["PATH=/bin"], "Cmd": cmd },
         "rootfs": { "type": "layers", "diff_ids": diff_ids },
     }))
     .expect("image config JSON");
