@@ -14,6 +14,7 @@ mod containerd;
 #[path = "../support/containerd.rs"]
 mod containerd_support;
 mod crash;
+mod cri;
 mod faults;
 mod hostile;
 mod layers;

@@ -1,0 +1,390 @@
+//! Kubernetes' way in, through containerd 2.x's CRI, driven with crictl as a kubelet would: a
+//! private containerd configured with `lamina config containerd --cri`, images imported into
+//! its `k8s.io` namespace (a pause image built here pinned as the sandbox image, no registry),
+//! then a host-network pod with a container on lamina, and a user-namespaced pod whose layers
+//! lamina ID-maps (containerd's `remap-ids`) instead of containerd copying them.
+//!
+//! Needs root, the containerd 2.x, crictl and runc that `.ci/go-tools` builds (runc 1.2+ for
+//! the ID-mapped bind mounts of a user-namespaced pod), `ip` and `nsenter` for the test's own
+//! CNI plugin, and `/bin/busybox`.
+
+use std::{
+    fs,
+    os::unix::fs::{MetadataExt, PermissionsExt},
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
+
+use crate::{
+    containerd::{chain_ids, flavor, image_layers, wait_all_collected, Containerd, IMAGE2},
+    containerd_support::Flavor,
+    oci_support::{layer_tar, write_oci_archive, write_oci_archive_with, Entry},
+    util::*,
+};
+
+const PAUSE: &str = "lamina.test/pause:1";
+/// The host IDs a user-namespaced pod's IDs 0..65536 map to.
+const USERNS_BASE: u32 = 65536;
+
+/// A CNI plugin that gives the pod's network namespace an `eth0` with an address, and nothing
+/// more: a pod with a network namespace of its own (a user-namespaced one must have one) needs
+/// CNI to answer, not a network. Installed as `loopback` too, which CRI adds to every network
+/// (it brings `lo` up).
+const CNI_PLUGIN: &str = r#"#!/bin/sh
+set -e
+case "$CNI_COMMAND" in
+VERSION)
+    echo '{"cniVersion":"1.0.0","supportedVersions":["0.4.0","1.0.0"]}' ;;
+ADD)
+    if [ "$CNI_IFNAME" = lo ]; then
+        nsenter --net="$CNI_NETNS" ip link set lo up
+        printf '{"cniVersion":"1.0.0","interfaces":[{"name":"lo","sandbox":"%s"}],"ips":[{"address":"127.0.0.1/8","interface":0}]}\n' \
+            "$CNI_NETNS"
+        exit 0
+    fi
+    nsenter --net="$CNI_NETNS" ip link add "$CNI_IFNAME" type veth peer name lamina-peer
+    nsenter --net="$CNI_NETNS" ip addr add 10.88.0.2/16 dev "$CNI_IFNAME"
+    nsenter --net="$CNI_NETNS" ip link set "$CNI_IFNAME" up
+    nsenter --net="$CNI_NETNS" ip link set lo up
+    printf '{"cniVersion":"1.0.0","interfaces":[{"name":"%s","sandbox":"%s"}],"ips":[{"address":"10.88.0.2/16","interface":0}]}\n' \
+        "$CNI_IFNAME" "$CNI_NETNS" ;;
+*) ;;
+esac
+"#;
+
+/// CRI's part of the private config: the sandbox image, the CNI plugin above.
+///
+/// `restrict_oom_score_adj`: CRI gives a pod's sandbox an OOM score adjustment of -998, and
+/// lowering one needs CAP_SYS_RESOURCE, which the machines these tests run on may not grant
+/// even to root (runc then fails with "can't get final child's PID from pipe"). Restricted,
+/// CRI keeps adjustments at or above containerd's own.
+fn cri_config(dir: &Path) -> String {
+    format!(
+        r#"[plugins."io.containerd.cri.v1.images".pinned_images]
+  sandbox = "{PAUSE}"
+
+[plugins."io.containerd.cri.v1.runtime"]
+  restrict_oom_score_adj = true
+
+[plugins."io.containerd.cri.v1.runtime".cni]
+  bin_dirs = ["{bin}"]
+  conf_dir = "{conf}"
+"#,
+        bin = dir.join("cni/bin").display(),
+        conf = dir.join("cni/conf").display(),
+    )
+}
+
+/// A containerd with CRI on lamina, the images imported, and crictl pointed at it.
+struct Cri {
+    c: Containerd,
+}
+
+impl Cri {
+    fn start(d: &TestDaemon, flavor: &Flavor) -> Cri {
+        let mut c = Containerd::start(d, flavor, "cri", true, |dir| {
+            // The CNI plugin and its config, where cri_config says, before containerd starts.
+            let plugin = dir.join("cni/bin/lamina-test-cni");
+            fs::create_dir_all(plugin.parent().unwrap()).unwrap();
+            fs::write(&plugin, CNI_PLUGIN).unwrap();
+            fs::set_permissions(&plugin, fs::Permissions::from_mode(0o755)).unwrap();
+            std::os::unix::fs::symlink("lamina-test-cni", plugin.with_file_name("loopback"))
+                .unwrap();
+            fs::create_dir_all(dir.join("cni/conf")).unwrap();
+            fs::write(
+                dir.join("cni/conf/10-lamina-test.conflist"),
+                r#"{"cniVersion":"1.0.0","name":"lamina-test","plugins":[{"type":"lamina-test-cni"}]}"#,
+            )
+            .unwrap();
+            cri_config(dir)
+        });
+        // CRI's images and containers live in containerd's k8s.io namespace.
+        c.ns = "k8s.io".into();
+
+        let pause = c.path("pause.tar");
+        write_oci_archive_with(
+            &pause,
+            PAUSE,
+            &[busybox_layer(&["sh", "sleep"])],
+            &[
+                "sh",
+                "-c",
+                "trap 'exit 0' TERM INT; while :; do sleep 1; done",
+            ],
+        );
+        import_for_cri(&c, &pause);
+        let l3 = layer_tar(&[Entry::Dir("etc"), Entry::File("etc/msg", b"three", 0o644)]);
+        let image = c.path("e2e2.tar");
+        write_oci_archive(&image, IMAGE2, &image_layers(&[l3]));
+        import_for_cri(&c, &image);
+        Cri { c }
+    }
+
+    fn crictl(&self, args: &[&str]) -> Result<String, String> {
+        let endpoint = format!("unix://{}", self.c.address.display());
+        let mut cmd = Command::new(self.c.flavor.crictl());
+        cmd.args([
+            "--runtime-endpoint",
+            &endpoint,
+            "--image-endpoint",
+            &endpoint,
+        ])
+        .args(["--timeout", "60s"])
+        .args(args);
+        let out = run_for(&mut cmd, Duration::from_secs(120))?;
+        if out.status.success() {
+            Ok(stdout(&out))
+        } else {
+            Err(format!(
+                "`crictl {}` failed ({}): {}{}",
+                args.join(" "),
+                out.status,
+                stderr(&out),
+                stdout(&out)
+            ))
+        }
+    }
+
+    #[track_caller]
+    fn crictl_ok(&self, args: &[&str]) -> String {
+        self.crictl(args).unwrap_or_else(|e| {
+            panic!("{e}\ncontainerd log:\n{}", self.c.log_tail());
+        })
+    }
+
+    /// Writes `json` to a file of the test's and returns its path.
+    fn file(&self, name: &str, json: serde_json::Value) -> String {
+        let path = self.c.path(name);
+        fs::write(&path, json.to_string()).unwrap();
+        path.display().to_string()
+    }
+
+    /// Runs a pod from `pod` (a PodSandboxConfig) and in it a container of IMAGE2 sleeping,
+    /// in the pod's namespaces (as a kubelet asks: a container's must match its pod's);
+    /// returns (pod ID, container ID).
+    fn pod_with_container(&self, name: &str, pod: serde_json::Value) -> (String, String) {
+        let namespaces = pod["linux"]["security_context"]["namespace_options"].clone();
+        let pod_file = self.file(&format!("{name}-pod.json"), pod);
+        let pod_id = self.crictl_ok(&["runp", &pod_file]).trim().to_string();
+        let container = serde_json::json!({
+            "metadata": { "name": "app" },
+            "image": { "image": IMAGE2 },
+            "command": ["sleep", "1000"],
+            "log_path": "app.log",
+            "linux": { "security_context": { "namespace_options": namespaces } },
+        });
+        let container_file = self.file(&format!("{name}-container.json"), container);
+        let id = self
+            .crictl_ok(&["create", &pod_id, &container_file, &pod_file])
+            .trim()
+            .to_string();
+        self.crictl_ok(&["start", &id]);
+        (pod_id, id)
+    }
+
+    /// `sh -c SCRIPT` in container `id`, its output.
+    fn exec(&self, id: &str, script: &str) -> String {
+        self.crictl_ok(&["exec", "-s", id, "sh", "-c", script])
+    }
+
+    /// Stops and removes every pod, removes both images: what a kubelet's image GC leaves.
+    fn remove_all(&self) {
+        for pod in self.crictl_ok(&["pods", "-q"]).split_whitespace() {
+            self.crictl_ok(&["stopp", pod]);
+        }
+        self.crictl_ok(&["rmp", "--all", "--force"]);
+        self.crictl_ok(&["rmi", IMAGE2, PAUSE]);
+    }
+}
+
+impl Drop for Cri {
+    fn drop(&mut self) {
+        // Pods left by a failed test: their shims, mounts and network namespaces go with them.
+        let _ = self.crictl(&["rmp", "--all", "--force"]);
+    }
+}
+
+/// A protobuf JSON number (64-bit ones are strings), 0 when absent.
+fn number(v: &serde_json::Value) -> u64 {
+    v.as_u64()
+        .or_else(|| v.as_str().and_then(|s| s.parse().ok()))
+        .unwrap_or(0)
+}
+
+/// A layer with `/bin/busybox` and `applets` linked to it.
+fn busybox_layer(applets: &[&str]) -> Vec<u8> {
+    let busybox = fs::read("/bin/busybox").expect("/bin/busybox (apt-get install busybox-static)");
+    let links: Vec<String> = applets.iter().map(|a| format!("bin/{a}")).collect();
+    let mut entries = vec![
+        Entry::Dir("bin"),
+        Entry::File("bin/busybox", &busybox, 0o755),
+    ];
+    entries.extend(links.iter().map(|l| Entry::Symlink(l.as_str(), "busybox")));
+    layer_tar(&entries)
+}
+
+/// `ctr -n k8s.io images import --snapshotter lamina`: the image, unpacked into lamina, where
+/// CRI finds it.
+fn import_for_cri(c: &Containerd, tar: &Path) {
+    c.ctr_ok(&[
+        "images",
+        "import",
+        "--snapshotter",
+        "lamina",
+        tar.to_str().unwrap(),
+    ]);
+}
+
+/// The one file named `name` directly in some snapshot's `fs` under lamina's root.
+fn find_in_snapshots(root: &Path, name: &str) -> Vec<PathBuf> {
+    let Ok(entries) = fs::read_dir(root.join("snapshots")) else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| Some(e.ok()?.path().join("fs").join(name)))
+        .filter(|p| p.symlink_metadata().is_ok())
+        .collect()
+}
+
+/// Each CRI test, once per containerd 2.x.
+macro_rules! per_containerd_2 {
+    ($($module:ident => $flavor:expr),* $(,)?) => {$(
+        mod $module {
+            use super::*;
+            daemon_test!(pod_runs_on_lamina, config = "sync_remove = false\n", |d| {
+                if let Some(f) = flavor($flavor) {
+                    super::pod_runs_on_lamina(d, f).await
+                }
+            });
+            daemon_test!(user_namespaced_pod_is_id_mapped_not_copied, |d| {
+                if let Some(f) = flavor($flavor) {
+                    super::user_namespaced_pod_is_id_mapped_not_copied(d, f).await
+                }
+            });
+        }
+    )*};
+}
+
+per_containerd_2!(
+    v2_lts => || Flavor::v2(0),
+    v2_newest => || Flavor::v2(1),
+);
+
+async fn pod_runs_on_lamina(d: TestDaemon, flavor: Flavor) {
+    let cri = Cri::start(&d, &flavor);
+    let logs = cri.c.path("logs");
+    let pod = serde_json::json!({
+        "metadata": { "name": "hostnet", "namespace": "default", "uid": "lamina-hostnet" },
+        "log_directory": logs,
+        // NODE: the host's network, no CNI involved.
+        "linux": { "security_context": { "namespace_options": { "network": 2 } } },
+    });
+    let (_, id) = cri.pod_with_container("hostnet", pod);
+
+    // The union of the three layers, and a write.
+    let out = cri.exec(
+        &id,
+        "echo \"$(cat /etc/msg)\"; ls -A /d; [ -e /gone ] || echo gone-absent; echo hi > /w; cat /w",
+    );
+    assert_eq!(
+        out.split_whitespace().collect::<Vec<_>>(),
+        ["three", "new", "gone-absent", "hi"],
+        "the container's root through CRI: {out}"
+    );
+
+    // The container's writable layer is one of lamina's, measured through Usage: CRI
+    // refreshes its figures every 10 s or so.
+    let mut stats = serde_json::Value::Null;
+    let measured = wait_for_blocking(Duration::from_secs(40), Duration::from_secs(1), || {
+        stats = serde_json::from_str(&cri.crictl_ok(&["stats", "-o", "json", &id])).unwrap();
+        (number(&stats["stats"][0]["writableLayer"]["usedBytes"]["value"]) > 0).then_some(())
+    });
+    assert!(
+        measured.is_some(),
+        "crictl stats reports no writable-layer use within 40 s: {stats}"
+    );
+    let written = find_in_snapshots(&d.root, "w");
+    assert_eq!(
+        written.len(),
+        1,
+        "the file the container wrote: {written:?}"
+    );
+
+    // The image filesystem CRI reports (to kubelet's image GC) is lamina's root.
+    let info: serde_json::Value =
+        serde_json::from_str(&cri.crictl_ok(&["imagefsinfo", "-o", "json"])).unwrap();
+    let mountpoint = info["status"]["imageFilesystems"][0]["fsId"]["mountpoint"].clone();
+    assert_eq!(
+        mountpoint.as_str(),
+        d.root.to_str(),
+        "imagefsinfo must report lamina's root (exports.root): {info}"
+    );
+
+    cri.crictl_ok(&["stop", &id]);
+    cri.crictl_ok(&["rm", &id]);
+    cri.remove_all();
+    wait_all_collected(&cri.c, &d).await;
+}
+
+async fn user_namespaced_pod_is_id_mapped_not_copied(d: TestDaemon, flavor: Flavor) {
+    let cri = Cri::start(&d, &flavor);
+    let mapping = serde_json::json!([
+        { "host_id": USERNS_BASE, "container_id": 0, "length": 65536 }
+    ]);
+    let pod = serde_json::json!({
+        "metadata": { "name": "userns", "namespace": "default", "uid": "lamina-userns" },
+        "log_directory": cri.c.path("logs"),
+        "linux": { "security_context": { "namespace_options": {
+            // POD: a network namespace of its own (from the CNI plugin above); a user
+            // namespace of its own, mode POD, with this mapping.
+            "network": 0,
+            "userns_options": { "mode": 0, "uids": mapping, "gids": mapping },
+        } } },
+    });
+    let (_, id) = cri.pod_with_container("userns", pod);
+
+    let out = cri.exec(
+        &id,
+        "id -u; stat -c %u:%g /etc/msg /bin/busybox; echo mine > /mine; stat -c %u /mine",
+    );
+    assert_eq!(
+        out.split_whitespace().collect::<Vec<_>>(),
+        ["0", "0:0", "0:0", "0"],
+        "inside the pod: root, image files owned by root, a new file owned by root: {out}"
+    );
+    // On the host the container's file belongs to the mapped root.
+    let mine = find_in_snapshots(&d.root, "mine");
+    assert_eq!(mine.len(), 1, "the file the container wrote: {mine:?}");
+    let meta = fs::metadata(&mine[0]).unwrap();
+    assert_eq!(
+        (meta.uid(), meta.gid()),
+        (USERNS_BASE, USERNS_BASE),
+        "{} as the host sees it",
+        mine[0].display()
+    );
+    // lamina's layers were ID-mapped where they are: containerd made no `-remap` copy.
+    let keys = cri.c.snapshots().unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        !keys.iter().any(|(k, _, _)| k.contains("remap")),
+        "containerd copied layers for the mapping: {keys:?}"
+    );
+    let chain = chain_ids(
+        &image_layers(&[layer_tar(&[
+            Entry::Dir("etc"),
+            Entry::File("etc/msg", b"three", 0o644),
+        ])])
+        .iter()
+        .map(|l| crate::oci_support::sha256(l))
+        .collect::<Vec<_>>(),
+    );
+    assert!(
+        keys.iter().any(|(k, _, _)| k == &chain[2]),
+        "the image's top layer is not among lamina's snapshots: {keys:?}"
+    );
+
+    cri.crictl_ok(&["stop", &id]);
+    cri.crictl_ok(&["rm", &id]);
+    cri.remove_all();
+    wait_all_collected(&cri.c, &d).await;
+}
