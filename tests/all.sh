@@ -11,3 +11,4 @@ cargo build
 cargo test --all-targets
 tests/packaging.sh
 tests/conformance/run.sh target/debug/lamina
+tests/conformance/run.sh --v2 target/debug/lamina

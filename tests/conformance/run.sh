@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Run containerd's snapshotter conformance suite against a lamina binary.
 #
-# Usage: tests/conformance/run.sh [LAMINA_BIN] [extra go test args...]
+# Usage: tests/conformance/run.sh [--v2] [LAMINA_BIN] [extra go test args...]
 #   e.g. tests/conformance/run.sh target/debug/lamina
+#        tests/conformance/run.sh --v2 target/debug/lamina   # containerd 2.x's suite
 #        tests/conformance/run.sh target/debug/lamina -run 'TestLaminaConformance/^(Basic|Walk)$'
 #        tests/conformance/run.sh --self-test   # harness check: runs the suite
 #            against containerd's own overlayfs snapshotter (the benchmark's
@@ -19,6 +20,15 @@
 set -euo pipefail
 
 script_dir="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+
+# --v2: containerd 2.x's suite (core/snapshots/testsuite), a Go module (v2/) at the
+# long-term release of .ci/versions, fetched through the Go module proxy. Without it:
+# containerd 1.6's suite, built offline from Debian's packaged sources.
+v2=0
+if [[ "${1:-}" == "--v2" ]]; then
+    v2=1
+    shift
+fi
 
 self_test=0
 if [[ "${1:-}" == "--self-test" ]]; then
@@ -67,13 +77,41 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# Hermetic, offline GOPATH-mode build against Debian's packaged Go sources.
-export GO111MODULE=off
-# benches/go holds overlayd, which --self-test builds.
-export GOPATH="$script_dir:$script_dir/../../benches/go:/usr/share/gocode"
-export GOFLAGS=""
-export GOPROXY=off
-export GOSUMDB=off
+if [[ $v2 -eq 1 ]]; then
+    if [[ $self_test -eq 1 ]]; then
+        echo "conformance: --self-test runs the 1.6 suite only" >&2
+        exit 2
+    fi
+    # The suite's containerd is the one .ci/versions pins first (the long-term release).
+    # shellcheck source=../../.ci/versions
+    . "$script_dir/../../.ci/versions"
+    want="${CONTAINERD_VERSIONS%% *}"
+    have="$(awk '$1 == "github.com/containerd/containerd/v2" { print $2 }' "$script_dir/v2/go.mod")"
+    if [[ "$have" != "$want" ]]; then
+        echo "conformance: v2/go.mod requires containerd $have but .ci/versions pins $want;" \
+            "run: (cd tests/conformance/v2 && go get github.com/containerd/containerd/v2@$want && go mod tidy)" >&2
+        exit 2
+    fi
+    # Debian's /usr/bin/go is too old for containerd 2.x's module.
+    if [[ "$GO" == go && -x /usr/local/go/bin/go ]]; then
+        GO=/usr/local/go/bin/go
+    fi
+    # The module's build is kept between runs (Go's own cache), unlike the 1.6 one's.
+    export GOCACHE="${GOCACHE:-$("$GO" env GOCACHE)}"
+    export GO111MODULE=on
+    export GOFLAGS=-mod=readonly
+    cd "$script_dir/v2"
+    pkg="."
+else
+    # Hermetic, offline GOPATH-mode build against Debian's packaged Go sources.
+    export GO111MODULE=off
+    # benches/go holds overlayd, which --self-test builds.
+    export GOPATH="$script_dir:$script_dir/../../benches/go:/usr/share/gocode"
+    export GOFLAGS=""
+    export GOPROXY=off
+    export GOSUMDB=off
+    pkg="lamina/conformance"
+fi
 export CGO_ENABLED="${CGO_ENABLED:-0}"
 if [[ -z "${GOCACHE:-}" ]]; then
     export GOCACHE="$work/gocache"
@@ -85,7 +123,6 @@ fi
 export TMPDIR="$work"
 
 timeout="${CONFORMANCE_TIMEOUT:-30m}"
-pkg="lamina/conformance"
 log="$work/go-test.log"
 
 echo "conformance: $("$GO" version)"
@@ -96,7 +133,7 @@ if [[ $self_test -eq 1 ]]; then
     export LAMINA_BIN
 fi
 echo "conformance: lamina binary: $LAMINA_BIN"
-echo "conformance: building $pkg (GOPATH=$GOPATH)"
+echo "conformance: building $pkg ($([[ $v2 -eq 1 ]] && echo "containerd $want's suite, module mode" || echo "containerd 1.6's suite, GOPATH=$GOPATH"))"
 if ! "$GO" vet "$pkg"; then
     echo "conformance: RESULT: FAIL (harness does not build; missing Debian golang-*-dev packages?)"
     exit 1

@@ -13,30 +13,20 @@
 package conformance
 
 import (
-	"bufio"
 	"context"
-	"errors"
 	"fmt"
-	"io"
-	"net"
 	"os"
-	"os/exec"
 	"path/filepath"
-	"sort"
-	"strings"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
 
 	snapshotsapi "github.com/containerd/containerd/api/services/snapshots/v1"
 	"github.com/containerd/containerd/defaults"
-	"github.com/containerd/containerd/mount"
 	"github.com/containerd/containerd/pkg/dialer"
 	"github.com/containerd/containerd/snapshots"
 	"github.com/containerd/containerd/snapshots/proxy"
 	"github.com/containerd/containerd/snapshots/testsuite"
-	"github.com/moby/sys/mountinfo"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/backoff"
 )
@@ -45,9 +35,6 @@ const (
 	// snapshotterName is sent in every request's "snapshotter" field and is
 	// also the name the suite uses for the run.
 	snapshotterName = "overlayfs"
-
-	startTimeout    = 10 * time.Second
-	shutdownTimeout = 10 * time.Second
 )
 
 func TestLaminaConformance(t *testing.T) {
@@ -75,80 +62,14 @@ func TestLaminaConformance(t *testing.T) {
 // daemon per call.
 func laminaFactory(bin string) testsuite.SnapshotterFunc {
 	return func(ctx context.Context, root string) (snapshots.Snapshotter, func() error, error) {
-		// The suite creates root before calling us; be tolerant anyway.
-		if err := os.MkdirAll(root, 0o755); err != nil {
-			return nil, nil, err
-		}
-		laminaRoot := filepath.Join(root, "lamina-root")
-		sock := filepath.Join(root, "lamina.sock")
-		// Unix socket paths are limited to 108 bytes (sun_path).
-		if len(sock) >= 108 {
-			return nil, nil, fmt.Errorf("socket path %q is too long for a unix socket (set TMPDIR to a shorter dir)", sock)
-		}
-
-		// Tag daemon output with the case's temp dir name so the logs of the
-		// parallel cases can be told apart (the suite logs the same dir on
-		// failure via DumpDirOnFailure).
-		tag := fmt.Sprintf("lamina[%s]", filepath.Base(filepath.Dir(root)))
-
-		cmd := exec.Command(bin, "serve", "--root", laminaRoot, "--address", sock)
-		cmd.Stdin = nil
-		cmd.Env = os.Environ()
-		if _, ok := os.LookupEnv("NO_COLOR"); !ok {
-			// Output goes to a pipe and into test logs: no ANSI colours.
-			cmd.Env = append(cmd.Env, "NO_COLOR=1")
-		}
-		// Own process group, so a Ctrl-C on the test does not hit the daemon
-		// before we get to shut it down cleanly.
-		cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
-		// Our own pipe rather than StderrPipe: cmd.Wait must not depend on
-		// EOF on the pipe, which never comes if lamina leaves a helper
-		// process behind that still holds its stderr.
-		pr, pw, err := os.Pipe()
+		d, sock, err := startLamina(bin, root)
 		if err != nil {
 			return nil, nil, err
 		}
-		cmd.Stdout = pw
-		cmd.Stderr = pw
-		fwd := newForwarder(tag, pr)
-
-		err = cmd.Start()
-		pw.Close()
-		if err != nil {
-			pr.Close()
-			return nil, nil, fmt.Errorf("starting %s: %w", bin, err)
-		}
-		fmt.Fprintf(os.Stderr, "%s: started pid %d: %s\n", tag, cmd.Process.Pid, strings.Join(cmd.Args, " "))
-
-		exited := make(chan struct{})
-		var waitErr error
-		go func() {
-			waitErr = cmd.Wait()
-			close(exited)
-		}()
-
-		kill := func() {
-			killGroup(cmd)
-			<-exited
-		}
-
-		if err := waitForSocket(sock, exited, startTimeout); err != nil {
-			select {
-			case <-exited:
-				killGroup(cmd)
-				fwd.waitFor(2 * time.Second)
-				return nil, nil, fmt.Errorf("%s exited before serving %s (%v); last output:\n%s", tag, sock, exitDesc(waitErr), fwd.tail())
-			default:
-			}
-			kill()
-			fwd.waitFor(2 * time.Second)
-			return nil, nil, fmt.Errorf("%s: %w; last output:\n%s", tag, err, fwd.tail())
-		}
-
 		conn, err := dialLamina(ctx, sock)
 		if err != nil {
-			kill()
-			return nil, nil, fmt.Errorf("%s: dialing %s: %w", tag, sock, err)
+			d.kill()
+			return nil, nil, fmt.Errorf("%s: dialing %s: %w", d.tag, sock, err)
 		}
 
 		sn := proxy.NewSnapshotter(snapshotsapi.NewSnapshotsClient(conn), snapshotterName)
@@ -159,7 +80,7 @@ func laminaFactory(bin string) testsuite.SnapshotterFunc {
 		)
 		cleanup := func() error {
 			once.Do(func() {
-				closeErr = shutdown(tag, cmd, conn, exited, &waitErr, fwd, root)
+				closeErr = d.stop(conn)
 			})
 			return closeErr
 		}
@@ -184,162 +105,4 @@ func dialLamina(ctx context.Context, sock string) (*grpc.ClientConn, error) {
 	// Block so a broken gRPC/HTTP2 server is reported here, not as a
 	// confusing failure in the first snapshot call.
 	return grpc.DialContext(dctx, dialer.DialAddress(sock), append(gopts, grpc.WithBlock())...)
-}
-
-// waitForSocket polls until sock accepts a connection, the process exits or
-// the timeout expires.
-func waitForSocket(sock string, exited <-chan struct{}, timeout time.Duration) error {
-	deadline := time.Now().Add(timeout)
-	var lastErr error
-	for {
-		c, err := net.DialTimeout("unix", sock, time.Second)
-		if err == nil {
-			c.Close()
-			return nil
-		}
-		lastErr = err
-		if time.Now().After(deadline) {
-			return fmt.Errorf("socket %s did not accept connections within %s: %v", sock, timeout, lastErr)
-		}
-		select {
-		case <-exited:
-			return errors.New("process exited")
-		case <-time.After(50 * time.Millisecond):
-		}
-	}
-}
-
-// shutdown closes the client connection, SIGTERMs lamina, waits for it
-// (SIGKILL after shutdownTimeout) and reports a non-clean exit as an error.
-func shutdown(tag string, cmd *exec.Cmd, conn *grpc.ClientConn, exited <-chan struct{}, waitErr *error, fwd *forwarder, root string) error {
-	var errs []string
-	if err := conn.Close(); err != nil {
-		errs = append(errs, fmt.Sprintf("closing grpc conn: %v", err))
-	}
-
-	select {
-	case <-exited:
-		errs = append(errs, fmt.Sprintf("lamina exited on its own during the test (%s)", exitDesc(*waitErr)))
-	default:
-		if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
-			errs = append(errs, fmt.Sprintf("sending SIGTERM: %v", err))
-		}
-		select {
-		case <-exited:
-			if *waitErr != nil {
-				errs = append(errs, fmt.Sprintf("lamina exited uncleanly after SIGTERM: %s", exitDesc(*waitErr)))
-			}
-		case <-time.After(shutdownTimeout):
-			killGroup(cmd)
-			<-exited
-			errs = append(errs, fmt.Sprintf("lamina did not exit within %s of SIGTERM; killed", shutdownTimeout))
-		}
-	}
-
-	// lamina runs in its own process group; anything still in it now is a
-	// helper lamina left running.
-	if syscall.Kill(-cmd.Process.Pid, 0) == nil {
-		fmt.Fprintf(os.Stderr, "%s: WARNING: processes left in lamina's process group after it exited; killing them\n", tag)
-		killGroup(cmd)
-	}
-	fwd.waitFor(2 * time.Second)
-
-	// Anything still mounted under the test root after lamina is gone was
-	// leaked (by lamina, or by a failed test). Detach it so the suite can
-	// remove its temp dir, and say so.
-	if leaked := mountsUnder(root); len(leaked) > 0 {
-		fmt.Fprintf(os.Stderr, "%s: WARNING: %d mount(s) still present under %s after shutdown: %s\n",
-			tag, len(leaked), root, strings.Join(leaked, ", "))
-		for i := len(leaked) - 1; i >= 0; i-- {
-			_ = mount.Unmount(leaked[i], syscall.MNT_DETACH)
-		}
-	}
-
-	if len(errs) > 0 {
-		return fmt.Errorf("%s: %s; last output:\n%s", tag, strings.Join(errs, "; "), fwd.tail())
-	}
-	return nil
-}
-
-// killGroup SIGKILLs lamina and everything in its process group.
-func killGroup(cmd *exec.Cmd) {
-	_ = syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
-	_ = cmd.Process.Kill()
-}
-
-func exitDesc(err error) string {
-	if err == nil {
-		return "exit status 0"
-	}
-	var ee *exec.ExitError
-	if errors.As(err, &ee) {
-		if ws, ok := ee.Sys().(syscall.WaitStatus); ok && ws.Signaled() {
-			return "killed by signal " + ws.Signal().String()
-		}
-	}
-	return err.Error()
-}
-
-// mountsUnder lists mount points at or below dir, in mount order.
-func mountsUnder(dir string) []string {
-	infos, err := mountinfo.GetMounts(mountinfo.PrefixFilter(filepath.Clean(dir)))
-	if err != nil {
-		return nil
-	}
-	sort.SliceStable(infos, func(i, j int) bool { return infos[i].ID < infos[j].ID })
-	var res []string
-	for _, mi := range infos {
-		res = append(res, mi.Mountpoint)
-	}
-	return res
-}
-
-// forwarder copies the daemon's output line by line to our stderr, prefixed
-// with a tag, and keeps the last lines for error messages.
-type forwarder struct {
-	mu    sync.Mutex
-	lines []string
-	done  chan struct{}
-}
-
-const tailLines = 40
-
-func newForwarder(tag string, r io.ReadCloser) *forwarder {
-	f := &forwarder{done: make(chan struct{})}
-	go func() {
-		defer close(f.done)
-		sc := bufio.NewScanner(r)
-		sc.Buffer(make([]byte, 64*1024), 1024*1024)
-		for sc.Scan() {
-			line := sc.Text()
-			fmt.Fprintf(os.Stderr, "%s: %s\n", tag, line)
-			f.mu.Lock()
-			f.lines = append(f.lines, line)
-			if len(f.lines) > tailLines {
-				f.lines = f.lines[len(f.lines)-tailLines:]
-			}
-			f.mu.Unlock()
-		}
-		// Drain whatever is left if the scanner gave up on a huge line.
-		_, _ = io.Copy(os.Stderr, r)
-		r.Close()
-	}()
-	return f
-}
-
-// waitFor waits (bounded) until the output has been drained to EOF.
-func (f *forwarder) waitFor(d time.Duration) {
-	select {
-	case <-f.done:
-	case <-time.After(d):
-	}
-}
-
-func (f *forwarder) tail() string {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	if len(f.lines) == 0 {
-		return "  (no output)"
-	}
-	return "  " + strings.Join(f.lines, "\n  ")
 }

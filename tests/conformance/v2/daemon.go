@@ -1,0 +1,1 @@
+../src/lamina/conformance/daemon.go
