@@ -643,6 +643,27 @@ async fn imports_runs_inspects_and_collects(d: TestDaemon, flavor: Flavor) {
             c.snap_ok(&["label", view, "containerd.io/gc.root=e2e"]);
         }
         c.snap_ok(&["prepare", "e2e-active", &chain[1]]);
+
+        // `lamina mount` finds a snapshot by the name ctr shows, in ctr's namespace, and not
+        // in another.
+        let target = c.path("inspect");
+        fs::create_dir(&target).unwrap();
+        let target_arg = target.to_str().unwrap();
+        let out = d.cli(&["mount", "--namespace", &c.ns, "e2e-view1", target_arg]);
+        assert!(
+            out.status.success(),
+            "lamina mount by name: {}",
+            stderr(&out)
+        );
+        let mounted = target.join("bin/busybox").is_file();
+        nix::mount::umount2(&target, nix::mount::MntFlags::MNT_DETACH).unwrap();
+        assert!(mounted, "lamina mount of e2e-view1 shows no bin/busybox");
+        let out = d.cli(&["mount", "--namespace", "elsewhere", "e2e-view1", target_arg]);
+        assert!(
+            !out.status.success() && stderr(&out).contains("--namespace"),
+            "a name from another namespace: {}",
+            stderr(&out)
+        );
         let (ty, l1_fs, opts) = parse_mount_line(&c.snap_ok(&["mounts", "/mnt/x", "e2e-view1"]));
         assert_eq!(ty, "bind", "view on one layer");
         assert!(
