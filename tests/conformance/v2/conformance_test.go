@@ -16,8 +16,6 @@ package conformance
 import (
 	"context"
 	"fmt"
-	"os"
-	"path/filepath"
 	"sync"
 	"testing"
 	"time"
@@ -36,17 +34,7 @@ import (
 const snapshotterName = "overlayfs"
 
 func TestLaminaConformance(t *testing.T) {
-	bin := os.Getenv("LAMINA_BIN")
-	if bin == "" {
-		t.Fatal("LAMINA_BIN is not set: point it at the lamina binary (e.g. target/debug/lamina)")
-	}
-	abs, err := filepath.Abs(bin)
-	if err != nil {
-		t.Fatalf("LAMINA_BIN=%q: %v", bin, err)
-	}
-	if os.Getuid() != 0 {
-		t.Fatal("the snapshotter conformance suite mounts filesystems and must run as root")
-	}
+	abs := laminaBinary(t)
 	testsuite.SnapshotterSuite(t, snapshotterName, func(ctx context.Context, root string) (snapshots.Snapshotter, func() error, error) {
 		d, sock, err := startLamina(abs, root)
 		if err != nil {

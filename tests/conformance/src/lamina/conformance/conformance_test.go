@@ -15,8 +15,6 @@ package conformance
 import (
 	"context"
 	"fmt"
-	"os"
-	"path/filepath"
 	"sync"
 	"testing"
 	"time"
@@ -38,22 +36,7 @@ const (
 )
 
 func TestLaminaConformance(t *testing.T) {
-	bin := os.Getenv("LAMINA_BIN")
-	if bin == "" {
-		t.Fatal("LAMINA_BIN is not set: point it at the lamina binary (e.g. target/debug/lamina)")
-	}
-	abs, err := filepath.Abs(bin)
-	if err != nil {
-		t.Fatalf("LAMINA_BIN=%q: %v", bin, err)
-	}
-	if st, err := os.Stat(abs); err != nil {
-		t.Fatalf("LAMINA_BIN=%q: %v", bin, err)
-	} else if st.IsDir() || st.Mode()&0111 == 0 {
-		t.Fatalf("LAMINA_BIN=%q is not an executable file", bin)
-	}
-	if os.Getuid() != 0 {
-		t.Fatal("the snapshotter conformance suite mounts filesystems and must run as root")
-	}
+	abs := laminaBinary(t)
 
 	testsuite.SnapshotterSuite(t, snapshotterName, laminaFactory(abs))
 }

@@ -19,6 +19,7 @@ import (
 	"strings"
 	"sync"
 	"syscall"
+	"testing"
 	"time"
 
 	"github.com/moby/sys/mountinfo"
@@ -28,6 +29,28 @@ const (
 	startTimeout    = 10 * time.Second
 	shutdownTimeout = 10 * time.Second
 )
+
+// laminaBinary is $LAMINA_BIN as an absolute path, checked: an executable
+// file, and the suite running as root (it mounts).
+func laminaBinary(t *testing.T) string {
+	bin := os.Getenv("LAMINA_BIN")
+	if bin == "" {
+		t.Fatal("LAMINA_BIN is not set: point it at the lamina binary (e.g. target/debug/lamina)")
+	}
+	abs, err := filepath.Abs(bin)
+	if err != nil {
+		t.Fatalf("LAMINA_BIN=%q: %v", bin, err)
+	}
+	if st, err := os.Stat(abs); err != nil {
+		t.Fatalf("LAMINA_BIN=%q: %v", bin, err)
+	} else if st.IsDir() || st.Mode()&0111 == 0 {
+		t.Fatalf("LAMINA_BIN=%q is not an executable file", bin)
+	}
+	if os.Getuid() != 0 {
+		t.Fatal("the snapshotter conformance suite mounts filesystems and must run as root")
+	}
+	return abs
+}
 
 // daemon is one running lamina.
 type daemon struct {
