@@ -1,5 +1,6 @@
-//! The operator commands: `status`, `fsck`, `check`, `mount`, `config containerd`. Each prints what it found in
-//! plain text and returns an error (non-zero exit) when something needs attention.
+//! The operator commands: `status`, `fsck`, `check`, `mount`, `config containerd`. Each prints
+//! what it found in plain text and returns an error (non-zero exit) when something needs
+//! attention.
 
 use std::{
     fmt::Write as _,

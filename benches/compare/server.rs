@@ -121,6 +121,8 @@ impl Server {
         let log = dir.join("server.log");
         let logf = fs::File::create(&log).expect("creating the server log");
         let mut cmd = Command::new(bins.of(kind));
+        // Only the config given here, never the machine's /etc/lamina/config.toml.
+        cmd.env("LAMINA_CONFIG", "");
         cmd.arg("serve")
             .arg("--root")
             .arg(&root)

@@ -167,12 +167,16 @@ fn display<S: serde::Serializer>(
 impl Config {
     /// Reads the file named by `flags.config`, else [`DEFAULT_CONFIG_FILE`] when it exists, and
     /// applies the flags over it.
+    ///
+    /// `LAMINA_CONFIG` in the environment names another default file, or none when empty (the
+    /// tests set it so, so that a machine's own configuration never reaches them).
     pub fn load(flags: &Flags) -> Result<Config> {
-        let default = Path::new(DEFAULT_CONFIG_FILE);
-        let path = flags
-            .config
-            .as_deref()
-            .or_else(|| default.exists().then_some(default));
+        let default = match std::env::var_os("LAMINA_CONFIG") {
+            Some(path) if path.is_empty() => None,
+            Some(path) => Some(PathBuf::from(path)),
+            None => Some(PathBuf::from(DEFAULT_CONFIG_FILE)).filter(|p| p.exists()),
+        };
+        let path = flags.config.as_deref().or(default.as_deref());
         let file = match path {
             Some(path) => {
                 let text = std::fs::read_to_string(path)

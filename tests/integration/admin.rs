@@ -637,3 +637,29 @@ daemon_test!(
         assert_eq!(info.kind, COMMITTED);
     }
 );
+
+/// Without `--config`, the default file is read: `LAMINA_CONFIG` names it here (the machine's
+/// own is /etc/lamina/config.toml), and `--config` wins over it.
+#[test]
+fn without_config_the_default_file_is_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("config.toml");
+    std::fs::write(&file, "upperdir_label = true\n").unwrap();
+    let other = dir.path().join("other.toml");
+    std::fs::write(&other, "sync_remove = true\n").unwrap();
+    let dump = |cmd: &mut std::process::Command| stdout(&cmd.output().unwrap());
+    let by_default = dump(lamina(["config", "dump"]).env("LAMINA_CONFIG", &file));
+    assert!(
+        by_default.contains("upperdir_label = true"),
+        "the default file was not read:\n{by_default}"
+    );
+    let given = dump(
+        lamina(["config", "dump", "--config", other.to_str().unwrap()]).env("LAMINA_CONFIG", &file),
+    );
+    assert!(
+        given.contains("sync_remove = true") && given.contains("upperdir_label = false"),
+        "--config must replace the default file:\n{given}"
+    );
+    let none = dump(&mut lamina(["config", "dump"]));
+    assert!(none.contains("upperdir_label = false"), "{none}");
+}

@@ -11,17 +11,21 @@ use nix::sys::signal::Signal;
 
 use super::wait_for_blocking;
 
-/// The lamina binary under test with `args`, logging at `LAMINA_TEST_LOG` (default `warn`).
+/// The lamina binary under test with `args`, logging at `LAMINA_TEST_LOG` (default `warn`),
+/// reading no config file but the one `args` name.
 pub fn lamina<I, S>(args: I) -> Command
 where
     I: IntoIterator<Item = S>,
     S: AsRef<OsStr>,
 {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_lamina"));
-    cmd.args(args).env(
-        "RUST_LOG",
-        std::env::var("LAMINA_TEST_LOG").unwrap_or_else(|_| "warn".into()),
-    );
+    cmd.args(args)
+        .env(
+            "RUST_LOG",
+            std::env::var("LAMINA_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        // Never the machine's /etc/lamina/config.toml: only what a test gives.
+        .env("LAMINA_CONFIG", "");
     cmd
 }
 

@@ -83,7 +83,8 @@ func startLamina(bin, root string) (*daemon, string, error) {
 
 	cmd := exec.Command(bin, "serve", "--root", laminaRoot, "--address", sock)
 	cmd.Stdin = nil
-	cmd.Env = os.Environ()
+	// Only the flags above: never the machine's /etc/lamina/config.toml.
+	cmd.Env = append(os.Environ(), "LAMINA_CONFIG=")
 	if _, ok := os.LookupEnv("NO_COLOR"); !ok {
 		// Output goes to a pipe and into test logs: no ANSI colours.
 		cmd.Env = append(cmd.Env, "NO_COLOR=1")
