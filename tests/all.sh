@@ -9,6 +9,8 @@ cargo fmt --check
 cargo clippy --all-targets -- -D warnings
 cargo build
 cargo test --all-targets
+# The benchmark's smoke mode: every workload at a few operations, to keep it working.
+cargo test --bench compare
 tests/packaging.sh
 tests/conformance/run.sh target/debug/lamina
 tests/conformance/run.sh --v2 target/debug/lamina

@@ -93,9 +93,9 @@ impl Args {
     /// The command line, and LAMINA_BENCH_SMOKE.
     fn from_command_line() -> Args {
         let mut args = <Args as clap::Parser>::parse();
-        // `cargo test --all-targets` (README's test command) runs this program without --bench,
-        // and then it runs the smoke mode: CI keeps the benchmark building and running without
-        // spending minutes on it.
+        // Without --bench (`cargo test --bench compare`, which tests/all.sh runs) it runs the
+        // smoke mode: CI keeps the benchmark building and running without spending minutes on
+        // it.
         args.smoke |= !args.bench
             || std::env::var("LAMINA_BENCH_SMOKE").is_ok_and(|v| !v.is_empty() && v != "0");
         args
@@ -143,6 +143,13 @@ async fn main() {
         "\n## lamina vs containerd's overlayfs snapshotter ({} mode)\n",
         if args.smoke { "smoke" } else { "full" }
     );
+    if args.smoke {
+        report::set_smoke();
+        println!(
+            "Smoke run: a few operations of each workload, to show the benchmark still works. \
+             No figure below is a measurement, and no target is judged.\n"
+        );
+    }
     println!("{}", machine::describe(base.path()));
     if args.snapshotter() && !args.only_durable {
         let level = snapshotter::run(base.path(), &bins, &s).await;
