@@ -341,12 +341,15 @@ impl Snapshotter {
     /// nearest first (see `overlay::active_mounts`). A view is read-only, with no work
     /// directory, and its contents never change: a read-only bind of its own empty `fs` without
     /// a parent, of the parent's `fs` with one, else an overlay of the ancestors alone (see
-    /// `overlay::view_mounts`).
+    /// `overlay::view_mounts`). Labelled with a user-namespaced container's ID mappings (and
+    /// lamina honouring them, see [`idmap`]), its `fs` belongs to the container's root as the
+    /// host sees it, and each of its mounts starts with `uidmap=` and `gidmap=`.
     ///
     /// Errors: `key` taken by any snapshot → AlreadyExists; `parent` missing → NotFound;
     /// `parent` not committed → InvalidArgument; more ancestors than overlayfs stacks →
-    /// FailedPrecondition; an empty or oversized key or labels → InvalidArgument; `kind`
-    /// Committed → InvalidArgument (only Commit makes one). On any error nothing is left behind
+    /// FailedPrecondition; an empty or oversized key or labels → InvalidArgument; ID-mapping
+    /// labels that are malformed or come alone → InvalidArgument (when lamina honours them);
+    /// `kind` Committed → InvalidArgument (only Commit makes one). On any error nothing is left behind
     /// and the key can be used again. Once it answers, the snapshot is durable in the store and
     /// its directories exist.
     pub async fn new_snapshot(
@@ -480,8 +483,9 @@ impl Snapshotter {
     /// empty there. Updated becomes now; nothing else changes.
     ///
     /// Errors: unknown → NotFound (whatever the paths); a path other than those →
-    /// InvalidArgument; labels over the limits, each or all together → InvalidArgument. On
-    /// any error nothing changes.
+    /// InvalidArgument; labels over the limits, each or all together → InvalidArgument;
+    /// ID-mapping labels left malformed or alone → InvalidArgument (Mounts reads them). On any
+    /// error nothing changes.
     pub async fn update(
         self: &Arc<Self>,
         key: String,
