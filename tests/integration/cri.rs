@@ -79,6 +79,8 @@ fn cri_config(dir: &Path) -> String {
 /// A containerd with CRI on lamina, the images imported, and crictl pointed at it.
 struct Cri {
     c: Containerd,
+    /// The chain IDs of IMAGE2's layers: the keys of its committed snapshots.
+    chain: Vec<String>,
 }
 
 impl Cri {
@@ -116,9 +118,9 @@ impl Cri {
         import_for_cri(&c, &pause);
         let l3 = layer_tar(&[Entry::Dir("etc"), Entry::File("etc/msg", b"three", 0o644)]);
         let image = c.path("e2e2.tar");
-        write_oci_archive(&image, IMAGE2, &image_layers(&[l3]));
+        let chain = chain_ids(&write_oci_archive(&image, IMAGE2, &image_layers(&[l3])));
         import_for_cri(&c, &image);
-        Cri { c }
+        Cri { c, chain }
     }
 
     fn crictl(&self, args: &[&str]) -> Result<String, String> {
@@ -236,7 +238,8 @@ fn import_for_cri(c: &Containerd, tar: &Path) {
     ]);
 }
 
-/// The one file named `name` directly in some snapshot's `fs` under lamina's root.
+/// The files named `name` directly in a snapshot's `fs` under lamina's root (the tests expect
+/// one).
 fn find_in_snapshots(root: &Path, name: &str) -> Vec<PathBuf> {
     let Ok(entries) = fs::read_dir(root.join("snapshots")) else {
         return Vec::new();
@@ -369,17 +372,8 @@ async fn user_namespaced_pod_is_id_mapped_not_copied(d: TestDaemon, flavor: Flav
         !keys.iter().any(|(k, _, _)| k.contains("remap")),
         "containerd copied layers for the mapping: {keys:?}"
     );
-    let chain = chain_ids(
-        &image_layers(&[layer_tar(&[
-            Entry::Dir("etc"),
-            Entry::File("etc/msg", b"three", 0o644),
-        ])])
-        .iter()
-        .map(|l| crate::oci_support::sha256(l))
-        .collect::<Vec<_>>(),
-    );
     assert!(
-        keys.iter().any(|(k, _, _)| k == &chain[2]),
+        keys.iter().any(|(k, _, _)| k == &cri.chain[2]),
         "the image's top layer is not among lamina's snapshots: {keys:?}"
     );
 
