@@ -1,7 +1,8 @@
 //! User-namespaced containers (containerd 2.x's `remap-ids`): the ID mappings containerd puts
 //! in a snapshot's labels, checked and read. lamina then owns the new upper directory by the
 //! host IDs of the container's root, and returns the mappings as `uidmap=`/`gidmap=` mount
-//! options, from which containerd ID-maps the lower layers (never the upper directory).
+//! options, from which containerd ID-maps the lower layers (never an overlay's upper
+//! directory; the bind of a snapshot without a parent, as containerd's overlayfs does).
 
 use std::collections::BTreeMap;
 

@@ -45,7 +45,6 @@ pub(crate) use checks::shorten;
 use checks::{check_depth, check_key, check_labels, check_labels_total};
 pub use checks::{MAX_ANCESTORS, MAX_KEY_BYTES, MAX_LABELS_TOTAL_BYTES, MAX_LABEL_BYTES};
 use filter::{Fields, Filter};
-use idmap::Mapping;
 use unabandoned::Unabandoned;
 
 /// A snapshot's kind, as the store records it: what the rules below depend on most.
@@ -122,10 +121,11 @@ pub struct Options {
     pub upperdir_label: bool,
     /// Commit makes the layer durable (see [`Layout::sync_snapshot`]) before it answers.
     pub durable_commit: bool,
-    /// Honour containerd's ID-mapping labels (see [`idmap`]): the kernel can mount overlays
-    /// on ID-mapped lowers. Off, the labels are kept as any others and mean nothing, as in
-    /// containerd's overlayfs on such a kernel (containerd then copies and chowns the layers
-    /// itself, if allowed to).
+    /// Put a user-namespaced snapshot's ID mappings on its mounts (`uidmap=`/`gidmap=`, see
+    /// [`idmap`]), for containerd to ID-map its lowers: the kernel can mount overlays on
+    /// ID-mapped lowers. Either way the mappings are checked and the snapshot's `fs` belongs
+    /// to the container's root, as in containerd's overlayfs (where containerd copies and
+    /// chowns the layers itself instead, the parent already belongs to that root).
     pub remap_ids: bool,
 }
 
@@ -341,14 +341,14 @@ impl Snapshotter {
     /// nearest first (see `overlay::active_mounts`). A view is read-only, with no work
     /// directory, and its contents never change: a read-only bind of its own empty `fs` without
     /// a parent, of the parent's `fs` with one, else an overlay of the ancestors alone (see
-    /// `overlay::view_mounts`). Labelled with a user-namespaced container's ID mappings (and
-    /// lamina honouring them, see [`idmap`]), its `fs` belongs to the container's root as the
-    /// host sees it, and each of its mounts starts with `uidmap=` and `gidmap=`.
+    /// `overlay::view_mounts`). Labelled with a user-namespaced container's ID mappings (see
+    /// [`idmap`]), its `fs` belongs to the container's root as the host sees it, and (with
+    /// [`Options::remap_ids`]) each of its mounts starts with `uidmap=` and `gidmap=`.
     ///
     /// Errors: `key` taken by any snapshot → AlreadyExists; `parent` missing → NotFound;
     /// `parent` not committed → InvalidArgument; more ancestors than overlayfs stacks →
     /// FailedPrecondition; an empty or oversized key or labels → InvalidArgument; ID-mapping
-    /// labels that are malformed or come alone → InvalidArgument (when lamina honours them);
+    /// labels that are malformed or come alone → InvalidArgument;
     /// `kind` Committed → InvalidArgument (only Commit makes one). On any error nothing is left behind
     /// and the key can be used again. Once it answers, the snapshot is durable in the store and
     /// its directories exist.
@@ -504,7 +504,6 @@ impl Snapshotter {
             // paths say (as in containerd). The labels are changed in memory and written only
             // if every path is valid.
             let name = key.clone();
-            let remap_ids = s.options.remap_ids;
             let record = s
                 .store
                 .update_labels(&key, SystemTime::now(), move |labels| {
@@ -527,9 +526,7 @@ impl Snapshotter {
                     // Updates of single labels add up: the result must fit too.
                     check_labels_total(labels.iter())?;
                     // Mounts reads the ID mappings from the labels, as they are then.
-                    if remap_ids {
-                        idmap::from_labels(labels)?;
-                    }
+                    idmap::from_labels(labels)?;
                     Ok(())
                 })
                 .await?;
@@ -754,7 +751,7 @@ impl Snapshotter {
             check_key("parent", &parent)?;
         }
         let labels = check_labels(labels)?;
-        self.mapping(&labels)?;
+        idmap::from_labels(&labels)?;
         let depth = |key: &str, parent: &str| {
             let (key, parent) = (key.to_string(), parent.to_string());
             move |chain: &[u64]| check_depth(&key, &parent, chain.len())
@@ -859,19 +856,12 @@ impl Snapshotter {
         }
     }
 
-    /// The ID mappings of a snapshot with these labels, when lamina honours them.
-    fn mapping<'a>(&self, labels: &'a BTreeMap<String, String>) -> Result<Option<Mapping<'a>>> {
-        if !self.options.remap_ids {
-            return Ok(None);
-        }
-        idmap::from_labels(labels)
-    }
-
     /// The owner of a new snapshot's `fs`: a user-namespaced container's root, as the host
-    /// sees it, so that it may write there (containerd never ID-maps the upper directory);
-    /// else its parent's owner.
+    /// sees it, so that it may write there (containerd never ID-maps an overlay's upper
+    /// directory); else its parent's owner. As in containerd's overlayfs, also for a snapshot
+    /// without a parent, whose `fs` containerd binds ID-mapped.
     fn owner_of_new(&self, record: &Record) -> Result<Option<(u32, u32)>> {
-        match self.mapping(&record.labels)? {
+        match idmap::from_labels(&record.labels)? {
             Some(mapping) => Ok(Some(mapping.root)),
             None => self.parent_owner(record),
         }
@@ -894,11 +884,12 @@ impl Snapshotter {
             .iter()
             .map(|&id| self.layout.fs(id))
             .collect();
-        // Checked at creation and at every Update of the labels, so only a snapshot made
-        // while lamina did not honour them can carry bad ones: its mounts then go without.
+        // Checked at creation and at every Update of the labels: only a store written by a
+        // lamina that did not check them can hold bad ones, and their mounts go without.
         let mapped = self
-            .mapping(&record.labels)
-            .ok()
+            .options
+            .remap_ids
+            .then(|| idmap::from_labels(&record.labels).ok().flatten())
             .flatten()
             .map(|m| m.options());
         let dirs = Dirs {
@@ -1132,10 +1123,14 @@ mod tests {
         assert_eq!(s.mounts("c2".into()).await.unwrap()[0].options[..2], want);
     }
 
-    /// Where the kernel cannot ID-map layers, the mapping labels are labels like any other,
-    /// as in containerd's overlayfs there: no options, the parent's owner.
+    /// Where the kernel cannot ID-map layers, the mounts carry no mappings (containerd then
+    /// copies and chowns the layers itself, if allowed to); the labels are still checked, and
+    /// the new `fs` still belongs to the container's root, as in containerd's overlayfs.
     #[tokio::test]
-    async fn without_remap_ids_the_mapping_labels_change_nothing() {
+    async fn without_remap_ids_the_mounts_carry_no_mappings() {
+        if !crate::testing::mounting_allowed() {
+            return;
+        }
         let tmp = tempfile::tempdir().unwrap();
         let s = open(tmp.path());
         let mounts = s
@@ -1143,7 +1138,7 @@ mod tests {
                 Kind::Active,
                 "c".into(),
                 String::new(),
-                mapped("nonsense", "0:1:1"),
+                mapped("0:65536:65536", "0:65536:65536"),
             )
             .await
             .unwrap();
@@ -1152,10 +1147,16 @@ mod tests {
             "{mounts:?}"
         );
         let id = s.store.get("c").unwrap().id;
-        let me = (
-            nix::unistd::geteuid().as_raw(),
-            nix::unistd::getegid().as_raw(),
-        );
-        assert_eq!(s.layout.owner(id).unwrap(), me);
+        assert_eq!(s.layout.owner(id).unwrap(), (65536, 65536));
+        let err = s
+            .new_snapshot(
+                Kind::Active,
+                "d".into(),
+                String::new(),
+                mapped("x", "0:1:1"),
+            )
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::InvalidArgument(_)), "{err:?}");
     }
 }
