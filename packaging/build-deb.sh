@@ -15,16 +15,17 @@ install -D -m 0755 target/release/lamina "$stage/usr/bin/lamina"
 install -D -m 0644 systemd/lamina.service "$stage/lib/systemd/system/lamina.service"
 install -D -m 0644 systemd/lamina.socket "$stage/lib/systemd/system/lamina.socket"
 install -D -m 0644 packaging/config.toml "$stage/etc/lamina/config.toml"
-# What to append to containerd's config.toml, per containerd series, from the packaged config
-# (`lamina config containerd` prints the same on the node, for its own containerd and kernel).
+# What to append to containerd's config.toml, per containerd series, from the packaged config,
+# for a node whose kernel can ID-map overlay lowers (5.19+), whatever this machine runs
+# (`lamina config containerd` on the node prints it for its own containerd and kernel).
 doc="$stage/usr/share/doc/lamina"
 mkdir -p "$doc"
 for series in 1.6 1.7 2; do
     name="containerd-${series/#2/2.x}"
     target/release/lamina config containerd --config packaging/config.toml \
-        --containerd-version "$series" > "$doc/$name.toml"
+        --containerd-version "$series" --idmapped-mounts yes > "$doc/$name.toml"
     target/release/lamina config containerd --config packaging/config.toml \
-        --containerd-version "$series" --cri > "$doc/$name-kubernetes.toml"
+        --containerd-version "$series" --idmapped-mounts yes --cri > "$doc/$name-kubernetes.toml"
 done
 chmod 0644 "$doc"/*.toml
 install -D -m 0644 README.md "$stage/usr/share/doc/lamina/README.md"

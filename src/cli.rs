@@ -22,12 +22,14 @@ use crate::{
 };
 
 /// `lamina config containerd`: the fragment for containerd's config, for the series named or
-/// else the one `containerd --version` (of `binary`, or on PATH) reports.
+/// else the one `containerd --version` (of `binary`, or on PATH) reports, and for a kernel that
+/// can ID-map overlay lowers or not (`idmapped`; by default, this machine's).
 pub fn containerd_config(
     config: &Config,
     series: Option<&str>,
     binary: Option<&Path>,
     cri: bool,
+    idmapped: Option<bool>,
 ) -> Result<String> {
     use crate::config::containerd::{fragment, host_platform, Series, Wanted};
     let series = match series {
@@ -50,7 +52,7 @@ pub fn containerd_config(
     let wanted = Wanted {
         series,
         cri,
-        idmapped_mounts: probe::supports_idmapped_layers(),
+        idmapped_mounts: idmapped.unwrap_or_else(probe::supports_idmapped_layers),
         platform: host_platform(),
     };
     Ok(fragment(config, &wanted))

@@ -92,6 +92,11 @@ enum ConfigCommand {
         /// Also make Kubernetes (containerd's CRI) use lamina for images and containers.
         #[arg(long)]
         cri: bool,
+        /// Whether the node's kernel can ID-map overlay lowers (5.19+), which decides the
+        /// remap-ids capability [default: this machine's kernel]. For a fragment written
+        /// elsewhere than on the node.
+        #[arg(long, value_name = "yes|no", value_parser = clap::builder::BoolishValueParser::new())]
+        idmapped_mounts: Option<bool>,
         #[command(flatten)]
         flags: Flags,
     },
@@ -209,6 +214,7 @@ fn run(cli: Cli) -> Result<Outcome, Error> {
             containerd_version,
             containerd,
             cri,
+            idmapped_mounts,
             flags,
         }) => {
             let config = Config::load(&flags)?;
@@ -217,6 +223,7 @@ fn run(cli: Cli) -> Result<Outcome, Error> {
                 containerd_version.as_deref(),
                 containerd.as_deref(),
                 cri,
+                idmapped_mounts,
             )?;
             print!("{out}");
             Ok(Outcome::Done)

@@ -150,9 +150,9 @@ pub fn fragment(config: &Config, wanted: &Wanted) -> String {
         let list: Vec<String> = caps.iter().map(|c| format!("\"{c}\"")).collect();
         let _ = writeln!(
             s,
-            "  # remap-ids: lamina ID-maps user-namespaced containers' layers itself; \
-             only-remap-ids:\n  # containerd must never copy and chown each layer instead.\n  \
-             capabilities = [{}]",
+            "  # remap-ids: lamina ID-maps user-namespaced containers' layers itself (kernel \
+             5.19+);\n  # only-remap-ids: containerd must never copy and chown each layer \
+             instead.\n  capabilities = [{}]",
             list.join(", ")
         );
     }
