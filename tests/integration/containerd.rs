@@ -304,6 +304,10 @@ fn stock_config(flavor: &Flavor, dir: &Path) -> String {
         ("/var/lib/containerd", "root"),
         ("/etc/containerd", "etc"),
         ("/opt/containerd", "opt"),
+        // 2.x's NRI (which its CRI starts) and its plugins: host-wide paths otherwise.
+        ("/var/run/nri", "nri"),
+        ("/opt/nri", "nri-plugins"),
+        ("/etc/nri", "nri-conf"),
     ] {
         config = config.replace(from, &dir.join(to).display().to_string());
     }

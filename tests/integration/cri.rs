@@ -331,6 +331,22 @@ async fn pod_runs_on_lamina(d: TestDaemon, flavor: Flavor) {
 }
 
 async fn user_namespaced_pod_is_id_mapped_not_copied(d: TestDaemon, flavor: Flavor) {
+    // lamina declares remap-ids only where overlayfs can use ID-mapped lowers.
+    let release = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut numbers = release.split(|c: char| !c.is_ascii_digit());
+    let version: (u32, u32) = (
+        numbers.next().and_then(|n| n.parse().ok()).unwrap_or(0),
+        numbers.next().and_then(|n| n.parse().ok()).unwrap_or(0),
+    );
+    if version < (5, 19) {
+        let why = format!(
+            "kernel {} has no ID-mapped overlay lowers (5.19+)",
+            release.trim()
+        );
+        assert!(std::env::var_os("CI").is_none(), "{why} (and CI is set)");
+        eprintln!("skipped: {why}");
+        return;
+    }
     let cri = Cri::start(&d, &flavor);
     let mapping = serde_json::json!([
         { "host_id": USERNS_BASE, "container_id": 0, "length": 65536 }
@@ -366,15 +382,15 @@ async fn user_namespaced_pod_is_id_mapped_not_copied(d: TestDaemon, flavor: Flav
         "{} as the host sees it",
         mine[0].display()
     );
-    // lamina's layers were ID-mapped where they are: containerd made no `-remap` copy.
+    // lamina's layers were ID-mapped where they are: the container's snapshot sits right on
+    // the image's top layer. containerd's copy-and-chown fallback would have put a copy of the
+    // image in between (committed under a digest of its own).
     let keys = cri.c.snapshots().unwrap_or_else(|e| panic!("{e}"));
-    assert!(
-        !keys.iter().any(|(k, _, _)| k.contains("remap")),
-        "containerd copied layers for the mapping: {keys:?}"
-    );
-    assert!(
-        keys.iter().any(|(k, _, _)| k == &cri.chain[2]),
-        "the image's top layer is not among lamina's snapshots: {keys:?}"
+    let container = keys.iter().find(|(k, _, _)| *k == id);
+    assert_eq!(
+        container.map(|(_, parent, _)| parent),
+        Some(&cri.chain[2]),
+        "the container's snapshot is not on the image's top layer: {keys:?}"
     );
 
     cri.crictl_ok(&["stop", &id]);

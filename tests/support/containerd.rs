@@ -146,8 +146,15 @@ disabled_plugins = [
 
 [metrics]
   address = ""
-
+{nri}
 "#,
+            // containerd 2.x's CRI starts NRI, whose socket is host-wide (/var/run/nri): a
+            // test's containerd must neither take it from the machine's nor from another test.
+            nri = if self.v2 && cri {
+                "\n[plugins.\"io.containerd.nri.v1.nri\"]\n  disable = true\n"
+            } else {
+                ""
+            },
             version = if self.v2 { 3 } else { 2 },
             disabled = disabled.concat(),
             root = dir.join("root").display(),
