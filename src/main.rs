@@ -95,7 +95,12 @@ enum ConfigCommand {
         /// Whether the node's kernel can ID-map overlay lowers (5.19+), which decides the
         /// remap-ids capability [default: this machine's kernel]. For a fragment written
         /// elsewhere than on the node.
-        #[arg(long, value_name = "yes|no", value_parser = clap::builder::BoolishValueParser::new())]
+        #[arg(
+            long,
+            value_name = "yes|no",
+            value_parser = clap::builder::BoolishValueParser::new(),
+            hide_possible_values = true
+        )]
         idmapped_mounts: Option<bool>,
         #[command(flatten)]
         flags: Flags,
