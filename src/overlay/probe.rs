@@ -371,10 +371,11 @@ pub fn features_with(
         },
     });
 
+    let idmapped = supports_idmapped_layers();
     out.push(Feature {
         name: "idmapped_mounts",
-        supported: supports_idmapped_layers(),
-        detail: if supports_idmapped_layers() {
+        supported: idmapped,
+        detail: if idmapped {
             format!(
                 "kernel {major}.{minor}: containerd can ID-map lamina's layers for \
                  user-namespaced containers; lamina honours their ID-mapping labels and \

@@ -23,6 +23,8 @@ pub struct Flavor {
     pub runc_dir: Option<PathBuf>,
     /// containerd 2.x: config version 3, the transfer service, capabilities.
     pub v2: bool,
+    /// The crictl that `.ci/go-tools` built (2.x only: CRI is tested there).
+    pub crictl: Option<PathBuf>,
 }
 
 impl Flavor {
@@ -33,6 +35,7 @@ impl Flavor {
             bin_dir: None,
             runc_dir: None,
             v2: false,
+            crictl: None,
         }
     }
 
@@ -58,7 +61,11 @@ impl Flavor {
         let bin_dir = cache.join(format!("containerd-{version}"));
         let runc_dir = cache.join(format!("runc-{runc}"));
         let crictl = cache.join(format!("crictl-{}/crictl", get("CRICTL_VERSION")?));
-        for needed in [bin_dir.join("containerd"), runc_dir.join("runc"), crictl] {
+        for needed in [
+            bin_dir.join("containerd"),
+            runc_dir.join("runc"),
+            crictl.clone(),
+        ] {
             if !needed.is_file() {
                 return Err(format!(
                     "{} is missing: .ci/setup builds it (.ci/go-tools)",
@@ -71,17 +78,8 @@ impl Flavor {
             bin_dir: Some(bin_dir),
             runc_dir: Some(runc_dir),
             v2: true,
+            crictl: Some(crictl),
         })
-    }
-
-    /// The crictl that `.ci/go-tools` built.
-    pub fn crictl(&self) -> PathBuf {
-        let version = ci_versions()
-            .into_iter()
-            .find(|(k, _)| k == "CRICTL_VERSION")
-            .map(|(_, v)| v)
-            .unwrap_or_default();
-        ci_cache().join(format!("crictl-{version}/crictl"))
     }
 
     /// The path of one of this containerd's programs (`containerd`, `ctr`).
