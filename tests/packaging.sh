@@ -28,7 +28,7 @@ case "$(dpkg-deb -f "$deb" Depends)" in
     "libc6 (>= 2."*) ;;
     *) echo "packaging: Depends must name the glibc the binary needs: $(dpkg-deb -f "$deb" Depends)"; exit 1 ;;
 esac
-dpkg-deb -I "$deb" prerm | grep -q 'systemctl stop lamina.service lamina.socket' \
+dpkg-deb -I "$deb" prerm | grep 'systemctl stop lamina.service lamina.socket' >/dev/null \
     || { echo "packaging: prerm does not stop the daemon"; exit 1; }
 
 dpkg -i "$deb" >/dev/null
@@ -38,7 +38,7 @@ diff <(lamina config default) /etc/lamina/config.toml
 lamina config dump --config /etc/lamina/config.toml >/dev/null
 # Without --config, lamina reads the installed file: a changed key shows in what it resolves.
 sed -i 's/^upperdir_label = false$/upperdir_label = true/' /etc/lamina/config.toml
-lamina config dump | grep -qx 'upperdir_label = true' \
+lamina config dump | grep -x 'upperdir_label = true' >/dev/null \
     || { echo "packaging: lamina does not read /etc/lamina/config.toml by default"; exit 1; }
 # The shipped containerd fragments are what the installed lamina prints for its config.
 for series in 1.6 1.7 2; do
