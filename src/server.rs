@@ -230,10 +230,12 @@ pub fn start(config: &Config) -> Result<Arc<Admin>> {
             remap_ids: probe::supports_idmapped_layers(),
         },
     )?;
-    let deleted = snapshotter.recover()?;
+    let recovered = snapshotter.recover()?;
     info!(
-        orphans = deleted.directories,
-        "start-up recovery done; orphan directories are deleted in the background"
+        orphans = recovered.deleted.directories,
+        unsettled = recovered.unsettled,
+        "start-up recovery done; orphan directories are deleted and the committed snapshots \
+         checked in the background"
     );
     Ok(Arc::new(Admin {
         snapshotter,

@@ -192,6 +192,35 @@ pub(super) enum Orphans<'a> {
     Collect(&'a mut Vec<u64>),
 }
 
+/// Which part of the comparison runs. Start-up recovery splits it in two: what a request could
+/// meet wrong runs before lamina serves, the rest while it serves (see `Snapshotter::recover`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Scope {
+    /// All of it (fsck).
+    All,
+    /// The entries under `snapshots/` (orphans, unknown IDs, foreign entries), the root's
+    /// modes, and the snapshots that are not committed: an active snapshot or view whose
+    /// creation a crash cut short has no directories, and its mounts would point nowhere.
+    Unsettled,
+    /// The committed snapshots: a lost layer or a dangling parent can only be reported, and a
+    /// mode set right; nothing a request depends on is repaired here.
+    Committed,
+}
+
+impl Scope {
+    fn entries(self) -> bool {
+        self != Scope::Committed
+    }
+
+    fn covers(self, record: &Record) -> bool {
+        match self {
+            Scope::All => true,
+            Scope::Unsettled => record.kind != Kind::Committed,
+            Scope::Committed => record.kind == Kind::Committed,
+        }
+    }
+}
+
 /// What is at a place where a snapshot directory should be, symlinks not followed.
 enum Seen {
     Missing,
@@ -209,14 +238,23 @@ impl Snapshotter {
     /// handed out either. While lamina serves, an active snapshot or view created in the last
     /// 10 s may still be making its directories and is left alone.
     pub fn fsck(&self, repair: Repair) -> Result<Report> {
-        self.fsck_with(repair, Orphans::Delete)
+        self.fsck_with(repair, Orphans::Delete, Scope::All)
     }
 
-    pub(super) fn fsck_with(&self, repair: Repair, orphans: Orphans<'_>) -> Result<Report> {
+    pub(super) fn fsck_with(
+        &self,
+        repair: Repair,
+        orphans: Orphans<'_>,
+        scope: Scope,
+    ) -> Result<Report> {
         // Directories first, then the store: a snapshot prepared meanwhile is in the store read.
-        let entries = self.layout.list()?;
+        let entries = if scope.entries() {
+            self.layout.list()?
+        } else {
+            Vec::new()
+        };
         let (records, next_id) = self.store.list_with_next_id()?;
-        let report = self.compare(repair, entries, records, next_id, orphans);
+        let report = self.compare(repair, entries, records, next_id, orphans, scope);
         let deleted = report
             .findings
             .iter()
@@ -252,6 +290,7 @@ impl Snapshotter {
         records: Vec<(String, Record)>,
         next_id: u64,
         mut orphans: Orphans<'_>,
+        scope: Scope,
     ) -> Report {
         let mut report = Report::default();
         // Serving: creations are under way, and one whose record is committed but whose
@@ -265,7 +304,6 @@ impl Snapshotter {
         };
         let by_key: HashMap<&str, u64> = records.iter().map(|(k, r)| (k.as_str(), r.id)).collect();
         let owned: HashMap<u64, &str> = records.iter().map(|(k, r)| (r.id, k.as_str())).collect();
-        report.snapshots_checked = records.len() as u64;
         report.directories_checked = entries.len() as u64;
         let mut c = Check {
             report: &mut report,
@@ -273,8 +311,10 @@ impl Snapshotter {
         };
         let layout = &self.layout;
 
-        c.path_mode(layout.root(), 0o700);
-        c.path_mode(&layout.snapshots_dir(), 0o700);
+        if scope.entries() {
+            c.path_mode(layout.root(), 0o700);
+            c.path_mode(&layout.snapshots_dir(), 0o700);
+        }
         for entry in entries {
             match entry {
                 DirEntry::Id(id) if id >= next_id => {
@@ -341,7 +381,12 @@ impl Snapshotter {
                 ),
             }
         }
-        for (key, record) in &records {
+        for (key, record) in records.iter().filter(|(_, r)| scope.covers(r)) {
+            // A background check gives way to a lamina that is stopping.
+            if scope == Scope::Committed && self.closing.load(std::sync::atomic::Ordering::SeqCst) {
+                break;
+            }
+            c.report.snapshots_checked += 1;
             let id = record.id;
             let (dir, fs) = (self.seen(id, Part::Dir), self.seen(id, Part::Fs));
             if let Some((part, why)) = match (&dir, &fs) {
@@ -496,6 +541,7 @@ mod tests {
             records,
             next_id,
             Orphans::Delete,
+            Scope::All,
         );
         let keys: Vec<&str> = report.findings.iter().map(|f| f.key.as_str()).collect();
         // "kept" really lost its directory and gets it back; "gone" is nobody's any more.
@@ -527,5 +573,79 @@ mod tests {
         let kinds: Vec<Problem> = report.findings.iter().map(|f| f.kind).collect();
         assert_eq!(kinds, vec![Problem::MissingDirectory]);
         assert!(s.layout.fs(r.id).is_dir());
+    }
+
+    /// Start-up recovery settles the snapshots a request depends on before lamina serves and
+    /// leaves the committed ones to a check while it serves: each half repairs its own part and
+    /// nothing of the other's.
+    #[tokio::test]
+    async fn recovery_settles_creations_first_and_committed_snapshots_after() {
+        let tmp = tempfile::tempdir().unwrap();
+        let s = open(tmp.path());
+        let labels = std::collections::HashMap::new();
+        s.new_snapshot(
+            Kind::Active,
+            "layer-key".into(),
+            String::new(),
+            labels.clone(),
+        )
+        .await
+        .unwrap();
+        s.commit("layer".into(), "layer-key".into(), labels.clone())
+            .await
+            .unwrap();
+        let layer = s.store.get("layer").unwrap();
+        s.layout.set_mode(layer.id, Part::Dir, 0o755).unwrap();
+        // A creation a crash cut short: its record, and no directories.
+        let cut = record_active(&s, "cut");
+        let mode = |id| {
+            std::fs::metadata(s.layout.dir(id))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o7777
+        };
+
+        let mut orphans = Vec::new();
+        let first = s
+            .fsck_with(REPAIR, Orphans::Collect(&mut orphans), Scope::Unsettled)
+            .unwrap();
+        assert_eq!(first.snapshots_checked, 1);
+        let kinds: Vec<Problem> = first.findings.iter().map(|f| f.kind).collect();
+        assert_eq!(
+            kinds,
+            vec![Problem::MissingDirectory],
+            "{:?}",
+            first.findings
+        );
+        assert!(s.layout.fs(cut.id).is_dir() && s.layout.work(cut.id).is_dir());
+        assert_eq!(
+            mode(layer.id),
+            0o755,
+            "the first half looked at a committed snapshot"
+        );
+
+        std::fs::remove_dir_all(s.layout.dir(cut.id)).unwrap();
+        let second = s
+            .fsck_with(REPAIR, Orphans::Collect(&mut orphans), Scope::Committed)
+            .unwrap();
+        assert_eq!(second.snapshots_checked, 1);
+        let kinds: Vec<Problem> = second.findings.iter().map(|f| f.kind).collect();
+        assert_eq!(kinds, vec![Problem::WrongMode], "{:?}", second.findings);
+        assert_eq!(mode(layer.id), 0o700);
+        assert!(
+            !s.layout.dir(cut.id).exists(),
+            "the second half repaired a creation"
+        );
+        assert!(orphans.is_empty(), "{orphans:?}");
+
+        // Together, as lamina starts: the creation is repaired when `recover` returns, the
+        // committed snapshot once the check it leaves running ends.
+        s.layout.set_mode(layer.id, Part::Dir, 0o755).unwrap();
+        let recovered = s.recover().unwrap();
+        assert_eq!(recovered.unsettled, 1);
+        assert!(s.layout.fs(cut.id).is_dir(), "not repaired before serving");
+        recovered.committed.join().unwrap();
+        assert_eq!(mode(layer.id), 0o700);
     }
 }
