@@ -149,6 +149,31 @@ impl Client {
         }
     }
 
+    /// Usage of `key`: (bytes, inodes).
+    pub async fn usage(&mut self, key: &str) -> (i64, i64) {
+        let req = self.req(UsageRequest {
+            snapshotter: self.sn(),
+            key: key.into(),
+        });
+        match self.inner.usage(req).await {
+            Ok(r) => {
+                let r = r.into_inner();
+                (r.size, r.inodes)
+            }
+            Err(s) => fail(&self.target, "Usage", key, s),
+        }
+    }
+
+    /// A Stat of a key that does not exist: true once the server answers it (NotFound), false
+    /// on any other outcome (not serving yet).
+    pub async fn answers(&mut self) -> bool {
+        let req = self.req(StatSnapshotRequest {
+            snapshotter: self.sn(),
+            key: "lamina-bench-no-such-key".into(),
+        });
+        matches!(self.inner.stat(req).await, Err(s) if s.code() == tonic::Code::NotFound)
+    }
+
     /// Lists every snapshot (no filter) and returns how many there are.
     pub async fn list_count(&mut self) -> usize {
         let req = self.req(ListSnapshotsRequest {

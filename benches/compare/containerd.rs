@@ -1,6 +1,9 @@
-//! User level: a private containerd with both snapshotters, its built-in `overlayfs` and lamina
-//! as the `lamina` proxy plugin. The same Rust client drives containerd's Snapshots service with
-//! `snapshotter = "overlayfs"` or `"lamina"`, and `ctr` imports and runs a small image on each.
+//! User level: a private containerd 2.x (the long-term release of `.ci/versions`, built by
+//! `.ci/go-tools`) with both snapshotters, its built-in `overlayfs` and lamina as the `lamina`
+//! proxy plugin, configured as `lamina config containerd` says. The same Rust client drives
+//! containerd's Snapshots service with `snapshotter = "overlayfs"` or `"lamina"`, and `ctr`
+//! imports, unpacks, runs and removes images on each: a realistic one in gzip and in zstd
+//! layers, and the small one; the stats loop is CRI's, Usage of every active snapshot.
 
 use std::{
     cell::Cell,
@@ -12,19 +15,28 @@ use std::{
 
 use crate::{
     client::Target,
-    image,
+    containerd_support::Flavor,
+    image::{self, Compression, Image},
     pair::{alternate, chunk, Pair},
-    report::{median, Row, Val},
+    report::{self, Row, Val},
     server::{Bins, Kind, Server},
     workloads, Sizes,
 };
 
 const IMAGE: &str = "lamina.bench/img:1";
-const CTR_TIMEOUT: Duration = Duration::from_secs(300);
+const CTR_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// The containerd the user level runs: the long-term 2.x release of `.ci/versions`.
+pub fn flavor() -> Result<Flavor, String> {
+    Flavor::v2(0)
+}
 
 /// Why the user-level part cannot run here, if it cannot.
 pub fn missing_tools() -> Option<String> {
-    for tool in ["containerd", "ctr", "runc"] {
+    if let Err(e) = flavor() {
+        return Some(e);
+    }
+    for tool in ["gzip", "zstd"] {
         let found = std::env::var_os("PATH")
             .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
             .unwrap_or(false);
@@ -38,6 +50,76 @@ pub fn missing_tools() -> Option<String> {
     None
 }
 
+/// The three images of the user level, built once (cached under `cache`).
+pub struct Images {
+    pub gzip: Image,
+    pub zstd: Image,
+    pub small: Image,
+}
+
+impl Images {
+    pub fn build(cache: &Path, sizes: &Sizes, smoke: bool) -> Images {
+        let small_archive = cache.join(format!(
+            "small-{}x{}.tar",
+            sizes.image_layers, sizes.image_files
+        ));
+        let layers =
+            image::write_archive(&small_archive, IMAGE, sizes.image_layers, sizes.image_files);
+        Images {
+            gzip: image::realistic(cache, Compression::Gzip, smoke),
+            zstd: image::realistic(cache, Compression::Zstd, smoke),
+            small: Image {
+                name: IMAGE.into(),
+                archive: small_archive,
+                layers,
+                files: (sizes.image_layers * sizes.image_files) as u64,
+                bytes: 0,
+            },
+        }
+    }
+
+    /// Each image with the label its rows carry.
+    fn each(&self) -> [(&'static str, &Image); 3] {
+        [
+            ("gzip", &self.gzip),
+            ("zstd", &self.zstd),
+            ("small", &self.small),
+        ]
+    }
+}
+
+/// What lamina's `config containerd` prints for a containerd 2.x and this lamina: the proxy
+/// plugin, its capabilities and exports, and the transfer service's unpack list.
+fn lamina_fragment(bins: &Bins, lamina: &Server) -> String {
+    let out = Command::new(&bins.lamina)
+        .env("LAMINA_CONFIG", "")
+        .args([
+            "config",
+            "containerd",
+            "--containerd-version",
+            "2",
+            "--root",
+        ])
+        .arg(&lamina.root)
+        .arg("--address")
+        .arg(&lamina.target.socket)
+        .output()
+        .expect("running lamina config containerd");
+    assert!(
+        out.status.success(),
+        "lamina config containerd failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("UTF-8 config")
+}
+
+/// `sync`, then a pause: the previous step's writeback and discards land before the next
+/// timing (this VM's disk takes seconds to settle after a large deletion).
+fn settle(sizes: &Sizes) {
+    crate::sync_disks();
+    std::thread::sleep(sizes.settle);
+}
+
 struct Out {
     success: bool,
     status: String,
@@ -47,6 +129,7 @@ struct Out {
 
 /// A private containerd that knows lamina as a proxy snapshotter.
 struct Containerd {
+    flavor: Flavor,
     dir: PathBuf,
     address: PathBuf,
     child: Option<Child>,
@@ -55,13 +138,19 @@ struct Containerd {
 }
 
 impl Containerd {
-    fn start(dir: &Path, lamina_socket: &Path) -> Containerd {
+    fn start(dir: &Path, bins: &Bins, lamina: &Server) -> Containerd {
+        let flavor = flavor().expect("checked by missing_tools");
         fs::create_dir_all(dir).expect("containerd dir");
         let address = dir.join("c.sock");
-        let config = crate::containerd_support::config_toml(dir, lamina_socket);
+        let config = format!(
+            "{}\n{}",
+            flavor.private_config(dir, false),
+            lamina_fragment(bins, lamina)
+        );
         fs::write(dir.join("config.toml"), config).expect("containerd config");
         let log = fs::File::create(dir.join("containerd.log")).expect("containerd log");
-        let child = Command::new("containerd")
+        let child = Command::new(flavor.program("containerd"))
+            .env("PATH", flavor.path_env())
             .arg("--config")
             .arg(dir.join("config.toml"))
             .stdin(Stdio::null())
@@ -70,6 +159,7 @@ impl Containerd {
             .spawn()
             .expect("starting containerd");
         let mut c = Containerd {
+            flavor,
             dir: dir.to_path_buf(),
             address,
             child: Some(child),
@@ -115,7 +205,8 @@ impl Containerd {
         self.calls.set(n + 1);
         let out_path = self.dir.join(format!("ctr{n}.out"));
         let err_path = self.dir.join(format!("ctr{n}.err"));
-        let mut child = Command::new("ctr")
+        let mut child = Command::new(self.flavor.program("ctr"))
+            .env("PATH", self.flavor.path_env())
             .arg("--address")
             .arg(&self.address)
             .arg("--namespace")
@@ -212,16 +303,48 @@ struct Side {
     live: Vec<String>,
     serial: Duration,
     concurrent: Duration,
-    import: Vec<Duration>,
-    run: Vec<Duration>,
+    /// Per image label: the samples of each image workload.
+    images: Vec<(&'static str, ImageSamples)>,
+    /// One sample per round: a List and the Usage of each active snapshot, as CRI does.
+    stats: Vec<Duration>,
+}
+
+/// The samples of the image workloads, for one image on one snapshotter.
+#[derive(Default, Clone)]
+pub struct ImageSamples {
+    /// `ctr images import`: ingest and unpack.
+    pub import: Vec<Duration>,
+    /// The same with the content already ingested: the unpack alone.
+    pub unpack: Vec<Duration>,
+    /// `ctr run --rm … /bin/true`.
+    pub run: Vec<Duration>,
+    /// `ctr images rm --sync` until the image's snapshot directories are gone.
+    pub gc: Vec<Duration>,
+}
+
+impl Side {
+    fn samples(&mut self, label: &'static str) -> &mut ImageSamples {
+        if let Some(i) = self.images.iter().position(|(l, _)| *l == label) {
+            return &mut self.images[i].1;
+        }
+        self.images.push((label, ImageSamples::default()));
+        &mut self.images.last_mut().unwrap().1
+    }
+
+    fn entries(&self) -> usize {
+        fs::read_dir(&self.snapshots_dir)
+            .map(|d| d.count())
+            .unwrap_or(0)
+    }
 }
 
 /// Runs the user-level workloads; returns their rows.
-pub async fn run(dir: &Path, bins: &Bins, sizes: &Sizes) -> Vec<Row> {
+pub async fn run(dir: &Path, bins: &Bins, sizes: &Sizes, images: &Images) -> Vec<Row> {
     let mut lamina = Server::start(Kind::Lamina, bins, &dir.join("lamina"));
-    let c = Containerd::start(&dir.join("ctrd"), &lamina.target.socket);
+    let c = Containerd::start(&dir.join("ctrd"), bins, &lamina);
     eprintln!(
-        "user level: containerd at {} (overlayfs root under {})",
+        "user level: containerd {} at {} (overlayfs root under {})",
+        c.flavor.name,
         c.address.display(),
         c.dir.display()
     );
@@ -242,14 +365,15 @@ pub async fn run(dir: &Path, bins: &Bins, sizes: &Sizes) -> Vec<Row> {
             live: Vec::new(),
             serial: Duration::ZERO,
             concurrent: Duration::ZERO,
-            import: Vec::new(),
-            run: Vec::new(),
+            images: Vec::new(),
+            stats: Vec::new(),
         }
     });
     for side in sides.each_mut() {
         // containerd dials a proxy plugin on first use: not part of the timing.
         side.target.client().await.list_count().await;
     }
+    crate::stage("user level: Snapshots API pairs through containerd");
     alternate(0..sizes.rounds, sides.each_mut(), async |r, side| {
         crate::sync_disks();
         let range = chunk(sizes.user_pairs, sizes.rounds, r);
@@ -273,51 +397,106 @@ pub async fn run(dir: &Path, bins: &Bins, sizes: &Sizes) -> Vec<Row> {
     })
     .await;
     for side in sides.each_mut() {
-        let sn = side.snapshotter;
         // Not timed: through containerd, Remove only drops containerd's record and its
         // garbage collector removes the snapshot later.
-        let doomed: Vec<String> = side.live.iter().rev().cloned().collect();
+        let doomed: Vec<String> = side.live.drain(..).rev().collect();
         workloads::removes(&side.target, &doomed).await;
-        // Let containerd's collector reach the backend before anything else is timed: it
-        // runs on its own only every 100 changes, so force a run (deleting a lease with
-        // --sync collects synchronously), then wait for the directories to go.
-        let ns = format!("bench-{sn}");
-        let lease = format!("gc-{sn}");
-        c.ctr_ok(&ns, &["leases", "create", "--id", &lease]);
-        c.ctr_ok(&ns, &["leases", "delete", "--sync", &lease]);
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while !is_empty(&side.snapshots_dir) {
-            assert!(
-                Instant::now() < deadline,
-                "containerd did not garbage-collect the {sn} snapshots within 120 s"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        collect(&c, side).await;
     }
 
-    let archive = dir.join("image.tar");
-    let layers = image::write_archive(&archive, IMAGE, sizes.image_layers, sizes.image_files);
-    let archive = archive.to_str().expect("UTF-8 path").to_string();
-    alternate(0..sizes.user_reps, sides.each_mut(), async |rep, side| {
-        let sn = side.snapshotter;
-        let ns = format!("img-{sn}-{rep}");
-        // The content first, untimed, so the timed import only unpacks the layers.
-        c.ctr_ok(&ns, &["images", "import", "--no-unpack", &archive]);
-        crate::sync_disks();
-        let import = ["images", "import", "--snapshotter", sn, &archive];
-        side.import.push(c.ctr_ok(&ns, &import));
-        crate::sync_disks();
-        let id = format!("run{rep}");
-        let run = ["run", "--rm", "--snapshotter", sn, IMAGE, &id, "/bin/true"];
-        side.run.push(c.ctr_ok(&ns, &run));
+    for (label, img) in images.each() {
+        crate::stage(&format!(
+            "user level: {label} image ({}): import, run, removal, unpack",
+            img.describe()
+        ));
+        let archive = img.archive.to_str().expect("UTF-8 path").to_string();
+        alternate(0..sizes.user_reps, sides.each_mut(), async |rep, side| {
+            let sn = side.snapshotter;
+            let ns = format!("{label}-{sn}-{rep}");
+            let empty = side.entries();
+            settle(sizes);
+            let import = ["images", "import", "--snapshotter", sn, &archive];
+            let took = c.ctr_ok(&ns, &import);
+            side.samples(label).import.push(took);
+            settle(sizes);
+            let id = format!("run{rep}");
+            let run = [
+                "run",
+                "--rm",
+                "--snapshotter",
+                sn,
+                &img.name,
+                &id,
+                "/bin/true",
+            ];
+            let took = c.ctr_ok(&ns, &run);
+            side.samples(label).run.push(took);
+            settle(sizes);
+            let took = remove_until_freed(&c, &ns, &img.name, side, empty).await;
+            side.samples(label).gc.push(took);
+            // The content again, untimed, so the next import only unpacks the layers.
+            c.ctr_ok(&ns, &["images", "import", "--no-unpack", &archive]);
+            settle(sizes);
+            let took = c.ctr_ok(&ns, &import);
+            side.samples(label).unpack.push(took);
+            remove_until_freed(&c, &ns, &img.name, side, empty).await;
+        })
+        .await;
+    }
+
+    crate::stage(&format!(
+        "user level: the stats loop ({} active snapshots of {} files each)",
+        sizes.stats_snapshots, sizes.stats_files
+    ));
+    for side in sides.each_mut() {
+        fill_active(side, sizes).await;
+    }
+    alternate(0..sizes.user_reps, sides.each_mut(), async |_, side| {
+        settle(sizes);
+        let mut client = side.target.client().await;
+        let start = Instant::now();
+        // CRI's snapshot syncer: a List of the snapshotter's snapshots, then the Usage of
+        // each active one, one after the other.
+        let listed = client.list_count().await;
+        let mut inodes = 0;
+        for i in 0..sizes.stats_snapshots {
+            inodes += client.usage(&stats_key(i)).await.1;
+        }
+        side.stats.push(start.elapsed());
+        assert!(
+            listed >= sizes.stats_snapshots,
+            "{}: List missed snapshots",
+            side.snapshotter
+        );
+        let least = (sizes.stats_snapshots * sizes.stats_files) as i64;
+        assert!(
+            inodes >= least,
+            "{}: Usage counted {inodes} inodes, fewer than the {least} files written",
+            side.snapshotter
+        );
     })
     .await;
+    for side in sides.each_mut() {
+        let doomed: Vec<String> = (0..sizes.stats_snapshots).map(stats_key).collect();
+        workloads::removes(&side.target, &doomed).await;
+        collect(&c, side).await;
+    }
     drop(c);
     lamina.stop();
 
     let reps = sizes.user_reps;
+    for side in [&sides.lamina, &sides.overlay] {
+        let sn = side.snapshotter;
+        for (label, s) in &side.images {
+            report::record("user", &format!("{label} import"), sn, &s.import);
+            report::record("user", &format!("{label} unpack"), sn, &s.unpack);
+            report::record("user", &format!("{label} run"), sn, &s.run);
+            report::record("user", &format!("{label} removal until freed"), sn, &s.gc);
+        }
+        report::record("user", "stats loop", sn, &side.stats);
+    }
     let time = |f: fn(&Side) -> Duration| sides.as_ref().map(|side| Val::Time(f(side)));
-    vec![
+    let mut rows = vec![
         Row::new(
             format!(
                 "containerd Snapshots API: {} serial prepare+commit pairs",
@@ -334,33 +513,137 @@ pub async fn run(dir: &Path, bins: &Bins, sizes: &Sizes) -> Vec<Row> {
             time(|side| side.concurrent),
             None,
         ),
-        Row::new(
-            format!(
-                "`ctr images import` (unpack of {layers} layers, {} files), median of {reps}",
-                sizes.image_layers * sizes.image_files
+    ];
+    for (label, img) in images.each() {
+        let samples = sides.as_ref().map(|side| {
+            side.images
+                .iter()
+                .find(|(l, _)| *l == label)
+                .map(|(_, s)| s.clone())
+                .unwrap_or_default()
+        });
+        let what = format!("{label} image ({})", img.describe());
+        let workloads: [(&str, Samples, f64); 4] = [
+            ("`ctr images import` (ingest + unpack)", |s| &s.import, 1.0),
+            (
+                "unpack alone (content already ingested)",
+                |s| &s.unpack,
+                1.0,
             ),
-            time(|side| median(&side.import)),
-            Some(1.0),
-        )
-        .within_noise(&sides.overlay.import),
-        Row::new(
-            format!("`ctr run --rm … /bin/true`, median of {reps}"),
-            time(|side| median(&side.run)),
-            Some(1.0),
-        )
-        .within_noise(&sides.overlay.run),
-    ]
+            ("`ctr run --rm … /bin/true`", |s| &s.run, 1.0),
+            (
+                "`ctr images rm --sync` until its snapshots are freed",
+                |s| &s.gc,
+                0.5,
+            ),
+        ];
+        for (workload, get, target) in workloads {
+            let row = Row::new(
+                format!("{what}: {workload}, median (min – max) of {reps}"),
+                samples.as_ref().map(|s| Val::Spread(get(s).clone())),
+                Some(target),
+            );
+            // Import, unpack and run are judged "within noise"; freeing space is a ratio.
+            rows.push(if target == 1.0 {
+                row.within_noise(get(&samples.overlay))
+            } else {
+                row
+            });
+        }
+    }
+    rows.push(Row::new(
+        format!(
+            "stats loop: List + Usage of {} active snapshots of {} files each, median (min – max) of {reps}",
+            sizes.stats_snapshots, sizes.stats_files
+        ),
+        sides.as_ref().map(|side| Val::Spread(side.stats.clone())),
+        Some(0.5),
+    ));
+    rows
 }
 
-/// True when `dir` holds nothing (or is not there).
-fn is_empty(dir: &Path) -> bool {
-    fs::read_dir(dir).map(|d| d.count() == 0).unwrap_or(true)
+/// One workload's samples in [`ImageSamples`].
+type Samples = fn(&ImageSamples) -> &Vec<Duration>;
+
+/// The key of the stats loop's `i`th active snapshot.
+fn stats_key(i: usize) -> String {
+    format!("stats-{i}")
 }
 
-/// `ctr images import` of the image archive through two containerds, each with its own lamina,
-/// one with durable_commit on and one with it off ([`crate::durable::DURABLE`]), in rounds that
-/// [`alternate`] between them. Returns the samples, [on, off], and the image's layer count.
-pub async fn durable_import(dir: &Path, bins: &Bins, sizes: &Sizes) -> ([Vec<Duration>; 2], usize) {
+/// Prepares the stats loop's active snapshots and writes their files into each one's upper
+/// directory (the bind mount's source: what a container writes to).
+async fn fill_active(side: &mut Side, sizes: &Sizes) {
+    let mut client = side.target.client().await;
+    for i in 0..sizes.stats_snapshots {
+        // A root for containerd's collector, which would otherwise remove it (no lease, no
+        // container refers to it) whenever a removal elsewhere sets it off.
+        let labels = [("containerd.io/gc.root".to_string(), "bench".to_string())].into();
+        let mounts = client.prepare(&stats_key(i), "", labels).await;
+        let source = PathBuf::from(&mounts.first().expect("a mount").source);
+        let data = [b'x'; 512];
+        for f in 0..sizes.stats_files {
+            let sub = source.join(format!("d{}", f / 1000));
+            if f % 1000 == 0 {
+                fs::create_dir_all(&sub).expect("creating a directory in an upper dir");
+            }
+            fs::write(sub.join(format!("f{f}")), data).expect("writing into an upper dir");
+        }
+    }
+}
+
+/// Removes image `name` (`ctr images rm --sync`: containerd collects its content and
+/// snapshots before answering) and waits until the snapshotter's directory holds no more
+/// entries than `empty` (`du` then shows the space freed). Returns the time from the call.
+async fn remove_until_freed(
+    c: &Containerd,
+    ns: &str,
+    name: &str,
+    side: &Side,
+    empty: usize,
+) -> Duration {
+    let start = Instant::now();
+    c.ctr_ok(ns, &["images", "rm", "--sync", name]);
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while side.entries() > empty {
+        assert!(
+            Instant::now() < deadline,
+            "{}: the image's snapshots were not freed within 300 s of its removal",
+            side.snapshotter
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    start.elapsed()
+}
+
+/// Lets containerd's collector remove what the benchmark removed, and waits until the
+/// snapshotter's directory is empty: it runs on its own only every 100 changes, so a run is
+/// forced (deleting a lease with --sync collects synchronously).
+async fn collect(c: &Containerd, side: &Side) {
+    let sn = side.snapshotter;
+    let ns = format!("bench-{sn}");
+    let lease = format!("gc-{sn}");
+    c.ctr_ok(&ns, &["leases", "create", "--id", &lease]);
+    c.ctr_ok(&ns, &["leases", "delete", "--sync", &lease]);
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while side.entries() > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "containerd did not garbage-collect the {sn} snapshots within 300 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// `ctr images import` of the realistic gzip image through two containerds, each with its own
+/// lamina, one with durable_commit on and one with it off ([`crate::durable::DURABLE`]), in
+/// rounds that [`alternate`] between them; the content is ingested first, so each import is
+/// the unpack alone. Returns the samples, [on, off].
+pub async fn durable_import(
+    dir: &Path,
+    bins: &Bins,
+    sizes: &Sizes,
+    image: &Image,
+) -> [Vec<Duration>; 2] {
     /// One lamina, the containerd that uses it, and the import times.
     struct Side {
         server: Server,
@@ -370,17 +653,14 @@ pub async fn durable_import(dir: &Path, bins: &Bins, sizes: &Sizes) -> ([Vec<Dur
     let mut sides = crate::durable::DURABLE.map(|(config, label)| {
         let server_dir = dir.join(format!("lamina-{label}"));
         let server = Server::start_with(Kind::Lamina, bins, &server_dir, config);
-        let containerd =
-            Containerd::start(&dir.join(format!("ctrd-{label}")), &server.target.socket);
+        let containerd = Containerd::start(&dir.join(format!("ctrd-{label}")), bins, &server);
         Side {
             server,
             containerd,
             import: Vec::new(),
         }
     });
-    let archive = dir.join("image.tar");
-    let layers = image::write_archive(&archive, IMAGE, sizes.image_layers, sizes.image_files);
-    let archive = archive.to_str().expect("UTF-8 path").to_string();
+    let archive = image.archive.to_str().expect("UTF-8 path").to_string();
     alternate(
         0..sizes.durable_reps,
         sides.each_mut(),
@@ -389,9 +669,11 @@ pub async fn durable_import(dir: &Path, bins: &Bins, sizes: &Sizes) -> ([Vec<Dur
             let c = &side.containerd;
             // The content first, untimed, so the timed import only unpacks the layers.
             c.ctr_ok(&ns, &["images", "import", "--no-unpack", &archive]);
-            crate::sync_disks();
+            settle(sizes);
             let import = ["images", "import", "--snapshotter", "lamina", &archive];
             side.import.push(c.ctr_ok(&ns, &import));
+            // Removed again, so that each round unpacks the same amount into an empty root.
+            c.ctr_ok(&ns, &["images", "rm", "--sync", &image.name]);
         },
     )
     .await;
@@ -400,5 +682,5 @@ pub async fn durable_import(dir: &Path, bins: &Bins, sizes: &Sizes) -> ([Vec<Dur
     drop((on.containerd, off.containerd));
     on.server.stop();
     off.server.stop();
-    ([on.import, off.import], layers)
+    [on.import, off.import]
 }

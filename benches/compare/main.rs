@@ -16,10 +16,12 @@
 //!
 //! Options come after `--`; `cargo bench --bench compare -- --help` lists them ([`Args`]).
 //!
-//! The run has three parts, each measured by its own module and printed as a Markdown section:
+//! The run has four parts, each measured by its own module and printed as a Markdown section:
 //! the snapshotter level (`snapshotter`: the main sequence and the latency curve; its tables in
-//! `report`), the user level through one containerd (`containerd`), and what durable_commit
-//! costs (`durable`, lamina against itself). Underneath them: `pair` (a [`pair::Pair`] of
+//! `report`), start-up at scale (`startup`, on the curve's roots), the user level through one
+//! containerd 2.x with both snapshotters (`containerd`, with the images of `image`), and what
+//! durable_commit costs (`durable`, lamina against itself). `--json FILE` also writes every
+//! sample as JSON lines, which `benches/plot.py` draws. Underneath them: `pair` (a [`pair::Pair`] of
 //! figures and [`pair::alternate`], the rounds every workload is cut into), `workloads` (the
 //! calls, the same for either snapshotter), `client` (the gRPC client), `server` (the two
 //! daemons) and `machine` (what the figures were taken on).
@@ -39,6 +41,7 @@ mod pair;
 mod report;
 mod server;
 mod snapshotter;
+mod startup;
 mod workloads;
 
 use std::{
@@ -78,9 +81,18 @@ struct Args {
     /// Run only what durable_commit costs (lamina with it on against lamina with it off).
     #[arg(long)]
     only_durable: bool,
+    /// Run only start-up at scale (filling both stores to --max-scale first).
+    #[arg(long)]
+    only_startup: bool,
     /// Where the roots go; not a tmpfs, to be fair to both.
     #[arg(long, value_name = "DIR", default_value = "/var/tmp")]
     dir: PathBuf,
+    /// Also write every sample as JSON lines to FILE (what `benches/plot.py` draws).
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
+    /// Where the user level's images are built once and kept.
+    #[arg(long, value_name = "DIR")]
+    images: Option<PathBuf>,
     /// Keep the roots and logs afterwards.
     #[arg(long)]
     keep: bool,
@@ -103,12 +115,17 @@ impl Args {
 
     /// Whether the snapshotter level runs (each snapshotter over its own socket).
     fn snapshotter(&self) -> bool {
-        !self.only_containerd
+        !self.only_containerd && !self.only_startup
     }
 
     /// Whether the user level runs (through containerd).
     fn containerd(&self) -> bool {
-        !self.no_containerd
+        !self.no_containerd && !self.only_startup
+    }
+
+    /// Whether start-up at scale runs.
+    fn startup(&self) -> bool {
+        !self.only_containerd && !self.only_durable
     }
 }
 
@@ -155,12 +172,39 @@ async fn main() {
         let level = snapshotter::run(base.path(), &bins, &s).await;
         println!("{}", report::snapshotter_level(&s, &level));
     }
+    if args.startup() {
+        // On the latency curve's roots, when it ran; else it fills its own.
+        let figures = startup::run(base.path(), &bins, &s).await;
+        println!("{}", startup::table(&figures));
+    }
     let mut failed = false;
+    // Built once and kept (building the realistic ones takes a minute).
+    let images = (args.containerd() && containerd::missing_tools().is_none()).then(|| {
+        let cache = args
+            .images
+            .clone()
+            .unwrap_or_else(|| manifest.join("target/lamina-bench/images"));
+        fs::create_dir_all(&cache).expect("creating the image cache");
+        stage(&format!(
+            "building the user level's images in {}",
+            cache.display()
+        ));
+        containerd::Images::build(&cache, &s, args.smoke)
+    });
     if args.containerd() && !args.only_durable {
-        failed |= !user_level(base.path(), &bins, &s).await;
+        failed |= !user_level(base.path(), &bins, &s, images.as_ref()).await;
     }
     if args.snapshotter() || args.containerd() {
-        durable_commit(base.path(), &bins, &s, &args).await;
+        durable_commit(base.path(), &bins, &s, &args, images.as_ref()).await;
+    }
+    if let Some(path) = &args.json {
+        let facts = serde_json::json!({
+            "machine": machine::describe(base.path()),
+            "containerd": containerd::flavor().map(|f| f.name).unwrap_or_default(),
+            "smoke": args.smoke,
+        });
+        report::write_records(path, facts);
+        eprintln!("samples written to {}", path.display());
     }
     println!(
         "- total run time: {}; load average (1, 5, 15 min) at start: {load_start}, at end: {}\n",
@@ -182,16 +226,25 @@ async fn main() {
 
 /// Prints the user-level section; returns false if it failed. A failure is printed in place of
 /// the table and the rest of the run goes on; the exit status tells of it at the end.
-async fn user_level(base: &Path, bins: &Bins, s: &Sizes) -> bool {
+async fn user_level(
+    base: &Path,
+    bins: &Bins,
+    s: &Sizes,
+    images: Option<&containerd::Images>,
+) -> bool {
     println!(
-        "### User level (one containerd: its built-in `overlayfs` vs `lamina` as its proxy plugin)\n"
+        "### User level (one containerd {}: its built-in `overlayfs` vs `lamina` as its proxy plugin)\n",
+        containerd::flavor().map(|f| f.name).unwrap_or_default()
     );
-    if let Some(why) = containerd::missing_tools() {
-        println!("skipped: {why}\n");
+    let Some(images) = images else {
+        println!(
+            "skipped: {}\n",
+            containerd::missing_tools().unwrap_or_default()
+        );
         return true;
-    }
+    };
     let dir = base.join("user");
-    let run = containerd::run(&dir, bins, s);
+    let run = containerd::run(&dir, bins, s, images);
     match AssertUnwindSafe(run).catch_unwind().await {
         Ok(rows) => {
             println!("{}", report::comparison_table(&rows));
@@ -211,27 +264,40 @@ async fn user_level(base: &Path, bins: &Bins, s: &Sizes) -> bool {
 
 /// Prints the durable_commit section: the snapshotter-level rows and the `ctr images import`
 /// row, as far as `args` asks for them.
-async fn durable_commit(base: &Path, bins: &Bins, s: &Sizes, args: &Args) {
+async fn durable_commit(
+    base: &Path,
+    bins: &Bins,
+    s: &Sizes,
+    args: &Args,
+    images: Option<&containerd::Images>,
+) {
     println!("### durable_commit: what a durable Commit costs (lamina against itself)\n");
     let mut rows = Vec::new();
     if args.snapshotter() {
         rows.extend(durable::run(base, bins, s).await);
     }
     if args.containerd() {
-        if let Some(why) = containerd::missing_tools() {
-            println!("`ctr images import` skipped: {why}\n");
-        } else {
-            stage("durable_commit on and off: `ctr images import`");
-            let dir = base.join("durable-user");
-            let ([on, off], layers) = containerd::durable_import(&dir, bins, s).await;
-            rows.push(report::OnOff {
-                workload: format!(
-                    "`ctr images import` (unpack of {layers} layers, {} files)",
-                    s.image_layers * s.image_files
-                ),
-                on,
-                off,
-            });
+        match images {
+            None => println!(
+                "`ctr images import` skipped: {}\n",
+                containerd::missing_tools().unwrap_or_default()
+            ),
+            Some(images) => {
+                stage("durable_commit on and off: unpack of the gzip image");
+                let dir = base.join("durable-user");
+                let [on, off] = containerd::durable_import(&dir, bins, s, &images.gzip).await;
+                report::record("durable", "gzip unpack", "durable_commit on", &on);
+                report::record("durable", "gzip unpack", "durable_commit off", &off);
+                rows.push(report::OnOff {
+                    workload: format!(
+                        "unpack of the gzip image ({}) by containerd {}",
+                        images.gzip.describe(),
+                        containerd::flavor().map(|f| f.name).unwrap_or_default()
+                    ),
+                    on,
+                    off,
+                });
+            }
         }
     }
     println!(
@@ -263,6 +329,15 @@ pub struct Sizes {
     pub image_files: usize,
     /// Rounds of each durable_commit workload, on and off.
     pub durable_reps: usize,
+    /// The stats loop: active snapshots, and files written into each.
+    pub stats_snapshots: usize,
+    pub stats_files: usize,
+    /// The pause after `sync` between the user level's steps.
+    pub settle: std::time::Duration,
+    /// Starts of each server in each start-up workload.
+    pub startup_reps: usize,
+    /// Creations cut short by the SIGKILL of the start-up workload.
+    pub startup_cut: usize,
 }
 
 impl Sizes {
@@ -283,10 +358,15 @@ impl Sizes {
             rounds: 10,
             user_pairs: 500,
             user_concurrent: 1000,
-            user_reps: 9,
+            user_reps: 5,
             image_layers: 4,
             image_files: 500,
             durable_reps: 7,
+            stats_snapshots: 20,
+            stats_files: 20_000,
+            settle: std::time::Duration::from_secs(2),
+            startup_reps: 5,
+            startup_cut: 10_000,
         }
     }
 
@@ -311,6 +391,11 @@ impl Sizes {
             image_layers: 2,
             image_files: 20,
             durable_reps: 1,
+            stats_snapshots: 2,
+            stats_files: 50,
+            settle: std::time::Duration::ZERO,
+            startup_reps: 1,
+            startup_cut: 40,
         }
     }
 }

@@ -23,6 +23,39 @@ pub fn set_smoke() {
     SMOKE.store(true, Ordering::Relaxed);
 }
 
+/// Every sample recorded for the machine-readable output (`--json`), in order.
+static RECORDS: std::sync::Mutex<Vec<serde_json::Value>> = std::sync::Mutex::new(Vec::new());
+
+/// Records the samples of `workload` on `side` ("lamina", "overlay", …) in `section`, in
+/// seconds, for `--json` (plots are drawn from them: `benches/plot.py`).
+pub fn record(section: &str, workload: &str, side: &str, samples: &[Duration]) {
+    record_at(section, workload, side, None, samples);
+}
+
+/// [`record`] for a point of a curve: `x` is its store size.
+pub fn record_at(section: &str, workload: &str, side: &str, x: Option<u64>, samples: &[Duration]) {
+    let side = match side {
+        "overlayfs" => "overlay",
+        other => other,
+    };
+    RECORDS.lock().unwrap().push(serde_json::json!({
+        "section": section,
+        "workload": workload,
+        "side": side,
+        "x": x,
+        "seconds": samples.iter().map(Duration::as_secs_f64).collect::<Vec<_>>(),
+    }));
+}
+
+/// Writes what was recorded as JSON lines, with `facts` (machine, versions) first.
+pub fn write_records(path: &std::path::Path, facts: serde_json::Value) {
+    let mut out = format!("{}\n", serde_json::json!({ "facts": facts }));
+    for r in RECORDS.lock().unwrap().iter() {
+        out.push_str(&format!("{r}\n"));
+    }
+    std::fs::write(path, out).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
+}
+
 /// A verdict, or what a smoke run prints instead.
 fn verdict(met: bool) -> &'static str {
     match (SMOKE.load(Ordering::Relaxed), met) {
@@ -34,6 +67,16 @@ fn verdict(met: bool) -> &'static str {
 
 /// The snapshotter-level tables.
 pub fn snapshotter_level(s: &Sizes, level: &SnapshotterLevel) -> String {
+    for (side, points) in [
+        ("lamina", &level.curve.lamina),
+        ("overlay", &level.curve.overlay),
+    ] {
+        for p in points {
+            let x = Some(p.size as u64);
+            record_at("curve", "prepare+commit pair", side, x, &p.pair);
+            record_at("curve", "Remove", side, x, &p.remove);
+        }
+    }
     let mut out = String::new();
     out.push_str("### Snapshotter level (each over its own unix socket, same client)\n\n");
     out.push_str(&comparison_table(&snapshotter_rows(s, level)));
@@ -279,6 +322,8 @@ fn fill_rate(points: &[Point], k: usize) -> f64 {
 pub enum Val {
     Time(Duration),
     Bytes(u64),
+    /// Samples: compared by their median, shown as "median (min – max)".
+    Spread(Vec<Duration>),
 }
 
 impl Val {
@@ -286,6 +331,7 @@ impl Val {
         match self {
             Val::Time(d) => d.as_secs_f64(),
             Val::Bytes(b) => *b as f64,
+            Val::Spread(xs) => median(xs).as_secs_f64(),
         }
     }
 }
@@ -295,6 +341,7 @@ impl std::fmt::Display for Val {
         match self {
             Val::Time(d) => f.write_str(&dur(*d)),
             Val::Bytes(b) => write!(f, "{:.1} MiB", *b as f64 / (1024.0 * 1024.0)),
+            Val::Spread(xs) => f.write_str(&spread(xs)),
         }
     }
 }
@@ -405,7 +452,7 @@ pub fn checks_table(checks: &[Check]) -> String {
     for c in checks {
         let met = match c.met {
             Some(met) => verdict(met),
-            None => "?",
+            None => "",
         };
         out.push_str(&format!(
             "| {} | {} | {} | {} | {} |\n",

@@ -102,6 +102,8 @@ pub struct Server {
     pub kind: Kind,
     pub root: PathBuf,
     pub target: Target,
+    /// When the process was spawned.
+    pub spawned: Instant,
     child: Option<Child>,
     log: PathBuf,
 }
@@ -137,6 +139,7 @@ impl Server {
             .stdin(Stdio::null())
             .stdout(logf.try_clone().expect("log file"))
             .stderr(logf);
+        let spawned = Instant::now();
         let child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("starting {}: {e}", bins.of(kind).display()));
@@ -152,6 +155,7 @@ impl Server {
                 },
                 namespace: None,
             },
+            spawned,
             child: Some(child),
             log,
         };
@@ -213,12 +217,19 @@ impl Server {
     }
 }
 
-impl Drop for Server {
-    fn drop(&mut self) {
+impl Server {
+    /// SIGKILL, as a crash would end it, and waits for it.
+    pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill();
     }
 }
 

@@ -2,6 +2,9 @@
 //! needed). Shared by the end-to-end tests and the benchmark (each includes this file with
 //! `#[path]`).
 
+// The tests build layers in memory; the benchmark also from files.
+#![allow(dead_code)]
+
 use std::{fs, path::Path};
 
 use sha2::{Digest, Sha256};
@@ -92,15 +95,53 @@ pub fn write_oci_archive_with(
     layers: &[Vec<u8>],
     cmd: &[&str],
 ) -> Vec<String> {
-    let diff_ids: Vec<String> = layers.iter().map(|l| sha256(l)).collect();
+    let layers: Vec<Layer<'_>> = layers
+        .iter()
+        .map(|l| {
+            let digest = sha256(l);
+            Layer {
+                media_type: "application/vnd.oci.image.layer.v1.tar",
+                diff_id: digest.clone(),
+                digest,
+                size: l.len() as u64,
+                data: Data::Bytes(l),
+            }
+        })
+        .collect();
+    write_layers(path, name, &layers, cmd);
+    layers.into_iter().map(|l| l.diff_id).collect()
+}
+
+/// Where a layer blob's bytes are.
+pub enum Data<'a> {
+    Bytes(&'a [u8]),
+    /// A file, read when the archive is written (a large layer need not be held in memory).
+    File(std::path::PathBuf),
+}
+
+/// One layer blob as the manifest describes it.
+pub struct Layer<'a> {
+    /// `application/vnd.oci.image.layer.v1.tar`, `…+gzip`, `…+zstd`.
+    pub media_type: &'static str,
+    /// The blob's digest (of the compressed bytes, when compressed).
+    pub digest: String,
+    /// The digest of the uncompressed tar, which the image config lists.
+    pub diff_id: String,
+    pub size: u64,
+    pub data: Data<'a>,
+}
+
+/// [`write_oci_archive_with`] for layers already described (compressed or not), streamed into
+/// the archive.
+pub fn write_layers(path: &Path, name: &str, layers: &[Layer<'_>], cmd: &[&str]) {
+    let diff_ids: Vec<&str> = layers.iter().map(|l| l.diff_id.as_str()).collect();
     let layer_descs: Vec<serde_json::Value> = layers
         .iter()
-        .zip(&diff_ids)
-        .map(|(l, digest)| {
+        .map(|l| {
             serde_json::json!({
-                "mediaType": "application/vnd.oci.image.layer.v1.tar",
-                "digest": digest,
-                "size": l.len(),
+                "mediaType": l.media_type,
+                "digest": l.digest,
+                "size": l.size,
             })
         })
         .collect();
@@ -141,33 +182,42 @@ pub fn write_oci_archive_with(
     }))
     .expect("image index JSON");
 
-    let mut files: Vec<(String, &[u8])> = vec![
+    let out = fs::File::create(path).expect("creating the image archive");
+    let mut b = tar::Builder::new(std::io::BufWriter::new(out));
+    let add = |b: &mut tar::Builder<_>, p: &str, size: u64, data: &mut dyn std::io::Read| {
+        let mut h = header(tar::EntryType::Regular, 0o644, 0);
+        h.set_size(size);
+        b.append_data(&mut h, p, data).expect("image archive tar");
+    };
+    for (p, data) in [
         (
-            "oci-layout".into(),
+            "oci-layout",
             br#"{"imageLayoutVersion":"1.0.0"}"#.as_slice(),
         ),
-        ("index.json".into(), index.as_slice()),
-    ];
-    let blobs = layers.iter().map(Vec::as_slice).zip(&diff_ids).chain([
-        (config.as_slice(), &config_digest),
-        (manifest.as_slice(), &manifest_digest),
-    ]);
-    for (data, digest) in blobs {
-        let hex = digest.trim_start_matches("sha256:");
-        files.push((format!("blobs/sha256/{hex}"), data));
+        ("index.json", index.as_slice()),
+    ] {
+        add(&mut b, p, data.len() as u64, &mut &data[..]);
     }
-
-    let mut b = tar::Builder::new(Vec::new());
     for dir in ["blobs", "blobs/sha256"] {
         let mut h = header(tar::EntryType::Directory, 0o755, 0);
         b.append_data(&mut h, dir, std::io::empty())
             .expect("image archive tar");
     }
-    for (p, data) in files {
-        let mut h = header(tar::EntryType::Regular, 0o644, data.len());
-        b.append_data(&mut h, p, data).expect("image archive tar");
+    let blob = |digest: &str| format!("blobs/sha256/{}", digest.trim_start_matches("sha256:"));
+    for l in layers {
+        match &l.data {
+            Data::Bytes(data) => add(&mut b, &blob(&l.digest), l.size, &mut &data[..]),
+            Data::File(file) => {
+                let mut f = fs::File::open(file)
+                    .unwrap_or_else(|e| panic!("opening {}: {e}", file.display()));
+                add(&mut b, &blob(&l.digest), l.size, &mut f)
+            }
+        }
     }
-    let archive = b.into_inner().expect("image archive tar");
-    fs::write(path, archive).expect("writing the image archive");
-    diff_ids
+    for (data, digest) in [(&config, &config_digest), (&manifest, &manifest_digest)] {
+        add(&mut b, &blob(digest), data.len() as u64, &mut &data[..]);
+    }
+    b.into_inner()
+        .and_then(|mut w| std::io::Write::flush(&mut w))
+        .expect("writing the image archive");
 }
