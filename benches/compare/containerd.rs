@@ -24,6 +24,11 @@ use crate::{
 };
 
 const IMAGE: &str = "lamina.bench/img:1";
+/// The sandbox image of the CRI workload.
+const PAUSE: &str = "lamina.bench/pause:1";
+/// CRI's runtime handlers: a pod run with one has its snapshots on its snapshotter.
+const CRI_RUNTIMES: [(&str, &str); 2] =
+    [("runc-lamina", "lamina"), ("runc-overlayfs", "overlayfs")];
 const CTR_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// The containerd the user level runs: the long-term 2.x release of `.ci/versions`.
@@ -138,15 +143,21 @@ struct Containerd {
 }
 
 impl Containerd {
-    fn start(dir: &Path, bins: &Bins, lamina: &Server) -> Containerd {
+    /// With `cri`, containerd's CRI too, with a runtime handler per snapshotter (see
+    /// [`CRI_RUNTIMES`]).
+    fn start(dir: &Path, bins: &Bins, lamina: &Server, cri: bool) -> Containerd {
         let flavor = flavor().expect("checked by missing_tools");
         fs::create_dir_all(dir).expect("containerd dir");
         let address = dir.join("c.sock");
-        let config = format!(
+        let mut config = format!(
             "{}\n{}",
-            flavor.private_config(dir, false),
+            flavor.private_config(dir, cri),
             lamina_fragment(bins, lamina)
         );
+        if cri {
+            crate::cri_support::install_cni(dir);
+            config.push_str(&crate::cri_support::config(dir, PAUSE, &CRI_RUNTIMES));
+        }
         fs::write(dir.join("config.toml"), config).expect("containerd config");
         let log = fs::File::create(dir.join("containerd.log")).expect("containerd log");
         let child = Command::new(flavor.program("containerd"))
@@ -257,6 +268,47 @@ impl Containerd {
         took
     }
 
+    /// `crictl ARGS` against this containerd, which must succeed; its output and how long it
+    /// took.
+    fn crictl_ok(&self, args: &[&str]) -> (String, Duration) {
+        let crictl = self
+            .flavor
+            .crictl
+            .as_ref()
+            .expect("a containerd 2.x has crictl");
+        let start = Instant::now();
+        let out = Command::new(crictl)
+            .arg("--runtime-endpoint")
+            .arg(format!("unix://{}", self.address.display()))
+            .arg("--timeout")
+            .arg("120s")
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("running crictl");
+        let took = start.elapsed();
+        assert!(
+            out.status.success(),
+            "`crictl {}` failed ({}): {}{}\ncontainerd log:\n{}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stdout),
+            self.log_tail()
+        );
+        (
+            String::from_utf8_lossy(&out.stdout).trim().to_string(),
+            took,
+        )
+    }
+
+    /// Writes `json` to a file in containerd's directory; returns its path.
+    fn json_file(&self, name: &str, json: serde_json::Value) -> String {
+        let path = self.dir.join(name);
+        fs::write(&path, json.to_string()).expect("writing a crictl config");
+        path.display().to_string()
+    }
+
     fn target(&self, snapshotter: &str, ns: &str) -> Target {
         Target {
             label: format!("containerd/{snapshotter}"),
@@ -307,6 +359,8 @@ struct Side {
     images: Vec<(&'static str, ImageSamples)>,
     /// One sample per round: a List and the Usage of each active snapshot, as CRI does.
     stats: Vec<Duration>,
+    /// `crictl create` + `crictl start` of a container in a running pod.
+    cri: Vec<Duration>,
 }
 
 /// The samples of the image workloads, for one image on one snapshotter.
@@ -341,7 +395,7 @@ impl Side {
 /// Runs the user-level workloads; returns their rows.
 pub async fn run(dir: &Path, bins: &Bins, sizes: &Sizes, images: &Images) -> Vec<Row> {
     let mut lamina = Server::start(Kind::Lamina, bins, &dir.join("lamina"));
-    let c = Containerd::start(&dir.join("ctrd"), bins, &lamina);
+    let c = Containerd::start(&dir.join("ctrd"), bins, &lamina, true);
     eprintln!(
         "user level: containerd {} at {} (overlayfs root under {})",
         c.flavor.name,
@@ -367,6 +421,7 @@ pub async fn run(dir: &Path, bins: &Bins, sizes: &Sizes, images: &Images) -> Vec
             concurrent: Duration::ZERO,
             images: Vec::new(),
             stats: Vec::new(),
+            cri: Vec::new(),
         }
     });
     for side in sides.each_mut() {
@@ -444,6 +499,9 @@ pub async fn run(dir: &Path, bins: &Bins, sizes: &Sizes, images: &Images) -> Vec
         .await;
     }
 
+    crate::stage("user level: CRI, a container created and started in a running pod");
+    cri_containers(&c, &mut sides, sizes, images).await;
+
     crate::stage(&format!(
         "user level: the stats loop ({} active snapshots of {} files each)",
         sizes.stats_snapshots, sizes.stats_files
@@ -494,6 +552,7 @@ pub async fn run(dir: &Path, bins: &Bins, sizes: &Sizes, images: &Images) -> Vec
             report::record("user", &format!("{label} removal until freed"), sn, &s.gc);
         }
         report::record("user", "stats loop", sn, &side.stats);
+        report::record("user", "CRI create + start", sn, &side.cri);
     }
     let time = |f: fn(&Side) -> Duration| sides.as_ref().map(|side| Val::Time(f(side)));
     let mut rows = vec![
@@ -551,6 +610,18 @@ pub async fn run(dir: &Path, bins: &Bins, sizes: &Sizes, images: &Images) -> Vec
             });
         }
     }
+    rows.push(
+        Row::new(
+            format!(
+                "CRI: `crictl create` + `crictl start` of a container ({}) in a running pod, median (min – max) of {}",
+                images.small.describe(),
+                sizes.cri_reps
+            ),
+            sides.as_ref().map(|side| Val::Spread(side.cri.clone())),
+            Some(1.0),
+        )
+        .within_noise(&sides.overlay.cri),
+    );
     rows.push(Row::new(
         format!(
             "stats loop: List + Usage of {} active snapshots of {} files each, median (min – max) of {reps}",
@@ -560,6 +631,87 @@ pub async fn run(dir: &Path, bins: &Bins, sizes: &Sizes, images: &Images) -> Vec
         Some(0.5),
     ));
     rows
+}
+
+/// The CRI workload: on each snapshotter, through its runtime handler, a pod (its sandbox
+/// image and the small image imported for that snapshotter first), then in rounds a container
+/// created and started in it (timed), stopped and removed (not timed).
+async fn cri_containers(c: &Containerd, sides: &mut Pair<Side>, sizes: &Sizes, images: &Images) {
+    let pause = c.dir.join("pause.tar");
+    crate::cri_support::write_pause_image(&pause, PAUSE);
+    let pause = pause.to_str().expect("UTF-8 path").to_string();
+    let small = images
+        .small
+        .archive
+        .to_str()
+        .expect("UTF-8 path")
+        .to_string();
+    struct Pod {
+        id: String,
+        config: String,
+        container: String,
+    }
+    let mut pods = Vec::new();
+    for side in sides.each_mut() {
+        let sn = side.snapshotter;
+        for archive in [&pause, &small] {
+            c.ctr_ok(
+                "k8s.io",
+                &["images", "import", "--snapshotter", sn, archive],
+            );
+        }
+        let pod = serde_json::json!({
+            "metadata": { "name": format!("bench-{sn}"), "namespace": "bench", "uid": sn },
+            "log_directory": c.dir.join(format!("pod-{sn}")).display().to_string(),
+            // The host's network: the pod needs no network of its own to measure this.
+            "linux": { "security_context": { "namespace_options": { "network": 2 } } },
+        });
+        let config = c.json_file(&format!("pod-{sn}.json"), pod);
+        let runtime = format!("runc-{sn}");
+        let (id, _) = c.crictl_ok(&["runp", "--runtime", &runtime, &config]);
+        let container = serde_json::json!({
+            "metadata": { "name": "app" },
+            "image": { "image": IMAGE },
+            "command": ["/bin/busybox", "sleep", "1000"],
+            "log_path": "app.log",
+            "linux": { "security_context": { "namespace_options": { "network": 2 } } },
+        });
+        let container = c.json_file(&format!("container-{sn}.json"), container);
+        pods.push((
+            sn,
+            Pod {
+                id,
+                config,
+                container,
+            },
+        ));
+    }
+    alternate(0..sizes.cri_reps, sides.each_mut(), async |_, side| {
+        let pod = &pods
+            .iter()
+            .find(|(sn, _)| *sn == side.snapshotter)
+            .unwrap()
+            .1;
+        settle(sizes);
+        let before = side.entries();
+        let (id, create) = c.crictl_ok(&["create", &pod.id, &pod.container, &pod.config]);
+        let (_, start) = c.crictl_ok(&["start", &id]);
+        side.cri.push(create + start);
+        // Through the pod's runtime handler, the container's snapshot is this side's.
+        assert!(
+            side.entries() > before,
+            "CRI did not put the container's snapshot on {}",
+            side.snapshotter
+        );
+        c.crictl_ok(&["stop", "--timeout", "0", &id]);
+        c.crictl_ok(&["rm", &id]);
+    })
+    .await;
+    for (_, pod) in &pods {
+        c.crictl_ok(&["stopp", &pod.id]);
+        c.crictl_ok(&["rmp", &pod.id]);
+    }
+    c.crictl_ok(&["rmi", IMAGE, PAUSE]);
 }
 
 /// One workload's samples in [`ImageSamples`].
@@ -653,7 +805,8 @@ pub async fn durable_import(
     let mut sides = crate::durable::DURABLE.map(|(config, label)| {
         let server_dir = dir.join(format!("lamina-{label}"));
         let server = Server::start_with(Kind::Lamina, bins, &server_dir, config);
-        let containerd = Containerd::start(&dir.join(format!("ctrd-{label}")), bins, &server);
+        let containerd =
+            Containerd::start(&dir.join(format!("ctrd-{label}")), bins, &server, false);
         Side {
             server,
             containerd,

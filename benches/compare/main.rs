@@ -32,6 +32,8 @@ mod client;
 mod containerd;
 #[path = "../../tests/support/containerd.rs"]
 mod containerd_support;
+#[path = "../../tests/support/cri.rs"]
+mod cri_support;
 mod durable;
 mod image;
 mod machine;
@@ -81,6 +83,9 @@ struct Args {
     /// Run only what durable_commit costs (lamina with it on against lamina with it off).
     #[arg(long)]
     only_durable: bool,
+    /// Leave out what durable_commit costs.
+    #[arg(long)]
+    no_durable: bool,
     /// Run only start-up at scale (filling both stores to --max-scale first).
     #[arg(long)]
     only_startup: bool,
@@ -194,7 +199,7 @@ async fn main() {
     if args.containerd() && !args.only_durable {
         failed |= !user_level(base.path(), &bins, &s, images.as_ref()).await;
     }
-    if args.snapshotter() || args.containerd() {
+    if (args.snapshotter() || args.containerd()) && !args.no_durable {
         durable_commit(base.path(), &bins, &s, &args, images.as_ref()).await;
     }
     if let Some(path) = &args.json {
@@ -329,6 +334,8 @@ pub struct Sizes {
     pub image_files: usize,
     /// Rounds of each durable_commit workload, on and off.
     pub durable_reps: usize,
+    /// CRI: containers created and started in a pod, on each snapshotter.
+    pub cri_reps: usize,
     /// The stats loop: active snapshots, and files written into each.
     pub stats_snapshots: usize,
     pub stats_files: usize,
@@ -362,6 +369,7 @@ impl Sizes {
             image_layers: 4,
             image_files: 500,
             durable_reps: 7,
+            cri_reps: 9,
             stats_snapshots: 20,
             stats_files: 20_000,
             settle: std::time::Duration::from_secs(2),
@@ -391,6 +399,7 @@ impl Sizes {
             image_layers: 2,
             image_files: 20,
             durable_reps: 1,
+            cri_reps: 1,
             stats_snapshots: 2,
             stats_files: 50,
             settle: std::time::Duration::ZERO,

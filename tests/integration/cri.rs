@@ -10,7 +10,7 @@
 
 use std::{
     fs,
-    os::unix::fs::{MetadataExt, PermissionsExt},
+    os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
     process::Command,
     time::Duration,
@@ -19,62 +19,14 @@ use std::{
 use crate::{
     containerd::{chain_ids, flavor, image_layers, wait_all_collected, Containerd, IMAGE2},
     containerd_support::Flavor,
-    oci_support::{layer_tar, write_oci_archive, write_oci_archive_with, Entry},
+    cri_support,
+    oci_support::{layer_tar, write_oci_archive, Entry},
     util::*,
 };
 
 const PAUSE: &str = "lamina.test/pause:1";
 /// The host IDs a user-namespaced pod's IDs 0..65536 map to.
 const USERNS_BASE: u32 = 65536;
-
-/// A CNI plugin that gives the pod's network namespace an `eth0` with an address, and nothing
-/// more: a pod with a network namespace of its own (a user-namespaced one must have one) needs
-/// CNI to answer, not a network. Installed as `loopback` too, which CRI adds to every network
-/// (it brings `lo` up).
-const CNI_PLUGIN: &str = r#"#!/bin/sh
-set -e
-case "$CNI_COMMAND" in
-VERSION)
-    echo '{"cniVersion":"1.0.0","supportedVersions":["0.4.0","1.0.0"]}' ;;
-ADD)
-    if [ "$CNI_IFNAME" = lo ]; then
-        nsenter --net="$CNI_NETNS" ip link set lo up
-        printf '{"cniVersion":"1.0.0","interfaces":[{"name":"lo","sandbox":"%s"}],"ips":[{"address":"127.0.0.1/8","interface":0}]}\n' \
-            "$CNI_NETNS"
-        exit 0
-    fi
-    nsenter --net="$CNI_NETNS" ip link add "$CNI_IFNAME" type veth peer name lamina-peer
-    nsenter --net="$CNI_NETNS" ip addr add 10.88.0.2/16 dev "$CNI_IFNAME"
-    nsenter --net="$CNI_NETNS" ip link set "$CNI_IFNAME" up
-    nsenter --net="$CNI_NETNS" ip link set lo up
-    printf '{"cniVersion":"1.0.0","interfaces":[{"name":"%s","sandbox":"%s"}],"ips":[{"address":"10.88.0.2/16","interface":0}]}\n' \
-        "$CNI_IFNAME" "$CNI_NETNS" ;;
-*) ;;
-esac
-"#;
-
-/// CRI's part of the private config: the sandbox image, the CNI plugin above.
-///
-/// `restrict_oom_score_adj`: CRI gives a pod's sandbox an OOM score adjustment of -998, and
-/// lowering one needs CAP_SYS_RESOURCE, which the machines these tests run on may not grant
-/// even to root (runc then fails with "can't get final child's PID from pipe"). Restricted,
-/// CRI keeps adjustments at or above containerd's own.
-fn cri_config(dir: &Path) -> String {
-    format!(
-        r#"[plugins."io.containerd.cri.v1.images".pinned_images]
-  sandbox = "{PAUSE}"
-
-[plugins."io.containerd.cri.v1.runtime"]
-  restrict_oom_score_adj = true
-
-[plugins."io.containerd.cri.v1.runtime".cni]
-  bin_dirs = ["{bin}"]
-  conf_dir = "{conf}"
-"#,
-        bin = dir.join("cni/bin").display(),
-        conf = dir.join("cni/conf").display(),
-    )
-}
 
 /// A containerd with CRI on lamina, the images imported, and crictl pointed at it.
 struct Cri {
@@ -86,35 +38,15 @@ struct Cri {
 impl Cri {
     fn start(d: &TestDaemon, flavor: &Flavor) -> Cri {
         let mut c = Containerd::start(d, flavor, "cri", true, |dir| {
-            // The CNI plugin and its config, where cri_config says, before containerd starts.
-            let plugin = dir.join("cni/bin/lamina-test-cni");
-            fs::create_dir_all(plugin.parent().unwrap()).unwrap();
-            fs::write(&plugin, CNI_PLUGIN).unwrap();
-            fs::set_permissions(&plugin, fs::Permissions::from_mode(0o755)).unwrap();
-            std::os::unix::fs::symlink("lamina-test-cni", plugin.with_file_name("loopback"))
-                .unwrap();
-            fs::create_dir_all(dir.join("cni/conf")).unwrap();
-            fs::write(
-                dir.join("cni/conf/10-lamina-test.conflist"),
-                r#"{"cniVersion":"1.0.0","name":"lamina-test","plugins":[{"type":"lamina-test-cni"}]}"#,
-            )
-            .unwrap();
-            cri_config(dir)
+            // The CNI plugin and its config, where the config says, before containerd starts.
+            cri_support::install_cni(dir);
+            cri_support::config(dir, PAUSE, &[])
         });
         // CRI's images and containers live in containerd's k8s.io namespace.
         c.ns = "k8s.io".into();
 
         let pause = c.path("pause.tar");
-        write_oci_archive_with(
-            &pause,
-            PAUSE,
-            &[busybox_layer(&["sh", "sleep"])],
-            &[
-                "sh",
-                "-c",
-                "trap 'exit 0' TERM INT; while :; do sleep 1; done",
-            ],
-        );
+        cri_support::write_pause_image(&pause, PAUSE);
         import_for_cri(&c, &pause);
         let l3 = layer_tar(&[Entry::Dir("etc"), Entry::File("etc/msg", b"three", 0o644)]);
         let image = c.path("e2e2.tar");
@@ -218,18 +150,6 @@ fn number(v: &serde_json::Value) -> u64 {
     v.as_u64()
         .or_else(|| v.as_str().and_then(|s| s.parse().ok()))
         .unwrap_or(0)
-}
-
-/// A layer with `/bin/busybox` and `applets` linked to it.
-fn busybox_layer(applets: &[&str]) -> Vec<u8> {
-    let busybox = fs::read("/bin/busybox").expect("/bin/busybox (apt-get install busybox-static)");
-    let links: Vec<String> = applets.iter().map(|a| format!("bin/{a}")).collect();
-    let mut entries = vec![
-        Entry::Dir("bin"),
-        Entry::File("bin/busybox", &busybox, 0o755),
-    ];
-    entries.extend(links.iter().map(|l| Entry::Symlink(l.as_str(), "busybox")));
-    layer_tar(&entries)
 }
 
 /// `ctr -n k8s.io images import --snapshotter lamina`: the image, unpacked into lamina, where

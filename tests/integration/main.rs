@@ -15,6 +15,8 @@ mod containerd;
 mod containerd_support;
 mod crash;
 mod cri;
+#[path = "../support/cri.rs"]
+mod cri_support;
 mod faults;
 mod hostile;
 mod layers;
