@@ -12,7 +12,9 @@ as SVG (Python's standard library only, so it runs wherever the benchmark does):
 - user.svg: the user-level workloads as paired bars, lamina beside containerd's overlayfs, each
   as a multiple of overlayfs' median on the same setup, whiskers from the fastest to the
   slowest round; one panel per storage setup;
-- startup.svg: start-up at scale, each start as a dot.
+- startup.svg: start-up at scale, each start as a dot;
+
+and summary.md, the user-level medians of every setup side by side, as a Markdown table.
 """
 
 import json
@@ -287,6 +289,44 @@ def startup(results, out):
     return True
 
 
+def fmt(seconds):
+    if seconds < 1:
+        return f"{seconds * 1000:.0f} ms"
+    return f"{seconds:.2f} s"
+
+
+def summary(results, out):
+    setups = [s for s in SETUP_ORDER + sorted(set(results) - set(SETUP_ORDER)) if s in results]
+    columns, rows = [], []
+    for setup in setups:
+        by = {}
+        for r in results[setup][1]:
+            if r["section"] == "user" and r["seconds"]:
+                by.setdefault(r["workload"], {})[r["side"]] = r["seconds"]
+        if not by:
+            continue
+        columns.append((setup, by))
+        for w in by:
+            if w not in rows:
+                rows.append(w)
+    if not columns:
+        return False
+    head = "| workload | " + " | ".join(f"{s}: lamina / overlayfs (ratio)" for s, _ in columns)
+    lines = [head + " |", "|---|" + "---:|" * len(columns)]
+    for w in rows:
+        cells = []
+        for _, by in columns:
+            v = by.get(w, {})
+            if "lamina" in v and "overlay" in v:
+                lam, ovl = statistics.median(v["lamina"]), statistics.median(v["overlay"])
+                cells.append(f"{fmt(lam)} / {fmt(ovl)} ({lam / ovl:.2f})")
+            else:
+                cells.append("—")
+        lines.append(f"| {w} | " + " | ".join(cells) + " |")
+    (out / "summary.md").write_text("\n".join(lines) + "\n")
+    return True
+
+
 def main():
     if len(sys.argv) != 3:
         sys.exit(__doc__)
@@ -300,6 +340,7 @@ def main():
         ("curve.svg", curve(curve_records, out)),
         ("user.svg", user(results, out)),
         ("startup.svg", startup(results, out)),
+        ("summary.md", summary(results, out)),
     ] if ok]
     print("wrote " + ", ".join(str(out / d) for d in drawn) if drawn else "nothing to draw")
 
