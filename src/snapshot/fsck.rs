@@ -438,16 +438,24 @@ impl Snapshotter {
                 }
                 continue;
             }
+            // A wrong mode is looked at again only when there is one: a snapshot removed after
+            // the store was read (its directory being deleted) is no finding.
+            let wrong = |st: &FileStat, want: u32| st.st_mode & 0o7777 != want;
             if let Seen::Dir(st) = &dir {
-                c.mode(key, &layout.dir(id), st.st_mode, 0o700, &mut || {
-                    layout.set_mode(id, Part::Dir, 0o700)
-                });
+                if wrong(st, 0o700) && self.still_is(key, id) {
+                    c.mode(key, &layout.dir(id), st.st_mode, 0o700, &mut || {
+                        layout.set_mode(id, Part::Dir, 0o700)
+                    });
+                }
             }
             if record.kind == Kind::Active {
                 match self.seen(id, Part::Work) {
-                    Seen::Dir(st) => c.mode(key, &layout.work(id), st.st_mode, 0o711, &mut || {
-                        layout.set_mode(id, Part::Work, 0o711)
-                    }),
+                    Seen::Dir(st) if wrong(&st, 0o711) && self.still_is(key, id) => {
+                        c.mode(key, &layout.work(id), st.st_mode, 0o711, &mut || {
+                            layout.set_mode(id, Part::Work, 0o711)
+                        })
+                    }
+                    Seen::Dir(_) => {}
                     Seen::Missing if self.still_is(key, id) => {
                         let mut fix = || layout.complete_dirs(id, true, None);
                         c.found(
@@ -647,5 +655,32 @@ mod tests {
         assert!(s.layout.fs(cut.id).is_dir(), "not repaired before serving");
         recovered.committed.join().unwrap();
         assert_eq!(mode(layer.id), 0o700);
+    }
+
+    /// The background check of committed snapshots meets Removes: a snapshot removed after the
+    /// store was read, whose directory is still being deleted, is no finding (before, its mode
+    /// was "repaired", or reported as a failed repair once the directory was gone).
+    #[tokio::test]
+    async fn a_committed_snapshot_removed_meanwhile_is_not_reported() {
+        let tmp = tempfile::tempdir().unwrap();
+        let s = open(tmp.path());
+        let labels = std::collections::HashMap::new();
+        s.new_snapshot(Kind::Active, "k".into(), String::new(), labels.clone())
+            .await
+            .unwrap();
+        s.commit("layer".into(), "k".into(), labels).await.unwrap();
+        let layer = s.store.get("layer").unwrap();
+        s.layout.set_mode(layer.id, Part::Dir, 0o755).unwrap();
+        let (records, next_id) = s.store.list_with_next_id().unwrap();
+        wait(s.store.remove("layer")).unwrap();
+        let report = s.compare(
+            REPAIR,
+            Vec::new(),
+            records,
+            next_id,
+            Orphans::Delete,
+            Scope::Committed,
+        );
+        assert!(report.findings.is_empty(), "{:?}", report.findings);
     }
 }

@@ -726,11 +726,16 @@ impl Snapshotter {
         match self.fsck_with(RECOVERY, orphans, fsck::Scope::Committed) {
             Ok(report) => {
                 log_recovery(&report);
+                let done = if self.closing.load(Ordering::SeqCst) {
+                    "start-up check of the committed snapshots stopped: lamina is stopping"
+                } else {
+                    "start-up check of the committed snapshots done"
+                };
                 info!(
                     committed = report.snapshots_checked,
                     findings = report.findings.len(),
                     took = ?started.elapsed(),
-                    "start-up check of the committed snapshots done"
+                    "{done}"
                 );
             }
             Err(e) => error!(
