@@ -131,7 +131,19 @@ def nice_ticks(lo, hi, n=5):
     return ticks
 
 
-def curve(records, out):
+def one_setup(results, section):
+    """The records of `section` from one setup (the first in SETUP_ORDER that has any): samples
+    of different filesystems are never drawn as one line."""
+    for setup in SETUP_ORDER + sorted(set(results) - set(SETUP_ORDER)):
+        if setup in results:
+            records = [r for r in results[setup][1] if r["section"] == section]
+            if records:
+                return setup, records
+    return None, []
+
+
+def curve(results, out):
+    setup, records = one_setup(results, "curve")
     series = {}
     for r in records:
         if r["section"] != "curve" or not r["seconds"]:
@@ -141,7 +153,7 @@ def curve(records, out):
         return False
     workloads = sorted({w for w, _ in series}, reverse=True)
     svg = Svg(760, 260 * len(workloads) + 40)
-    svg.text(380, 24, "Latency against store size (median; band: 10th–90th percentile)",
+    svg.text(380, 24, f"Latency against store size (median; band: 10th–90th percentile) — {setup}",
              15, "middle", "bold")
     for row, workload in enumerate(workloads):
         top = 50 + row * 260
@@ -249,11 +261,11 @@ def user(results, out):
 
 
 def startup(results, out):
+    setup, records = one_setup(results, "startup")
     rows = []
-    for setup, (_, records) in results.items():
-        for r in records:
-            if r["section"] == "startup" and r["seconds"]:
-                rows.append((f'{r["workload"]} ({r["x"]:,} snapshots)', r["side"], r["seconds"]))
+    for r in records:
+        if r["seconds"]:
+            rows.append((f'{r["workload"]} ({r["x"]:,} records)', r["side"], r["seconds"]))
     if not rows:
         return False
     labels = []
@@ -263,8 +275,8 @@ def startup(results, out):
     tmax = max(max(s) for _, _, s in rows) * 1.1
     left, width = 260, 480
     svg = Svg(800, 80 + len(labels) * 60)
-    svg.text(400, 24, "Start-up: from spawn to the first answer (each start a dot)", 15,
-             "middle", "bold")
+    svg.text(400, 24, f"Start-up: from spawn to the first answer (each start a dot) — {setup}",
+             15, "middle", "bold")
 
     def px(t):
         return left + t / tmax * width
@@ -335,9 +347,8 @@ def main():
     results = {p.stem: load(p) for p in sorted(src.glob("*.jsonl"))}
     if not results:
         sys.exit(f"no *.jsonl in {src}")
-    curve_records = [r for _, records in results.values() for r in records]
     drawn = [name for name, ok in [
-        ("curve.svg", curve(curve_records, out)),
+        ("curve.svg", curve(results, out)),
         ("user.svg", user(results, out)),
         ("startup.svg", startup(results, out)),
         ("summary.md", summary(results, out)),

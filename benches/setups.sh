@@ -6,8 +6,8 @@
 #              what is left is CPU work, the two snapshotters' own difference
 #   ram-ext4-nojournal
 #              the same without a journal, like this VM's root: ext4 then avoids reusing
-#              inodes deleted in the last 30 s, which makes creating files after a large
-#              deletion CPU work (does either snapshotter's placement make that worse?)
+#              inodes deleted in the last minute (six while their inode table block is dirty),
+#              which makes creating files after a large deletion CPU work
 #   disk-ext4  ext4 with its journal (mkfs's default) in a loop file on the disk
 #   disk-xfs   xfs in a loop file on the disk
 #   root       the machine's own root filesystem (here: ext4 without a journal, discard), with
@@ -33,8 +33,12 @@ cargo bench --bench compare --no-run
 mnt=/mnt/lamina-bench
 dev=""
 cleanup() {
-    umount "$mnt" 2>/dev/null || true
-    [ -z "$dev" ] || losetup -d "$dev" 2>/dev/null || true
+    # Recursively: a container's rootfs or a snapshot mount left under it must not keep the
+    # filesystem (and a RAM-backed image) alive under the next setup.
+    if mountpoint -q "$mnt"; then
+        umount -R "$mnt" || { echo "setups: cannot unmount $mnt" >&2; exit 1; }
+    fi
+    [ -z "$dev" ] || losetup -d "$dev" || { echo "setups: cannot detach $dev" >&2; exit 1; }
     dev=""
     rm -f /dev/shm/lamina-bench.img /var/tmp/lamina-bench.img
 }

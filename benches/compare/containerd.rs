@@ -693,16 +693,16 @@ async fn cri_containers(c: &Containerd, sides: &mut Pair<Side>, sizes: &Sizes, i
             .unwrap()
             .1;
         settle(sizes);
-        let before = side.entries();
         let (id, create) = c.crictl_ok(&["create", &pod.id, &pod.container, &pod.config]);
         let (_, start) = c.crictl_ok(&["start", &id]);
         side.cri.push(create + start);
-        // Through the pod's runtime handler, the container's snapshot is this side's.
-        assert!(
-            side.entries() > before,
-            "CRI did not put the container's snapshot on {}",
-            side.snapshotter
-        );
+        // Through the pod's runtime handler, the container's snapshot (its key is the
+        // container's ID) is this side's: a Stat on any other snapshotter fails the run.
+        c.target(side.snapshotter, "k8s.io")
+            .client()
+            .await
+            .stat(&id)
+            .await;
         c.crictl_ok(&["stop", "--timeout", "0", &id]);
         c.crictl_ok(&["rm", &id]);
     })
@@ -825,8 +825,19 @@ pub async fn durable_import(
             settle(sizes);
             let import = ["images", "import", "--snapshotter", "lamina", &archive];
             side.import.push(c.ctr_ok(&ns, &import));
-            // Removed again, so that each round unpacks the same amount into an empty root.
+            // Removed again, so that each round unpacks the same amount into an empty root,
+            // and waited for: lamina deletes in the background, and that deleting must not
+            // overlap the other side's timed unpack.
             c.ctr_ok(&ns, &["images", "rm", "--sync", &image.name]);
+            let snapshots = side.server.root.join("snapshots");
+            let deadline = Instant::now() + Duration::from_secs(300);
+            while fs::read_dir(&snapshots).map(|d| d.count()).unwrap_or(0) > 0 {
+                assert!(
+                    Instant::now() < deadline,
+                    "the image's snapshots were not freed within 300 s of its removal"
+                );
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
         },
     )
     .await;

@@ -1,7 +1,7 @@
 //! lamina against containerd's built-in overlayfs snapshotter, side by side, in one run.
 //!
 //! ```sh
-//! cargo bench --bench compare                 # full run, as root (about 5 minutes here)
+//! cargo bench --bench compare                 # full run, as root (about 40 minutes here)
 //! cargo bench --bench compare -- --smoke      # every workload at a few ops (seconds)
 //! ```
 //!
@@ -77,7 +77,8 @@ struct Args {
     /// Leave out the user level (a private containerd, `ctr images import` and `ctr run`).
     #[arg(long)]
     no_containerd: bool,
-    /// Run only the user level.
+    /// Run only the user level (and, unless --no-durable, what durable_commit costs an
+    /// image's unpack).
     #[arg(long)]
     only_containerd: bool,
     /// Run only what durable_commit costs (lamina with it on against lamina with it off).
@@ -345,6 +346,8 @@ pub struct Sizes {
     pub startup_reps: usize,
     /// Creations cut short by the SIGKILL of the start-up workload.
     pub startup_cut: usize,
+    /// Whether the start-up workload drops the page cache for its cold starts.
+    pub drop_caches: bool,
 }
 
 impl Sizes {
@@ -375,6 +378,7 @@ impl Sizes {
             settle: std::time::Duration::from_secs(2),
             startup_reps: 5,
             startup_cut: 10_000,
+            drop_caches: true,
         }
     }
 
@@ -405,6 +409,7 @@ impl Sizes {
             settle: std::time::Duration::ZERO,
             startup_reps: 1,
             startup_cut: 40,
+            drop_caches: false,
         }
     }
 }
