@@ -8,25 +8,14 @@ use std::{
     process::Command,
 };
 
-use crate::oci_support::{layer_tar, Entry};
+use crate::oci_support::{busybox_layer, layer_tar, Entry};
 
 /// Busybox applets linked in `/bin`.
 const APPLETS: &[&str] = &["sh", "true", "ls", "cat", "echo"];
 
 /// The layers: busybox and its applets, then `extra` layers of `files` files of 1 KiB each.
 fn layers(extra: usize, files: usize) -> Vec<Vec<u8>> {
-    let busybox = fs::read("/bin/busybox").expect("/bin/busybox (apt-get install busybox-static)");
-    let mut l1 = vec![
-        Entry::Dir("bin".into()),
-        Entry::File("bin/busybox".into(), &busybox, 0o755),
-    ];
-    l1.extend(
-        APPLETS
-            .iter()
-            .map(|a| Entry::Symlink(format!("bin/{a}"), "busybox")),
-    );
-    l1.push(Entry::Dir("etc".into()));
-    let mut out = vec![layer_tar(&l1)];
+    let mut out = vec![busybox_layer(APPLETS, &[Entry::Dir("etc")])];
     let data = vec![b'x'; 1024];
     for l in 0..extra {
         let mut e = vec![Entry::Dir("data".into()), Entry::Dir(format!("data/l{l}"))];

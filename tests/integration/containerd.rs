@@ -17,7 +17,7 @@ use std::{
 
 use crate::{
     containerd_support::Flavor,
-    oci_support::{layer_tar, sha256, write_oci_archive, Entry},
+    oci_support::{busybox_layer, layer_tar, sha256, write_oci_archive, Entry},
     util::*,
 };
 
@@ -350,20 +350,16 @@ pub(crate) fn chain_ids(diff_ids: &[String]) -> Vec<String> {
 /// The image's layers: (L1) busybox, /etc/msg = one, /gone, /d/old; (L2) /etc/msg = two,
 /// whiteout of /gone, /d opaque with /d/new; then `extra` layers.
 pub(crate) fn image_layers(extra: &[Vec<u8>]) -> Vec<Vec<u8>> {
-    let busybox = fs::read("/bin/busybox").expect("/bin/busybox (apt-get install busybox-static)");
-    let links: Vec<String> = APPLETS.iter().map(|a| format!("bin/{a}")).collect();
-    let mut l1 = vec![
-        Entry::Dir("bin"),
-        Entry::File("bin/busybox", &busybox, 0o755),
-    ];
-    l1.extend(links.iter().map(|l| Entry::Symlink(l.as_str(), "busybox")));
-    l1.extend([
-        Entry::Dir("etc"),
-        Entry::File("etc/msg", b"one", 0o644),
-        Entry::File("gone", b"x", 0o644),
-        Entry::Dir("d"),
-        Entry::File("d/old", b"old", 0o644),
-    ]);
+    let l1 = busybox_layer(
+        APPLETS,
+        &[
+            Entry::Dir("etc"),
+            Entry::File("etc/msg", b"one", 0o644),
+            Entry::File("gone", b"x", 0o644),
+            Entry::Dir("d"),
+            Entry::File("d/old", b"old", 0o644),
+        ],
+    );
     let l2 = [
         Entry::Dir("etc"),
         Entry::File("etc/msg", b"two", 0o644),
@@ -372,7 +368,7 @@ pub(crate) fn image_layers(extra: &[Vec<u8>]) -> Vec<Vec<u8>> {
         Entry::File("d/.wh..wh..opq", b"", 0o644),
         Entry::File("d/new", b"new", 0o644),
     ];
-    let mut layers = vec![layer_tar(&l1), layer_tar(&l2)];
+    let mut layers = vec![l1, layer_tar(&l2)];
     layers.extend(extra.iter().cloned());
     layers
 }

@@ -7,7 +7,7 @@
 
 use std::{fs, os::unix::fs::PermissionsExt, path::Path};
 
-use crate::oci_support::{layer_tar, write_oci_archive_with, Entry};
+use crate::oci_support::{busybox_layer, write_oci_archive_with};
 
 /// A CNI plugin that gives the pod's network namespace an `eth0` with an address, and nothing
 /// more: a pod with a network namespace of its own (a user-namespaced one must have one) needs
@@ -88,24 +88,12 @@ pub fn config(dir: &Path, pause: &str, runtimes: &[(&str, &str)]) -> String {
     out
 }
 
-/// A layer with `/bin/busybox` and `applets` linked to it.
-pub fn busybox_layer(applets: &[&str]) -> Vec<u8> {
-    let busybox = fs::read("/bin/busybox").expect("/bin/busybox (apt-get install busybox-static)");
-    let links: Vec<String> = applets.iter().map(|a| format!("bin/{a}")).collect();
-    let mut entries = vec![
-        Entry::Dir("bin"),
-        Entry::File("bin/busybox", &busybox, 0o755),
-    ];
-    entries.extend(links.iter().map(|l| Entry::Symlink(l.as_str(), "busybox")));
-    layer_tar(&entries)
-}
-
 /// Writes the pause image `name` (busybox sleeping until told to stop) as an archive to `path`.
 pub fn write_pause_image(path: &Path, name: &str) {
     write_oci_archive_with(
         path,
         name,
-        &[busybox_layer(&["sh", "sleep"])],
+        &[busybox_layer(&["sh", "sleep"], &[])],
         &[
             "sh",
             "-c",

@@ -41,6 +41,7 @@ fn header(kind: tar::EntryType, mode: u32, size: usize) -> tar::Header {
 
 /// One entry of a layer: a directory (0755), a file with its contents and mode, or a symlink
 /// and its target. `S` is the path: `&str` or `String`.
+#[derive(Clone, Copy)]
 pub enum Entry<'a, S: AsRef<str> = &'a str> {
     Dir(S),
     File(S, &'a [u8], u32),
@@ -69,6 +70,20 @@ pub fn layer_tar<S: AsRef<str>>(entries: &[Entry<'_, S>]) -> Vec<u8> {
         .expect("tar entry");
     }
     b.into_inner().expect("tar")
+}
+
+/// A layer with the machine's `/bin/busybox` (busybox-static), `applets` linked to it in
+/// `/bin`, then `more`: the userland of every image the tests and the benchmark build.
+pub fn busybox_layer(applets: &[&str], more: &[Entry<'_>]) -> Vec<u8> {
+    let busybox = fs::read("/bin/busybox").expect("/bin/busybox (apt-get install busybox-static)");
+    let links: Vec<String> = applets.iter().map(|a| format!("bin/{a}")).collect();
+    let mut entries = vec![
+        Entry::Dir("bin"),
+        Entry::File("bin/busybox", &busybox, 0o755),
+    ];
+    entries.extend(links.iter().map(|l| Entry::Symlink(l.as_str(), "busybox")));
+    entries.extend(more.iter().copied());
+    layer_tar(&entries)
 }
 
 /// Writes to `path` an OCI image layout tar holding one image, for `ctr images import`:
