@@ -786,7 +786,7 @@ async fn collect(c: &Containerd, side: &Side) {
     }
 }
 
-/// `ctr images import` of the realistic gzip image through two containerds, each with its own
+/// `ctr images import` of `image` through two containerds, each with its own
 /// lamina, one with durable_commit on and one with it off ([`crate::durable::DURABLE`]), in
 /// rounds that [`alternate`] between them; the content is ingested first, so each import is
 /// the unpack alone. Returns the samples, [on, off].
