@@ -5,7 +5,9 @@
 //! - the server side of containerd's Snapshots service, defined here method by method over the
 //!   message types `containerd-snapshots` generates. The crate's own generated server would do,
 //!   but for List: its messages are encoded by lamina itself (see `src/grpc/list.rs`), which
-//!   needs a codec of its own for that one method, and only a service defined here can say so.
+//!   needs a codec of its own for that one method, and only a service defined here can say so;
+//! - the server side of containerd's Diff service, the same way over `containerd-client`'s
+//!   messages.
 
 use tonic_build::manual::{Method, Service};
 
@@ -66,8 +68,35 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             .server_streaming()
             .build(),
     );
+    // containerd's Diff service (lamina's differ), over the messages `containerd-client`
+    // generates from the .proto files it ships, but for ApplyRequest: containerd 2.x added
+    // `sync_fs` to it, which that crate's files predate, so lamina declares the message itself
+    // (src/grpc/diff.rs) with the crate's Descriptor and Mount.
+    const DIFF: &str = "containerd_client::services::v1";
+    let diff = Service::builder()
+        .name("Diff")
+        .package("containerd.services.diff.v1")
+        .method(
+            Method::builder()
+                .name("apply")
+                .route_name("Apply")
+                .input_type("crate::grpc::diff::ApplyRequest")
+                .output_type(format!("{DIFF}::ApplyResponse"))
+                .codec_path("tonic::codec::ProstCodec")
+                .build(),
+        )
+        .method(
+            Method::builder()
+                .name("diff")
+                .route_name("Diff")
+                .input_type(format!("{DIFF}::DiffRequest"))
+                .output_type(format!("{DIFF}::DiffResponse"))
+                .codec_path("tonic::codec::ProstCodec")
+                .build(),
+        )
+        .build();
     tonic_build::manual::Builder::new()
         .build_client(false)
-        .compile(&[service.build()]);
+        .compile(&[service.build(), diff]);
     Ok(())
 }

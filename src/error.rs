@@ -51,6 +51,11 @@ pub enum Error {
     #[error("{0}")]
     Unsupported(String),
 
+    /// A request lamina does not serve (the Diff service's Diff, a layer's media type it does
+    /// not read); says what to use instead. containerd reads the code as its `NotImplemented`.
+    #[error("{0}")]
+    Unimplemented(String),
+
     /// A config file or flag that lamina cannot use; names the key and what is wrong.
     #[error("{0}")]
     Config(String),
@@ -169,6 +174,7 @@ impl Error {
             // each of these messages asks for; Internal would mean a fault for a human to fix.
             Error::Unavailable(_) => Code::Unavailable,
             Error::TimedOut(_) => Code::DeadlineExceeded,
+            Error::Unimplemented(_) => Code::Unimplemented,
             // A full disk or a read-only root is something an operator can fix and retry.
             Error::Io { source, .. } if is_resource_error(source) => Code::ResourceExhausted,
             Error::Exhausted(_) => Code::ResourceExhausted,

@@ -6,6 +6,7 @@ pub mod config;
 pub mod dirs;
 pub mod error;
 pub mod grpc;
+pub mod layer;
 pub mod metrics;
 pub mod overlay;
 pub mod pool;

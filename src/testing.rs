@@ -44,3 +44,18 @@ pub fn bind(source: &std::path::Path, target: &std::path::Path) {
     )
     .unwrap_or_else(|e| panic!("bind {} at {}: {e}", source.display(), target.display()));
 }
+
+/// True when a test that needs root (chown to other users, device nodes, `trusted.*`
+/// attributes) may run. Otherwise it prints why and the test returns early, unless `CI` is
+/// set, where a test that cannot run is a failure.
+pub fn root_allowed(why: &str) -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "needs root ({why}); CI is set"
+    );
+    eprintln!("skipped: needs root ({why})");
+    false
+}

@@ -12,6 +12,8 @@ use crate::error::{Error, Result};
 
 pub const DEFAULT_ROOT: &str = "/var/lib/lamina";
 pub const DEFAULT_ADDRESS: &str = "/run/lamina/lamina.sock";
+/// containerd's own socket, where lamina's differ reads layers from its content store.
+pub const DEFAULT_CONTAINERD_ADDRESS: &str = "/run/containerd/containerd.sock";
 /// Read when no `--config` is given and it exists: the file the package installs and
 /// lamina.service names, so that a daemon started by hand runs with the same settings.
 pub const DEFAULT_CONFIG_FILE: &str = "/etc/lamina/config.toml";
@@ -34,6 +36,7 @@ struct File {
     log_format: Option<LogFormat>,
     metrics_address: Option<String>,
     socket_group: Option<Group>,
+    containerd_address: Option<PathBuf>,
 }
 
 /// `socket_group` as written: a name, or a number, either as a TOML integer (as `lamina config
@@ -128,6 +131,9 @@ pub struct Config {
     /// Where to serve Prometheus metrics (`host:port` or `unix:/path`); none by default.
     #[serde(skip_serializing_if = "Option::is_none", serialize_with = "display")]
     pub metrics_address: Option<Address>,
+    /// containerd's socket: lamina's differ (the Diff service's Apply) reads each layer's
+    /// blob from containerd's content store there.
+    pub containerd_address: PathBuf,
 }
 
 /// Where the scrape endpoint listens: `host:port`, or `unix:/path`.
@@ -239,6 +245,9 @@ fn resolve(file: File, flags: &Flags) -> Result<Config> {
             Some(Group::Id(gid)) => Some(gid),
             Some(Group::Name(name)) => Some(group_id(&name)?),
         },
+        containerd_address: file
+            .containerd_address
+            .unwrap_or_else(|| DEFAULT_CONTAINERD_ADDRESS.into()),
     };
     validate(&config)?;
     Ok(config)
@@ -247,6 +256,7 @@ fn resolve(file: File, flags: &Flags) -> Result<Config> {
 fn validate(c: &Config) -> Result<()> {
     absolute("root", &c.root)?;
     absolute("address", &c.address)?;
+    absolute("containerd_address", &c.containerd_address)?;
     // Paths go to containerd in mount specs and to operators in TOML, both UTF-8 only.
     for (key, path) in [("root", &c.root), ("address", &c.address)] {
         if path.to_str().is_none() {
@@ -364,6 +374,7 @@ mod tests {
             log_format: LogFormat::Json,
             socket_group: Some(4321),
             metrics_address: Some(metrics.parse().unwrap()),
+            containerd_address: "/srv/containerd/c.sock".into(),
         }
     }
 

@@ -100,6 +100,20 @@ impl Layout {
         self.dir(id).join("work")
     }
 
+    /// The ID whose `fs` directory `path` is, spelled as [`Layout::fs`] spells it; None for
+    /// any other path.
+    pub fn fs_id(&self, path: &Path) -> Option<u64> {
+        let rest = path.strip_prefix(self.snapshots_dir()).ok()?;
+        let id: u64 = rest
+            .components()
+            .next()?
+            .as_os_str()
+            .to_str()?
+            .parse()
+            .ok()?;
+        (path.as_os_str() == self.fs(id).as_os_str()).then_some(id)
+    }
+
     /// Creates the root and `snapshots/` with their modes, fixing the modes of existing ones.
     /// An existing root that holds anything must be lamina's (see [`Layout::check_ours`]).
     pub fn init(&self) -> Result<()> {

@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod client;
+pub mod diff;
 mod list;
 mod serving;
 

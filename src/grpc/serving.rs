@@ -68,7 +68,7 @@ impl ClientDeadlines {
     }
 }
 
-/// Serves lamina's gRPC services (Snapshots, admin, health) on the connections `incoming`
+/// Serves lamina's gRPC services (Snapshots, Diff, admin, health) on the connections `incoming`
 /// yields until `shutdown` completes, then stops accepting, lets in-flight requests finish for
 /// at most [`DRAIN`], and returns.
 pub async fn serve<S>(
@@ -80,6 +80,7 @@ where
     S: Stream<Item = std::io::Result<UnixStream>> + Send + 'static,
 {
     let snapshotter = Arc::clone(&admin.snapshotter);
+    let containerd = admin.config.containerd_address.clone();
     // Health: SERVING from here (recovery is done), NOT_SERVING once shutdown starts.
     let (mut health, health_service) = tonic_health::server::health_reporter();
     health.set_service_status("", ServingStatus::Serving).await;
@@ -93,6 +94,7 @@ where
         .add_service(health_service)
         .add_service(AdminServer::new(admin))
         .add_service(super::server(Arc::clone(&snapshotter), deadlines.list_idle))
+        .add_service(super::diff::server(Arc::clone(&snapshotter), containerd))
         .serve_with_incoming_shutdown(incoming, async {
             let _ = stop_rx.await;
         });

@@ -148,6 +148,36 @@ fn read_only_one(m: &Mount) -> Mount {
     }
 }
 
+/// The directories of the snapshot that `mounts` (what containerd passes to the Diff service's
+/// Apply) write a layer into, if they have the shape [`active_mounts`] gives: the upper
+/// directory, the lowers (nearest first) and the work directory (none for a bind). None for
+/// any other shape: a view's or read-only mount, several mounts, ID-mapped ones, or another
+/// snapshotter's.
+pub fn layer_dirs(mounts: &[Mount]) -> Option<(PathBuf, Vec<PathBuf>, Option<PathBuf>)> {
+    let [m] = mounts else { return None };
+    if m.options.iter().any(|o| is_id_mapping(o)) {
+        return None;
+    }
+    match m.r#type.as_str() {
+        "bind" => (m.options.iter().any(|o| o == "rw") && !m.options.iter().any(|o| o == "ro"))
+            .then(|| (PathBuf::from(&m.source), Vec::new(), None)),
+        "overlay" => {
+            let (mut upper, mut work, mut lowers) = (None, None, None);
+            for o in &m.options {
+                match o.split_once('=') {
+                    Some(("upperdir", v)) => upper = Some(v),
+                    Some(("workdir", v)) => work = Some(v),
+                    Some(("lowerdir", v)) => lowers = Some(v),
+                    _ => {}
+                }
+            }
+            let lowers = lowers?.split(':').map(PathBuf::from).collect();
+            Some((PathBuf::from(upper?), lowers, Some(PathBuf::from(work?))))
+        }
+        _ => None,
+    }
+}
+
 /// The directories mount `m` writes to: an overlay's upper and work directories, or the source
 /// of a bind that is not read-only. None for a read-only mount.
 pub fn written_dirs(m: &Mount) -> Vec<PathBuf> {

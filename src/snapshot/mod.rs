@@ -15,6 +15,7 @@
 //! trees on the deleter's thread (see `dirs/deleter.rs`). `checks.rs` holds the limits a
 //! request must keep; `unabandoned.rs` makes a change finish when its client hangs up.
 
+mod apply;
 mod checks;
 pub mod filter;
 pub mod fsck;
@@ -41,6 +42,7 @@ use crate::{
     overlay::{self, usage, Dirs, Mount, Usage},
     store::{Labels, Record, RecordView, Store},
 };
+pub use apply::LayerTarget;
 pub(crate) use checks::shorten;
 use checks::{check_depth, check_key, check_labels, check_labels_total};
 pub use checks::{MAX_ANCESTORS, MAX_KEY_BYTES, MAX_LABELS_TOTAL_BYTES, MAX_LABEL_BYTES};

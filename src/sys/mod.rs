@@ -4,6 +4,7 @@
 //! symlink, which everything under the root goes through.
 
 pub mod at;
+pub mod xattr;
 
 use std::{io, path::Path};
 

@@ -14,7 +14,7 @@ use std::{
 const LAYERS: &[&[&str]] = &[
     &["error", "pool", "testing"],
     &["sys", "config"],
-    &["metrics", "dirs"],
+    &["metrics", "dirs", "layer"],
     &["overlay"],
     &["store"],
     &["snapshot"],
@@ -32,6 +32,10 @@ const CONFINED: &[(&str, &[&str])] = &[
     ("tonic::", &["grpc", "error"]),
     ("tonic_health::", &["grpc"]),
     ("containerd_snapshots::", &["grpc"]),
+    ("containerd_client::", &["grpc"]),
+    ("tar::", &["layer"]),
+    ("flate2::", &["layer"]),
+    ("zstd::", &["layer"]),
     ("redb::", &["store", "error"]),
     // testing.rs is compiled for unit tests only, which bind-mount to set up their cases.
     ("nix::mount", &["sys", "testing"]),
