@@ -30,6 +30,7 @@ pub fn containerd_config(
     binary: Option<&Path>,
     cri: bool,
     idmapped: Option<bool>,
+    differ: bool,
 ) -> Result<String> {
     use crate::config::containerd::{fragment, host_platform, Series, Wanted};
     let series = match series {
@@ -54,8 +55,9 @@ pub fn containerd_config(
         cri,
         idmapped_mounts: idmapped.unwrap_or_else(probe::supports_idmapped_layers),
         platform: host_platform(),
+        differ,
     };
-    Ok(fragment(config, &wanted))
+    fragment(config, &wanted)
 }
 
 /// `lamina status`: asks the running daemon.

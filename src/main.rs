@@ -92,6 +92,10 @@ enum ConfigCommand {
         /// Also make Kubernetes (containerd's CRI) use lamina for images and containers.
         #[arg(long)]
         cri: bool,
+        /// Also make containerd (1.7+) unpack lamina's layers with lamina's differ, which
+        /// reads them from containerd at lamina's containerd_address.
+        #[arg(long)]
+        differ: bool,
         /// Whether the node's kernel can ID-map overlay lowers (5.19+), which decides the
         /// remap-ids capability [default: this machine's kernel]. For a fragment written
         /// elsewhere than on the node.
@@ -220,6 +224,7 @@ fn run(cli: Cli) -> Result<Outcome, Error> {
             containerd,
             cri,
             idmapped_mounts,
+            differ,
             flags,
         }) => {
             let config = Config::load(&flags)?;
@@ -229,6 +234,7 @@ fn run(cli: Cli) -> Result<Outcome, Error> {
                 containerd.as_deref(),
                 cri,
                 idmapped_mounts,
+                differ,
             )?;
             print!("{out}");
             Ok(Outcome::Done)

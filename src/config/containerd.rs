@@ -100,10 +100,15 @@ pub struct Wanted {
     pub idmapped_mounts: bool,
     /// The platform the transfer service unpacks for, as containerd writes it (`linux/amd64`).
     pub platform: String,
+    /// Also register lamina's differ (its Diff service) and have containerd unpack lamina's
+    /// layers with it (1.7 and later).
+    pub differ: bool,
 }
 
 /// The plugin name containerd knows lamina by in everything lamina documents.
 pub const PLUGIN: &str = "lamina";
+/// The name of lamina's differ (its Diff service) in containerd's config.
+pub const DIFF_PLUGIN: &str = "lamina-diff";
 
 /// The capabilities lamina declares to a containerd of `wanted.series`: only what lamina
 /// implements, and only where containerd reads them (2.x). `remap-ids`: lamina ID-maps a
@@ -125,7 +130,7 @@ pub fn capabilities(config: &Config, wanted: &Wanted) -> Vec<&'static str> {
 
 /// The fragment: valid TOML to append to a containerd config of that series (one that does not
 /// define these tables already), with comments saying where it goes.
-pub fn fragment(config: &Config, wanted: &Wanted) -> String {
+pub fn fragment(config: &Config, wanted: &Wanted) -> Result<String> {
     let mut s = String::new();
     let series = wanted.series;
     let address = toml_string(&config.address.display().to_string());
@@ -156,6 +161,23 @@ pub fn fragment(config: &Config, wanted: &Wanted) -> String {
             list.join(", ")
         );
     }
+    if wanted.differ {
+        if series == Series::V1_6 {
+            return Err(Error::Config(
+                "containerd 1.6 cannot use a differ of another process (1.7 added proxy \
+                 differs): leave out --differ"
+                    .into(),
+            ));
+        }
+        let containerd = toml_string(&config.containerd_address.display().to_string());
+        let _ = writeln!(
+            s,
+            "\n# lamina's differ: containerd hands it each layer to unpack into lamina, and \
+             lamina reads\n# the layer from containerd at {containerd} (lamina's \
+             containerd_address: it must be this\n# containerd's socket).\n\
+             [proxy_plugins.{DIFF_PLUGIN}]\n  type = \"diff\"\n  address = {address}"
+        );
+    }
     if series != Series::V1_6 {
         let _ = writeln!(
             s,
@@ -178,7 +200,26 @@ pub fn fragment(config: &Config, wanted: &Wanted) -> String {
                 "[[plugins.\"io.containerd.transfer.v1.local\".unpack_config]]\n  platform = \
                  {platform}\n  snapshotter = \"{snapshotter}\""
             );
+            // Named, or containerd picks its default differ whenever more than one matches
+            // the platform.
+            let differ = if snapshotter == PLUGIN && wanted.differ {
+                DIFF_PLUGIN
+            } else {
+                "walking"
+            };
+            if wanted.differ {
+                let _ = writeln!(s, "  differ = \"{differ}\"");
+            }
         }
+    }
+    if wanted.differ && series == Series::V1_7 {
+        let _ = writeln!(
+            s,
+            "\n# containerd 1.7 tries each differ of this list in turn: lamina's answers \
+             \"not implemented\"\n# for other snapshotters' mounts, and containerd then uses \
+             its own.\n[plugins.\"io.containerd.service.v1.diff-service\"]\n  default = \
+             [\"{DIFF_PLUGIN}\", \"walking\"]"
+        );
     }
     if wanted.cri {
         let table = match series {
@@ -192,7 +233,7 @@ pub fn fragment(config: &Config, wanted: &Wanted) -> String {
              set the key there instead.\n[{table}]\n  snapshotter = \"{PLUGIN}\""
         );
     }
-    s
+    Ok(s)
 }
 
 /// The platform containerd's transfer service unpacks for on this machine, in containerd's
@@ -227,6 +268,7 @@ mod tests {
             cri,
             idmapped_mounts: true,
             platform: "linux/amd64".into(),
+            differ: false,
         }
     }
 
@@ -265,7 +307,7 @@ mod tests {
     #[test]
     fn a_2x_fragment_registers_lamina_exports_its_root_and_lists_both_unpackers() {
         let c = config();
-        let t = parse(&fragment(&c, &wanted(Series::V2, false)));
+        let t = parse(&fragment(&c, &wanted(Series::V2, false)).unwrap());
         let lamina = &t["proxy_plugins"]["lamina"];
         assert_eq!(lamina["type"].as_str(), Some("snapshot"));
         assert_eq!(
@@ -314,12 +356,12 @@ mod tests {
     #[test]
     fn the_cri_key_is_where_each_config_version_has_it() {
         let c = config();
-        let v2 = parse(&fragment(&c, &wanted(Series::V2, true)));
+        let v2 = parse(&fragment(&c, &wanted(Series::V2, true)).unwrap());
         assert_eq!(
             v2["plugins"]["io.containerd.cri.v1.images"]["snapshotter"].as_str(),
             Some("lamina")
         );
-        let v1 = parse(&fragment(&c, &wanted(Series::V1_6, true)));
+        let v1 = parse(&fragment(&c, &wanted(Series::V1_6, true)).unwrap());
         assert_eq!(
             v1["plugins"]["io.containerd.grpc.v1.cri"]["containerd"]["snapshotter"].as_str(),
             Some("lamina")
@@ -328,12 +370,12 @@ mod tests {
 
     #[test]
     fn a_16_fragment_has_only_what_16_reads() {
-        let t = parse(&fragment(&config(), &wanted(Series::V1_6, false)));
+        let t = parse(&fragment(&config(), &wanted(Series::V1_6, false)).unwrap());
         let lamina = t["proxy_plugins"]["lamina"].as_table().unwrap();
         let keys: Vec<&str> = lamina.keys().map(String::as_str).collect();
         assert_eq!(keys, ["address", "type"]);
         assert!(!t.contains_key("plugins"));
-        let t = parse(&fragment(&config(), &wanted(Series::V1_7, false)));
+        let t = parse(&fragment(&config(), &wanted(Series::V1_7, false)).unwrap());
         assert!(t["proxy_plugins"]["lamina"].get("exports").is_some());
         assert!(t["proxy_plugins"]["lamina"].get("capabilities").is_none());
     }
@@ -342,10 +384,54 @@ mod tests {
     fn paths_with_quotes_stay_valid_toml() {
         let mut c = config();
         c.root = "/var/lib/la\"mi\\na".into();
-        let t = parse(&fragment(&c, &wanted(Series::V2, false)));
+        let t = parse(&fragment(&c, &wanted(Series::V2, false)).unwrap());
         assert_eq!(
             t["proxy_plugins"]["lamina"]["exports"]["root"].as_str(),
             Some("/var/lib/la\"mi\\na")
         );
+    }
+
+    #[test]
+    fn the_differ_is_registered_and_named_for_lamina_s_unpacks_only() {
+        let c = config();
+        let with_differ = |series| Wanted {
+            differ: true,
+            ..wanted(series, false)
+        };
+        let t = parse(&fragment(&c, &with_differ(Series::V2)).unwrap());
+        let diff = &t["proxy_plugins"]["lamina-diff"];
+        assert_eq!(diff["type"].as_str(), Some("diff"));
+        assert_eq!(diff["address"].as_str(), Some("/run/lamina/lamina.sock"));
+        let unpack = t["plugins"]["io.containerd.transfer.v1.local"]["unpack_config"]
+            .as_array()
+            .unwrap();
+        let differs: Vec<(&str, &str)> = unpack
+            .iter()
+            .map(|u| {
+                (
+                    u["snapshotter"].as_str().unwrap(),
+                    u["differ"].as_str().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            differs,
+            [("lamina", "lamina-diff"), ("overlayfs", "walking")]
+        );
+
+        let t = parse(&fragment(&c, &with_differ(Series::V1_7)).unwrap());
+        assert_eq!(
+            t["proxy_plugins"]["lamina-diff"]["type"].as_str(),
+            Some("diff")
+        );
+        let list = &t["plugins"]["io.containerd.service.v1.diff-service"]["default"];
+        assert_eq!(list.as_array().unwrap().len(), 2);
+        assert_eq!(list[0].as_str(), Some("lamina-diff"));
+
+        let err = fragment(&c, &with_differ(Series::V1_6)).unwrap_err();
+        assert!(err.to_string().contains("1.6"), "{err}");
+        // Without --differ, nothing of it.
+        let t = parse(&fragment(&c, &wanted(Series::V2, false)).unwrap());
+        assert!(t["proxy_plugins"].get("lamina-diff").is_none());
     }
 }

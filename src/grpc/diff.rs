@@ -208,7 +208,7 @@ impl Diff for Service {
                     options: m.options,
                 })
                 .collect();
-            let target = self.snapshotter.layer_target(&mounts)?;
+            let target = self.snapshotter.layer_target(&mounts).await?;
             let input = self.read_blob(&ns, &desc.digest)?;
             let failed = Arc::clone(&input.failed);
             let blob = layer::Blob {

@@ -4,7 +4,7 @@
 
 use std::{io::Read, sync::Arc};
 
-use super::Snapshotter;
+use super::{Kind, Snapshotter};
 use crate::{
     error::{Error, Result},
     layer::{self, Whiteouts},
@@ -26,7 +26,16 @@ impl Snapshotter {
     /// root. Anything else is not lamina's to write into and is refused as Unimplemented, the
     /// code on which containerd's diff service tries its next differ; a view's read-only
     /// mounts, ID-mapped ones and another snapshotter's all are.
-    pub fn layer_target(&self, mounts: &[Mount]) -> Result<LayerTarget> {
+    ///
+    /// Then the store is read: the upper directory must be an active snapshot's, the lowers
+    /// committed ones' (see [`Snapshotter::check_layer_target`]).
+    pub async fn layer_target(self: &Arc<Self>, mounts: &[Mount]) -> Result<LayerTarget> {
+        let target = self.target_of(mounts)?;
+        self.run(move |s| s.check_layer_target(&target).map(|()| target))
+            .await
+    }
+
+    fn target_of(&self, mounts: &[Mount]) -> Result<LayerTarget> {
         let not_ours = |why: &str| {
             Error::Unimplemented(format!(
                 "lamina's differ applies layers only to the mounts of a snapshot lamina \
@@ -54,9 +63,49 @@ impl Snapshotter {
         Ok(target)
     }
 
+    /// Refuses a target whose upper directory is not an active snapshot's (a committed layer
+    /// is immutable, and a view has no upper directory of its own), or whose lowers are not
+    /// committed snapshots. Reads every record: there is no index by ID, and an Apply (a
+    /// layer's whole unpack) costs far more than the read.
+    fn check_layer_target(&self, target: &LayerTarget) -> Result<()> {
+        let mut kinds = std::collections::HashMap::new();
+        self.store.each_view(|key, view| {
+            if view.id == target.upper || target.lowers.contains(&view.id) {
+                kinds.insert(view.id, (key.to_string(), view.kind));
+            }
+            true
+        })?;
+        match kinds.get(&target.upper) {
+            Some((_, Kind::Active)) => {}
+            Some((key, kind)) => {
+                return Err(Error::FailedPrecondition(format!(
+                    "the mounts are those of snapshot {key:?}, which is {}: a layer is applied \
+                     only to an active snapshot",
+                    kind.as_str()
+                )))
+            }
+            None => {
+                return Err(Error::NotFound(format!(
+                    "no snapshot has the directory {} (was it removed?)",
+                    self.layout.fs(target.upper).display()
+                )))
+            }
+        }
+        for id in &target.lowers {
+            if !matches!(kinds.get(id), Some((_, Kind::Committed))) {
+                return Err(Error::FailedPrecondition(format!(
+                    "the lower directory {} is not a committed snapshot's",
+                    self.layout.fs(*id).display()
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// Applies the layer `blob`, read from `input`, to the snapshot `target` (see
     /// [`layer::apply`]): whiteouts as overlayfs reads them when it has parents, as deletions
-    /// when it has none. A snapshot removed meanwhile fails to open (NotFound).
+    /// when it has none; `target` comes from [`Snapshotter::layer_target`]. A snapshot removed
+    /// meanwhile fails to open (NotFound).
     pub async fn apply(
         self: &Arc<Self>,
         target: LayerTarget,

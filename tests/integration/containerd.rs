@@ -89,7 +89,21 @@ impl Containerd {
         cri: bool,
         extra: impl FnOnce(&Path) -> String,
     ) -> Containerd {
-        let fragment = fragment(d, flavor, cri);
+        let flags: &[&str] = if cri { &["--cri"] } else { &[] };
+        Self::start_with(d, flavor, tag, flags, extra)
+    }
+
+    /// [`Containerd::start`] with `flags` for `lamina config containerd` (`--cri`,
+    /// `--differ`).
+    pub(crate) fn start_with(
+        d: &TestDaemon,
+        flavor: &Flavor,
+        tag: &str,
+        flags: &[&str],
+        extra: impl FnOnce(&Path) -> String,
+    ) -> Containerd {
+        let cri = flags.contains(&"--cri");
+        let fragment = fragment(d, flavor, flags);
         Self::launch(flavor, tag, |p| {
             format!("{}{fragment}\n{}", flavor.private_config(p, cri), extra(p))
         })
@@ -264,7 +278,7 @@ impl Drop for Containerd {
 }
 
 /// What `lamina config containerd` prints for `flavor`'s containerd and lamina `d`.
-fn fragment(d: &TestDaemon, flavor: &Flavor, cri: bool) -> String {
+fn fragment(d: &TestDaemon, flavor: &Flavor, flags: &[&str]) -> String {
     let binary = flavor.program("containerd");
     let mut args = vec![
         "config",
@@ -272,9 +286,7 @@ fn fragment(d: &TestDaemon, flavor: &Flavor, cri: bool) -> String {
         "--containerd",
         binary.to_str().unwrap(),
     ];
-    if cri {
-        args.push("--cri");
-    }
+    args.extend_from_slice(flags);
     let out = d.cli(&args);
     assert!(
         out.status.success(),
@@ -497,10 +509,80 @@ per_containerd!(
     v2_newest => || Flavor::v2(1),
 );
 
+root_test!(v2_lts_unpacks_through_lamina_s_differ, || {
+    if let Some(f) = flavor(|| Flavor::v2(0)) {
+        unpacks_through_lamina_s_differ(f).await
+    }
+});
+root_test!(v2_newest_unpacks_through_lamina_s_differ, || {
+    if let Some(f) = flavor(|| Flavor::v2(1)) {
+        unpacks_through_lamina_s_differ(f).await
+    }
+});
+
+/// lamina's differ: a containerd 2.x configured by `lamina config containerd --differ`
+/// unpacks the image through lamina's Diff service (lamina writes both layers, whiteout and
+/// opaque directory included, reading them from containerd), runs it (the union view checked)
+/// and collects it.
+async fn unpacks_through_lamina_s_differ(flavor: Flavor) {
+    // lamina starts before containerd, whose socket is in a directory made at its start:
+    // lamina's containerd_address is a symlink made to it then.
+    let link = PathBuf::from(format!(
+        "/tmp/ldiff-{}-{}.sock",
+        std::process::id(),
+        flavor.name
+    ));
+    let _ = fs::remove_file(&link);
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let stderr = log.reopen().unwrap();
+    let config = format!("containerd_address = {:?}\n", link.display().to_string());
+    let d = TestDaemon::start_with(&config, |cmd| {
+        // Each request's start is logged at debug, in its span.
+        cmd.env("RUST_LOG", "lamina=debug").stderr(stderr);
+    })
+    .await;
+    {
+        // A tag per containerd: the two tests' runc states share a directory per namespace.
+        let tag = format!("differ-{}", flavor.name);
+        let c = Containerd::start_with(&d, &flavor, &tag, &["--differ"], |_| String::new());
+        std::os::unix::fs::symlink(&c.address, &link).unwrap();
+        let plugins = c.ctr_ok(&["plugins", "ls"]);
+        assert!(
+            plugins.lines().any(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                f.len() >= 3
+                    && f[0] == "io.containerd.differ.v1"
+                    && f[1] == "lamina-diff"
+                    && f.last() == Some(&"ok")
+            }),
+            "`ctr plugins ls` has no `io.containerd.differ.v1 lamina-diff … ok` line:\n{plugins}"
+        );
+        let tar = c.path("e2e1.tar");
+        write_oci_archive(&tar, IMAGE1, &image_layers(&[]));
+        import(&c, &tar, IMAGE1);
+        let logged = fs::read_to_string(log.path()).unwrap();
+        let applied = logged
+            .lines()
+            .filter(|l| l.contains("apply{") && l.contains(": request"))
+            .count();
+        assert_eq!(
+            applied,
+            2,
+            "lamina's differ did not apply the image's two layers; lamina's log:\n{logged}\n\
+             containerd's log:\n{}",
+            c.log_tail()
+        );
+        check_merged_view(&c, "run1");
+        c.ctr_ok(&["images", "rm", "--sync", IMAGE1]);
+        wait_all_collected(&c, &d).await;
+    }
+    let _ = fs::remove_file(&link);
+}
+
 /// What `lamina config containerd` prints, appended to `containerd config default` as a user
 /// would, makes a containerd that starts and has lamina, and (2.x) unpacks into it.
 fn the_fragment_appends_to_the_stock_config(d: TestDaemon, flavor: Flavor) {
-    let fragment = fragment(&d, &flavor, false);
+    let fragment = fragment(&d, &flavor, &[]);
     let c = Containerd::launch(&flavor, "stock", |p| {
         format!("{}\n{fragment}", stock_config(&flavor, p))
     });

@@ -7,6 +7,7 @@
 
 mod calls;
 mod concurrency;
+mod diff;
 mod life;
 mod list;
 
