@@ -95,7 +95,7 @@ impl Images {
 
 /// What lamina's `config containerd` prints for a containerd 2.x and this lamina: the proxy
 /// plugin, its capabilities and exports, and the transfer service's unpack list.
-fn lamina_fragment(bins: &Bins, lamina: &Server) -> String {
+fn lamina_fragment(bins: &Bins, lamina: &Server, differ: bool) -> String {
     let out = Command::new(&bins.lamina)
         .env("LAMINA_CONFIG", "")
         .args([
@@ -108,6 +108,7 @@ fn lamina_fragment(bins: &Bins, lamina: &Server) -> String {
         .arg(&lamina.root)
         .arg("--address")
         .arg(&lamina.target.socket)
+        .args(differ.then_some("--differ"))
         .output()
         .expect("running lamina config containerd");
     assert!(
@@ -146,13 +147,18 @@ impl Containerd {
     /// With `cri`, containerd's CRI too, with a runtime handler per snapshotter (see
     /// [`CRI_RUNTIMES`]).
     fn start(dir: &Path, bins: &Bins, lamina: &Server, cri: bool) -> Containerd {
+        Containerd::start_with(dir, bins, lamina, cri, false)
+    }
+
+    /// [`Containerd::start`]; with `differ`, lamina's layers are unpacked by lamina's differ.
+    fn start_with(dir: &Path, bins: &Bins, lamina: &Server, cri: bool, differ: bool) -> Containerd {
         let flavor = flavor().expect("checked by missing_tools");
         fs::create_dir_all(dir).expect("containerd dir");
         let address = dir.join("c.sock");
         let mut config = format!(
             "{}\n{}",
             flavor.private_config(dir, cri),
-            lamina_fragment(bins, lamina)
+            lamina_fragment(bins, lamina, differ)
         );
         if cri {
             crate::cri_support::install_cni(dir);
@@ -786,27 +792,48 @@ async fn collect(c: &Containerd, side: &Side) {
     }
 }
 
-/// `ctr images import` of `image` through two containerds, each with its own
-/// lamina, one with durable_commit on and one with it off ([`crate::durable::DURABLE`]), in
-/// rounds that [`alternate`] between them; the content is ingested first, so each import is
-/// the unpack alone. Returns the samples, [on, off].
-pub async fn durable_import(
+/// One side of [`paired_unpack`]: lamina's config, and whether containerd unpacks through
+/// lamina's differ (`lamina config containerd --differ`) or its own applier.
+pub struct Variant {
+    pub label: &'static str,
+    pub lamina_config: &'static str,
+    pub differ: bool,
+}
+
+/// What a paired unpack measured on one side.
+pub struct Unpacked {
+    pub times: Vec<Duration>,
+    /// lamina's peak resident memory over the whole run (VmHWM), in bytes.
+    pub peak_rss: u64,
+}
+
+/// `ctr images import` of `image` through two containerds, each with its own lamina, set up
+/// as `variants` say, in rounds that [`alternate`] between them; the content is ingested first,
+/// so each import is the unpack alone.
+pub async fn paired_unpack(
     dir: &Path,
     bins: &Bins,
     sizes: &Sizes,
     image: &Image,
-) -> [Vec<Duration>; 2] {
+    variants: [Variant; 2],
+) -> [Unpacked; 2] {
     /// One lamina, the containerd that uses it, and the import times.
     struct Side {
         server: Server,
         containerd: Containerd,
         import: Vec<Duration>,
     }
-    let mut sides = crate::durable::DURABLE.map(|(config, label)| {
-        let server_dir = dir.join(format!("lamina-{label}"));
-        let server = Server::start_with(Kind::Lamina, bins, &server_dir, config);
-        let containerd =
-            Containerd::start(&dir.join(format!("ctrd-{label}")), bins, &server, false);
+    let mut sides = variants.map(|v| {
+        let server_dir = dir.join(format!("lamina-{}", v.label));
+        let ctrd_dir = dir.join(format!("ctrd-{}", v.label));
+        // lamina's differ reads the layers from this containerd.
+        let config = format!(
+            "{}containerd_address = {:?}\n",
+            v.lamina_config,
+            ctrd_dir.join("c.sock").display().to_string()
+        );
+        let server = Server::start_with(Kind::Lamina, bins, &server_dir, &config);
+        let containerd = Containerd::start_with(&ctrd_dir, bins, &server, false, v.differ);
         Side {
             server,
             containerd,
@@ -818,7 +845,7 @@ pub async fn durable_import(
         0..sizes.durable_reps,
         sides.each_mut(),
         async |rep, side| {
-            let ns = format!("durable-{rep}");
+            let ns = format!("paired-{rep}");
             let c = &side.containerd;
             // The content first, untimed, so the timed import only unpacks the layers.
             c.ctr_ok(&ns, &["images", "import", "--no-unpack", &archive]);
@@ -841,10 +868,21 @@ pub async fn durable_import(
         },
     )
     .await;
-    let [mut on, mut off] = sides;
+    let [mut a, mut b] = sides;
+    let peak = |s: &Server| crate::machine::peak_rss(s.pid());
+    let (peak_a, peak_b) = (peak(&a.server), peak(&b.server));
     // Both containerds first: each still talks to its lamina while it tears down.
-    drop((on.containerd, off.containerd));
-    on.server.stop();
-    off.server.stop();
-    [on.import, off.import]
+    drop((a.containerd, b.containerd));
+    a.server.stop();
+    b.server.stop();
+    [
+        Unpacked {
+            times: a.import,
+            peak_rss: peak_a,
+        },
+        Unpacked {
+            times: b.import,
+            peak_rss: peak_b,
+        },
+    ]
 }

@@ -87,6 +87,12 @@ struct Args {
     /// Leave out what durable_commit costs.
     #[arg(long)]
     no_durable: bool,
+    /// Run only lamina's differ against containerd's applier (the user level's images).
+    #[arg(long)]
+    only_differ: bool,
+    /// Leave out lamina's differ against containerd's applier.
+    #[arg(long)]
+    no_differ: bool,
     /// Run only start-up at scale (filling both stores to --max-scale first).
     #[arg(long)]
     only_startup: bool,
@@ -121,7 +127,7 @@ impl Args {
 
     /// Whether the snapshotter level runs (each snapshotter over its own socket).
     fn snapshotter(&self) -> bool {
-        !self.only_containerd && !self.only_startup
+        !self.only_containerd && !self.only_startup && !self.only_differ
     }
 
     /// Whether the user level runs (through containerd).
@@ -131,7 +137,12 @@ impl Args {
 
     /// Whether start-up at scale runs.
     fn startup(&self) -> bool {
-        !self.only_containerd && !self.only_durable
+        !self.only_containerd && !self.only_durable && !self.only_differ
+    }
+
+    /// Whether lamina's differ is measured against containerd's applier.
+    fn differ(&self) -> bool {
+        self.containerd() && !self.no_differ && !self.only_durable
     }
 }
 
@@ -197,10 +208,13 @@ async fn main() {
         ));
         containerd::Images::build(&cache, &s, args.smoke)
     });
-    if args.containerd() && !args.only_durable {
+    if args.containerd() && !args.only_durable && !args.only_differ {
         failed |= !user_level(base.path(), &bins, &s, images.as_ref()).await;
     }
-    if (args.snapshotter() || args.containerd()) && !args.no_durable {
+    if args.differ() {
+        differ(base.path(), &bins, &s, images.as_ref()).await;
+    }
+    if (args.snapshotter() || args.containerd()) && !args.no_durable && !args.only_differ {
         durable_commit(base.path(), &bins, &s, &args, images.as_ref()).await;
     }
     if let Some(path) = &args.json {
@@ -270,6 +284,70 @@ async fn user_level(
 
 /// Prints the durable_commit section: the snapshotter-level rows and the `ctr images import`
 /// row, as far as `args` asks for them.
+/// lamina's differ against containerd's applier, lamina (with its defaults) under both: each
+/// image's unpack, and lamina's peak memory.
+async fn differ(base: &Path, bins: &Bins, s: &Sizes, images: Option<&containerd::Images>) {
+    println!(
+        "### lamina's differ against containerd's applier (containerd {}, lamina under both)\n",
+        containerd::flavor().map(|f| f.name).unwrap_or_default()
+    );
+    let Some(images) = images else {
+        println!(
+            "skipped: {}\n",
+            containerd::missing_tools().unwrap_or_default()
+        );
+        return;
+    };
+    let mut rows = Vec::new();
+    let mut peaks = String::new();
+    for (label, image) in [
+        ("gzip", &images.gzip),
+        ("zstd", &images.zstd),
+        ("small", &images.small),
+    ] {
+        stage(&format!(
+            "lamina's differ against containerd's applier: unpack of the {label} image"
+        ));
+        let variants = [
+            containerd::Variant {
+                label: "differ",
+                lamina_config: "",
+                differ: true,
+            },
+            containerd::Variant {
+                label: "applier",
+                lamina_config: "",
+                differ: false,
+            },
+        ];
+        let dir = base.join(format!("differ-{label}"));
+        let [ours, theirs] = containerd::paired_unpack(&dir, bins, s, image, variants).await;
+        let what = format!("{label} unpack");
+        report::record("differ", &what, "lamina's differ", &ours.times);
+        report::record("differ", &what, "containerd's applier", &theirs.times);
+        peaks.push_str(&format!(
+            "| {label} | {:.1} MiB | {:.1} MiB |\n",
+            ours.peak_rss as f64 / (1 << 20) as f64,
+            theirs.peak_rss as f64 / (1 << 20) as f64
+        ));
+        rows.push(report::OnOff {
+            workload: format!("unpack of the {label} image ({})", image.describe()),
+            on: ours.times,
+            off: theirs.times,
+        });
+    }
+    println!(
+        "{}\n{} rounds of each, alternating between the two (and which goes first); each \
+         unpack is `ctr images import` of content already ingested.\n",
+        report::pair_table("lamina's differ", "containerd's applier", &rows),
+        s.durable_reps
+    );
+    println!(
+        "lamina's peak resident memory (VmHWM) over each run:\n\n| image | with its differ | \
+         without |\n|---|---:|---:|\n{peaks}"
+    );
+}
+
 async fn durable_commit(
     base: &Path,
     bins: &Bins,
@@ -296,7 +374,15 @@ async fn durable_commit(
                         "durable_commit on and off: unpack of the {label} image"
                     ));
                     let dir = base.join(format!("durable-user-{label}"));
-                    let [on, off] = containerd::durable_import(&dir, bins, s, image).await;
+                    let variants =
+                        durable::DURABLE.map(|(lamina_config, label)| containerd::Variant {
+                            label,
+                            lamina_config,
+                            differ: false,
+                        });
+                    let [on, off] = containerd::paired_unpack(&dir, bins, s, image, variants)
+                        .await
+                        .map(|u| u.times);
                     let what = format!("{label} unpack");
                     report::record("durable", &what, "durable_commit on", &on);
                     report::record("durable", &what, "durable_commit off", &off);

@@ -503,8 +503,17 @@ pub struct OnOff {
 /// The table of [`OnOff`] rows for `setting`: each side's median and range, and the ratio of
 /// the medians.
 pub fn on_off_table(setting: &str, rows: &[OnOff]) -> String {
+    pair_table(
+        &format!("{setting} = true"),
+        &format!("{setting} = false"),
+        rows,
+    )
+}
+
+/// [`on_off_table`] with each side named: `a` is each row's `on`, `b` its `off`.
+pub fn pair_table(a: &str, b: &str, rows: &[OnOff]) -> String {
     let mut out = format!(
-        "| workload | {setting} = true: median (min – max) | {setting} = false: median (min – max) | true ÷ false (medians) |\n|---|---:|---:|---:|\n"
+        "| workload | {a}: median (min – max) | {b}: median (min – max) | ratio of the medians |\n|---|---:|---:|---:|\n"
     );
     for r in rows {
         let ratio = median(&r.on).as_secs_f64() / median(&r.off).as_secs_f64();
