@@ -17,6 +17,7 @@ mod crash;
 mod cri;
 #[path = "../support/cri.rs"]
 mod cri_support;
+mod differ;
 mod faults;
 mod hostile;
 mod layers;
