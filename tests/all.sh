@@ -15,3 +15,5 @@ cargo test --bench compare
 tests/packaging.sh
 tests/conformance/run.sh target/debug/lamina
 tests/conformance/run.sh --v2 target/debug/lamina
+# The layer extractor against inputs a fuzzer makes up (bounded: LAMINA_FUZZ_SECONDS).
+tests/fuzz/run.sh
