@@ -399,7 +399,13 @@ impl Side {
 }
 
 /// Runs the user-level workloads; returns their rows.
-pub async fn run(dir: &Path, bins: &Bins, sizes: &Sizes, images: &Images) -> Vec<Row> {
+pub async fn run(
+    dir: &Path,
+    bins: &Bins,
+    sizes: &Sizes,
+    images: &Images,
+    only: Option<&[String]>,
+) -> Vec<Row> {
     let mut lamina = Server::start(Kind::Lamina, bins, &dir.join("lamina"));
     let c = Containerd::start(&dir.join("ctrd"), bins, &lamina, true);
     eprintln!(
@@ -465,7 +471,11 @@ pub async fn run(dir: &Path, bins: &Bins, sizes: &Sizes, images: &Images) -> Vec
         collect(&c, side).await;
     }
 
-    for (label, img) in images.each() {
+    let chosen = images
+        .each()
+        .into_iter()
+        .filter(|(label, _)| only.is_none_or(|o| o.iter().any(|x| x == label)));
+    for (label, img) in chosen {
         crate::stage(&format!(
             "user level: {label} image ({}): import, run, removal, unpack",
             img.describe()
@@ -580,6 +590,13 @@ pub async fn run(dir: &Path, bins: &Bins, sizes: &Sizes, images: &Images) -> Vec
         ),
     ];
     for (label, img) in images.each() {
+        // Left out by --user-images.
+        if [&sides.lamina, &sides.overlay]
+            .iter()
+            .all(|side| side.images.iter().all(|(l, _)| *l != label))
+        {
+            continue;
+        }
         let samples = sides.as_ref().map(|side| {
             side.images
                 .iter()

@@ -93,6 +93,10 @@ struct Args {
     /// Leave out lamina's differ against containerd's applier.
     #[arg(long)]
     no_differ: bool,
+    /// The user level's image workloads only for these images (comma-separated: gzip, zstd,
+    /// small); the other workloads run as always.
+    #[arg(long, value_name = "LIST", value_delimiter = ',')]
+    user_images: Option<Vec<String>>,
     /// Run only start-up at scale (filling both stores to --max-scale first).
     #[arg(long)]
     only_startup: bool,
@@ -209,7 +213,8 @@ async fn main() {
         containerd::Images::build(&cache, &s, args.smoke)
     });
     if args.containerd() && !args.only_durable && !args.only_differ {
-        failed |= !user_level(base.path(), &bins, &s, images.as_ref()).await;
+        let only = args.user_images.as_deref();
+        failed |= !user_level(base.path(), &bins, &s, images.as_ref(), only).await;
     }
     if args.differ() {
         differ(base.path(), &bins, &s, images.as_ref()).await;
@@ -251,6 +256,7 @@ async fn user_level(
     bins: &Bins,
     s: &Sizes,
     images: Option<&containerd::Images>,
+    only: Option<&[String]>,
 ) -> bool {
     println!(
         "### User level (one containerd {}: its built-in `overlayfs` vs `lamina` as its proxy plugin)\n",
@@ -264,7 +270,7 @@ async fn user_level(
         return true;
     };
     let dir = base.join("user");
-    let run = containerd::run(&dir, bins, s, images);
+    let run = containerd::run(&dir, bins, s, images, only);
     match AssertUnwindSafe(run).catch_unwind().await {
         Ok(rows) => {
             println!("{}", report::comparison_table(&rows));
