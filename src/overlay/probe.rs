@@ -90,7 +90,8 @@ fn first_that_mounts(
     Err(first_error.unwrap_or_else(|| Error::Unsupported("no mount options to try".into())))
 }
 
-fn in_user_namespace() -> bool {
+/// Whether lamina runs inside a user namespace (rootless, or in a container).
+pub fn in_user_namespace() -> bool {
     // The initial namespace maps the whole 32-bit uid range onto itself.
     match fs::read_to_string("/proc/self/uid_map") {
         Ok(map) => {

@@ -60,6 +60,15 @@ impl Snapshotter {
                 return Err(not_ours("its workdir is not the snapshot's own"));
             }
         }
+        // Over parents, whiteouts are 0/0 character devices, which a user namespace may not
+        // make; containerd's own applier mounts the overlay there instead.
+        if !target.lowers.is_empty() && overlay::probe::in_user_namespace() {
+            return Err(Error::Unimplemented(
+                "lamina runs in a user namespace, where it cannot make overlayfs whiteouts \
+                 (0/0 character devices): use containerd's own differ (leave out --differ)"
+                    .into(),
+            ));
+        }
         Ok(target)
     }
 
