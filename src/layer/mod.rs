@@ -182,9 +182,12 @@ pub fn apply(target: &Target, blob: &Blob, input: impl Read + Send, sync: bool) 
             .spawn_scoped(scope, || {
                 let result = decompress(compression, &mut compressed, &tx);
                 // The rest of the blob (what follows the compressed stream) is read too, so
-                // its digest covers all of it.
-                let rest =
-                    result.and_then(|()| io::copy(&mut compressed, &mut io::sink()).map(drop));
+                // its digest covers all of it; not when the writer stopped early (its error is
+                // the answer, and the rest of the blob need not be fetched).
+                let rest = result.and_then(|finished| match finished {
+                    true => io::copy(&mut compressed, &mut io::sink()).map(drop),
+                    false => Ok(()),
+                });
                 if let Err(e) = &rest {
                     let _ = tx.send(Err(io::Error::new(e.kind(), e.to_string())));
                 }
@@ -239,12 +242,13 @@ pub fn apply(target: &Target, blob: &Blob, input: impl Read + Send, sync: bool) 
     Ok(applied)
 }
 
-/// Decompresses `input` into chunks sent on `tx`; stops quietly when the receiver is gone.
+/// Decompresses `input` into chunks sent on `tx`: true once the stream ended, false when the
+/// receiver went away first.
 fn decompress(
     compression: Compression,
     input: &mut impl Read,
     tx: &mpsc::SyncSender<io::Result<Vec<u8>>>,
-) -> io::Result<()> {
+) -> io::Result<bool> {
     let mut reader: Box<dyn Read + '_> = match compression {
         Compression::None => Box::new(input),
         // Layers made by pigz and others can hold several gzip members; Go's reader reads
@@ -264,11 +268,11 @@ fn decompress(
             }
         }
         if filled == 0 {
-            return Ok(());
+            return Ok(true);
         }
         chunk.truncate(filled);
         if tx.send(Ok(chunk)).is_err() {
-            return Ok(());
+            return Ok(false);
         }
     }
 }

@@ -74,39 +74,53 @@ impl Snapshotter {
 
     /// Refuses a target whose upper directory is not an active snapshot's (a committed layer
     /// is immutable, and a view has no upper directory of its own), or whose lowers are not
-    /// committed snapshots. Reads every record: there is no index by ID, and an Apply (a
-    /// layer's whole unpack) costs far more than the read.
+    /// exactly that snapshot's ancestors, nearest first (whiteouts are written for the layers
+    /// below, or as deletions when there are none: the wrong lowers would write the wrong
+    /// ones). Reads every record: there is no index by ID, and an Apply (a layer's whole
+    /// unpack) costs far more than the read.
     fn check_layer_target(&self, target: &LayerTarget) -> Result<()> {
-        let mut kinds = std::collections::HashMap::new();
+        // Every snapshot's key, kind and parent by ID, and IDs by key.
+        let mut by_id = std::collections::HashMap::new();
+        let mut by_key = std::collections::HashMap::new();
         self.store.each_view(|key, view| {
-            if view.id == target.upper || target.lowers.contains(&view.id) {
-                kinds.insert(view.id, (key.to_string(), view.kind));
-            }
+            by_id.insert(
+                view.id,
+                (key.to_string(), view.kind, view.parent.to_string()),
+            );
+            by_key.insert(key.to_string(), view.id);
             true
         })?;
-        match kinds.get(&target.upper) {
-            Some((_, Kind::Active)) => {}
-            Some((key, kind)) => {
-                return Err(Error::FailedPrecondition(format!(
-                    "the mounts are those of snapshot {key:?}, which is {}: a layer is applied \
-                     only to an active snapshot",
-                    kind.as_str()
-                )))
-            }
+        let (key, kind, mut parent) = match by_id.get(&target.upper) {
+            Some(found) => found.clone(),
             None => {
                 return Err(Error::NotFound(format!(
                     "no snapshot has the directory {} (was it removed?)",
                     self.layout.fs(target.upper).display()
                 )))
             }
+        };
+        if kind != Kind::Active {
+            return Err(Error::FailedPrecondition(format!(
+                "the mounts are those of snapshot {key:?}, which is {}: a layer is applied only \
+                 to an active snapshot",
+                kind.as_str()
+            )));
         }
+        let wrong = || {
+            Error::FailedPrecondition(format!(
+                "the mounts' lower directories are not the ancestors of snapshot {key:?}: they \
+                 are not the mounts lamina answered for it"
+            ))
+        };
         for id in &target.lowers {
-            if !matches!(kinds.get(id), Some((_, Kind::Committed))) {
-                return Err(Error::FailedPrecondition(format!(
-                    "the lower directory {} is not a committed snapshot's",
-                    self.layout.fs(*id).display()
-                )));
+            match by_key.get(&parent) {
+                Some(parent_id) if parent_id == id => {}
+                _ => return Err(wrong()),
             }
+            parent = by_id[id].2.clone();
+        }
+        if !parent.is_empty() {
+            return Err(wrong());
         }
         Ok(())
     }
@@ -149,6 +163,7 @@ impl Snapshotter {
                 } else {
                     Whiteouts::Overlay
                 },
+                skip_devices: overlay::probe::in_user_namespace(),
             };
             layer::apply(&layer_target, &blob, input, sync)
         })

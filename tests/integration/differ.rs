@@ -227,6 +227,12 @@ fn corpus() -> Vec<Vec<u8>> {
             ..file("bigids", b"large ids")
         },
         file("implied/deep/file", b"no directory entries above me"),
+        // Whiteouts in the first layer (no parents): deletions of what it wrote itself.
+        file("gone", b"written, then whited out"),
+        file(".wh.gone", b""),
+        dir("odir"),
+        file("odir/kept", b"the layer's own survives its opaque marker"),
+        file("odir/.wh..wh..opq", b""),
         file(&long_file, b"a name longer than a header (PAX path)"),
         E {
             mtime: 1_000,

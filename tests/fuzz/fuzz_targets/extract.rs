@@ -22,8 +22,10 @@ const PARTS: &[&[u8]] = &[
     b".wh.",
     b".wh..wh..opq",
     b"etc",
-    b"/tmp",
     b"lower",
+    b"secret",
+    b"dir",
+    b"f",
 ];
 const KINDS: &[u8] = b"0125634xgSL";
 
@@ -74,8 +76,10 @@ fn open(p: &Path) -> std::os::fd::OwnedFd {
     fs::File::open(p).expect("open").into()
 }
 
-/// What the fuzzer must never change: entries beside the upper directories.
-fn outside(base: &Path) -> Vec<(String, u32, u64, Vec<u8>)> {
+/// What the fuzzer must never change: entries beside the upper directories (type, mode,
+/// owner, size, times, content) and what the directories among them hold.
+fn outside(base: &Path) -> Vec<(String, String, Vec<u8>)> {
+    use std::os::unix::fs::MetadataExt;
     let mut out = Vec::new();
     for name in ["secret", "dir", "lower", "lower/etc", "lower/etc/f"] {
         let p = base.join(name);
@@ -85,15 +89,29 @@ fn outside(base: &Path) -> Vec<(String, u32, u64, Vec<u8>)> {
         } else {
             Vec::new()
         };
-        out.push((name.to_string(), m.permissions().mode(), m.len(), data));
+        let meta = format!(
+            "{:o} {}:{} {} {}.{}",
+            m.mode(),
+            m.uid(),
+            m.gid(),
+            m.len(),
+            m.mtime(),
+            m.mtime_nsec()
+        );
+        out.push((name.to_string(), meta, data));
     }
-    for dir in [base.to_path_buf(), base.join("dir"), base.join("lower")] {
+    for dir in [
+        base.to_path_buf(),
+        base.join("dir"),
+        base.join("lower"),
+        base.join("lower/etc"),
+    ] {
         let mut names: Vec<_> = fs::read_dir(&dir)
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
         names.sort();
-        out.push((names.join(","), 0, 0, Vec::new()));
+        out.push((names.join(","), String::new(), Vec::new()));
     }
     out
 }
@@ -127,6 +145,7 @@ fuzz_target!(|data: &[u8]| {
             upper: open(&base.join(format!("upper{i}"))),
             lowers,
             whiteouts,
+            skip_devices: false,
         };
         // An error is fine (a layer may be refused); a panic or an escape is not.
         let _ = extract(&target, &mut &layer[..]);
