@@ -79,7 +79,8 @@ pub fn extract(target: &Target, input: &mut impl Read) -> Result<()> {
         unpacked: HashSet::new(),
         opaque_done: HashSet::new(),
     };
-    let mut archive = tar::Archive::new(input);
+    // Records over Go's limit are refused before the tar reader would read them whole.
+    let mut archive = tar::Archive::new(super::guard::Guard::new(input));
     let entries = archive
         .entries()
         .map_err(|e| invalid("reading the layer", &e))?;
@@ -1243,6 +1244,23 @@ pub(super) mod tests {
             }
         }
         assert!(!Path::new("/nonexistent-lamina-test").exists());
+    }
+
+    #[test]
+    fn a_pax_record_declared_over_a_mebibyte_is_refused_unread() {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::XHeader);
+        h.set_size(4 << 30);
+        h.set_path("pax").unwrap();
+        h.set_cksum();
+        let tmp = tempfile::tempdir().unwrap();
+        let target = target(tmp.path(), &[], Whiteouts::Delete);
+        let err = extract(&target, &mut h.as_bytes().as_slice()).unwrap_err();
+        assert!(matches!(err, Error::InvalidArgument(_)), "{err}");
+        assert!(
+            err.to_string().contains("PAX record of 4294967296 bytes"),
+            "{err}"
+        );
     }
 
     #[test]

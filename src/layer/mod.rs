@@ -8,6 +8,7 @@
 //! snapshot it writes into (the caller opens the directories).
 
 pub mod extract;
+mod guard;
 pub mod names;
 
 use std::{
