@@ -213,7 +213,7 @@ impl Drop for Booted {
 // lamina.socket and lamina.service exactly as in systemd/, the packaged config.toml and the
 // binary under test as /usr/bin/lamina. So lamina runs in the sandbox the unit declares, set
 // up by systemd: its capability bounding set, seccomp filter (SystemCallFilter=,
-// SystemCallArchitectures=, RestrictNamespaces=, RestrictSUIDSGID=,
+// SystemCallArchitectures=, RestrictNamespaces=,
 // MemoryDenyWriteExecute=, ...), no_new_privs and mount namespace (ProtectSystem=, ...).
 // Through the socket systemd holds, a workload then makes lamina do what it does in
 // production: the start-up overlay probe mount and the new-mount-API probe, Prepare, writes
@@ -369,8 +369,9 @@ root_test!(
             c.unwrap_or_else(|| panic!("lamina did not answer within 60 s:\n{}", booted.logs()));
 
         // The sandbox is the unit's: lamina's bounding set has CAP_SYS_ADMIN, CAP_CHOWN,
-        // CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH and CAP_FOWNER only (bits 21, 0, 1, 2, 3; not
-        // CAP_SYS_MODULE, 16), no_new_privs is set and a seccomp filter is in place.
+        // CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, CAP_FOWNER, and for its differ CAP_FSETID,
+        // CAP_MKNOD and CAP_SETFCAP only (bits 21, 0, 1, 2, 3, 4, 27, 31; not CAP_SYS_MODULE,
+        // 16), no_new_privs is set and a seccomp filter is in place.
         let main_pid = booted.show("MainPID");
         let status = booted.stdout(&["cat", &format!("/proc/{main_pid}/status")]);
         let field = |name: &str| {
@@ -381,7 +382,7 @@ root_test!(
                 .unwrap_or_else(|| panic!("no {name} in {status}"))
                 .to_string()
         };
-        assert_eq!(field("CapBnd:"), "000000000020000f", "{status}");
+        assert_eq!(field("CapBnd:"), "000000008820001f", "{status}");
         assert_eq!(field("NoNewPrivs:"), "1", "{status}");
         assert_eq!(field("Seccomp:"), "2", "{status}");
         // Only modprobe runs with full privileges ("+").
