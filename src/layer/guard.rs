@@ -170,10 +170,9 @@ impl<R: Read> Read for Guard<R> {
                 State::Data {
                     left: 0, record, ..
                 } => {
+                    // As the tar reader does, only the latest PAX record counts.
                     if let Some(r) = record.take() {
-                        if let Some(size) = pax_size(&r) {
-                            self.pax_size = Some(size);
-                        }
+                        self.pax_size = pax_size(&r);
                     }
                     self.state = State::Header;
                 }
@@ -247,6 +246,18 @@ mod tests {
         s.extend_from_slice(&[7u8; 1024]);
         s.extend_from_slice(&header(b'L', 5 << 20));
         let err = read_all(&s).unwrap_err();
+        assert!(err.to_string().contains("GNU long-name"), "{err}");
+        // Only the latest PAX record gives the next entry its size.
+        let mut two = header(b'x', record.len() as u64);
+        two.extend_from_slice(record);
+        two.resize(2 * BLOCK, 0);
+        let other = b"13 path=abcd\n";
+        two.extend_from_slice(&header(b'x', other.len() as u64));
+        two.extend_from_slice(other);
+        two.resize(4 * BLOCK, 0);
+        two.extend_from_slice(&header(b'0', 0));
+        two.extend_from_slice(&header(b'L', 5 << 20));
+        let err = read_all(&two).unwrap_err();
         assert!(err.to_string().contains("GNU long-name"), "{err}");
         // After the end of the archive, nothing is looked at.
         let mut end = vec![0u8; 2 * BLOCK];
