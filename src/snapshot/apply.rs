@@ -28,7 +28,7 @@ impl Snapshotter {
     /// mounts, ID-mapped ones and another snapshotter's all are.
     ///
     /// Then the store is read: the upper directory must be an active snapshot's, the lowers
-    /// committed ones' (see [`Snapshotter::check_layer_target`]).
+    /// exactly its ancestors' (see [`Snapshotter::check_layer_target`]).
     pub async fn layer_target(self: &Arc<Self>, mounts: &[Mount]) -> Result<LayerTarget> {
         let target = self.target_of(mounts)?;
         self.run(move |s| s.check_layer_target(&target).map(|()| target))
