@@ -369,6 +369,13 @@ mod tests {
         apply(&target, blob, data, false)
     }
 
+    fn gzip(data: &[u8]) -> Vec<u8> {
+        use std::io::Write;
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        gz.write_all(data).unwrap();
+        gz.finish().unwrap()
+    }
+
     fn layer() -> Vec<u8> {
         use extract::tests::{dir, file, tar};
         let big = vec![7u8; 3 * CHUNK + 5];
@@ -377,11 +384,8 @@ mod tests {
 
     #[test]
     fn each_compression_applies_and_answers_the_uncompressed_digest() {
-        use std::io::Write;
         let plain = layer();
-        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-        gz.write_all(&plain).unwrap();
-        let gz = gz.finish().unwrap();
+        let gz = gzip(&plain);
         let zst = zstd::encode_all(&plain[..], 3).unwrap();
         let cases = [
             ("application/vnd.oci.image.layer.v1.tar", &plain),
@@ -403,11 +407,8 @@ mod tests {
 
     #[test]
     fn a_blob_that_is_not_the_one_named_or_is_corrupt_is_refused() {
-        use std::io::Write;
         let plain = layer();
-        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-        gz.write_all(&plain).unwrap();
-        let gz = gz.finish().unwrap();
+        let gz = gzip(&plain);
         let gzip = "application/vnd.oci.image.layer.v1.tar+gzip";
         let tmp = tempfile::tempdir().unwrap();
 

@@ -55,45 +55,12 @@ pub fn set(
     }
 }
 
-/// The names of the attributes of `name` in `dir`.
-pub fn list(dir: &OwnedFd, name: &OsStr) -> io::Result<Vec<Vec<u8>>> {
-    let path = path_of(dir, name)?;
-    let mut buf = vec![0u8; 1024];
+/// Calls `call` with a buffer (its pointer and length), growing the buffer while the call
+/// answers ERANGE (the attribute changed size between calls), up to 1 MiB; the bytes it wrote.
+fn grown(start: usize, call: impl Fn(*mut libc::c_void, usize) -> isize) -> io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; start];
     loop {
-        // SAFETY: the path is NUL-terminated; the buffer pointer and length describe `buf`.
-        let n = unsafe { libc::llistxattr(path.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
-        if n >= 0 {
-            buf.truncate(n as usize);
-            return Ok(buf
-                .split(|&b| b == 0)
-                .filter(|k| !k.is_empty())
-                .map(<[u8]>::to_vec)
-                .collect());
-        }
-        let err = io::Error::last_os_error();
-        if err.raw_os_error() != Some(libc::ERANGE) || buf.len() >= 1 << 20 {
-            return Err(err);
-        }
-        let len = buf.len() * 4;
-        buf.resize(len, 0);
-    }
-}
-
-/// The value of attribute `key` of `name` in `dir`.
-pub fn get(dir: &OwnedFd, name: &OsStr, key: &[u8]) -> io::Result<Vec<u8>> {
-    let path = path_of(dir, name)?;
-    let key = c_name(key)?;
-    let mut buf = vec![0u8; 256];
-    loop {
-        // SAFETY: as in `list`.
-        let n = unsafe {
-            libc::lgetxattr(
-                path.as_ptr(),
-                key.as_ptr(),
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-            )
-        };
+        let n = call(buf.as_mut_ptr().cast(), buf.len());
         if n >= 0 {
             buf.truncate(n as usize);
             return Ok(buf);
@@ -105,4 +72,28 @@ pub fn get(dir: &OwnedFd, name: &OsStr, key: &[u8]) -> io::Result<Vec<u8>> {
         let len = buf.len() * 4;
         buf.resize(len, 0);
     }
+}
+
+/// The names of the attributes of `name` in `dir`.
+pub fn list(dir: &OwnedFd, name: &OsStr) -> io::Result<Vec<Vec<u8>>> {
+    let path = path_of(dir, name)?;
+    // SAFETY: the path is NUL-terminated; `grown` passes a buffer's pointer and its length.
+    let buf = grown(1024, |at, len| unsafe {
+        libc::llistxattr(path.as_ptr(), at.cast(), len)
+    })?;
+    Ok(buf
+        .split(|&b| b == 0)
+        .filter(|k| !k.is_empty())
+        .map(<[u8]>::to_vec)
+        .collect())
+}
+
+/// The value of attribute `key` of `name` in `dir`.
+pub fn get(dir: &OwnedFd, name: &OsStr, key: &[u8]) -> io::Result<Vec<u8>> {
+    let path = path_of(dir, name)?;
+    let key = c_name(key)?;
+    // SAFETY: both strings are NUL-terminated; `grown` passes a buffer's pointer and its length.
+    grown(256, |at, len| unsafe {
+        libc::lgetxattr(path.as_ptr(), key.as_ptr(), at, len)
+    })
 }
