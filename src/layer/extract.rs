@@ -13,7 +13,7 @@ use std::{
     collections::HashSet,
     ffi::OsStr,
     fs::File,
-    io::{self, Read},
+    io::{self, Read, Write},
     os::{
         fd::{AsRawFd, FromRawFd, OwnedFd},
         unix::ffi::OsStrExt,
@@ -27,7 +27,7 @@ use nix::{
         stat::{fchmodat, fstatat, mkdirat, mknodat, utimensat, FchmodatFlags, Mode, SFlag},
         time::TimeSpec,
     },
-    unistd::{fchownat, linkat, symlinkat, unlinkat, Gid, Uid, UnlinkatFlags},
+    unistd::{fchown, fchownat, linkat, symlinkat, unlinkat, Gid, Uid, UnlinkatFlags},
 };
 
 use super::names::{self, Base};
@@ -78,6 +78,7 @@ pub fn extract(target: &Target, input: &mut impl Read) -> Result<()> {
         dirs: Vec::new(),
         unpacked: HashSet::new(),
         opaque_done: HashSet::new(),
+        buf: vec![0; COPY_BUF],
     };
     // Records over Go's limit are refused before the tar reader would read them whole.
     let mut archive = tar::Archive::new(super::guard::Guard::new(input));
@@ -274,7 +275,19 @@ struct Extractor<'t> {
     unpacked: HashSet<Vec<u8>>,
     /// Directories whose opaque marker was handled (Delete mode).
     opaque_done: HashSet<Vec<u8>>,
+    /// Where file contents pass from the layer to their files.
+    buf: Vec<u8>,
 }
+
+/// An entry just written: open (a regular file), or by its name in its directory.
+#[derive(Clone, Copy)]
+enum At<'a> {
+    Open(&'a File),
+    Name(&'a OwnedFd, &'a OsStr),
+}
+
+/// Bytes per write of a file's content.
+const COPY_BUF: usize = 256 * 1024;
 
 impl Extractor<'_> {
     fn entry<R: Read>(&mut self, raw_name: &[u8], entry: &mut tar::Entry<'_, R>) -> Result<()> {
@@ -333,7 +346,7 @@ impl Extractor<'_> {
                 )
                 .map_err(|e| os(e, "creating file", raw_name))?;
                 let mut file = File::from(owned(file));
-                io::copy(entry, &mut file).map_err(|e| {
+                self.copy(entry, &mut file).map_err(|e| {
                     if e.kind() == io::ErrorKind::UnexpectedEof
                         || e.kind() == io::ErrorKind::InvalidData
                         || e.kind() == io::ErrorKind::InvalidInput
@@ -347,6 +360,9 @@ impl Extractor<'_> {
                         )
                     }
                 })?;
+                // The file just made is the one open: its owner, attributes, mode and times go
+                // through the descriptor, without looking the name up four more times.
+                self.finish_entry(At::Open(&file), raw_name, kind, &meta)?;
             }
             T::Block | T::Char | T::Fifo => {
                 let sflag = match kind {
@@ -407,7 +423,9 @@ impl Extractor<'_> {
                 )));
             }
         }
-        self.finish_entry(&dir, base_os, raw_name, kind, &meta)?;
+        if kind != tar::EntryType::Regular {
+            self.finish_entry(At::Name(&dir, base_os), raw_name, kind, &meta)?;
+        }
         if is_dir {
             self.dirs
                 .push((names::join(&components), meta.atime, meta.mtime));
@@ -422,20 +440,22 @@ impl Extractor<'_> {
     /// since chown clears setuid and setgid).
     fn finish_entry(
         &self,
-        dir: &OwnedFd,
-        name: &OsStr,
+        at: At<'_>,
         raw_name: &[u8],
         kind: tar::EntryType,
         meta: &Meta,
     ) -> Result<()> {
-        let fd = Some(dir.as_raw_fd());
-        fchownat(
-            fd,
-            name,
-            Some(Uid::from_raw(meta.uid)),
-            Some(Gid::from_raw(meta.gid)),
-            AtFlags::AT_SYMLINK_NOFOLLOW,
-        )
+        let (uid, gid) = (Uid::from_raw(meta.uid), Gid::from_raw(meta.gid));
+        match at {
+            At::Open(file) => fchown(file.as_raw_fd(), Some(uid), Some(gid)),
+            At::Name(dir, name) => fchownat(
+                Some(dir.as_raw_fd()),
+                name,
+                Some(uid),
+                Some(gid),
+                AtFlags::AT_SYMLINK_NOFOLLOW,
+            ),
+        }
         .map_err(|e| os(e, "changing the owner of", raw_name))?;
         for (key, value) in &meta.xattrs {
             // containerd refuses to set the kernel's own attributes from an archive, and
@@ -444,7 +464,11 @@ impl Extractor<'_> {
                 tracing::warn!(entry = %String::from_utf8_lossy(raw_name), key = %String::from_utf8_lossy(key), "ignored an attribute of the trusted namespace in the layer");
                 continue;
             }
-            match xattr::set(dir, name, key, value, false) {
+            let set = match at {
+                At::Open(file) => xattr::set_open(file, key, value),
+                At::Name(dir, name) => xattr::set(dir, name, key, value, false),
+            };
+            match set {
                 Ok(()) => {}
                 Err(e) if e.raw_os_error() == Some(libc::ENOTSUP) => {
                     tracing::warn!(entry = %String::from_utf8_lossy(raw_name), key = %String::from_utf8_lossy(key), "ignored an attribute the filesystem does not support");
@@ -460,25 +484,51 @@ impl Extractor<'_> {
                 Err(e) => return Err(os(e, "setting an attribute of", raw_name)),
             }
         }
-        // By what is there, not by the entry's type: a hardlink to a symlink is a symlink,
-        // and chmod would follow it (containerd's applier looks first too).
-        let is_symlink = lstat(dir, name)
-            .map_err(|e| os(e, "looking at", raw_name))?
-            .is_some_and(|st| st.st_mode & libc::S_IFMT == libc::S_IFLNK);
-        if !is_symlink {
-            fchmodat(
-                fd,
-                name,
-                Mode::from_bits_truncate(meta.mode & 0o7777),
-                FchmodatFlags::FollowSymlink,
-            )
-            .map_err(|e| os(e, "changing the mode of", raw_name))?;
-        }
-        if kind != tar::EntryType::Directory {
-            set_times(dir, name, meta.atime, meta.mtime)
-                .map_err(|e| os(e, "setting the times of", raw_name))?;
+        let mode = Mode::from_bits_truncate(meta.mode & 0o7777);
+        match at {
+            At::Open(file) => {
+                nix::sys::stat::fchmod(file.as_raw_fd(), mode)
+                    .map_err(|e| os(e, "changing the mode of", raw_name))?;
+                let (atime, mtime) = times(meta.atime, meta.mtime);
+                nix::sys::stat::futimens(file.as_raw_fd(), &atime, &mtime)
+                    .map_err(|e| os(e, "setting the times of", raw_name))?;
+            }
+            At::Name(dir, name) => {
+                // By what is there, not by the entry's type: a hardlink to a symlink is a
+                // symlink, and chmod would follow it (containerd's applier looks first too).
+                let is_symlink = lstat(dir, name)
+                    .map_err(|e| os(e, "looking at", raw_name))?
+                    .is_some_and(|st| st.st_mode & libc::S_IFMT == libc::S_IFLNK);
+                if !is_symlink {
+                    fchmodat(
+                        Some(dir.as_raw_fd()),
+                        name,
+                        mode,
+                        FchmodatFlags::FollowSymlink,
+                    )
+                    .map_err(|e| os(e, "changing the mode of", raw_name))?;
+                }
+                if kind != tar::EntryType::Directory {
+                    set_times(dir, name, meta.atime, meta.mtime)
+                        .map_err(|e| os(e, "setting the times of", raw_name))?;
+                }
+            }
         }
         Ok(())
+    }
+
+    /// A file's content from the layer into `file`, through the extractor's buffer (larger
+    /// than `io::copy`'s 8 KiB: fewer writes, each one more of the page cache at once).
+    fn copy(&mut self, entry: &mut impl Read, file: &mut File) -> io::Result<()> {
+        loop {
+            let n = match entry.read(&mut self.buf) {
+                Ok(0) => return Ok(()),
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            file.write_all(&self.buf[..n])?;
+        }
     }
 
     fn meta<R: Read>(&self, entry: &mut tar::Entry<'_, R>) -> Result<Meta> {
@@ -802,21 +852,26 @@ impl Extractor<'_> {
 
 /// containerd's times: the access time is the later of the two, each bounded to what Go can
 /// hold.
+fn times(atime: Option<TimeSpec>, mtime: TimeSpec) -> (TimeSpec, TimeSpec) {
+    let atime = match atime {
+        Some(a) if (a.tv_sec(), a.tv_nsec()) > (mtime.tv_sec(), mtime.tv_nsec()) => a,
+        _ => mtime,
+    };
+    (bound(atime), bound(mtime))
+}
+
 fn set_times(
     dir: &OwnedFd,
     name: &OsStr,
     atime: Option<TimeSpec>,
     mtime: TimeSpec,
 ) -> nix::Result<()> {
-    let atime = match atime {
-        Some(a) if (a.tv_sec(), a.tv_nsec()) > (mtime.tv_sec(), mtime.tv_nsec()) => a,
-        _ => mtime,
-    };
+    let (atime, mtime) = times(atime, mtime);
     utimensat(
         Some(dir.as_raw_fd()),
         name,
-        &bound(atime),
-        &bound(mtime),
+        &atime,
+        &mtime,
         nix::sys::stat::UtimensatFlags::NoFollowSymlink,
     )
 }

@@ -186,8 +186,8 @@ pub fn apply(target: &Target, blob: &Blob, input: impl Read + Send, sync: bool) 
                 // its digest covers all of it; not when the writer stopped early (its error is
                 // the answer, and the rest of the blob need not be fetched).
                 let rest = result.and_then(|finished| match finished {
-                    true => io::copy(&mut compressed, &mut io::sink()).map(drop),
-                    false => Ok(()),
+                    Some(applied) => io::copy(&mut compressed, &mut io::sink()).map(|_| applied),
+                    None => Err(io::Error::other("the layer's writer stopped first")),
                 });
                 if let Err(e) = &rest {
                     let _ = tx.send(Err(io::Error::new(e.kind(), e.to_string())));
@@ -198,25 +198,19 @@ pub fn apply(target: &Target, blob: &Blob, input: impl Read + Send, sync: bool) 
             .map_err(|e| Error::io("starting a thread for", "the layer's decompression", e));
         let decompressing = match decompressing {
             Ok(d) => d,
-            Err(e) => return (Err(e), Ok(())),
+            Err(e) => return (Err(e), Err(io::Error::other("not started"))),
         };
-        let mut uncompressed = Hashing {
-            inner: Chunks {
-                rx,
-                chunk: Vec::new(),
-                at: 0,
-            },
-            hasher: Hasher::Sha256(sha2::Sha256::new()),
-            bytes: 0,
+        let mut uncompressed = Chunks {
+            rx,
+            chunk: Vec::new(),
+            at: 0,
         };
         let extracted = extract::extract(target, &mut uncompressed).and_then(|()| {
-            // What follows the tar's end counts in the digest, as in containerd's.
+            // What follows the tar's end counts in the digest, as in containerd's: read to the
+            // end, so the decompressing thread hashes all of it.
             io::copy(&mut uncompressed, &mut io::sink())
-                .map_err(|e| Error::InvalidArgument(format!("reading the layer: {e}")))?;
-            Ok(Applied {
-                digest: uncompressed.hasher.clone().finish(),
-                size: uncompressed.bytes,
-            })
+                .map_err(|e| Error::InvalidArgument(format!("reading the layer: {e}")))
+                .map(drop)
         });
         // An early stop drops the receiver, so the decompressing thread stops at its next
         // chunk rather than reading the blob to its end.
@@ -226,8 +220,8 @@ pub fn apply(target: &Target, blob: &Blob, input: impl Read + Send, sync: bool) 
             .unwrap_or_else(|_| Err(io::Error::other("the decompressing thread panicked")));
         (extracted, read)
     });
-    let applied = extracted?;
-    read.map_err(|e| Error::InvalidArgument(format!("reading the layer: {e}")))?;
+    extracted?;
+    let applied = read.map_err(|e| Error::InvalidArgument(format!("reading the layer: {e}")))?;
     let digest = compressed.hasher.finish();
     if digest != blob.digest || compressed.bytes != blob.size {
         return Err(Error::InvalidArgument(format!(
@@ -243,13 +237,14 @@ pub fn apply(target: &Target, blob: &Blob, input: impl Read + Send, sync: bool) 
     Ok(applied)
 }
 
-/// Decompresses `input` into chunks sent on `tx`: true once the stream ended, false when the
-/// receiver went away first.
+/// Decompresses `input` into chunks sent on `tx`, hashing them on the way (this thread has
+/// less to do than the writing one): the uncompressed stream's digest and size once it ended,
+/// None when the receiver went away first.
 fn decompress(
     compression: Compression,
     input: &mut impl Read,
     tx: &mpsc::SyncSender<io::Result<Vec<u8>>>,
-) -> io::Result<bool> {
+) -> io::Result<Option<Applied>> {
     let mut reader: Box<dyn Read + '_> = match compression {
         Compression::None => Box::new(input),
         // Layers made by pigz and others can hold several gzip members; Go's reader reads
@@ -257,6 +252,8 @@ fn decompress(
         Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(input)),
         Compression::Zstd => Box::new(zstd::stream::read::Decoder::new(input)?),
     };
+    let mut hasher = sha2::Sha256::new();
+    let mut size = 0u64;
     loop {
         let mut chunk = vec![0u8; CHUNK];
         let mut filled = 0;
@@ -269,11 +266,16 @@ fn decompress(
             }
         }
         if filled == 0 {
-            return Ok(true);
+            return Ok(Some(Applied {
+                digest: Hasher::Sha256(hasher).finish(),
+                size,
+            }));
         }
         chunk.truncate(filled);
+        hasher.update(&chunk);
+        size += filled as u64;
         if tx.send(Ok(chunk)).is_err() {
-            return Ok(false);
+            return Ok(None);
         }
     }
 }

@@ -4,7 +4,8 @@
 //! Linux has no `lsetxattr` relative to a descriptor before 6.13 (`setxattrat`), and a file
 //! cannot be opened to use `fsetxattr` without side effects for every type (a fifo blocks, a
 //! device opens). `/proc/self/fd/<dir>/<name>` names the entry through the directory lamina
-//! already resolved, and the `l*` calls do not follow its last component.
+//! already resolved, and the `l*` calls do not follow its last component. A regular file
+//! lamina has just created and still holds open takes `fsetxattr` ([`set_open`]).
 
 use std::{
     ffi::{CString, OsStr},
@@ -46,6 +47,27 @@ pub fn set(
             value.as_ptr().cast(),
             value.len(),
             flags,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Sets `key` to `value` on the open file `file` (replacing it if there).
+pub fn set_open(file: &impl AsRawFd, key: &[u8], value: &[u8]) -> io::Result<()> {
+    let key = c_name(key)?;
+    // SAFETY: the key is NUL-terminated and lives across the call; the value pointer and
+    // length describe one slice.
+    let rc = unsafe {
+        libc::fsetxattr(
+            file.as_raw_fd(),
+            key.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
         )
     };
     if rc == 0 {
