@@ -147,11 +147,20 @@ impl Containerd {
     /// With `cri`, containerd's CRI too, with a runtime handler per snapshotter (see
     /// [`CRI_RUNTIMES`]).
     fn start(dir: &Path, bins: &Bins, lamina: &Server, cri: bool) -> Containerd {
-        Containerd::start_with(dir, bins, lamina, cri, false)
+        Containerd::start_with(dir, bins, lamina, cri, false, false)
     }
 
-    /// [`Containerd::start`]; with `differ`, lamina's layers are unpacked by lamina's differ.
-    fn start_with(dir: &Path, bins: &Bins, lamina: &Server, cri: bool, differ: bool) -> Containerd {
+    /// [`Containerd::start`]; with `differ`, lamina's layers are unpacked by lamina's differ;
+    /// with `unpigz`, containerd's applier decompresses gzip layers with `unpigz` (which must
+    /// be on PATH: see [`unpigz`]), and without, with Go's reader, whatever PATH holds.
+    fn start_with(
+        dir: &Path,
+        bins: &Bins,
+        lamina: &Server,
+        cri: bool,
+        differ: bool,
+        unpigz: bool,
+    ) -> Containerd {
         let flavor = flavor().expect("checked by missing_tools");
         fs::create_dir_all(dir).expect("containerd dir");
         let address = dir.join("c.sock");
@@ -166,7 +175,12 @@ impl Containerd {
         }
         fs::write(dir.join("config.toml"), config).expect("containerd config");
         let log = fs::File::create(dir.join("containerd.log")).expect("containerd log");
-        let child = Command::new(flavor.program("containerd"))
+        let mut cmd = Command::new(flavor.program("containerd"));
+        if !unpigz {
+            // containerd's switch for its use of unpigz (pkg/archive/compression).
+            cmd.env("CONTAINERD_DISABLE_PIGZ", "1");
+        }
+        let child = cmd
             .env("PATH", flavor.path_env())
             .arg("--config")
             .arg(dir.join("config.toml"))
@@ -809,52 +823,105 @@ async fn collect(c: &Containerd, side: &Side) {
     }
 }
 
-/// One side of [`paired_unpack`]: lamina's config, and whether containerd unpacks through
-/// lamina's differ (`lamina config containerd --differ`) or its own applier.
+/// Where `unpigz` is on the PATH containerd gets, if anywhere.
+pub fn unpigz() -> Option<PathBuf> {
+    let flavor = flavor().ok()?;
+    std::env::split_paths(&flavor.path_env())
+        .map(|d| d.join("unpigz"))
+        .find(|p| p.is_file())
+}
+
+/// One side of [`paired_unpack`]: lamina's config, whether containerd unpacks through
+/// lamina's differ (`lamina config containerd --differ`) or its own applier, and whether its
+/// applier may use `unpigz`.
 pub struct Variant {
     pub label: &'static str,
     pub lamina_config: &'static str,
     pub differ: bool,
+    pub unpigz: bool,
 }
 
 /// What a paired unpack measured on one side.
 pub struct Unpacked {
-    pub times: Vec<Duration>,
+    /// `ctr images import`: ingest and unpack.
+    pub import: Vec<Duration>,
+    /// The unpack within it: from containerd's first Prepare to lamina's answer to its last
+    /// Commit, by lamina's log (lamina is the snapshotter on every side, so the same clock
+    /// and the same marks measure each).
+    pub unpack: Vec<Duration>,
     /// lamina's peak resident memory over the whole run (VmHWM), in bytes.
     pub peak_rss: u64,
 }
 
-/// `ctr images import` of `image` through two containerds, each with its own lamina, set up
-/// as `variants` say, in rounds that [`alternate`] between them; the content is ingested first,
-/// so each import is the unpack alone.
-pub async fn paired_unpack(
+/// lamina's log level in [`paired_unpack`]: each request's arrival (`lamina::grpc` at debug)
+/// and each Commit's answer (info).
+const UNPACK_MARKS: &str = "log_level = \"info,lamina::grpc=debug\"\n";
+
+/// The unpack in the log `log` of one import: from the first Prepare's arrival to the last
+/// Commit's answer. Times of day are enough (a span under a day, across midnight included).
+fn unpack_span(log: &str) -> Option<Duration> {
+    fn time_of_day(line: &str) -> Option<f64> {
+        // 2026-11-30T22:17:32.981285Z
+        let t = line.split_whitespace().next()?.split_once('T')?.1;
+        let t = t.strip_suffix('Z')?;
+        let mut parts = t.splitn(3, ':');
+        let h: f64 = parts.next()?.parse().ok()?;
+        let m: f64 = parts.next()?.parse().ok()?;
+        let s: f64 = parts.next()?.parse().ok()?;
+        Some(h * 3600.0 + m * 60.0 + s)
+    }
+    let first = log
+        .lines()
+        .find(|l| l.contains(" prepare{") && l.ends_with("lamina::grpc: request"))
+        .and_then(time_of_day)?;
+    let last = log
+        .lines()
+        .rev()
+        .filter(|l| l.contains("lamina::snapshot: committed"))
+        .find_map(time_of_day)?;
+    let span = if last >= first {
+        last - first
+    } else {
+        last + 86_400.0 - first
+    };
+    Some(Duration::from_secs_f64(span))
+}
+
+/// `ctr images import` of `image` through one containerd per variant, each with its own
+/// lamina, set up as `variants` say, in rounds that [`alternate`] between them (and which goes
+/// first). Each round imports into an empty root and content store: the image and its content
+/// are removed after each, and lamina's deleting waited for.
+pub async fn paired_unpack<const N: usize>(
     dir: &Path,
     bins: &Bins,
     sizes: &Sizes,
     image: &Image,
-    variants: [Variant; 2],
-) -> [Unpacked; 2] {
-    /// One lamina, the containerd that uses it, and the import times.
+    variants: [Variant; N],
+) -> [Unpacked; N] {
+    /// One lamina, the containerd that uses it, and what was measured.
     struct Side {
         server: Server,
         containerd: Containerd,
         import: Vec<Duration>,
+        unpack: Vec<Duration>,
     }
     let mut sides = variants.map(|v| {
         let server_dir = dir.join(format!("lamina-{}", v.label));
         let ctrd_dir = dir.join(format!("ctrd-{}", v.label));
         // lamina's differ reads the layers from this containerd.
         let config = format!(
-            "{}containerd_address = {:?}\n",
+            "{}{UNPACK_MARKS}containerd_address = {:?}\n",
             v.lamina_config,
             ctrd_dir.join("c.sock").display().to_string()
         );
         let server = Server::start_with(Kind::Lamina, bins, &server_dir, &config);
-        let containerd = Containerd::start_with(&ctrd_dir, bins, &server, false, v.differ);
+        let containerd =
+            Containerd::start_with(&ctrd_dir, bins, &server, false, v.differ, v.unpigz);
         Side {
             server,
             containerd,
             import: Vec::new(),
+            unpack: Vec::new(),
         }
     });
     let archive = image.archive.to_str().expect("UTF-8 path").to_string();
@@ -864,14 +931,18 @@ pub async fn paired_unpack(
         async |rep, side| {
             let ns = format!("paired-{rep}");
             let c = &side.containerd;
-            // The content first, untimed, so the timed import only unpacks the layers.
-            c.ctr_ok(&ns, &["images", "import", "--no-unpack", &archive]);
             settle(sizes);
+            let from = side.server.log_len();
             let import = ["images", "import", "--snapshotter", "lamina", &archive];
             side.import.push(c.ctr_ok(&ns, &import));
-            // Removed again, so that each round unpacks the same amount into an empty root,
-            // and waited for: lamina deletes in the background, and that deleting must not
-            // overlap the other side's timed unpack.
+            let log = side.server.log_since(from);
+            side.unpack.push(unpack_span(&log).unwrap_or_else(|| {
+                panic!("no Prepare and Commit in lamina's log of the import:\n{log}")
+            }));
+            // Removed again with its content (a synchronous GC), so that each round ingests
+            // and unpacks the same amount into an empty root, and waited for: lamina deletes
+            // in the background, and that deleting must not overlap another side's timed
+            // import.
             c.ctr_ok(&ns, &["images", "rm", "--sync", &image.name]);
             let snapshots = side.server.root.join("snapshots");
             let deadline = Instant::now() + Duration::from_secs(300);
@@ -885,21 +956,25 @@ pub async fn paired_unpack(
         },
     )
     .await;
-    let [mut a, mut b] = sides;
-    let peak = |s: &Server| crate::machine::peak_rss(s.pid());
-    let (peak_a, peak_b) = (peak(&a.server), peak(&b.server));
-    // Both containerds first: each still talks to its lamina while it tears down.
-    drop((a.containerd, b.containerd));
-    a.server.stop();
-    b.server.stop();
-    [
-        Unpacked {
-            times: a.import,
-            peak_rss: peak_a,
-        },
-        Unpacked {
-            times: b.import,
-            peak_rss: peak_b,
-        },
-    ]
+    let peaks = sides
+        .each_ref()
+        .map(|s| crate::machine::peak_rss(s.server.pid()));
+    let mut servers = Vec::new();
+    let mut measured = Vec::new();
+    for (side, peak_rss) in sides.into_iter().zip(peaks) {
+        // Every containerd first: each still talks to its lamina while it tears down.
+        drop(side.containerd);
+        servers.push(side.server);
+        measured.push(Unpacked {
+            import: side.import,
+            unpack: side.unpack,
+            peak_rss,
+        });
+    }
+    for mut server in servers {
+        server.stop();
+    }
+    measured
+        .try_into()
+        .unwrap_or_else(|_| unreachable!("one per variant"))
 }

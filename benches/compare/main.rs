@@ -304,6 +304,7 @@ async fn differ(base: &Path, bins: &Bins, s: &Sizes, images: Option<&containerd:
         );
         return;
     };
+    let unpigz = containerd::unpigz();
     let mut rows = Vec::new();
     let mut peaks = String::new();
     for (label, image) in [
@@ -312,39 +313,88 @@ async fn differ(base: &Path, bins: &Bins, s: &Sizes, images: Option<&containerd:
         ("small", &images.small),
     ] {
         stage(&format!(
-            "lamina's differ against containerd's applier: unpack of the {label} image"
+            "lamina's differ against containerd's applier: import of the {label} image"
         ));
-        let variants = [
-            containerd::Variant {
-                label: "differ",
-                lamina_config: "",
-                differ: true,
-            },
-            containerd::Variant {
-                label: "applier",
-                lamina_config: "",
-                differ: false,
-            },
-        ];
+        let variant = |label, differ, unpigz| containerd::Variant {
+            label,
+            lamina_config: "",
+            differ,
+            unpigz,
+        };
         let dir = base.join(format!("differ-{label}"));
-        let [ours, theirs] = containerd::paired_unpack(&dir, bins, s, image, variants).await;
-        let what = format!("{label} unpack");
-        report::record("differ", &what, "lamina's differ", &ours.times);
-        report::record("differ", &what, "containerd's applier", &theirs.times);
+        // unpigz decompresses gzip only (containerd's applier uses it when on its PATH).
+        let (ours, theirs, with_unpigz) = if unpigz.is_some() && label != "zstd" {
+            let variants = [
+                variant("differ", true, false),
+                variant("applier", false, false),
+                variant("applier-unpigz", false, true),
+            ];
+            let [a, b, c] = containerd::paired_unpack(&dir, bins, s, image, variants).await;
+            (a, b, Some(c))
+        } else {
+            let variants = [
+                variant("differ", true, false),
+                variant("applier", false, false),
+            ];
+            let [a, b] = containerd::paired_unpack(&dir, bins, s, image, variants).await;
+            (a, b, None)
+        };
+        let record = |what: &str, side: &str, u: &containerd::Unpacked| {
+            report::record("differ", &format!("{label} {what}"), side, &u.unpack);
+            let import = format!("{label} {what} (whole import)");
+            report::record("differ", &import, side, &u.import);
+        };
+        record("unpack", "lamina's differ", &ours);
+        record("unpack", "containerd's applier", &theirs);
+        let described = image.describe();
+        let mut row = |what: String, on: &[std::time::Duration], off: &[std::time::Duration]| {
+            rows.push(report::OnOff {
+                workload: what,
+                on: on.to_vec(),
+                off: off.to_vec(),
+            })
+        };
+        row(
+            format!("{label} image ({described}): unpack"),
+            &ours.unpack,
+            &theirs.unpack,
+        );
+        if let Some(u) = &with_unpigz {
+            record("unpack", "containerd's applier with unpigz", u);
+            row(
+                format!("{label} image: unpack, containerd with unpigz"),
+                &ours.unpack,
+                &u.unpack,
+            );
+        }
+        row(
+            format!("{label} image: `ctr images import` (ingest + unpack)"),
+            &ours.import,
+            &theirs.import,
+        );
+        if let Some(u) = &with_unpigz {
+            row(
+                format!("{label} image: `ctr images import`, containerd with unpigz"),
+                &ours.import,
+                &u.import,
+            );
+        }
         peaks.push_str(&format!(
             "| {label} | {:.1} MiB | {:.1} MiB |\n",
             ours.peak_rss as f64 / (1 << 20) as f64,
             theirs.peak_rss as f64 / (1 << 20) as f64
         ));
-        rows.push(report::OnOff {
-            workload: format!("unpack of the {label} image ({})", image.describe()),
-            on: ours.times,
-            off: theirs.times,
-        });
     }
+    let unpigz_note = match &unpigz {
+        Some(path) => format!("containerd's unpigz: {}", path.display()),
+        None => "no unpigz on containerd's PATH: containerd with unpigz not measured".into(),
+    };
     println!(
-        "{}\n{} rounds of each, alternating between the two (and which goes first); each \
-         unpack is `ctr images import` of content already ingested.\n",
+        "{}\n{} rounds of each, taking turns (and which goes first). Each round imports the \
+         image into an empty root and content store; the unpack is the part from containerd's \
+         first Prepare to lamina's answer to its last Commit, by lamina's log (lamina is the \
+         snapshotter on every side). Without unpigz, containerd is started with \
+         CONTAINERD_DISABLE_PIGZ=1; {unpigz_note}.\n",
         report::pair_table("lamina's differ", "containerd's applier", &rows),
         s.durable_reps
     );
@@ -385,10 +435,11 @@ async fn durable_commit(
                             label,
                             lamina_config,
                             differ: false,
+                            unpigz: false,
                         });
                     let [on, off] = containerd::paired_unpack(&dir, bins, s, image, variants)
                         .await
-                        .map(|u| u.times);
+                        .map(|u| u.unpack);
                     let what = format!("{label} unpack");
                     report::record("durable", &what, "durable_commit on", &on);
                     report::record("durable", &what, "durable_commit off", &off);

@@ -1,5 +1,5 @@
-//! Two sides measured alike: a [`Pair`] holds one value for each snapshotter, and
-//! [`alternate`] runs a workload's rounds on two sides, taking turns.
+//! Sides measured alike: a [`Pair`] holds one value for each snapshotter, and [`alternate`]
+//! runs a workload's rounds on two sides or more, taking turns.
 
 use std::ops::Range;
 
@@ -53,24 +53,20 @@ pub fn chunk(n: usize, rounds: usize, r: usize) -> Range<usize> {
     (n * r / rounds)..(n * (r + 1) / rounds)
 }
 
-/// Runs round `r` of a workload for each `r` in `rounds`, on both `sides`: the first side goes
-/// first in even rounds and the second in odd ones. Alternating who goes first, as well as
-/// cutting a workload into rounds, is what lets both sides meet the same disk and CPU weather:
-/// a burst of other work, or the writeback the previous turn left behind, hits both about
-/// equally instead of always the same one.
-pub async fn alternate<S>(
+/// Runs round `r` of a workload for each `r` in `rounds`, on all `sides`, taking turns: round
+/// `r` starts with side `r mod N` (of two sides, the first goes first in even rounds and the
+/// second in odd ones). Alternating who goes first, as well as cutting a workload into rounds,
+/// is what lets the sides meet the same disk and CPU weather: a burst of other work, or the
+/// writeback the previous turn left behind, hits each about equally instead of always the same
+/// one.
+pub async fn alternate<S, const N: usize>(
     rounds: Range<usize>,
-    sides: [&mut S; 2],
+    sides: [&mut S; N],
     mut turn: impl AsyncFnMut(usize, &mut S),
 ) {
-    let [a, b] = sides;
     for r in rounds {
-        if r.is_multiple_of(2) {
-            turn(r, &mut *a).await;
-            turn(r, &mut *b).await;
-        } else {
-            turn(r, &mut *b).await;
-            turn(r, &mut *a).await;
+        for i in 0..N {
+            turn(r, &mut *sides[(r + i) % N]).await;
         }
     }
 }

@@ -193,6 +193,18 @@ impl Server {
         peak_rss_of(self.pid())
     }
 
+    /// How long the log is now: where [`Server::log_since`] reads from afterwards.
+    pub fn log_len(&self) -> u64 {
+        fs::metadata(&self.log).map(|m| m.len()).unwrap_or(0)
+    }
+
+    /// What the server logged after `offset` (a [`Server::log_len`]).
+    pub fn log_since(&self, offset: u64) -> String {
+        let log = fs::read(&self.log).unwrap_or_default();
+        let from = (offset as usize).min(log.len());
+        String::from_utf8_lossy(&log[from..]).into_owned()
+    }
+
     pub fn log_tail(&self) -> String {
         let log = fs::read_to_string(&self.log).unwrap_or_default();
         let lines: Vec<&str> = log.lines().collect();
