@@ -212,12 +212,15 @@ pub fn fragment(config: &Config, wanted: &Wanted) -> Result<String> {
             }
         }
     }
-    if wanted.differ && series == Series::V1_7 {
+    if wanted.differ {
+        // 2.x too: its clients' own unpacks (`ctr images import --local`, CRI's local pull
+        // mode, nerdctl) go through this list, not through the transfer service's.
         let _ = writeln!(
             s,
-            "\n# containerd 1.7 tries each differ of this list in turn: lamina's answers \
-             \"not implemented\"\n# for other snapshotters' mounts, and containerd then uses \
-             its own.\n[plugins.\"io.containerd.service.v1.diff-service\"]\n  default = \
+            "\n# Unpacks by containerd's clients (1.7's; 2.x's local ones) try each differ of \
+             this list\n# in turn: lamina's answers \"not implemented\" for other \
+             snapshotters' mounts, and\n# containerd then uses its own.\n\
+             [plugins.\"io.containerd.service.v1.diff-service\"]\n  default = \
              [\"{DIFF_PLUGIN}\", \"walking\"]"
         );
     }
@@ -418,6 +421,9 @@ mod tests {
             differs,
             [("lamina", "lamina-diff"), ("overlayfs", "walking")]
         );
+        let list = &t["plugins"]["io.containerd.service.v1.diff-service"]["default"];
+        assert_eq!(list.as_array().unwrap().len(), 2);
+        assert_eq!(list[0].as_str(), Some("lamina-diff"));
 
         let t = parse(&fragment(&c, &with_differ(Series::V1_7)).unwrap());
         assert_eq!(

@@ -520,32 +520,67 @@ root_test!(v2_newest_unpacks_through_lamina_s_differ, || {
     }
 });
 
+/// A lamina for lamina's differ, logging each request (debug) to a file the test reads. It
+/// starts before containerd, whose socket is in a directory made at its start: lamina's
+/// containerd_address is a symlink, made to that socket by [`DifferDaemon::reads_from`].
+pub(crate) struct DifferDaemon {
+    pub(crate) d: TestDaemon,
+    log: tempfile::NamedTempFile,
+    link: PathBuf,
+}
+
+impl DifferDaemon {
+    pub(crate) async fn start(tag: &str) -> DifferDaemon {
+        let link = PathBuf::from(format!("/tmp/ldiff-{}-{tag}.sock", std::process::id()));
+        let _ = fs::remove_file(&link);
+        let log = tempfile::NamedTempFile::new().unwrap();
+        let stderr = log.reopen().unwrap();
+        let config = format!("containerd_address = {:?}\n", link.display().to_string());
+        let d = TestDaemon::start_with(&config, |cmd| {
+            // Each request's start is logged at debug, in its span.
+            cmd.env("RUST_LOG", "lamina=debug").stderr(stderr);
+        })
+        .await;
+        DifferDaemon { d, log, link }
+    }
+
+    /// Points lamina's containerd_address at `c`.
+    pub(crate) fn reads_from(&self, c: &Containerd) {
+        std::os::unix::fs::symlink(&c.address, &self.link).unwrap();
+    }
+
+    pub(crate) fn log(&self) -> String {
+        fs::read_to_string(self.log.path()).unwrap()
+    }
+
+    /// How many Apply requests lamina's differ got so far.
+    pub(crate) fn applies(&self) -> usize {
+        self.log()
+            .lines()
+            .filter(|l| l.contains("apply{") && l.contains(": request"))
+            .count()
+    }
+}
+
+impl Drop for DifferDaemon {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.link);
+    }
+}
+
 /// lamina's differ: a containerd 2.x configured by `lamina config containerd --differ`
 /// unpacks the image through lamina's Diff service (lamina writes both layers, whiteout and
 /// opaque directory included, reading them from containerd), runs it (the union view checked)
-/// and collects it.
+/// and collects it; the same through a client's own unpack (`--local`: the diff service's
+/// list), and into overlayfs, which lamina's differ leaves to containerd's.
 async fn unpacks_through_lamina_s_differ(flavor: Flavor) {
-    // lamina starts before containerd, whose socket is in a directory made at its start:
-    // lamina's containerd_address is a symlink made to it then.
-    let link = PathBuf::from(format!(
-        "/tmp/ldiff-{}-{}.sock",
-        std::process::id(),
-        flavor.name
-    ));
-    let _ = fs::remove_file(&link);
-    let log = tempfile::NamedTempFile::new().unwrap();
-    let stderr = log.reopen().unwrap();
-    let config = format!("containerd_address = {:?}\n", link.display().to_string());
-    let d = TestDaemon::start_with(&config, |cmd| {
-        // Each request's start is logged at debug, in its span.
-        cmd.env("RUST_LOG", "lamina=debug").stderr(stderr);
-    })
-    .await;
+    let dd = DifferDaemon::start(&flavor.name).await;
+    let d = &dd.d;
     {
         // A tag per containerd: the two tests' runc states share a directory per namespace.
         let tag = format!("differ-{}", flavor.name);
-        let c = Containerd::start_with(&d, &flavor, &tag, &["--differ"], |_| String::new());
-        std::os::unix::fs::symlink(&c.address, &link).unwrap();
+        let c = Containerd::start_with(d, &flavor, &tag, &["--differ"], |_| String::new());
+        dd.reads_from(&c);
         let plugins = c.ctr_ok(&["plugins", "ls"]);
         assert!(
             plugins.lines().any(|l| {
@@ -560,23 +595,72 @@ async fn unpacks_through_lamina_s_differ(flavor: Flavor) {
         let tar = c.path("e2e1.tar");
         write_oci_archive(&tar, IMAGE1, &image_layers(&[]));
         import(&c, &tar, IMAGE1);
-        let logged = fs::read_to_string(log.path()).unwrap();
-        let applied = logged
-            .lines()
-            .filter(|l| l.contains("apply{") && l.contains(": request"))
-            .count();
         assert_eq!(
-            applied,
+            dd.applies(),
             2,
-            "lamina's differ did not apply the image's two layers; lamina's log:\n{logged}\n\
+            "lamina's differ did not apply the image's two layers; lamina's log:\n{}\n\
              containerd's log:\n{}",
+            dd.log(),
             c.log_tail()
         );
         check_merged_view(&c, "run1");
         c.ctr_ok(&["images", "rm", "--sync", IMAGE1]);
-        wait_all_collected(&c, &d).await;
+        wait_all_collected(&c, d).await;
+
+        // A client's own unpack (not the transfer service's) goes through the diff service's
+        // list, lamina's differ first.
+        let tar_arg = tar.to_str().unwrap();
+        c.ctr_ok(&[
+            "images",
+            "import",
+            "--local",
+            "--snapshotter",
+            "lamina",
+            tar_arg,
+        ]);
+        assert_eq!(
+            dd.applies(),
+            4,
+            "`ctr images import --local` did not unpack through lamina's differ; containerd's \
+             log:\n{}",
+            c.log_tail()
+        );
+        check_merged_view(&c, "run2");
+        c.ctr_ok(&["images", "rm", "--sync", IMAGE1]);
+        wait_all_collected(&c, d).await;
+
+        // Into another snapshotter, lamina's differ refuses the mounts as not its own
+        // (Unimplemented), and containerd's diff service goes on to its own differ.
+        c.ctr_ok(&[
+            "images",
+            "import",
+            "--local",
+            "--snapshotter",
+            "overlayfs",
+            tar_arg,
+        ]);
+        let logged = dd.log();
+        let refused = logged
+            .lines()
+            .filter(|l| l.contains("apply{") && l.contains("code=Unimplemented"))
+            .count();
+        assert_eq!(
+            (dd.applies(), refused),
+            (6, 2),
+            "lamina's differ was not asked and did not refuse overlayfs' two layers; lamina's \
+             log:\n{logged}"
+        );
+        let committed = c.ctr_ok(&["snapshots", "--snapshotter", "overlayfs", "ls"]);
+        assert_eq!(
+            committed
+                .lines()
+                .filter(|l| l.contains("Committed"))
+                .count(),
+            2,
+            "containerd's own differ did not unpack the image into overlayfs:\n{committed}"
+        );
+        c.ctr_ok(&["images", "rm", "--sync", IMAGE1]);
     }
-    let _ = fs::remove_file(&link);
 }
 
 /// What `lamina config containerd` prints, appended to `containerd config default` as a user

@@ -1,8 +1,9 @@
 //! Kubernetes' way in, through containerd 2.x's CRI, driven with crictl as a kubelet would: a
 //! private containerd configured with `lamina config containerd --cri`, images imported into
-//! its `k8s.io` namespace (a pause image built here pinned as the sandbox image, no registry),
-//! then a host-network pod with a container on lamina, and a user-namespaced pod whose layers
-//! lamina ID-maps (containerd's `remap-ids`) instead of containerd copying them.
+//! its `k8s.io` namespace (a pause image built here pinned as the sandbox image), then a
+//! host-network pod with a container on lamina, and a user-namespaced pod whose layers lamina
+//! ID-maps (containerd's `remap-ids`) instead of containerd copying them; and with `--differ`, an
+//! image pulled from a registry served by the test, unpacked through lamina's differ.
 //!
 //! Needs root, the containerd 2.x, crictl and runc that `.ci/go-tools` builds (runc 1.2+ for
 //! the ID-mapped bind mounts of a user-namespaced pod), `ip` and `nsenter` for the test's own
@@ -17,10 +18,13 @@ use std::{
 };
 
 use crate::{
-    containerd::{chain_ids, flavor, image_layers, wait_all_collected, Containerd, IMAGE2},
+    containerd::{
+        chain_ids, flavor, image_layers, wait_all_collected, Containerd, DifferDaemon, IMAGE2,
+    },
     containerd_support::Flavor,
     cri_support,
     oci_support::{layer_tar, write_oci_archive, Entry},
+    registry::Registry,
     util::*,
 };
 
@@ -33,26 +37,45 @@ struct Cri {
     c: Containerd,
     /// The chain IDs of IMAGE2's layers: the keys of its committed snapshots.
     chain: Vec<String>,
+    /// The image containers run.
+    image: String,
 }
 
 impl Cri {
+    /// With IMAGE2 imported.
     fn start(d: &TestDaemon, flavor: &Flavor) -> Cri {
-        let mut c = Containerd::start(d, flavor, "cri", true, |dir| {
+        let mut cri = Cri::launch(d, flavor, &["--cri"], |_| {});
+        let l3 = layer_tar(&[Entry::Dir("etc"), Entry::File("etc/msg", b"three", 0o644)]);
+        let image = cri.c.path("e2e2.tar");
+        cri.chain = chain_ids(&write_oci_archive(&image, IMAGE2, &image_layers(&[l3])));
+        import_for_cri(&cri.c, &image);
+        cri
+    }
+
+    /// containerd with `lamina config containerd FLAGS`, `started` called once it answers,
+    /// then the pause image imported.
+    fn launch(
+        d: &TestDaemon,
+        flavor: &Flavor,
+        flags: &[&str],
+        started: impl FnOnce(&Containerd),
+    ) -> Cri {
+        let mut c = Containerd::start_with(d, flavor, "cri", flags, |dir| {
             // The CNI plugin and its config, where the config says, before containerd starts.
             cri_support::install_cni(dir);
             cri_support::config(dir, PAUSE, &[])
         });
         // CRI's images and containers live in containerd's k8s.io namespace.
         c.ns = "k8s.io".into();
-
+        started(&c);
         let pause = c.path("pause.tar");
         cri_support::write_pause_image(&pause, PAUSE);
         import_for_cri(&c, &pause);
-        let l3 = layer_tar(&[Entry::Dir("etc"), Entry::File("etc/msg", b"three", 0o644)]);
-        let image = c.path("e2e2.tar");
-        let chain = chain_ids(&write_oci_archive(&image, IMAGE2, &image_layers(&[l3])));
-        import_for_cri(&c, &image);
-        Cri { c, chain }
+        Cri {
+            c,
+            chain: Vec::new(),
+            image: IMAGE2.into(),
+        }
     }
 
     fn crictl(&self, args: &[&str]) -> Result<String, String> {
@@ -100,7 +123,7 @@ impl Cri {
         path.display().to_string()
     }
 
-    /// Runs a pod from `pod` (a PodSandboxConfig) and in it a container of IMAGE2 sleeping,
+    /// Runs a pod from `pod` (a PodSandboxConfig) and in it a container of the image sleeping,
     /// in the pod's namespaces (as a kubelet asks: a container's must match its pod's);
     /// returns (pod ID, container ID).
     fn pod_with_container(&self, name: &str, pod: serde_json::Value) -> (String, String) {
@@ -109,7 +132,7 @@ impl Cri {
         let pod_id = self.crictl_ok(&["runp", &pod_file]).trim().to_string();
         let container = serde_json::json!({
             "metadata": { "name": "app" },
-            "image": { "image": IMAGE2 },
+            "image": { "image": self.image },
             "command": ["sleep", "1000"],
             "log_path": "app.log",
             "linux": { "security_context": { "namespace_options": namespaces } },
@@ -128,13 +151,13 @@ impl Cri {
         self.crictl_ok(&["exec", "-s", id, "sh", "-c", script])
     }
 
-    /// Stops and removes every pod, removes both images: what a kubelet's image GC leaves.
+    /// Stops and removes every pod, removes the images: what a kubelet's image GC leaves.
     fn remove_all(&self) {
         for pod in self.crictl_ok(&["pods", "-q"]).split_whitespace() {
             self.crictl_ok(&["stopp", pod]);
         }
         self.crictl_ok(&["rmp", "--all", "--force"]);
-        self.crictl_ok(&["rmi", IMAGE2, PAUSE]);
+        self.crictl_ok(&["rmi", &self.image, PAUSE]);
     }
 }
 
@@ -189,6 +212,11 @@ macro_rules! per_containerd_2 {
             daemon_test!(user_namespaced_pod_is_id_mapped_not_copied, |d| {
                 if let Some(f) = flavor($flavor) {
                     super::user_namespaced_pod_is_id_mapped_not_copied(d, f).await
+                }
+            });
+            root_test!(pulls_through_lamina_s_differ, || {
+                if let Some(f) = flavor($flavor) {
+                    super::pulls_through_lamina_s_differ(f).await
                 }
             });
         }
@@ -315,4 +343,55 @@ async fn user_namespaced_pod_is_id_mapped_not_copied(d: TestDaemon, flavor: Flav
     cri.crictl_ok(&["rm", &id]);
     cri.remove_all();
     wait_all_collected(&cri.c, &d).await;
+}
+
+/// CRI pulls as a kubelet makes it (from a registry: one served here), and with `lamina
+/// config containerd --cri --differ` containerd's transfer service unpacks the pulled layers
+/// through lamina's differ; a pod runs on them (the union view checked) and image GC frees
+/// them.
+async fn pulls_through_lamina_s_differ(flavor: Flavor) {
+    let dd = DifferDaemon::start(&format!("cri-{}", flavor.name)).await;
+    let mut cri = Cri::launch(&dd.d, &flavor, &["--cri", "--differ"], |c| dd.reads_from(c));
+    let before = dd.applies();
+    let layers = image_layers(&[layer_tar(&[
+        Entry::Dir("etc"),
+        Entry::File("etc/msg", b"pulled", 0o644),
+    ])]);
+    let tar = cri.c.path("pulled.tar");
+    write_oci_archive(&tar, "lamina.test/pulled:1", &layers);
+    let registry = Registry::serve(&tar);
+    let reference = format!("{}/lamina/pulled:1", registry.addr);
+    cri.crictl_ok(&["pull", &reference]);
+    assert_eq!(
+        dd.applies() - before,
+        layers.len(),
+        "CRI's pull did not unpack the image's {} layers through lamina's differ; the \
+         registry's requests:\n{}\nlamina's log:\n{}\ncontainerd's log:\n{}",
+        layers.len(),
+        registry.requests(),
+        dd.log(),
+        cri.c.log_tail()
+    );
+    cri.image = reference;
+
+    let logs = cri.c.path("logs");
+    let pod = serde_json::json!({
+        "metadata": { "name": "pulled", "namespace": "default", "uid": "lamina-pulled" },
+        "log_directory": logs,
+        "linux": { "security_context": { "namespace_options": { "network": 2 } } },
+    });
+    let (_, id) = cri.pod_with_container("pulled", pod);
+    let out = cri.exec(
+        &id,
+        "echo \"$(cat /etc/msg)\"; ls -A /d; [ -e /gone ] || echo gone-absent",
+    );
+    assert_eq!(
+        out.split_whitespace().collect::<Vec<_>>(),
+        ["pulled", "new", "gone-absent"],
+        "the pulled image's root through CRI: {out}"
+    );
+    cri.crictl_ok(&["stop", &id]);
+    cri.crictl_ok(&["rm", &id]);
+    cri.remove_all();
+    wait_all_collected(&cri.c, &dd.d).await;
 }

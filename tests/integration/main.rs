@@ -25,6 +25,7 @@ mod model;
 #[path = "../support/oci.rs"]
 mod oci_support;
 mod powercut;
+mod registry;
 mod rollback;
 mod rpc;
 mod systemd;
