@@ -1,5 +1,6 @@
 //! lamina's differ writes what containerd's own applier writes: the same image (a corpus of
-//! crafted layers) is unpacked by a containerd 2.x through lamina's differ and by another
+//! crafted layers; layers of the machine's own trees) is unpacked by a containerd 2.x through
+//! lamina's differ and by another
 //! through containerd's applier (its overlay fast path, into lamina's upper directories too),
 //! and each layer's upper directory is compared entry by entry: names (non-UTF-8 included),
 //! types, modes with setuid/setgid/sticky, owners, sizes, contents, symlink targets, device
@@ -381,10 +382,11 @@ fn upper_dirs(c: &Containerd, chain: &[String]) -> Vec<PathBuf> {
         .collect()
 }
 
-/// The image of the corpus, its layers gzip-compressed as registries hold them; the chain IDs.
-fn write_image(path: &Path, layers: &[Vec<u8>]) -> Vec<String> {
+/// An image of `layers`, gzip-compressed as registries hold them when `gzip`; the chain IDs.
+fn write_image(path: &Path, layers: &[Vec<u8>], gzip: bool) -> Vec<String> {
     let compressed: Vec<Vec<u8>> = layers
         .iter()
+        .filter(|_| gzip)
         .map(|l| {
             let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
             gz.write_all(l).unwrap();
@@ -393,13 +395,22 @@ fn write_image(path: &Path, layers: &[Vec<u8>]) -> Vec<String> {
         .collect();
     let descs: Vec<Layer<'_>> = layers
         .iter()
-        .zip(&compressed)
-        .map(|(l, z)| Layer {
-            media_type: "application/vnd.oci.image.layer.v1.tar+gzip",
-            diff_id: sha256(l),
-            digest: sha256(z),
-            size: z.len() as u64,
-            data: Data::Bytes(z),
+        .enumerate()
+        .map(|(i, l)| match compressed.get(i) {
+            Some(z) => Layer {
+                media_type: "application/vnd.oci.image.layer.v1.tar+gzip",
+                diff_id: sha256(l),
+                digest: sha256(z),
+                size: z.len() as u64,
+                data: Data::Bytes(z),
+            },
+            None => Layer {
+                media_type: "application/vnd.oci.image.layer.v1.tar",
+                diff_id: sha256(l),
+                digest: sha256(l),
+                size: l.len() as u64,
+                data: Data::Bytes(l),
+            },
         })
         .collect();
     write_layers(path, IMAGE, &descs, &["sh"]);
@@ -407,14 +418,58 @@ fn write_image(path: &Path, layers: &[Vec<u8>]) -> Vec<String> {
     crate::containerd::chain_ids(&diff_ids)
 }
 
-/// Unpacks the corpus through a containerd of `flavor`, with lamina's differ or without, and
-/// returns each layer's tree.
+/// Layers made of the machine's own trees, as an image built from a distribution would be:
+/// `/etc` (odd modes and owners, many symlinks), then headers, then a language runtime and
+/// system binaries. Uncompressed: what is compared is the tree (the corpus covers gzip).
+fn machine_layers() -> Vec<Vec<u8>> {
+    const TREES: &[&[&str]] = &[
+        &["etc"],
+        &["usr/include"],
+        &["usr/lib/python3", "usr/lib/python3.11", "usr/sbin"],
+    ];
+    TREES
+        .iter()
+        .map(|paths| {
+            let mut b = tar::Builder::new(Vec::new());
+            b.follow_symlinks(false);
+            let present: Vec<&&str> = paths
+                .iter()
+                .filter(|p| Path::new("/").join(p).is_dir())
+                .collect();
+            let mut parents = std::collections::BTreeSet::new();
+            for p in &present {
+                let mut parent = Path::new(p).parent();
+                while let Some(dir) = parent.filter(|d| !d.as_os_str().is_empty()) {
+                    parents.insert(dir.to_path_buf());
+                    parent = dir.parent();
+                }
+            }
+            for dir in &parents {
+                b.append_path_with_name(Path::new("/").join(dir), dir)
+                    .unwrap();
+            }
+            for p in &present {
+                b.append_dir_all(p, Path::new("/").join(p))
+                    .unwrap_or_else(|e| panic!("adding /{p} to a layer: {e}"));
+            }
+            b.into_inner().unwrap()
+        })
+        .collect()
+}
+
+/// Unpacks an image of `layers` (gzip-compressed when `gzip`: the corpus; the machine's trees
+/// are not) through a containerd of
+/// `flavor`, with lamina's differ or without, and returns each layer's tree.
 async fn unpacked(
     flavor: &Flavor,
     with_differ: bool,
     since: i64,
+    layers: &[Vec<u8>],
+    gzip: bool,
 ) -> Vec<BTreeMap<Vec<u8>, String>> {
-    let tag = format!("corpus-{}-{with_differ}", flavor.name);
+    // Unique per test: the link and containerd's namespace are named by it.
+    let what = if gzip { "corpus" } else { "trees" };
+    let tag = format!("{what}-{}-{with_differ}", flavor.name);
     let link = PathBuf::from(format!("/tmp/ldc-{}-{tag}.sock", std::process::id()));
     let _ = fs::remove_file(&link);
     let config = format!(
@@ -432,7 +487,7 @@ async fn unpacked(
     let c = Containerd::start_with(&d, flavor, &tag, flags, |_| String::new());
     std::os::unix::fs::symlink(&c.address, &link).unwrap();
     let archive = c.path("corpus.tar");
-    let chain = write_image(&archive, &corpus());
+    let chain = write_image(&archive, layers, gzip);
     c.ctr_ok(&[
         "images",
         "import",
@@ -457,15 +512,16 @@ async fn unpacked(
     trees
 }
 
-async fn writes_what_containerd_s_applier_writes(flavor: Flavor) {
+/// Both sides' trees of an image of `layers`, compared layer by layer.
+async fn same_trees(flavor: &Flavor, layers: &[Vec<u8>], gzip: bool) {
     let since = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .unwrap()
         .as_secs() as i64
         - 5;
-    let ours = unpacked(&flavor, true, since).await;
-    let theirs = unpacked(&flavor, false, since).await;
-    assert_eq!(ours.len(), 3);
+    let ours = unpacked(flavor, true, since, layers, gzip).await;
+    let theirs = unpacked(flavor, false, since, layers, gzip).await;
+    assert_eq!(ours.len(), layers.len());
     for (i, (a, b)) in ours.iter().zip(&theirs).enumerate() {
         let mut diffs = Vec::new();
         for key in a
@@ -492,6 +548,17 @@ async fn writes_what_containerd_s_applier_writes(flavor: Flavor) {
     }
 }
 
+async fn writes_what_containerd_s_applier_writes(flavor: Flavor) {
+    same_trees(&flavor, &corpus(), true).await;
+}
+
+/// The same for layers of the machine's trees: thousands of ordinary files, directories and
+/// symlinks as a distribution lays them out.
+async fn writes_what_containerd_s_applier_writes_from_machine_trees(flavor: Flavor) {
+    let layers = machine_layers();
+    same_trees(&flavor, &layers, false).await;
+}
+
 root_test!(v2_lts_writes_what_containerd_s_applier_writes, || {
     if let Some(f) = flavor(|| Flavor::v2(0)) {
         writes_what_containerd_s_applier_writes(f).await
@@ -502,3 +569,11 @@ root_test!(v2_newest_writes_what_containerd_s_applier_writes, || {
         writes_what_containerd_s_applier_writes(f).await
     }
 });
+root_test!(
+    v2_lts_writes_what_containerd_s_applier_writes_from_machine_trees,
+    || {
+        if let Some(f) = flavor(|| Flavor::v2(0)) {
+            writes_what_containerd_s_applier_writes_from_machine_trees(f).await
+        }
+    }
+);
