@@ -30,7 +30,10 @@ use nix::{
     unistd::{fchown, fchownat, linkat, symlinkat, unlinkat, Gid, Uid, UnlinkatFlags},
 };
 
-use super::names::{self, Base};
+use super::{
+    names::{self, Base},
+    sparse,
+};
 use crate::error::{Error, Result};
 use crate::sys::{at, xattr};
 
@@ -68,6 +71,8 @@ struct Meta {
     atime: Option<TimeSpec>,
     mtime: TimeSpec,
     xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+    /// A sparse file's map and name (PAX `GNU.sparse.*` records).
+    sparse: Option<sparse::Sparse>,
 }
 
 /// Extracts the tar stream `input` into `target`. Stops at the archive's end (what follows is
@@ -293,18 +298,28 @@ impl Extractor<'_> {
     fn entry<R: Read>(&mut self, raw_name: &[u8], entry: &mut tar::Entry<'_, R>) -> Result<()> {
         let header = entry.header().clone();
         let mut kind = header.entry_type();
+        if kind.is_pax_global_extensions() {
+            return Ok(());
+        }
+        let mut meta = self.meta(entry)?;
+        let sparse = meta.sparse.take();
+        if sparse.is_some() && kind != tar::EntryType::Regular {
+            return Err(Error::InvalidArgument(
+                "sparse-file records on an entry that is not a regular file".into(),
+            ));
+        }
+        // Go's reader names a sparse file as its records do (GNU tar puts a made-up name,
+        // `GNUSparseFile.<pid>/<name>`, in the header).
+        let sparse_name = sparse.as_ref().and_then(|s| s.name.clone());
+        let raw_name = sparse_name.as_deref().unwrap_or(raw_name);
         // Legacy archives mark directories by a trailing slash on a regular-file entry.
         if header.as_bytes()[156] == 0 && raw_name.ends_with(b"/") {
             kind = tar::EntryType::Directory;
-        }
-        if kind.is_pax_global_extensions() {
-            return Ok(());
         }
         if self.t.skip_devices && matches!(kind, tar::EntryType::Block | tar::EntryType::Char) {
             tracing::warn!(entry = %String::from_utf8_lossy(raw_name), "device node left out: lamina runs in a user namespace");
             return Ok(());
         }
-        let meta = self.meta(entry)?;
         let components = names::clean(raw_name);
         let Some((base, parent)) = components.split_last() else {
             return Ok(()); // the root itself: containerd ignores it too
@@ -346,20 +361,24 @@ impl Extractor<'_> {
                 )
                 .map_err(|e| os(e, "creating file", raw_name))?;
                 let mut file = File::from(owned(file));
-                self.copy(entry, &mut file).map_err(|e| {
-                    if e.kind() == io::ErrorKind::UnexpectedEof
-                        || e.kind() == io::ErrorKind::InvalidData
-                        || e.kind() == io::ErrorKind::InvalidInput
-                    {
-                        invalid("reading a file's content", &e)
-                    } else {
-                        Error::io(
-                            "writing a layer file",
-                            String::from_utf8_lossy(raw_name).into_owned(),
-                            e,
-                        )
-                    }
-                })?;
+                let copied = match sparse {
+                    Some(sparse) => sparse::write(sparse, entry, &mut file, &mut self.buf),
+                    None => self.copy(entry, &mut file).map_err(|e| {
+                        if e.kind() == io::ErrorKind::UnexpectedEof
+                            || e.kind() == io::ErrorKind::InvalidData
+                            || e.kind() == io::ErrorKind::InvalidInput
+                        {
+                            invalid("reading a file's content", &e)
+                        } else {
+                            Error::io(
+                                "writing a layer file",
+                                String::from_utf8_lossy(raw_name).into_owned(),
+                                e,
+                            )
+                        }
+                    }),
+                };
+                copied?;
                 // The file just made is the one open: its owner, attributes, mode and times go
                 // through the descriptor, without looking the name up four more times.
                 self.finish_entry(At::Open(&file), raw_name, kind, &meta)?;
@@ -545,7 +564,9 @@ impl Extractor<'_> {
                 .map(|t| TimeSpec::new(t as i64, 0)),
             mtime: TimeSpec::new(header.mtime().map_err(|e| bad("mtime", e))? as i64, 0),
             xattrs: Vec::new(),
+            sparse: None,
         };
+        let mut sparse_records = sparse::Records::default();
         if let Some(pax) = entry.pax_extensions().map_err(|e| bad("PAX records", e))? {
             for ext in pax {
                 let ext = ext.map_err(|e| bad("PAX records", e))?;
@@ -577,16 +598,7 @@ impl Extractor<'_> {
                             Error::InvalidArgument("its PAX atime is not a time".into())
                         })?)
                     }
-                    // Refused before anything of the entry is written. Not Unimplemented: on
-                    // containerd 1.7 that would send the half-written layer to the next differ.
-                    k if k.starts_with(b"GNU.sparse.") => {
-                        return Err(Error::InvalidArgument(
-                            "a sparse file in the PAX format: lamina's differ does not write \
-                             these (containerd's applier does; leave lamina's differ off for \
-                             this image)"
-                                .into(),
-                        ))
-                    }
+                    k if sparse_records.take(k, value)? => {}
                     k => {
                         if let Some(name) = k.strip_prefix(b"SCHILY.xattr.") {
                             meta.xattrs.push((name.to_vec(), value.to_vec()));
@@ -595,6 +607,7 @@ impl Extractor<'_> {
                 }
             }
         }
+        meta.sparse = sparse_records.sparse(entry.size())?;
         Ok(meta)
     }
 
@@ -1332,13 +1345,48 @@ pub(super) mod tests {
             err.to_string().contains("unhandled tar entry type 'S'"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_pax_sparse_file_is_written_under_its_real_name_with_its_holes() {
+        let tmp = tempfile::tempdir().unwrap();
+        // GNU tar's 1.0 format: the map in the data's first block, the name in a record.
+        let mut data = b"2\n0\n5\n8192\n3\n".to_vec();
+        data.resize(512, 0);
+        data.extend_from_slice(b"helloabc");
+        let records: &[(&str, &[u8])] = &[
+            ("GNU.sparse.major", b"1"),
+            ("GNU.sparse.minor", b"0"),
+            ("GNU.sparse.name", b"sparse/file"),
+            ("GNU.sparse.realsize", b"10000"),
+        ];
+        run(
+            tmp.path(),
+            &[],
+            Whiteouts::Delete,
+            &[
+                dir("sparse"),
+                E {
+                    pax: records,
+                    ..file("GNUSparseFile.1/file", &data)
+                },
+            ],
+        )
+        .unwrap();
+        let got = fs::read(tmp.path().join("sparse/file")).unwrap();
+        let mut want = vec![0u8; 10000];
+        want[..5].copy_from_slice(b"hello");
+        want[8192..8195].copy_from_slice(b"abc");
+        assert!(got == want, "the sparse file's content");
+        assert!(!tmp.path().join("GNUSparseFile.1").exists());
+        // On a directory entry, the records are refused (Go's reader: an invalid header).
         let err = run(
             tmp.path(),
             &[],
             Whiteouts::Delete,
             &[E {
-                pax: &[("GNU.sparse.major", b"1")],
-                ..file("s", b"")
+                pax: records,
+                ..dir("d")
             }],
         )
         .unwrap_err();

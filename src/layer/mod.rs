@@ -10,6 +10,7 @@
 pub mod extract;
 mod guard;
 pub mod names;
+mod sparse;
 
 use std::{
     io::{self, Read},

@@ -5,7 +5,8 @@
 //! and each layer's upper directory is compared entry by entry: names (non-UTF-8 included),
 //! types, modes with setuid/setgid/sticky, owners, sizes, contents, symlink targets, device
 //! numbers, hardlink groups, extended attributes (overlay whiteouts and opaque markers,
-//! `security.capability`, `user.*`) and times.
+//! `security.capability`, `user.*`) and times. The corpus has sparse files in the PAX format
+//! too (GNU tar's 1.0 and 0.1).
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -140,6 +141,18 @@ fn corpus() -> Vec<Vec<u8>> {
     let long_file = format!("{long_dir}/{}", "f".repeat(90));
     let gnu_long = format!("gnu/{}", "g".repeat(150));
     let big: Vec<u8> = (0..9 * 1024 * 1024u32).map(|i| (i % 251) as u8).collect();
+    // Sparse files in the PAX format, as GNU tar writes them (`--sparse --format=pax`): 1.0,
+    // its map in the data's first block (a 64 MiB file of three fragments), and 0.1, its map
+    // in a record.
+    let mut one_oh = b"3\n0\n4096\n1048576\n10\n67108860\n4\n".to_vec();
+    one_oh.resize(512, 0);
+    one_oh.extend((0..4096u32).map(|i| (i % 7 + 1) as u8));
+    one_oh.extend_from_slice(b"0123456789tail");
+    let sparse = |name: &str, records: &[(&'static str, &str)]| -> Vec<(&'static str, Vec<u8>)> {
+        let mut pax: Vec<(&'static str, Vec<u8>)> = vec![("GNU.sparse.name", name.into())];
+        pax.extend(records.iter().map(|(k, v)| (*k, v.as_bytes().to_vec())));
+        pax
+    };
     let l1 = vec![
         dir("etc"),
         file("etc/passwd", b"root:x:0:0::/root:/bin/sh\n"),
@@ -196,6 +209,31 @@ fn corpus() -> Vec<Vec<u8>> {
         },
         file("empty", b""),
         file("big", &big),
+        dir("sparse"),
+        E {
+            pax: sparse(
+                "sparse/one-oh",
+                &[
+                    ("GNU.sparse.major", "1"),
+                    ("GNU.sparse.minor", "0"),
+                    ("GNU.sparse.realsize", "67108864"),
+                ],
+            ),
+            ..file("GNUSparseFile.0/one-oh", &one_oh)
+        },
+        E {
+            pax: sparse(
+                "sparse/zero-one",
+                &[
+                    ("GNU.sparse.major", "0"),
+                    ("GNU.sparse.minor", "1"),
+                    ("GNU.sparse.size", "9000"),
+                    ("GNU.sparse.numblocks", "2"),
+                    ("GNU.sparse.map", "0,3,8000,4"),
+                ],
+            ),
+            ..file("GNUSparseFile.0/zero-one", b"abcdefg")
+        },
         E {
             mode: 0o000,
             ..dir("locked")
@@ -512,8 +550,12 @@ async fn unpacked(
     trees
 }
 
-/// Both sides' trees of an image of `layers`, compared layer by layer.
-async fn same_trees(flavor: &Flavor, layers: &[Vec<u8>], gzip: bool) {
+/// Both sides' trees of an image of `layers`, compared layer by layer; lamina's differ's.
+async fn same_trees(
+    flavor: &Flavor,
+    layers: &[Vec<u8>],
+    gzip: bool,
+) -> Vec<BTreeMap<Vec<u8>, String>> {
     let since = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .unwrap()
@@ -546,10 +588,19 @@ async fn same_trees(flavor: &Flavor, layers: &[Vec<u8>], gzip: bool) {
         );
         assert!(a.len() > 3, "layer {}: only {} entries", i + 1, a.len());
     }
+    ours
 }
 
 async fn writes_what_containerd_s_applier_writes(flavor: Flavor) {
-    same_trees(&flavor, &corpus(), true).await;
+    let trees = same_trees(&flavor, &corpus(), true).await;
+    // The sparse files are there, under their real names and sizes (on both sides, the same).
+    for (name, size) in [("sparse/one-oh", 67_108_864), ("sparse/zero-one", 9000)] {
+        let found = trees[0].get(name.as_bytes()).map(String::as_str);
+        assert!(
+            found.is_some_and(|d| d.starts_with(&format!("file {size} bytes"))),
+            "{name}: {found:?}"
+        );
+    }
 }
 
 /// The same for layers of the machine's trees: thousands of ordinary files, directories and
