@@ -24,7 +24,7 @@ use std::{
 use crate::{
     containerd::{flavor, Containerd},
     containerd_support::Flavor,
-    oci_support::{sha256, write_layers, Data, Layer},
+    oci_support::{busybox_layer, sha256, write_layers, Data, Layer},
     util::*,
 };
 
@@ -504,6 +504,7 @@ async fn unpacked(
     since: i64,
     layers: &[Vec<u8>],
     gzip: bool,
+    run: Option<&dyn Fn(&Containerd)>,
 ) -> Vec<BTreeMap<Vec<u8>, String>> {
     // Unique per test: the link and containerd's namespace are named by it.
     let what = if gzip { "corpus" } else { "trees" };
@@ -545,6 +546,12 @@ async fn unpacked(
         .iter()
         .map(|dir| tree(dir, since))
         .collect();
+    if let Some(run) = run {
+        // A container on the image, then its collection.
+        run(&c);
+        c.ctr_ok(&["images", "rm", "--sync", IMAGE]);
+        crate::containerd::wait_all_collected(&c, &d).await;
+    }
     drop(c);
     let _ = fs::remove_file(&link);
     trees
@@ -555,14 +562,15 @@ async fn same_trees(
     flavor: &Flavor,
     layers: &[Vec<u8>],
     gzip: bool,
+    run: Option<&dyn Fn(&Containerd)>,
 ) -> Vec<BTreeMap<Vec<u8>, String>> {
     let since = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .unwrap()
         .as_secs() as i64
         - 5;
-    let ours = unpacked(flavor, true, since, layers, gzip).await;
-    let theirs = unpacked(flavor, false, since, layers, gzip).await;
+    let ours = unpacked(flavor, true, since, layers, gzip, run).await;
+    let theirs = unpacked(flavor, false, since, layers, gzip, None).await;
     assert_eq!(ours.len(), layers.len());
     for (i, (a, b)) in ours.iter().zip(&theirs).enumerate() {
         let mut diffs = Vec::new();
@@ -592,7 +600,7 @@ async fn same_trees(
 }
 
 async fn writes_what_containerd_s_applier_writes(flavor: Flavor) {
-    let trees = same_trees(&flavor, &corpus(), true).await;
+    let trees = same_trees(&flavor, &corpus(), true, None).await;
     // The sparse files are there, under their real names and sizes (on both sides, the same).
     for (name, size) in [("sparse/one-oh", 67_108_864), ("sparse/zero-one", 9000)] {
         let found = trees[0].get(name.as_bytes()).map(String::as_str);
@@ -604,10 +612,42 @@ async fn writes_what_containerd_s_applier_writes(flavor: Flavor) {
 }
 
 /// The same for layers of the machine's trees: thousands of ordinary files, directories and
-/// symlinks as a distribution lays them out.
+/// symlinks as a distribution lays them out, over busybox. On lamina's differ's side, a
+/// container then runs on the image (its union view: a file of each layer, the headers' file
+/// as the machine has it) and containerd collects it.
 async fn writes_what_containerd_s_applier_writes_from_machine_trees(flavor: Flavor) {
-    let layers = machine_layers();
-    same_trees(&flavor, &layers, false).await;
+    let mut layers = vec![busybox_layer(&["sh"], &[])];
+    layers.extend(machine_layers());
+    let stdio = sha256(&fs::read("/usr/include/stdio.h").expect("/usr/include/stdio.h"));
+    let headers = fs::read_dir("/usr/include").unwrap().count();
+    let run = |c: &Containerd| {
+        let out = c.ctr_ok(&[
+            "run",
+            "--rm",
+            "--snapshotter",
+            "lamina",
+            IMAGE,
+            "machine-trees",
+            "sh",
+            "-c",
+            "busybox sha256sum /usr/include/stdio.h; busybox ls -A /usr/include | busybox wc -l; \
+             busybox test -f /etc/passwd && busybox test -d /usr/sbin && echo layers",
+        ]);
+        let words: Vec<&str> = out.split_whitespace().collect();
+        let want_sum = stdio.trim_start_matches("sha256:");
+        let want_count = headers.to_string();
+        assert_eq!(
+            words,
+            [
+                want_sum,
+                "/usr/include/stdio.h",
+                want_count.as_str(),
+                "layers"
+            ],
+            "the container's view of the machine-trees image: {out}"
+        );
+    };
+    same_trees(&flavor, &layers, false, Some(&run)).await;
 }
 
 root_test!(v2_lts_writes_what_containerd_s_applier_writes, || {
