@@ -139,8 +139,14 @@ daemon_test!(
                         // The server's HTTP/2 library closes a connection whose client resets more
                         // than 20 streams it has not accepted yet (its guard against "rapid reset"
                         // floods), which a loaded machine makes likely here. The requests cut off
-                        // were given up too; the worker goes on over a new connection.
-                        Err(s) if s.code() == Code::Unknown && s.message() == "transport error" => {
+                        // were given up too; the worker goes on over a new connection. The
+                        // connection's end comes as a transport error, or as the GOAWAY itself
+                        // (ResourceExhausted, "too_many_resets") when it lands on a request.
+                        Err(s)
+                            if (s.code() == Code::Unknown && s.message() == "transport error")
+                                || (s.code() == Code::ResourceExhausted
+                                    && s.message().contains("too_many_resets")) =>
+                        {
                             gave_up += 1;
                             c = Client::connect(&socket).await;
                         }
