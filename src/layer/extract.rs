@@ -298,6 +298,11 @@ impl Extractor<'_> {
     fn entry<R: Read>(&mut self, raw_name: &[u8], entry: &mut tar::Entry<'_, R>) -> Result<()> {
         let header = entry.header().clone();
         let mut kind = header.entry_type();
+        // Legacy archives mark directories by a trailing slash on a regular-file entry (by
+        // the name of the header and its records, not a sparse file's own: Go's order).
+        if header.as_bytes()[156] == 0 && raw_name.ends_with(b"/") {
+            kind = tar::EntryType::Directory;
+        }
         if kind.is_pax_global_extensions() {
             return Ok(());
         }
@@ -312,10 +317,6 @@ impl Extractor<'_> {
         // `GNUSparseFile.<pid>/<name>`, in the header).
         let sparse_name = sparse.as_ref().and_then(|s| s.name.clone());
         let raw_name = sparse_name.as_deref().unwrap_or(raw_name);
-        // Legacy archives mark directories by a trailing slash on a regular-file entry.
-        if header.as_bytes()[156] == 0 && raw_name.ends_with(b"/") {
-            kind = tar::EntryType::Directory;
-        }
         if self.t.skip_devices && matches!(kind, tar::EntryType::Block | tar::EntryType::Char) {
             tracing::warn!(entry = %String::from_utf8_lossy(raw_name), "device node left out: lamina runs in a user namespace");
             return Ok(());
@@ -607,7 +608,9 @@ impl Extractor<'_> {
                 }
             }
         }
-        meta.sparse = sparse_records.sparse(entry.size())?;
+        // A 1.0 map is read from the entry's data now, and every map checked, whatever the
+        // entry turns out to be (a whiteout too), as Go's reader does.
+        meta.sparse = sparse_records.sparse(entry.size(), entry)?;
         Ok(meta)
     }
 
@@ -1391,5 +1394,21 @@ pub(super) mod tests {
         )
         .unwrap_err();
         assert!(matches!(err, Error::InvalidArgument(_)), "{err}");
+        // A bad map is refused whatever the entry is, a whiteout too (Go checks it first).
+        let err = run(
+            tmp.path(),
+            &[],
+            Whiteouts::Delete,
+            &[E {
+                pax: &[
+                    ("GNU.sparse.numblocks", b"2"),
+                    ("GNU.sparse.map", b"5,3,0,1"),
+                ],
+                ..file("sparse/.wh.file", b"")
+            }],
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("sparse-file records"), "{err}");
+        assert!(tmp.path().join("sparse/file").exists());
     }
 }
