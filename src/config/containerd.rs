@@ -212,14 +212,17 @@ pub fn fragment(config: &Config, wanted: &Wanted) -> Result<String> {
             }
         }
     }
-    if wanted.differ {
-        // 2.x too: its clients' own unpacks (`ctr images import --local`, CRI's local pull
-        // mode, nerdctl) go through this list, not through the transfer service's.
+    if wanted.differ && series == Series::V1_7 {
+        // Only 1.7: there, this list is the only way to name a differ. On 2.x the transfer
+        // service's unpack_config names it (pulls, imports, CRI's); the list would also send
+        // every client-side unpack (overlayfs' too) to lamina first, and fail them all while
+        // lamina is down (Unavailable is not a code on which containerd tries the next).
         let _ = writeln!(
             s,
-            "\n# Unpacks by containerd's clients (1.7's; 2.x's local ones) try each differ of \
-             this list\n# in turn: lamina's answers \"not implemented\" for other \
-             snapshotters' mounts, and\n# containerd then uses its own.\n\
+            "\n# containerd 1.7 tries each differ of this list in turn: lamina's answers \
+             \"not implemented\"\n# for other snapshotters' mounts, and containerd then uses \
+             its own. If config.toml\n# already has this table (`containerd config default` \
+             prints it), set the key there instead.\n\
              [plugins.\"io.containerd.service.v1.diff-service\"]\n  default = \
              [\"{DIFF_PLUGIN}\", \"walking\"]"
         );
@@ -421,9 +424,10 @@ mod tests {
             differs,
             [("lamina", "lamina-diff"), ("overlayfs", "walking")]
         );
-        let list = &t["plugins"]["io.containerd.service.v1.diff-service"]["default"];
-        assert_eq!(list.as_array().unwrap().len(), 2);
-        assert_eq!(list[0].as_str(), Some("lamina-diff"));
+        // Not on 2.x: `containerd config default` has that table, and the fragment is appended.
+        assert!(t["plugins"]
+            .get("io.containerd.service.v1.diff-service")
+            .is_none());
 
         let t = parse(&fragment(&c, &with_differ(Series::V1_7)).unwrap());
         assert_eq!(

@@ -572,14 +572,19 @@ impl Drop for DifferDaemon {
 /// unpacks the image through lamina's Diff service (lamina writes both layers, whiteout and
 /// opaque directory included, reading them from containerd), runs it (the union view checked)
 /// and collects it; the same through a client's own unpack (`--local`: the diff service's
-/// list), and into overlayfs, which lamina's differ leaves to containerd's.
+/// list, lamina's differ added to it as README says), and into overlayfs, which lamina's differ
+/// leaves to containerd's.
 async fn unpacks_through_lamina_s_differ(flavor: Flavor) {
     let dd = DifferDaemon::start(&flavor.name).await;
     let d = &dd.d;
     {
         // A tag per containerd: the two tests' runc states share a directory per namespace.
         let tag = format!("differ-{}", flavor.name);
-        let c = Containerd::start_with(d, &flavor, &tag, &["--differ"], |_| String::new());
+        let c = Containerd::start_with(d, &flavor, &tag, &["--differ"], |_| {
+            "[plugins.\"io.containerd.service.v1.diff-service\"]\n  default = [\"lamina-diff\", \
+             \"walking\"]\n"
+                .to_string()
+        });
         dd.reads_from(&c);
         let plugins = c.ctr_ok(&["plugins", "ls"]);
         assert!(
@@ -608,7 +613,7 @@ async fn unpacks_through_lamina_s_differ(flavor: Flavor) {
         wait_all_collected(&c, d).await;
 
         // A client's own unpack (not the transfer service's) goes through the diff service's
-        // list, lamina's differ first.
+        // list: with lamina's differ first in it, as README says to set it, through lamina's.
         let tar_arg = tar.to_str().unwrap();
         c.ctr_ok(&[
             "images",
@@ -676,6 +681,22 @@ fn the_fragment_appends_to_the_stock_config(d: TestDaemon, flavor: Flavor) {
     import(&c, &tar, IMAGE1);
     let listed = c.snapshots().unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(listed.len(), 2, "the image's layers in lamina: {listed:?}");
+    drop(c);
+    if flavor.v2 {
+        // With the differ too: the fragment must not define a table the stock config has.
+        let with_differ = self::fragment(&d, &flavor, &["--differ"]);
+        let c = Containerd::launch(&flavor, "stock-differ", |p| {
+            format!("{}\n{with_differ}", stock_config(&flavor, p))
+        });
+        assert_lamina_plugin_ok(&c);
+        let plugins = c.ctr_ok(&["plugins", "ls"]);
+        assert!(
+            plugins
+                .lines()
+                .any(|l| l.starts_with("io.containerd.differ.v1") && l.contains("lamina-diff")),
+            "no lamina-diff differ in `ctr plugins ls`:\n{plugins}"
+        );
+    }
 }
 
 /// `ctr plugins ls` has lamina as a working snapshotter.
