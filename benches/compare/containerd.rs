@@ -176,8 +176,11 @@ impl Containerd {
         fs::write(dir.join("config.toml"), config).expect("containerd config");
         let log = fs::File::create(dir.join("containerd.log")).expect("containerd log");
         let mut cmd = Command::new(flavor.program("containerd"));
+        // containerd's switches for the decompressors it runs when on PATH
+        // (pkg/archive/compression): igzip, which it prefers, never, so the sides are what
+        // they say; unpigz only when asked.
+        cmd.env("CONTAINERD_DISABLE_IGZIP", "1");
         if !unpigz {
-            // containerd's switch for its use of unpigz (pkg/archive/compression).
             cmd.env("CONTAINERD_DISABLE_PIGZ", "1");
         }
         let child = cmd

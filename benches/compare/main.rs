@@ -393,8 +393,8 @@ async fn differ(base: &Path, bins: &Bins, s: &Sizes, images: Option<&containerd:
         "{}\n{} rounds of each, taking turns (and which goes first). Each round imports the \
          image into an empty root and content store; the unpack is the part from containerd's \
          first Prepare to lamina's answer to its last Commit, by lamina's log (lamina is the \
-         snapshotter on every side). Without unpigz, containerd is started with \
-         CONTAINERD_DISABLE_PIGZ=1; {unpigz_note}.\n",
+         snapshotter on every side). containerd runs with CONTAINERD_DISABLE_IGZIP=1, and \
+         without unpigz with CONTAINERD_DISABLE_PIGZ=1; {unpigz_note}.\n",
         report::pair_table("lamina's differ", "containerd's applier", &rows),
         s.durable_reps
     );
