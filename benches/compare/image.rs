@@ -149,22 +149,7 @@ pub fn realistic(cache: &Path, compression: Compression, smoke: bool) -> Image {
         let tar_path = dir.join(format!("layer{}.tar", i + 1));
         let out = fs::File::create(&tar_path).expect("creating a layer tar");
         let mut b = tar::Builder::new(std::io::BufWriter::new(out));
-        b.follow_symlinks(false);
-        let mut parents = std::collections::BTreeSet::new();
-        for p in paths.iter().filter(|p| Path::new("/").join(p).is_dir()) {
-            let mut parent = Path::new(p).parent();
-            while let Some(dir) = parent.filter(|d| !d.as_os_str().is_empty()) {
-                parents.insert(dir.to_path_buf());
-                parent = dir.parent();
-            }
-        }
-        for dir in &parents {
-            b.append_path_with_name(Path::new("/").join(dir), dir)
-                .expect("tar entry");
-        }
-        for p in paths.iter().filter(|p| Path::new("/").join(p).is_dir()) {
-            b.append_dir_all(p, Path::new("/").join(p))
-                .unwrap_or_else(|e| panic!("adding /{p} to a layer: {e}"));
+        for p in crate::oci_support::append_machine_trees(&mut b, paths) {
             let (f, _) = count(&Path::new("/").join(p));
             files += f;
         }

@@ -26,6 +26,15 @@ fn c_name(key: &[u8]) -> io::Result<CString> {
     CString::new(key).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
 }
 
+/// A setting call's answer: 0, or -1 and errno.
+fn done(rc: libc::c_int) -> io::Result<()> {
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 /// Sets `key` to `value` on `name` in `dir`; with `create_only`, an existing attribute is an
 /// EEXIST error rather than replaced.
 pub fn set(
@@ -49,11 +58,7 @@ pub fn set(
             flags,
         )
     };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    done(rc)
 }
 
 /// Sets `key` to `value` on the open file `file` (replacing it if there).
@@ -70,11 +75,7 @@ pub fn set_open(file: &impl AsRawFd, key: &[u8], value: &[u8]) -> io::Result<()>
             0,
         )
     };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    done(rc)
 }
 
 /// Calls `call` with a buffer (its pointer and length), growing the buffer while the call

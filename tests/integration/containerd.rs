@@ -531,11 +531,19 @@ pub(crate) struct DifferDaemon {
 
 impl DifferDaemon {
     pub(crate) async fn start(tag: &str) -> DifferDaemon {
+        DifferDaemon::start_with(tag, "").await
+    }
+
+    /// [`DifferDaemon::start`], with `config` (TOML) added to lamina's config.
+    pub(crate) async fn start_with(tag: &str, config: &str) -> DifferDaemon {
         let link = PathBuf::from(format!("/tmp/ldiff-{}-{tag}.sock", std::process::id()));
         let _ = fs::remove_file(&link);
         let log = tempfile::NamedTempFile::new().unwrap();
         let stderr = log.reopen().unwrap();
-        let config = format!("containerd_address = {:?}\n", link.display().to_string());
+        let config = format!(
+            "{config}containerd_address = {:?}\n",
+            link.display().to_string()
+        );
         let d = TestDaemon::start_with(&config, |cmd| {
             // Each request's start is logged at debug, in its span.
             cmd.env("RUST_LOG", "lamina=debug").stderr(stderr);

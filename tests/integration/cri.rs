@@ -146,6 +146,18 @@ impl Cri {
         (pod_id, id)
     }
 
+    /// A pod `name` on the host's network (no CNI involved) with a container of the image
+    /// sleeping in it: the container's ID.
+    fn host_network_pod(&self, name: &str) -> String {
+        let pod = serde_json::json!({
+            "metadata": { "name": name, "namespace": "default", "uid": format!("lamina-{name}") },
+            "log_directory": self.c.path("logs"),
+            // NODE: the host's network, no CNI involved.
+            "linux": { "security_context": { "namespace_options": { "network": 2 } } },
+        });
+        self.pod_with_container(name, pod).1
+    }
+
     /// `sh -c SCRIPT` in container `id`, its output.
     fn exec(&self, id: &str, script: &str) -> String {
         self.crictl_ok(&["exec", "-s", id, "sh", "-c", script])
@@ -230,14 +242,7 @@ per_containerd_2!(
 
 async fn pod_runs_on_lamina(d: TestDaemon, flavor: Flavor) {
     let cri = Cri::start(&d, &flavor);
-    let logs = cri.c.path("logs");
-    let pod = serde_json::json!({
-        "metadata": { "name": "hostnet", "namespace": "default", "uid": "lamina-hostnet" },
-        "log_directory": logs,
-        // NODE: the host's network, no CNI involved.
-        "linux": { "security_context": { "namespace_options": { "network": 2 } } },
-    });
-    let (_, id) = cri.pod_with_container("hostnet", pod);
+    let id = cri.host_network_pod("hostnet");
 
     // The union of the three layers, and a write.
     let out = cri.exec(
@@ -374,13 +379,7 @@ async fn pulls_through_lamina_s_differ(flavor: Flavor) {
     );
     cri.image = reference;
 
-    let logs = cri.c.path("logs");
-    let pod = serde_json::json!({
-        "metadata": { "name": "pulled", "namespace": "default", "uid": "lamina-pulled" },
-        "log_directory": logs,
-        "linux": { "security_context": { "namespace_options": { "network": 2 } } },
-    });
-    let (_, id) = cri.pod_with_container("pulled", pod);
+    let id = cri.host_network_pod("pulled");
     let out = cri.exec(
         &id,
         "echo \"$(cat /etc/msg)\"; ls -A /d; [ -e /gone ] || echo gone-absent",

@@ -22,9 +22,9 @@ use std::{
 };
 
 use crate::{
-    containerd::{flavor, Containerd},
+    containerd::{flavor, Containerd, DifferDaemon},
     containerd_support::Flavor,
-    oci_support::{busybox_layer, sha256, write_layers, Data, Layer},
+    oci_support::{append_machine_trees, busybox_layer, sha256, write_layers, Data, Layer},
     util::*,
 };
 
@@ -469,27 +469,7 @@ fn machine_layers() -> Vec<Vec<u8>> {
         .iter()
         .map(|paths| {
             let mut b = tar::Builder::new(Vec::new());
-            b.follow_symlinks(false);
-            let present: Vec<&&str> = paths
-                .iter()
-                .filter(|p| Path::new("/").join(p).is_dir())
-                .collect();
-            let mut parents = std::collections::BTreeSet::new();
-            for p in &present {
-                let mut parent = Path::new(p).parent();
-                while let Some(dir) = parent.filter(|d| !d.as_os_str().is_empty()) {
-                    parents.insert(dir.to_path_buf());
-                    parent = dir.parent();
-                }
-            }
-            for dir in &parents {
-                b.append_path_with_name(Path::new("/").join(dir), dir)
-                    .unwrap();
-            }
-            for p in &present {
-                b.append_dir_all(p, Path::new("/").join(p))
-                    .unwrap_or_else(|e| panic!("adding /{p} to a layer: {e}"));
-            }
+            append_machine_trees(&mut b, paths);
             b.into_inner().unwrap()
         })
         .collect()
@@ -509,22 +489,11 @@ async fn unpacked(
     // Unique per test: the link and containerd's namespace are named by it.
     let what = if gzip { "corpus" } else { "trees" };
     let tag = format!("{what}-{}-{with_differ}", flavor.name);
-    let link = PathBuf::from(format!("/tmp/ldc-{}-{tag}.sock", std::process::id()));
-    let _ = fs::remove_file(&link);
-    let config = format!(
-        "upperdir_label = true\ncontainerd_address = {:?}\n",
-        link.display().to_string()
-    );
-    let log = tempfile::NamedTempFile::new().unwrap();
-    let stderr = log.reopen().unwrap();
-    let d = TestDaemon::start_with(&config, |cmd| {
-        // Each request's start is logged at debug, in its span.
-        cmd.env("RUST_LOG", "lamina=debug").stderr(stderr);
-    })
-    .await;
+    let dd = DifferDaemon::start_with(&tag, "upperdir_label = true\n").await;
+    let d = &dd.d;
     let flags: &[&str] = if with_differ { &["--differ"] } else { &[] };
-    let c = Containerd::start_with(&d, flavor, &tag, flags, |_| String::new());
-    std::os::unix::fs::symlink(&c.address, &link).unwrap();
+    let c = Containerd::start_with(d, flavor, &tag, flags, |_| String::new());
+    dd.reads_from(&c);
     let archive = c.path("corpus.tar");
     let chain = write_image(&archive, layers, gzip);
     c.ctr_ok(&[
@@ -535,13 +504,8 @@ async fn unpacked(
         archive.to_str().unwrap(),
     ]);
     // The side that names lamina's differ unpacked through it, the other never called it.
-    let logged = fs::read_to_string(log.path()).unwrap();
-    let applied = logged
-        .lines()
-        .filter(|l| l.contains("apply{") && l.contains(": request"))
-        .count();
     let want = if with_differ { chain.len() } else { 0 };
-    assert_eq!(applied, want, "Applies in lamina's log:\n{logged}");
+    assert_eq!(dd.applies(), want, "Applies in lamina's log:\n{}", dd.log());
     let trees = upper_dirs(&c, &chain)
         .iter()
         .map(|dir| tree(dir, since))
@@ -550,10 +514,9 @@ async fn unpacked(
         // A container on the image, then its collection.
         run(&c);
         c.ctr_ok(&["images", "rm", "--sync", IMAGE]);
-        crate::containerd::wait_all_collected(&c, &d).await;
+        crate::containerd::wait_all_collected(&c, d).await;
     }
     drop(c);
-    let _ = fs::remove_file(&link);
     trees
 }
 

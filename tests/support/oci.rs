@@ -86,6 +86,39 @@ pub fn busybox_layer(applets: &[&str], more: &[Entry<'_>]) -> Vec<u8> {
     layer_tar(&entries)
 }
 
+/// Appends to `b` the machine's trees at `paths` (relative to `/`; those that are not
+/// directories here are left out), symlinks as symlinks, after their parent directories as
+/// the machine has them; returns the paths appended.
+pub fn append_machine_trees<'p, W: std::io::Write>(
+    b: &mut tar::Builder<W>,
+    paths: &[&'p str],
+) -> Vec<&'p str> {
+    b.follow_symlinks(false);
+    let root = Path::new("/");
+    let present: Vec<&str> = paths
+        .iter()
+        .copied()
+        .filter(|p| root.join(p).is_dir())
+        .collect();
+    let mut parents = std::collections::BTreeSet::new();
+    for p in &present {
+        let mut parent = Path::new(p).parent();
+        while let Some(dir) = parent.filter(|d| !d.as_os_str().is_empty()) {
+            parents.insert(dir.to_path_buf());
+            parent = dir.parent();
+        }
+    }
+    for dir in &parents {
+        b.append_path_with_name(root.join(dir), dir)
+            .expect("tar entry");
+    }
+    for p in &present {
+        b.append_dir_all(p, root.join(p))
+            .unwrap_or_else(|e| panic!("adding /{p} to a layer: {e}"));
+    }
+    present
+}
+
 /// Writes to `path` an OCI image layout tar holding one image, for `ctr images import`:
 /// `oci-layout`, `index.json`, and under `blobs/sha256/` the layers, the image config and the
 /// manifest.
