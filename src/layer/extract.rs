@@ -41,12 +41,48 @@ use crate::sys::{at, xattr};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Whiteouts {
     /// The snapshot has parents and is mounted as an overlay: a whiteout becomes a 0/0
-    /// character device and the opaque marker the `trusted.overlay.opaque` attribute, for the
-    /// kernel to read.
+    /// character device and the opaque marker overlayfs' `opaque` attribute (in the namespace
+    /// of [`Target::overlay_xattrs`]), for the kernel to read.
     Overlay,
     /// The snapshot has no parent (a bind mount): there is nothing below to hide, so a
     /// whiteout deletes what this layer itself wrote earlier, as containerd's applier does.
     Delete,
+}
+
+/// The namespace of the attributes overlayfs reads on lamina's layers: its mount option
+/// `userxattr` (which lamina adds inside a user namespace, where `trusted.*` cannot be set)
+/// switches it from `trusted.overlay.*` to `user.overlay.*`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OverlayXattrs {
+    Trusted,
+    User,
+}
+
+impl OverlayXattrs {
+    /// What the overlay options `options` make overlayfs read.
+    pub fn of_mount_options(options: &[String]) -> OverlayXattrs {
+        if options.iter().any(|o| o == "userxattr") {
+            OverlayXattrs::User
+        } else {
+            OverlayXattrs::Trusted
+        }
+    }
+
+    fn opaque(self) -> &'static [u8] {
+        match self {
+            OverlayXattrs::Trusted => b"trusted.overlay.opaque",
+            OverlayXattrs::User => b"user.overlay.opaque",
+        }
+    }
+
+    /// Whether the attribute `key` is never taken from a layer nor copied from a parent
+    /// layer's directory: the kernel's `trusted.*` (containerd's applier leaves those out
+    /// too), and under `userxattr` overlayfs' own `user.overlay.*`, which would otherwise make
+    /// a directory opaque or a file a whiteout in the merged view.
+    fn reserved(self, key: &[u8]) -> bool {
+        key.starts_with(b"trusted.")
+            || (self == OverlayXattrs::User && key.starts_with(b"user.overlay."))
+    }
 }
 
 /// Where a layer goes.
@@ -58,6 +94,7 @@ pub struct Target {
     /// it, as containerd's applier does.
     pub lowers: Vec<OwnedFd>,
     pub whiteouts: Whiteouts,
+    pub overlay_xattrs: OverlayXattrs,
     /// Leave out block and character devices, which a user namespace cannot make; containerd's
     /// applier skips them there too.
     pub skip_devices: bool,
@@ -479,9 +516,9 @@ impl Extractor<'_> {
         .map_err(|e| os(e, "changing the owner of", raw_name))?;
         for (key, value) in &meta.xattrs {
             // containerd refuses to set the kernel's own attributes from an archive, and
-            // goes on without them.
-            if key.starts_with(b"trusted.") {
-                tracing::warn!(entry = %String::from_utf8_lossy(raw_name), key = %String::from_utf8_lossy(key), "ignored an attribute of the trusted namespace in the layer");
+            // goes on without them; overlayfs' own (under userxattr) go the same way.
+            if self.t.overlay_xattrs.reserved(key) {
+                tracing::warn!(entry = %String::from_utf8_lossy(raw_name), key = %String::from_utf8_lossy(key), "ignored an attribute the kernel or overlayfs reserves");
                 continue;
             }
             let set = match at {
@@ -704,7 +741,7 @@ impl Extractor<'_> {
     }
 
     /// A directory the layer implies takes owner, mode, times and attributes (but the
-    /// kernel's `trusted.*`) from the nearest parent layer that has a directory there; a
+    /// reserved ones, [`OverlayXattrs::reserved`]) from the nearest parent layer that has a directory there; a
     /// non-directory there stops the search (the layer replaced it).
     fn copy_dir_info(&self, dir: &OwnedFd, prefix: &[&[u8]]) -> Result<()> {
         let (base, parent) = prefix.split_last().expect("a prefix has a last component");
@@ -752,7 +789,7 @@ impl Extractor<'_> {
                 Err(e) if e.raw_os_error() == Some(libc::ENOTSUP) => Vec::new(),
                 Err(e) => return Err(os(e, "listing the attributes of", &joined)),
             };
-            for key in keys.iter().filter(|k| !k.starts_with(b"trusted.")) {
+            for key in keys.iter().filter(|k| !self.t.overlay_xattrs.reserved(k)) {
                 let value = match xattr::get(&ldir, name, key) {
                     Ok(v) => v,
                     Err(e) if matches!(e.raw_os_error(), Some(libc::ENOTSUP | libc::ENODATA)) => {
@@ -778,10 +815,14 @@ impl Extractor<'_> {
     fn opaque(&mut self, dir: &OwnedFd, parent: &[&[u8]]) -> Result<()> {
         let joined = names::join(parent);
         match self.t.whiteouts {
-            Whiteouts::Overlay => {
-                xattr::set(dir, OsStr::new("."), b"trusted.overlay.opaque", b"y", false)
-                    .map_err(|e| os(e, "making opaque", &joined))
-            }
+            Whiteouts::Overlay => xattr::set(
+                dir,
+                OsStr::new("."),
+                self.t.overlay_xattrs.opaque(),
+                b"y",
+                false,
+            )
+            .map_err(|e| os(e, "making opaque", &joined)),
             Whiteouts::Delete => {
                 if self.opaque_done.insert(joined.clone()) {
                     self.remove_not_unpacked(dir, &joined)?;
@@ -986,6 +1027,7 @@ pub(super) mod tests {
             upper: open(upper),
             lowers: lowers.iter().map(|p| open(p)).collect(),
             whiteouts,
+            overlay_xattrs: OverlayXattrs::Trusted,
             skip_devices: false,
         }
     }
@@ -1151,6 +1193,72 @@ pub(super) mod tests {
         for name in ["etc/.wh.old", "var/.wh..wh..opq"] {
             assert!(!up.join(name).exists(), "{name} is not written as a file");
         }
+    }
+
+    /// Under `userxattr` (lamina in a user namespace) overlayfs reads `user.overlay.*`: the
+    /// opaque marker goes there, and those attributes never come from a layer or from a
+    /// parent layer's directory (a parent's opaque marker would hide its own content).
+    #[test]
+    fn under_userxattr_overlay_s_attributes_are_user_overlay_and_never_copied() {
+        if !crate::testing::root_allowed("mknod") {
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let (lower, up) = (tmp.path().join("lower"), tmp.path().join("upper"));
+        fs::create_dir_all(lower.join("etc")).unwrap();
+        fs::create_dir(&up).unwrap();
+        fs::write(lower.join("etc/old"), "old").unwrap();
+        let ldir = at::open_dir(None, &lower).unwrap();
+        xattr::set(
+            &ldir,
+            OsStr::new("etc"),
+            b"user.overlay.opaque",
+            b"y",
+            false,
+        )
+        .unwrap();
+        xattr::set(&ldir, OsStr::new("etc"), b"user.k", b"v", false).unwrap();
+        let entries = [
+            file("etc/.wh.old", b""),
+            E {
+                pax: &[
+                    ("SCHILY.xattr.user.overlay.whiteout", b"y"),
+                    ("SCHILY.xattr.user.note", b"kept"),
+                ],
+                ..file("etc/new", b"new")
+            },
+            file("var/.wh..wh..opq", b""),
+        ];
+        let target = Target {
+            overlay_xattrs: OverlayXattrs::User,
+            ..target(&up, &[&lower], Whiteouts::Overlay)
+        };
+        extract(&target, &mut &tar(&entries)[..]).unwrap();
+
+        let old = meta(&up.join("etc/old"));
+        assert!(
+            old.file_type().is_char_device() && old.rdev() == 0,
+            "a 0/0 whiteout"
+        );
+        assert_eq!(
+            xattr_of(&up.join("var"), "user.overlay.opaque").as_deref(),
+            Some(&b"y"[..])
+        );
+        assert_eq!(xattr_of(&up.join("var"), "trusted.overlay.opaque"), None);
+        assert_eq!(
+            xattr_of(&up.join("etc"), "user.overlay.opaque"),
+            None,
+            "the parent's opaque marker is not copied to the implied directory"
+        );
+        assert_eq!(
+            xattr_of(&up.join("etc"), "user.k").as_deref(),
+            Some(&b"v"[..])
+        );
+        assert_eq!(xattr_of(&up.join("etc/new"), "user.overlay.whiteout"), None);
+        assert_eq!(
+            xattr_of(&up.join("etc/new"), "user.note").as_deref(),
+            Some(&b"kept"[..])
+        );
     }
 
     #[test]

@@ -19,7 +19,7 @@ use std::{
 
 use sha2::Digest as _;
 
-pub use extract::{Target, Whiteouts};
+pub use extract::{OverlayXattrs, Target, Whiteouts};
 
 use crate::error::{Error, Result};
 

@@ -60,15 +60,6 @@ impl Snapshotter {
                 return Err(not_ours("its workdir is not the snapshot's own"));
             }
         }
-        // Over parents, whiteouts are 0/0 character devices, which a user namespace may not
-        // make; containerd's own applier mounts the overlay there instead.
-        if !target.lowers.is_empty() && overlay::probe::in_user_namespace() {
-            return Err(Error::Unimplemented(
-                "lamina runs in a user namespace, where it cannot make overlayfs whiteouts \
-                 (0/0 character devices): use containerd's own differ (leave out --differ)"
-                    .into(),
-            ));
-        }
         Ok(target)
     }
 
@@ -163,6 +154,9 @@ impl Snapshotter {
                 } else {
                     Whiteouts::Overlay
                 },
+                // Whiteouts are 0/0 character devices even inside a user namespace (Linux
+                // lets anyone make those since 5.8); the opaque marker follows `userxattr`.
+                overlay_xattrs: layer::OverlayXattrs::of_mount_options(&s.options.mount_options),
                 skip_devices: overlay::probe::in_user_namespace(),
             };
             layer::apply(&layer_target, &blob, input, sync)

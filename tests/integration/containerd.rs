@@ -9,6 +9,7 @@
 //! `busybox-static` (`/bin/busybox`, the only program in the image).
 
 use std::{
+    collections::BTreeMap,
     fs,
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
@@ -519,6 +520,14 @@ root_test!(v2_newest_unpacks_through_lamina_s_differ, || {
         unpacks_through_lamina_s_differ(f).await
     }
 });
+root_test!(
+    v2_lts_unpacks_through_lamina_s_differ_in_a_user_namespace,
+    || {
+        if let Some(f) = flavor(|| Flavor::v2(0)) {
+            unpacks_in_a_user_namespace(f).await
+        }
+    }
+);
 
 /// A lamina for lamina's differ, logging each request (debug) to a file the test reads. It
 /// starts before containerd, whose socket is in a directory made at its start: lamina's
@@ -536,6 +545,15 @@ impl DifferDaemon {
 
     /// [`DifferDaemon::start`], with `config` (TOML) added to lamina's config.
     pub(crate) async fn start_with(tag: &str, config: &str) -> DifferDaemon {
+        DifferDaemon::start_adjusted(tag, config, |_| {}).await
+    }
+
+    /// [`DifferDaemon::start_with`], with `adjust` applied to lamina's command.
+    pub(crate) async fn start_adjusted(
+        tag: &str,
+        config: &str,
+        adjust: impl FnOnce(&mut std::process::Command),
+    ) -> DifferDaemon {
         let link = PathBuf::from(format!("/tmp/ldiff-{}-{tag}.sock", std::process::id()));
         let _ = fs::remove_file(&link);
         let log = tempfile::NamedTempFile::new().unwrap();
@@ -547,6 +565,7 @@ impl DifferDaemon {
         let d = TestDaemon::start_with(&config, |cmd| {
             // Each request's start is logged at debug, in its span.
             cmd.env("RUST_LOG", "lamina=debug").stderr(stderr);
+            adjust(cmd);
         })
         .await;
         DifferDaemon { d, log, link }
@@ -674,6 +693,50 @@ async fn unpacks_through_lamina_s_differ(flavor: Flavor) {
         );
         c.ctr_ok(&["images", "rm", "--sync", IMAGE1]);
     }
+}
+
+/// lamina in a user namespace (rootless, or in a container): it mounts its overlays with
+/// `userxattr`, so its differ writes the opaque marker as `user.overlay.opaque` (`trusted.*`
+/// cannot be set there) and a whiteout as a 0/0 device (which Linux lets a user namespace
+/// make). containerd, outside it, unpacks the image through lamina's differ, runs it with the
+/// union view right (the opaque directory hides its parent's file, the whiteout its file) and
+/// collects it.
+async fn unpacks_in_a_user_namespace(flavor: Flavor) {
+    let tag = format!("differ-userns-{}", flavor.name);
+    let dd = DifferDaemon::start_adjusted(&tag, "", in_own_user_namespace).await;
+    let d = &dd.d;
+    let c = Containerd::start_with(d, &flavor, &tag, &["--differ"], |_| String::new());
+    dd.reads_from(&c);
+    let tar = c.path("e2e1.tar");
+    write_oci_archive(&tar, IMAGE1, &image_layers(&[]));
+    import(&c, &tar, IMAGE1);
+    assert_eq!(
+        dd.applies(),
+        2,
+        "lamina's differ did not apply the image's two layers; lamina's log:\n{}\n\
+         containerd's log:\n{}",
+        dd.log(),
+        c.log_tail()
+    );
+    let mut markers: Vec<_> = d
+        .snapshot_dirs()
+        .iter()
+        .map(|id| d.root.join("snapshots").join(id).join("fs/d"))
+        .filter(|dir| dir.join(".").exists())
+        .map(|dir| crate::differ::xattrs_of(&dir))
+        .collect();
+    markers.sort();
+    assert_eq!(
+        markers,
+        [
+            BTreeMap::new(),
+            BTreeMap::from([("user.overlay.opaque".to_string(), b"y".to_vec())])
+        ],
+        "the second layer's d/ is not opaque by user.overlay.opaque (and by nothing else)"
+    );
+    check_merged_view(&c, "run-userns");
+    c.ctr_ok(&["images", "rm", "--sync", IMAGE1]);
+    wait_all_collected(&c, d).await;
 }
 
 /// What `lamina config containerd` prints, appended to `containerd config default` as a user

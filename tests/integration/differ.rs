@@ -357,7 +357,7 @@ fn describe(
     )
 }
 
-fn xattrs_of(path: &Path) -> BTreeMap<String, Vec<u8>> {
+pub(crate) fn xattrs_of(path: &Path) -> BTreeMap<String, Vec<u8>> {
     let c = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
     let mut buf = vec![0u8; 4096];
     // SAFETY: the path is NUL-terminated and the buffer's pointer and length match.

@@ -10,7 +10,7 @@
 
 use std::{fs, os::unix::fs::PermissionsExt, path::Path};
 
-use lamina::layer::{extract::extract, Target, Whiteouts};
+use lamina::layer::{extract::extract, OverlayXattrs, Target, Whiteouts};
 use libfuzzer_sys::fuzz_target;
 
 const PARTS: &[&[u8]] = &[
@@ -33,7 +33,7 @@ const KINDS: &[u8] = b"0125634xgSL";
 fn structured(data: &[u8]) -> Vec<u8> {
     let mut it = data.iter().copied();
     let mut out = Vec::new();
-    let mut pick = |it: &mut dyn Iterator<Item = u8>| {
+    let pick = |it: &mut dyn Iterator<Item = u8>| {
         let n = it.next().unwrap_or(0) % 6;
         let mut s = Vec::new();
         for _ in 0..n {
@@ -145,6 +145,7 @@ fuzz_target!(|data: &[u8]| {
             upper: open(&base.join(format!("upper{i}"))),
             lowers,
             whiteouts,
+            overlay_xattrs: OverlayXattrs::Trusted,
             skip_devices: false,
         };
         // An error is fine (a layer may be refused); a panic or an escape is not.

@@ -129,3 +129,60 @@ pub fn final_line(stderr: &[u8]) -> String {
         .unwrap_or("")
         .to_string()
 }
+
+/// Makes `cmd` start in a user namespace and a mount namespace of its own, with uids and gids
+/// 0–65535 mapped onto the same numbers outside: the program is not in the initial user
+/// namespace (no `trusted.*` attributes, no device nodes but whiteouts), yet owns what it
+/// writes as it would outside, and containerd outside can use its files and socket.
+///
+/// Only a process outside may write a range into the new namespace's maps, so the child
+/// unshares, sends its pid down one pipe and waits on another while a thread of the test
+/// writes its maps; then it goes on to exec. (`unshare --map-users` would need newuidmap and
+/// /etc/subuid entries for root.)
+pub fn in_own_user_namespace(cmd: &mut Command) {
+    use nix::{
+        fcntl::OFlag,
+        sched::{unshare, CloneFlags},
+        unistd::{pipe2, read, write},
+    };
+    use std::os::{fd::AsRawFd, unix::process::CommandExt};
+
+    let (pid_r, pid_w) = pipe2(OFlag::O_CLOEXEC).unwrap();
+    let (go_r, go_w) = pipe2(OFlag::O_CLOEXEC).unwrap();
+    let (pid_wfd, go_rfd) = (pid_w.as_raw_fd(), go_r.as_raw_fd());
+    // SAFETY: between fork and exec the closure makes only async-signal-safe system calls
+    // (unshare, getpid, write, read) and allocates nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            unshare(CloneFlags::CLONE_NEWUSER | CloneFlags::CLONE_NEWNS)?;
+            let pid = nix::unistd::getpid().as_raw().to_ne_bytes();
+            let pid_w = std::os::fd::BorrowedFd::borrow_raw(pid_wfd);
+            if write(pid_w, &pid)? != pid.len() {
+                return Err(std::io::Error::other("short write of the pid"));
+            }
+            let mut go = [0u8; 1];
+            if read(go_rfd, &mut go)? != 1 {
+                return Err(std::io::Error::other("the test wrote no uid map"));
+            }
+            Ok(())
+        });
+    }
+    std::thread::spawn(move || {
+        // Holds every end until the child has sent its pid (it was forked by then).
+        let mut pid = [0u8; 4];
+        let mut got = 0;
+        while got < pid.len() {
+            match read(pid_r.as_raw_fd(), &mut pid[got..]) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => got += n,
+            }
+        }
+        let pid = i32::from_ne_bytes(pid);
+        for map in ["uid_map", "gid_map"] {
+            std::fs::write(format!("/proc/{pid}/{map}"), "0 0 65536\n")
+                .unwrap_or_else(|e| panic!("writing the {map} of {pid}: {e}"));
+        }
+        write(&go_w, b"x").unwrap();
+        drop((pid_w, go_r));
+    });
+}
