@@ -631,3 +631,11 @@ root_test!(
         }
     }
 );
+root_test!(
+    v2_newest_writes_what_containerd_s_applier_writes_from_machine_trees,
+    || {
+        if let Some(f) = flavor(|| Flavor::v2(1)) {
+            writes_what_containerd_s_applier_writes_from_machine_trees(f).await
+        }
+    }
+);
