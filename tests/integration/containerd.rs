@@ -506,10 +506,16 @@ macro_rules! per_containerd {
 
 per_containerd!(
     v1_6 => || Ok(Flavor::debian()),
+    v1_7 => Flavor::v1_7,
     v2_lts => || Flavor::v2(0),
     v2_newest => || Flavor::v2(1),
 );
 
+root_test!(v1_7_unpacks_through_lamina_s_differ, || {
+    if let Some(f) = flavor(Flavor::v1_7) {
+        unpacks_through_lamina_s_differ(f).await
+    }
+});
 root_test!(v2_lts_unpacks_through_lamina_s_differ, || {
     if let Some(f) = flavor(|| Flavor::v2(0)) {
         unpacks_through_lamina_s_differ(f).await
@@ -595,12 +601,13 @@ impl Drop for DifferDaemon {
     }
 }
 
-/// lamina's differ: a containerd 2.x configured by `lamina config containerd --differ`
-/// unpacks the image through lamina's Diff service (lamina writes both layers, whiteout and
-/// opaque directory included, reading them from containerd), runs it (the union view checked)
-/// and collects it; the same through a client's own unpack (`--local`: the diff service's
-/// list, lamina's differ added to it as README says), and into overlayfs, which lamina's differ
-/// leaves to containerd's.
+/// lamina's differ: a containerd configured by `lamina config containerd --differ` unpacks
+/// the image through lamina's Diff service (lamina writes both layers, whiteout and opaque
+/// directory included, reading them from containerd), runs it (the union view checked) and
+/// collects it; on 2.x the same through a client's own unpack (`--local`: the diff service's
+/// list, lamina's differ added to it as README says), which is how 1.7's ctr always unpacks
+/// (the list `--differ` writes there); and into overlayfs, which lamina's differ leaves to
+/// containerd's.
 async fn unpacks_through_lamina_s_differ(flavor: Flavor) {
     let dd = DifferDaemon::start(&flavor.name).await;
     let d = &dd.d;
@@ -608,9 +615,13 @@ async fn unpacks_through_lamina_s_differ(flavor: Flavor) {
         // A tag per containerd: the two tests' runc states share a directory per namespace.
         let tag = format!("differ-{}", flavor.name);
         let c = Containerd::start_with(d, &flavor, &tag, &["--differ"], |_| {
-            "[plugins.\"io.containerd.service.v1.diff-service\"]\n  default = [\"lamina-diff\", \
-             \"walking\"]\n"
-                .to_string()
+            if flavor.v2 {
+                "[plugins.\"io.containerd.service.v1.diff-service\"]\n  default = \
+                 [\"lamina-diff\", \"walking\"]\n"
+                    .to_string()
+            } else {
+                String::new()
+            }
         });
         dd.reads_from(&c);
         let plugins = c.ctr_ok(&["plugins", "ls"]);
@@ -639,38 +650,35 @@ async fn unpacks_through_lamina_s_differ(flavor: Flavor) {
         c.ctr_ok(&["images", "rm", "--sync", IMAGE1]);
         wait_all_collected(&c, d).await;
 
-        // A client's own unpack (not the transfer service's) goes through the diff service's
-        // list: with lamina's differ first in it, as README says to set it, through lamina's.
         let tar_arg = tar.to_str().unwrap();
-        c.ctr_ok(&[
-            "images",
-            "import",
-            "--local",
-            "--snapshotter",
-            "lamina",
-            tar_arg,
-        ]);
-        assert_eq!(
-            dd.applies(),
-            4,
-            "`ctr images import --local` did not unpack through lamina's differ; containerd's \
-             log:\n{}",
-            c.log_tail()
-        );
-        check_merged_view(&c, "run2");
-        c.ctr_ok(&["images", "rm", "--sync", IMAGE1]);
-        wait_all_collected(&c, d).await;
+        // 2.x's ctr imports through the transfer service; `--local` unpacks client-side.
+        let import: &[&str] = if flavor.v2 {
+            &["images", "import", "--local"]
+        } else {
+            &["images", "import"]
+        };
+        let mut applies = 2;
+        if flavor.v2 {
+            // A client's own unpack (not the transfer service's) goes through the diff
+            // service's list: with lamina's differ first in it, as README says to set it,
+            // through lamina's.
+            c.ctr_ok(&[import, &["--snapshotter", "lamina", tar_arg]].concat());
+            applies += 2;
+            assert_eq!(
+                dd.applies(),
+                applies,
+                "`ctr images import --local` did not unpack through lamina's differ; \
+                 containerd's log:\n{}",
+                c.log_tail()
+            );
+            check_merged_view(&c, "run2");
+            c.ctr_ok(&["images", "rm", "--sync", IMAGE1]);
+            wait_all_collected(&c, d).await;
+        }
 
         // Into another snapshotter, lamina's differ refuses the mounts as not its own
         // (Unimplemented), and containerd's diff service goes on to its own differ.
-        c.ctr_ok(&[
-            "images",
-            "import",
-            "--local",
-            "--snapshotter",
-            "overlayfs",
-            tar_arg,
-        ]);
+        c.ctr_ok(&[import, &["--snapshotter", "overlayfs", tar_arg]].concat());
         let logged = dd.log();
         let refused = logged
             .lines()
@@ -678,7 +686,7 @@ async fn unpacks_through_lamina_s_differ(flavor: Flavor) {
             .count();
         assert_eq!(
             (dd.applies(), refused),
-            (6, 2),
+            (applies + 2, 2),
             "lamina's differ was not asked and did not refuse overlayfs' two layers; lamina's \
              log:\n{logged}"
         );

@@ -12,10 +12,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-/// One containerd the tests run: Debian's 1.6 from PATH, or a 2.x that `.ci/go-tools` built.
+/// One containerd the tests run: Debian's 1.6 from PATH, or a 1.7 or 2.x that `.ci/go-tools`
+/// built.
 #[derive(Debug, Clone)]
 pub struct Flavor {
-    /// As the tests print it: `1.6 (Debian)`, `v2.3.7`.
+    /// As the tests print it: `1.6 (Debian)`, `v1.7.35`, `v2.3.7`.
     pub name: String,
     /// The directory of `containerd`, `ctr` and `containerd-shim-runc-v2`; None: PATH.
     pub bin_dir: Option<PathBuf>,
@@ -42,30 +43,29 @@ impl Flavor {
     /// The `index`th containerd 2.x of `.ci/versions` (0: the long-term release, 1: the
     /// newest), with the runc built beside it; Err says what is missing.
     pub fn v2(index: usize) -> Result<Flavor, String> {
-        let versions = ci_versions();
-        let get = |key: &str| {
-            versions
-                .iter()
-                .find(|(k, _)| k == key)
-                .map(|(_, v)| v.clone())
-                .ok_or_else(|| format!(".ci/versions has no {key}"))
-        };
-        let containerd = get("CONTAINERD_VERSIONS")?;
+        let containerd = ci_version("CONTAINERD_VERSIONS")?;
         let version = containerd
             .split_whitespace()
             .nth(index)
-            .ok_or_else(|| format!(".ci/versions lists no containerd #{index}"))?
-            .to_string();
-        let runc = get("RUNC_VERSION")?;
+            .ok_or_else(|| format!(".ci/versions lists no containerd #{index}"))?;
+        Flavor::built(version, true)
+    }
+
+    /// The containerd 1.7 of `.ci/versions`, built by `.ci/go-tools` with the same runc.
+    pub fn v1_7() -> Result<Flavor, String> {
+        Flavor::built(&ci_version("CONTAINERD_17_VERSION")?, false)
+    }
+
+    fn built(version: &str, v2: bool) -> Result<Flavor, String> {
         let cache = ci_cache();
         let bin_dir = cache.join(format!("containerd-{version}"));
-        let runc_dir = cache.join(format!("runc-{runc}"));
-        let crictl = cache.join(format!("crictl-{}/crictl", get("CRICTL_VERSION")?));
-        for needed in [
-            bin_dir.join("containerd"),
-            runc_dir.join("runc"),
-            crictl.clone(),
-        ] {
+        let runc_dir = cache.join(format!("runc-{}", ci_version("RUNC_VERSION")?));
+        let crictl = cache.join(format!("crictl-{}/crictl", ci_version("CRICTL_VERSION")?));
+        let mut needed = vec![bin_dir.join("containerd"), runc_dir.join("runc")];
+        if v2 {
+            needed.push(crictl.clone());
+        }
+        for needed in needed {
             if !needed.is_file() {
                 return Err(format!(
                     "{} is missing: .ci/setup builds it (.ci/go-tools)",
@@ -74,11 +74,11 @@ impl Flavor {
             }
         }
         Ok(Flavor {
-            name: version,
+            name: version.to_string(),
             bin_dir: Some(bin_dir),
             runc_dir: Some(runc_dir),
-            v2: true,
-            crictl: Some(crictl),
+            v2,
+            crictl: v2.then_some(crictl),
         })
     }
 
@@ -162,6 +162,15 @@ disabled_plugins = [
             debug = dir.join("d.sock").display(),
         )
     }
+}
+
+/// The value of `key` in `.ci/versions`.
+fn ci_version(key: &str) -> Result<String, String> {
+    ci_versions()
+        .into_iter()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v)
+        .ok_or_else(|| format!(".ci/versions has no {key}"))
 }
 
 /// `KEY=VALUE` lines of `.ci/versions` (quotes removed).
