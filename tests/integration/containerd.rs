@@ -22,7 +22,7 @@ use crate::{
     util::*,
 };
 
-const IMAGE1: &str = "lamina.test/e2e:1";
+pub(crate) const IMAGE1: &str = "lamina.test/e2e:1";
 pub(crate) const IMAGE2: &str = "lamina.test/e2e:2";
 /// No single `ctr` call may take longer than this.
 const CTR_TIMEOUT: Duration = Duration::from_secs(120);
@@ -112,7 +112,11 @@ impl Containerd {
 
     /// Starts `flavor`'s containerd with the config `config` returns, given containerd's
     /// directory: its socket must be `c.sock` there.
-    fn launch(flavor: &Flavor, tag: &str, config: impl FnOnce(&Path) -> String) -> Containerd {
+    pub(crate) fn launch(
+        flavor: &Flavor,
+        tag: &str,
+        config: impl FnOnce(&Path) -> String,
+    ) -> Containerd {
         let dir = tempfile::Builder::new()
             .prefix("lc")
             .tempdir_in("/tmp")

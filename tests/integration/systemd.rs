@@ -8,7 +8,14 @@ use std::{
 
 use nix::sys::signal::Signal;
 
-use crate::util::*;
+use std::path::Path;
+
+use crate::{
+    containerd::{image_layers, Containerd, IMAGE1},
+    containerd_support::Flavor,
+    oci_support::write_oci_archive,
+    util::*,
+};
 
 /// Reads notification datagrams until one contains `want` or `limit` passes.
 fn notification(sock: &UnixDatagram, want: &str, limit: Duration) -> Option<Instant> {
@@ -254,7 +261,41 @@ root_test!(
         )
         .unwrap();
         std::os::unix::fs::symlink("/dev/null", path("units/systemd-firstboot.service")).unwrap();
-        std::fs::copy(repo.join("packaging/config.toml"), path("etc/config.toml")).unwrap();
+        // A containerd outside, with lamina's differ: lamina, inside, reads the layers from
+        // it through its socket, which the container sees under /run/lamina-test-containerd.
+        let flavor = crate::containerd::flavor(|| Flavor::v2(0));
+        let socket = path("run/lamina.sock");
+        let ctrd = flavor.as_ref().map(|flavor| {
+            let binary = flavor.program("containerd");
+            let fragment = lamina(["config", "containerd", "--differ", "--containerd"])
+                .arg(&binary)
+                .arg("--address")
+                .arg(&socket)
+                .output()
+                .unwrap();
+            assert!(fragment.status.success(), "{fragment:?}");
+            let fragment = stdout(&fragment);
+            Containerd::launch(flavor, "systemd", |p| {
+                format!("{}{fragment}", flavor.private_config(p, false))
+            })
+        });
+        let config = std::fs::read_to_string(repo.join("packaging/config.toml")).unwrap();
+        let packaged = "containerd_address = \"/run/containerd/containerd.sock\"";
+        assert!(config.contains(packaged), "{config}");
+        std::fs::write(
+            path("etc/config.toml"),
+            config.replace(
+                packaged,
+                "containerd_address = \"/run/lamina-test-containerd/c.sock\"",
+            ),
+        )
+        .unwrap();
+        let containerd_dir = ctrd.as_ref().map(|c| {
+            format!(
+                "--bind-ro={}:/run/lamina-test-containerd",
+                c.address.parent().unwrap().display()
+            )
+        });
         std::fs::copy(env!("CARGO_BIN_EXE_lamina"), path("bin/lamina")).unwrap();
         let console = path("console.log");
         let arg =
@@ -278,10 +319,9 @@ root_test!(
                 &arg("--bind-ro", "etc", "/etc/lamina"),
                 &arg("--bind", "state", "/var/lib/lamina"),
                 &arg("--bind", "run", "/run/lamina"),
-                "--boot",
-                "--",
-                "systemd.unit=lamina-test.target",
             ])
+            .args(&containerd_dir)
+            .args(["--boot", "--", "systemd.unit=lamina-test.target"])
             .stdin(Stdio::null())
             .stdout(std::fs::File::create(&console).unwrap())
             .stderr(Stdio::from(
@@ -329,7 +369,6 @@ root_test!(
         booted.leader = leader.expect("no container PID 1 within 30 s");
 
         // Served through lamina.socket: the first request starts lamina if it is not up yet.
-        let socket = path("run/lamina.sock");
         let c = wait_for(
             Duration::from_secs(60),
             Duration::from_millis(200),
@@ -451,6 +490,9 @@ root_test!(
         let mut c = Client::connect(&socket).await;
         assert_eq!(c.list(&[]).await.unwrap(), ["A", "B"]);
         assert_ne!(booted.show("MainPID"), main_pid);
+        if let Some(ctrd) = &ctrd {
+            applies_layers_in_the_sandbox(ctrd, &mut c, &path("state")).await;
+        }
         drop(c);
 
         assert_eq!(booted.show("NRestarts"), "0", "{}", booted.logs());
@@ -476,3 +518,68 @@ root_test!(
         eprintln!("{}", analysis.lines().last().unwrap_or_default());
     }
 );
+
+/// containerd (outside) imports an image through lamina's differ, lamina running in its
+/// unit's sandbox: lamina writes both layers (owners, the whiteout's 0/0 device, the opaque
+/// directory's `trusted.overlay.opaque`) reading them from containerd, and containerd's
+/// collection removes them, with every other snapshot (containerd owns its snapshotters: its
+/// GC removes what its metadata does not know, A and B here). containerd cannot run a
+/// container here: lamina's mounts name the paths inside its container, so the layers are
+/// checked in its state directory, from outside.
+async fn applies_layers_in_the_sandbox(ctrd: &Containerd, c: &mut Client, state: &Path) {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+
+    let tar = ctrd.path("e2e1.tar");
+    write_oci_archive(&tar, IMAGE1, &image_layers(&[]));
+    ctrd.ctr_ok(&[
+        "images",
+        "import",
+        "--snapshotter",
+        "lamina",
+        tar.to_str().unwrap(),
+    ]);
+    let keys = c.list(&[]).await.unwrap();
+    assert_eq!(keys.len(), 4, "A, B and the image's two layers: {keys:?}");
+    let before: Vec<_> = std::fs::read_dir(state.join("snapshots"))
+        .unwrap()
+        .collect();
+    assert_eq!(before.len(), 4, "{before:?}");
+    let layer_dirs: Vec<_> = std::fs::read_dir(state.join("snapshots"))
+        .unwrap()
+        .map(|e| e.unwrap().path().join("fs"))
+        .collect();
+    let upper = layer_dirs
+        .iter()
+        .find(|fs| fs.join("etc/msg").exists() && fs.join("d/new").exists())
+        .unwrap_or_else(|| panic!("no layer with etc/msg and d/new among {layer_dirs:?}"));
+    assert_eq!(std::fs::read(upper.join("etc/msg")).unwrap(), b"two");
+    let gone = std::fs::symlink_metadata(upper.join("gone")).unwrap();
+    assert!(
+        gone.file_type().is_char_device() && gone.rdev() == 0,
+        "the whiteout of `gone` is not a 0/0 device: {gone:?}"
+    );
+    assert_eq!(
+        crate::differ::xattrs_of(&upper.join("d")).get("trusted.overlay.opaque"),
+        Some(&b"y".to_vec()),
+        "d/ is not opaque"
+    );
+    ctrd.ctr_ok(&["images", "rm", "--sync", IMAGE1]);
+    let left = wait_for(
+        Duration::from_secs(30),
+        Duration::from_millis(200),
+        async || {
+            let keys = c.list(&[]).await.unwrap();
+            let dirs = std::fs::read_dir(state.join("snapshots")).unwrap().count();
+            (keys.is_empty() && dirs == 0).then_some(())
+        },
+    )
+    .await;
+    assert!(
+        left.is_some(),
+        "containerd's GC left {:?} and {:?}",
+        c.list(&[]).await,
+        std::fs::read_dir(state.join("snapshots"))
+            .unwrap()
+            .collect::<Vec<_>>()
+    );
+}
