@@ -741,8 +741,8 @@ impl Extractor<'_> {
     }
 
     /// A directory the layer implies takes owner, mode, times and attributes (but the
-    /// reserved ones, [`OverlayXattrs::reserved`]) from the nearest parent layer that has a directory there; a
-    /// non-directory there stops the search (the layer replaced it).
+    /// reserved ones, [`OverlayXattrs::reserved`]) from the nearest parent layer that has a
+    /// directory there; a non-directory there stops the search (the layer replaced it).
     fn copy_dir_info(&self, dir: &OwnedFd, prefix: &[&[u8]]) -> Result<()> {
         let (base, parent) = prefix.split_last().expect("a prefix has a last component");
         let name = OsStr::from_bytes(base);

@@ -60,6 +60,20 @@ impl Snapshotter {
                 return Err(not_ours("its workdir is not the snapshot's own"));
             }
         }
+        // Inside a user namespace trusted.* cannot be set: over parents the opaque marker
+        // needs `userxattr`, which lamina leaves out only where the kernel lacks it (< 5.11).
+        if !target.lowers.is_empty()
+            && overlay::probe::in_user_namespace()
+            && layer::OverlayXattrs::of_mount_options(&self.options.mount_options)
+                == layer::OverlayXattrs::Trusted
+        {
+            return Err(Error::Unimplemented(
+                "lamina runs in a user namespace without overlayfs' userxattr (Linux before \
+                 5.11), where it cannot write opaque directories: use containerd's own differ \
+                 (leave out --differ)"
+                    .into(),
+            ));
+        }
         Ok(target)
     }
 
