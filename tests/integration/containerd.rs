@@ -140,7 +140,7 @@ impl Containerd {
         let mut c = Containerd {
             dir,
             address,
-            ns: format!("lamina-e2e-{}-{tag}", std::process::id()),
+            ns: format!("lamina-e2e-{}-{}-{tag}", std::process::id(), flavor.slug()),
             flavor: flavor.clone(),
             child: Some(child),
         };

@@ -82,6 +82,16 @@ impl Flavor {
         })
     }
 
+    /// The name as a containerd namespace may hold it (`1.6Debian`, `v2.3.7`): runc keeps
+    /// its state per namespace in one host-wide directory, so containerds running side by
+    /// side must not share namespaces.
+    pub fn slug(&self) -> String {
+        self.name
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric() || *c == '.')
+            .collect()
+    }
+
     /// The path of one of this containerd's programs (`containerd`, `ctr`).
     pub fn program(&self, name: &str) -> PathBuf {
         match &self.bin_dir {
