@@ -1145,16 +1145,22 @@ pub(super) mod tests {
         assert_eq!(fs::read(up.join("locked/inside")).unwrap(), b"y");
     }
 
-    #[test]
-    fn over_parents_whiteouts_are_overlay_whiteouts_and_implied_dirs_copy_the_parent_s() {
-        if !crate::testing::root_allowed("chown, mknod, trusted.* attributes") {
-            return;
-        }
+    /// A parent layer with `etc/old`, and an empty upper directory beside it.
+    fn parent_with_etc_old() -> (tempfile::TempDir, std::path::PathBuf, std::path::PathBuf) {
         let tmp = tempfile::tempdir().unwrap();
         let (lower, up) = (tmp.path().join("lower"), tmp.path().join("upper"));
         fs::create_dir_all(lower.join("etc")).unwrap();
         fs::create_dir(&up).unwrap();
         fs::write(lower.join("etc/old"), "old").unwrap();
+        (tmp, lower, up)
+    }
+
+    #[test]
+    fn over_parents_whiteouts_are_overlay_whiteouts_and_implied_dirs_copy_the_parent_s() {
+        if !crate::testing::root_allowed("chown, mknod, trusted.* attributes") {
+            return;
+        }
+        let (_tmp, lower, up) = parent_with_etc_old();
         fs::set_permissions(lower.join("etc"), fs::Permissions::from_mode(0o750)).unwrap();
         std::os::unix::fs::chown(lower.join("etc"), Some(5), Some(6)).unwrap();
         let ldir = at::open_dir(None, &lower).unwrap();
@@ -1203,11 +1209,7 @@ pub(super) mod tests {
         if !crate::testing::root_allowed("mknod") {
             return;
         }
-        let tmp = tempfile::tempdir().unwrap();
-        let (lower, up) = (tmp.path().join("lower"), tmp.path().join("upper"));
-        fs::create_dir_all(lower.join("etc")).unwrap();
-        fs::create_dir(&up).unwrap();
-        fs::write(lower.join("etc/old"), "old").unwrap();
+        let (_tmp, lower, up) = parent_with_etc_old();
         let ldir = at::open_dir(None, &lower).unwrap();
         xattr::set(
             &ldir,

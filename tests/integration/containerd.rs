@@ -639,17 +639,7 @@ async fn unpacks_through_lamina_s_differ(flavor: Flavor) {
             }),
             "`ctr plugins ls` has no `io.containerd.differ.v1 lamina-diff … ok` line:\n{plugins}"
         );
-        let tar = c.path("e2e1.tar");
-        write_oci_archive(&tar, IMAGE1, &image_layers(&[]));
-        import(&c, &tar, IMAGE1);
-        assert_eq!(
-            dd.applies(),
-            2,
-            "lamina's differ did not apply the image's two layers; lamina's log:\n{}\n\
-             containerd's log:\n{}",
-            dd.log(),
-            c.log_tail()
-        );
+        let tar = import_through_lamina_s_differ(&c, &dd);
         check_merged_view(&c, "run1");
         c.ctr_ok(&["images", "rm", "--sync", IMAGE1]);
         wait_all_collected(&c, d).await;
@@ -707,6 +697,23 @@ async fn unpacks_through_lamina_s_differ(flavor: Flavor) {
     }
 }
 
+/// Imports IMAGE1 (its archive written in `c`'s directory, returned) and checks that both its
+/// layers went through lamina's differ.
+fn import_through_lamina_s_differ(c: &Containerd, dd: &DifferDaemon) -> PathBuf {
+    let tar = c.path("e2e1.tar");
+    write_oci_archive(&tar, IMAGE1, &image_layers(&[]));
+    import(c, &tar, IMAGE1);
+    assert_eq!(
+        dd.applies(),
+        2,
+        "lamina's differ did not apply the image's two layers; lamina's log:\n{}\n\
+         containerd's log:\n{}",
+        dd.log(),
+        c.log_tail()
+    );
+    tar
+}
+
 /// lamina in a user namespace (rootless, or in a container): it mounts its overlays with
 /// `userxattr`, so its differ writes the opaque marker as `user.overlay.opaque` (`trusted.*`
 /// cannot be set there) and a whiteout as a 0/0 device (which Linux lets a user namespace
@@ -719,17 +726,7 @@ async fn unpacks_in_a_user_namespace(flavor: Flavor) {
     let d = &dd.d;
     let c = Containerd::start_with(d, &flavor, &tag, &["--differ"], |_| String::new());
     dd.reads_from(&c);
-    let tar = c.path("e2e1.tar");
-    write_oci_archive(&tar, IMAGE1, &image_layers(&[]));
-    import(&c, &tar, IMAGE1);
-    assert_eq!(
-        dd.applies(),
-        2,
-        "lamina's differ did not apply the image's two layers; lamina's log:\n{}\n\
-         containerd's log:\n{}",
-        dd.log(),
-        c.log_tail()
-    );
+    import_through_lamina_s_differ(&c, &dd);
     let mut markers: Vec<_> = d
         .snapshot_dirs()
         .iter()
