@@ -616,7 +616,6 @@ async fn unpacks_through_lamina_s_differ(flavor: Flavor) {
     let dd = DifferDaemon::start(&flavor.name).await;
     let d = &dd.d;
     {
-        // A tag per containerd: the two tests' runc states share a directory per namespace.
         let tag = format!("differ-{}", flavor.name);
         let c = Containerd::start_with(d, &flavor, &tag, &["--differ"], |_| {
             if flavor.v2 {

@@ -520,7 +520,7 @@ root_test!(
 );
 
 /// containerd (outside) imports an image through lamina's differ, lamina running in its
-/// unit's sandbox: lamina writes both layers (owners, the whiteout's 0/0 device, the opaque
+/// unit's sandbox: lamina writes both layers (files, the whiteout's 0/0 device, the opaque
 /// directory's `trusted.overlay.opaque`) reading them from containerd, and containerd's
 /// collection removes them, with every other snapshot (containerd owns its snapshotters: its
 /// GC removes what its metadata does not know, A and B here). containerd cannot run a

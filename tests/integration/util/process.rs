@@ -149,32 +149,39 @@ pub fn in_own_user_namespace(cmd: &mut Command) {
 
     let (pid_r, pid_w) = pipe2(OFlag::O_CLOEXEC).unwrap();
     let (go_r, go_w) = pipe2(OFlag::O_CLOEXEC).unwrap();
-    let (pid_wfd, go_rfd) = (pid_w.as_raw_fd(), go_r.as_raw_fd());
+    // The thread's ends, as the child closes its copies of them first: should the thread
+    // fail, the child then reads the end of the pipe (and spawn fails) instead of waiting.
+    let (pid_rfd, go_wfd) = (pid_r.as_raw_fd(), go_w.as_raw_fd());
     // SAFETY: between fork and exec the closure makes only async-signal-safe system calls
-    // (unshare, getpid, write, read) and allocates nothing.
+    // (close, unshare, getpid, write, read) and allocates nothing: its errors are bare OS
+    // error numbers, all that spawn passes back anyway. It owns the child's ends, so the
+    // Command closes the parent's copies when it is dropped.
     unsafe {
         cmd.pre_exec(move || {
+            libc::close(pid_rfd);
+            libc::close(go_wfd);
             unshare(CloneFlags::CLONE_NEWUSER | CloneFlags::CLONE_NEWNS)?;
             let pid = nix::unistd::getpid().as_raw().to_ne_bytes();
-            let pid_w = std::os::fd::BorrowedFd::borrow_raw(pid_wfd);
-            if write(pid_w, &pid)? != pid.len() {
-                return Err(std::io::Error::other("short write of the pid"));
+            if write(&pid_w, &pid)? != pid.len() {
+                return Err(std::io::Error::from_raw_os_error(libc::EIO));
             }
             let mut go = [0u8; 1];
-            if read(go_rfd, &mut go)? != 1 {
-                return Err(std::io::Error::other("the test wrote no uid map"));
+            if read(go_r.as_raw_fd(), &mut go)? != 1 {
+                // The test wrote no maps.
+                return Err(std::io::Error::from_raw_os_error(libc::EPIPE));
             }
             Ok(())
         });
     }
     std::thread::spawn(move || {
-        // Holds every end until the child has sent its pid (it was forked by then).
         let mut pid = [0u8; 4];
         let mut got = 0;
         while got < pid.len() {
             match read(pid_r.as_raw_fd(), &mut pid[got..]) {
-                Ok(0) | Err(_) => return,
+                Ok(0) => return, // the child failed before it sent its pid
                 Ok(n) => got += n,
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => panic!("reading the child's pid: {e}"),
             }
         }
         let pid = i32::from_ne_bytes(pid);
@@ -183,6 +190,5 @@ pub fn in_own_user_namespace(cmd: &mut Command) {
                 .unwrap_or_else(|e| panic!("writing the {map} of {pid}: {e}"));
         }
         write(&go_w, b"x").unwrap();
-        drop((pid_w, go_r));
     });
 }
