@@ -12,11 +12,14 @@ use crate::{
     sys::at,
 };
 
-/// The snapshot a layer is applied to, by ID: its own and its parents' (nearest first).
+/// The snapshot a layer is applied to, by ID: its own and its parents' (nearest first); and
+/// how to write it there (read once, when the mounts are checked).
 #[derive(Debug, PartialEq, Eq)]
 pub struct LayerTarget {
     upper: u64,
     lowers: Vec<u64>,
+    overlay_xattrs: layer::OverlayXattrs,
+    in_user_namespace: bool,
 }
 
 impl Snapshotter {
@@ -54,6 +57,8 @@ impl Snapshotter {
         let target = LayerTarget {
             upper: id(&upper)?,
             lowers: lowers.iter().map(|p| id(p)).collect::<Result<_>>()?,
+            overlay_xattrs: layer::OverlayXattrs::of_mount_options(&self.options.mount_options),
+            in_user_namespace: overlay::probe::in_user_namespace(),
         };
         if let Some(work) = work {
             if work != self.layout.work(target.upper) {
@@ -63,9 +68,8 @@ impl Snapshotter {
         // Inside a user namespace trusted.* cannot be set: over parents the opaque marker
         // needs `userxattr`, which lamina leaves out only where the kernel lacks it (< 5.11).
         if !target.lowers.is_empty()
-            && overlay::probe::in_user_namespace()
-            && layer::OverlayXattrs::of_mount_options(&self.options.mount_options)
-                == layer::OverlayXattrs::Trusted
+            && target.in_user_namespace
+            && target.overlay_xattrs == layer::OverlayXattrs::Trusted
         {
             return Err(Error::Unimplemented(
                 "lamina runs in a user namespace without overlayfs' userxattr (Linux before \
@@ -170,8 +174,8 @@ impl Snapshotter {
                 },
                 // Whiteouts are 0/0 character devices even inside a user namespace (Linux
                 // lets anyone make those since 5.8); the opaque marker follows `userxattr`.
-                overlay_xattrs: layer::OverlayXattrs::of_mount_options(&s.options.mount_options),
-                skip_devices: overlay::probe::in_user_namespace(),
+                overlay_xattrs: target.overlay_xattrs,
+                skip_devices: target.in_user_namespace,
             };
             layer::apply(&layer_target, &blob, input, sync)
         })
