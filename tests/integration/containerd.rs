@@ -391,7 +391,7 @@ pub(crate) fn image_layers(extra: &[Vec<u8>]) -> Vec<Vec<u8>> {
 }
 
 /// Imports the image at `tar` into lamina and checks containerd unpacked it.
-fn import(c: &Containerd, tar: &Path, name: &str) {
+pub(crate) fn import(c: &Containerd, tar: &Path, name: &str) {
     let out = c.ctr_ok(&[
         "images",
         "import",

@@ -496,13 +496,7 @@ async fn unpacked(
     dd.reads_from(&c);
     let archive = c.path("corpus.tar");
     let chain = write_image(&archive, layers, gzip);
-    c.ctr_ok(&[
-        "images",
-        "import",
-        "--snapshotter",
-        "lamina",
-        archive.to_str().unwrap(),
-    ]);
+    crate::containerd::import(&c, &archive, IMAGE);
     // The side that names lamina's differ unpacked through it, the other never called it.
     let want = if with_differ { chain.len() } else { 0 };
     assert_eq!(dd.applies(), want, "Applies in lamina's log:\n{}", dd.log());

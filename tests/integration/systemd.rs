@@ -11,7 +11,7 @@ use std::{
 use nix::sys::signal::Signal;
 
 use crate::{
-    containerd::{image_layers, Containerd, IMAGE1},
+    containerd::{image_layers, import, Containerd, IMAGE1},
     containerd_support::Flavor,
     oci_support::write_oci_archive,
     util::*,
@@ -531,13 +531,7 @@ async fn applies_layers_in_the_sandbox(ctrd: &Containerd, c: &mut Client, state:
 
     let tar = ctrd.path("e2e1.tar");
     write_oci_archive(&tar, IMAGE1, &image_layers(&[]));
-    ctrd.ctr_ok(&[
-        "images",
-        "import",
-        "--snapshotter",
-        "lamina",
-        tar.to_str().unwrap(),
-    ]);
+    import(ctrd, &tar, IMAGE1);
     let keys = c.list(&[]).await.unwrap();
     assert_eq!(keys.len(), 4, "A, B and the image's two layers: {keys:?}");
     let layer_dirs: Vec<_> = std::fs::read_dir(state.join("snapshots"))
