@@ -18,6 +18,7 @@ use std::{
         fd::{AsRawFd, FromRawFd, OwnedFd},
         unix::ffi::OsStrExt,
     },
+    rc::Rc,
 };
 
 use nix::{
@@ -121,6 +122,7 @@ pub fn extract(target: &Target, input: &mut impl Read) -> Result<()> {
         unpacked: HashSet::new(),
         opaque_done: HashSet::new(),
         buf: vec![0; COPY_BUF],
+        last_dir: None,
     };
     // Records over Go's limit are refused before the tar reader would read them whole.
     let mut archive = tar::Archive::new(super::guard::Guard::new(input));
@@ -319,6 +321,12 @@ struct Extractor<'t> {
     opaque_done: HashSet<Vec<u8>>,
     /// Where file contents pass from the layer to their files.
     buf: Vec<u8>,
+    /// The last entry's directory, by its name's components: entries mostly follow a sibling,
+    /// and resolving the same directory again (openat2, then close) would be two of a small
+    /// file's seven system calls. Forgotten whenever anything is deleted or replaced (see
+    /// [`Extractor::forget_dir`]); creating a name cannot change what an existing one
+    /// resolves to.
+    last_dir: Option<(Vec<Vec<u8>>, Rc<OwnedFd>)>,
 }
 
 /// An entry just written: open (a regular file), or by its name in its directory.
@@ -369,35 +377,33 @@ impl Extractor<'_> {
             Base::Whiteout(original) => return self.whiteout(&dir, parent, original, &meta),
             Base::Plain => {}
         }
-        let existing = lstat(&dir, base_os).map_err(|e| os(e, "looking at", raw_name))?;
         let is_dir = kind == tar::EntryType::Directory;
-        if let Some(st) = existing {
-            if !(at::is_dir(&st) && is_dir) {
-                remove_all(&dir, base_os).map_err(|e| os(e, "replacing", raw_name))?;
-            }
-        }
         let perm = meta.mode & 0o7777;
         let fd = Some(dir.as_raw_fd());
         use tar::EntryType as T;
         match kind {
             T::Directory => {
-                if !existing.is_some_and(|st| at::is_dir(&st)) {
+                let failed = |e| os(e, "creating directory", raw_name);
+                self.make(&dir, base_os, raw_name, true, failed, || {
                     mkdirat(fd, base_os, Mode::from_bits_truncate(perm))
-                        .map_err(|e| os(e, "creating directory", raw_name))?;
-                }
+                })?;
             }
             T::Regular => {
-                let file = openat(
-                    fd,
-                    base_os,
-                    OFlag::O_WRONLY
-                        | OFlag::O_CREAT
-                        | OFlag::O_TRUNC
-                        | OFlag::O_NOFOLLOW
-                        | OFlag::O_CLOEXEC,
-                    Mode::from_bits_truncate(perm),
-                )
-                .map_err(|e| os(e, "creating file", raw_name))?;
+                let failed = |e| os(e, "creating file", raw_name);
+                let file = self
+                    .make(&dir, base_os, raw_name, false, failed, || {
+                        openat(
+                            fd,
+                            base_os,
+                            OFlag::O_WRONLY
+                                | OFlag::O_CREAT
+                                | OFlag::O_EXCL
+                                | OFlag::O_NOFOLLOW
+                                | OFlag::O_CLOEXEC,
+                            Mode::from_bits_truncate(perm),
+                        )
+                    })?
+                    .expect("only a directory is kept");
                 let mut file = File::from(owned(file));
                 let copied = match sparse {
                     Some(sparse) => sparse::write(sparse, entry, &mut file, &mut self.buf),
@@ -430,14 +436,16 @@ impl Extractor<'_> {
                 let bad = |e: io::Error| Error::InvalidArgument(format!("its device number: {e}"));
                 let major = header.device_major().map_err(bad)?.unwrap_or(0);
                 let minor = header.device_minor().map_err(bad)?.unwrap_or(0);
-                mknodat(
-                    fd,
-                    base_os,
-                    sflag,
-                    Mode::from_bits_truncate(perm),
-                    libc::makedev(major, minor),
-                )
-                .map_err(|e| os(e, "creating device or fifo", raw_name))?;
+                let failed = |e| os(e, "creating device or fifo", raw_name);
+                self.make(&dir, base_os, raw_name, false, failed, || {
+                    mknodat(
+                        fd,
+                        base_os,
+                        sflag,
+                        Mode::from_bits_truncate(perm),
+                        libc::makedev(major, minor),
+                    )
+                })?;
             }
             T::Link => {
                 let link = entry
@@ -453,22 +461,26 @@ impl Extractor<'_> {
                 };
                 let tdir =
                     resolve(&self.t.upper, tparent).map_err(|e| os(e, "hardlink target", &link))?;
-                linkat(
-                    Some(tdir.as_raw_fd()),
-                    OsStr::from_bytes(tbase),
-                    fd,
-                    base_os,
-                    AtFlags::empty(),
-                )
-                .map_err(|e| os(e, "hardlink to", &link))?;
+                let failed = |e| os(e, "hardlink to", &link);
+                self.make(&dir, base_os, raw_name, false, failed, || {
+                    linkat(
+                        Some(tdir.as_raw_fd()),
+                        OsStr::from_bytes(tbase),
+                        fd,
+                        base_os,
+                        AtFlags::empty(),
+                    )
+                })?;
             }
             T::Symlink => {
                 let link = entry
                     .link_name_bytes()
                     .ok_or_else(|| Error::InvalidArgument("a symlink without a target".into()))?
                     .into_owned();
-                symlinkat(OsStr::from_bytes(&link), fd, base_os)
-                    .map_err(|e| os(e, "creating symlink", raw_name))?;
+                let failed = |e| os(e, "creating symlink", raw_name);
+                self.make(&dir, base_os, raw_name, false, failed, || {
+                    symlinkat(OsStr::from_bytes(&link), fd, base_os)
+                })?;
             }
             other => {
                 // containerd's applier knows these types and no others (an old GNU sparse
@@ -503,8 +515,26 @@ impl Extractor<'_> {
         meta: &Meta,
     ) -> Result<()> {
         let (uid, gid) = (Uid::from_raw(meta.uid), Gid::from_raw(meta.gid));
+        let mode = Mode::from_bits_truncate(meta.mode & 0o7777);
+        // A file just made mostly has the owner and mode it should (lamina's own, the mode
+        // it was created with): one fstat then spares a chown and a chmod, each a journaled
+        // inode update. It shows what is there, whatever made it so (a setgid parent, a
+        // default ACL, the umask, a write that cleared setuid); chown would only clear what
+        // the chmod below sets again.
+        let mut chmod = true;
         match at {
-            At::Open(file) => fchown(file.as_raw_fd(), Some(uid), Some(gid)),
+            At::Open(file) => {
+                let st = nix::sys::stat::fstat(file.as_raw_fd())
+                    .map_err(|e| os(e, "looking at", raw_name))?;
+                if (st.st_uid, st.st_gid) != (meta.uid, meta.gid) {
+                    fchown(file.as_raw_fd(), Some(uid), Some(gid))
+                } else {
+                    // An attribute set below can change the mode (an access ACL does): then
+                    // the chmod comes after it, as in containerd's order.
+                    chmod = st.st_mode & 0o7777 != mode.bits() || !meta.xattrs.is_empty();
+                    Ok(())
+                }
+            }
             At::Name(dir, name) => fchownat(
                 Some(dir.as_raw_fd()),
                 name,
@@ -541,11 +571,12 @@ impl Extractor<'_> {
                 Err(e) => return Err(os(e, "setting an attribute of", raw_name)),
             }
         }
-        let mode = Mode::from_bits_truncate(meta.mode & 0o7777);
         match at {
             At::Open(file) => {
-                nix::sys::stat::fchmod(file.as_raw_fd(), mode)
-                    .map_err(|e| os(e, "changing the mode of", raw_name))?;
+                if chmod {
+                    nix::sys::stat::fchmod(file.as_raw_fd(), mode)
+                        .map_err(|e| os(e, "changing the mode of", raw_name))?;
+                }
                 let (atime, mtime) = times(meta.atime, meta.mtime);
                 nix::sys::stat::futimens(file.as_raw_fd(), &atime, &mtime)
                     .map_err(|e| os(e, "setting the times of", raw_name))?;
@@ -658,12 +689,51 @@ impl Extractor<'_> {
     /// symlink to `/x` means the root's `x`), and then creates what is missing of the resolved
     /// path. When it all exists, one `openat2(RESOLVE_IN_ROOT)` does that resolution; when not,
     /// [`Extractor::walk`] does it a component at a time.
-    fn parent(&self, components: &[&[u8]]) -> Result<OwnedFd> {
-        match resolve(&self.t.upper, components) {
-            Ok(fd) => Ok(fd),
-            Err(Errno::ENOENT) => self.walk(components),
-            Err(e) => Err(os(e, "opening directory", &names::join(components))),
+    fn parent(&mut self, components: &[&[u8]]) -> Result<Rc<OwnedFd>> {
+        if let Some((name, fd)) = &self.last_dir {
+            if name.len() == components.len() && name.iter().zip(components).all(|(a, b)| a == b) {
+                return Ok(fd.clone());
+            }
         }
+        let fd = Rc::new(match resolve(&self.t.upper, components) {
+            Ok(fd) => fd,
+            Err(Errno::ENOENT) => self.walk(components)?,
+            Err(e) => return Err(os(e, "opening directory", &names::join(components))),
+        });
+        self.last_dir = Some((components.iter().map(|c| c.to_vec()).collect(), fd.clone()));
+        Ok(fd)
+    }
+
+    /// Makes the entry `name` in `dir` with `create`, which fails with EEXIST when the name is
+    /// taken. Most entries name something new, so the name is looked at only then: what is
+    /// there is replaced (deleted, a whole tree if a directory), but a directory by a
+    /// directory, which is kept (`None`), as containerd's applier keeps it.
+    fn make<T>(
+        &mut self,
+        dir: &OwnedFd,
+        name: &OsStr,
+        raw_name: &[u8],
+        is_dir: bool,
+        failed: impl Fn(Errno) -> Error,
+        mut create: impl FnMut() -> nix::Result<T>,
+    ) -> Result<Option<T>> {
+        match create() {
+            Err(Errno::EEXIST) => {}
+            made => return made.map(Some).map_err(failed),
+        }
+        let existing = lstat(dir, name).map_err(|e| os(e, "looking at", raw_name))?;
+        if is_dir && existing.is_some_and(|st| at::is_dir(&st)) {
+            return Ok(None);
+        }
+        self.forget_dir();
+        remove_all(dir, name).map_err(|e| os(e, "replacing", raw_name))?;
+        create().map(Some).map_err(failed)
+    }
+
+    /// Forgets the cached directory before anything is deleted: it may be what goes, or lie
+    /// under it, or be reached through a symlink that goes.
+    fn forget_dir(&mut self) {
+        self.last_dir = None;
     }
 
     /// Resolves `components` inside the root one at a time, each opened relative to the last
@@ -813,6 +883,7 @@ impl Extractor<'_> {
     }
 
     fn opaque(&mut self, dir: &OwnedFd, parent: &[&[u8]]) -> Result<()> {
+        self.forget_dir();
         let joined = names::join(parent);
         match self.t.whiteouts {
             Whiteouts::Overlay => xattr::set(
@@ -863,6 +934,7 @@ impl Extractor<'_> {
         original: &[u8],
         meta: &Meta,
     ) -> Result<()> {
+        self.forget_dir();
         let mut path = names::join(parent);
         if !path.is_empty() {
             path.push(b'/');
@@ -1145,6 +1217,66 @@ pub(super) mod tests {
         assert_eq!(fs::read(up.join("locked/inside")).unwrap(), b"y");
     }
 
+    /// A file lamina makes mostly has the owner and mode its entry asks for already, and
+    /// lamina then leaves out the chown and chmod; these are the cases where it does not, and
+    /// the entry's owner and mode must still be what ends up on disk.
+    #[test]
+    fn a_file_gets_its_entry_s_owner_and_mode_whatever_it_was_created_with() {
+        if !crate::testing::root_allowed("chown") {
+            return;
+        }
+        // An access ACL: lamina's owner rw-, user 1000 rwx, group r--, mask rwx, others
+        // r--. Setting it makes the mode's group bits the mask's (0674) until the chmod.
+        let mut acl = 2u32.to_le_bytes().to_vec();
+        for (tag, perm, id) in [
+            (0x01u16, 6u16, u32::MAX),
+            (0x02, 7, 1000),
+            (0x04, 4, u32::MAX),
+            (0x10, 7, u32::MAX),
+            (0x20, 4, u32::MAX),
+        ] {
+            acl.extend(tag.to_le_bytes());
+            acl.extend(perm.to_le_bytes());
+            acl.extend(id.to_le_bytes());
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let up = tmp.path();
+        let entries = [
+            // New files in a setgid directory take its group, not lamina's.
+            E {
+                mode: 0o2775,
+                owner: (0, 1234),
+                ..dir("shared/")
+            },
+            file("shared/f", b"x"),
+            // A umask takes bits away from the mode a file is created with.
+            E {
+                mode: 0o666,
+                ..file("wide", b"x")
+            },
+            E {
+                mode: 0o4755,
+                ..file("suid", b"x")
+            },
+            E {
+                pax: &[("SCHILY.xattr.system.posix_acl_access", &acl)],
+                ..file("acl", b"x")
+            },
+        ];
+        run(up, &[], Whiteouts::Delete, &entries).unwrap();
+        let f = meta(&up.join("shared/f"));
+        assert_eq!(meta(&up.join("shared")).gid(), 1234);
+        assert_eq!(
+            (f.uid(), f.gid()),
+            (0, 0),
+            "not the setgid directory's group"
+        );
+        let mode = |name: &str| meta(&up.join(name)).permissions().mode() & 0o7777;
+        assert_eq!(mode("wide"), 0o666);
+        assert_eq!(mode("suid"), 0o4755);
+        assert_eq!(mode("acl"), 0o644, "the chmod comes after the ACL");
+    }
+
     /// A parent layer with `etc/old`, and an empty upper directory beside it.
     fn parent_with_etc_old() -> (tempfile::TempDir, std::path::PathBuf, std::path::PathBuf) {
         let tmp = tempfile::tempdir().unwrap();
@@ -1295,6 +1427,12 @@ pub(super) mod tests {
             dir("f"),
             file("f/in", b"in"),
             dir("f"),
+            // The directory entries were written into is replaced by a symlink: what follows
+            // is written where the name now leads.
+            dir("b"),
+            file("a/x", b"x"),
+            link(T::Symlink, "a", "b"),
+            file("a/y", b"y"),
         ];
         run(up, &[], Whiteouts::Delete, &entries).unwrap();
         assert_eq!(fs::read(up.join("p")).unwrap(), b"now a file");
@@ -1303,6 +1441,8 @@ pub(super) mod tests {
             b"in",
             "a directory over a directory merges"
         );
+        assert_eq!(fs::read(up.join("b/y")).unwrap(), b"y");
+        assert!(!up.join("b/x").exists());
     }
 
     /// Each crafted layer, and whether containerd's applier takes it: whatever it does, nothing
