@@ -3,11 +3,12 @@
 //! conversion when the snapshot has parents).
 //!
 //! Every name is resolved inside the upper directory: the parent of each entry is opened with
-//! `openat2(RESOLVE_IN_ROOT)` from the descriptor of the upper directory, so a symlink the
-//! layer made earlier, or `..` in a name or a link target, resolves as if the upper directory
-//! were `/`, never outside it; the last component is then created, replaced, chowned and
-//! chmodded relative to that parent without following a symlink. A hardlink's target is
-//! resolved the same way, so it can only be an entry of this layer's tree.
+//! `openat2(RESOLVE_IN_ROOT)` from the descriptor of the upper directory (or is the last
+//! entry's, still open), so a symlink the layer made earlier, or `..` in a name or a link
+//! target, resolves as if the upper directory were `/`, never outside it; the last component
+//! is then created (replacing what the name held), chowned and chmodded relative to that
+//! parent without following a symlink. A hardlink's target is resolved the same way, so it can
+//! only be an entry of this layer's tree.
 
 use std::{
     collections::HashSet,
@@ -459,18 +460,20 @@ impl Extractor<'_> {
                         String::from_utf8_lossy(&link)
                     )));
                 };
+                // containerd looks for the target once the name is cleared: a target reached
+                // through what the name held is gone by then. So the name is cleared first
+                // here (hardlinks are few: the lstat is cheap).
+                self.clear(&dir, base_os, raw_name, false)?;
                 let tdir =
                     resolve(&self.t.upper, tparent).map_err(|e| os(e, "hardlink target", &link))?;
-                let failed = |e| os(e, "hardlink to", &link);
-                self.make(&dir, base_os, raw_name, false, failed, || {
-                    linkat(
-                        Some(tdir.as_raw_fd()),
-                        OsStr::from_bytes(tbase),
-                        fd,
-                        base_os,
-                        AtFlags::empty(),
-                    )
-                })?;
+                linkat(
+                    Some(tdir.as_raw_fd()),
+                    OsStr::from_bytes(tbase),
+                    fd,
+                    base_os,
+                    AtFlags::empty(),
+                )
+                .map_err(|e| os(e, "hardlink to", &link))?;
             }
             T::Symlink => {
                 let link = entry
@@ -688,7 +691,8 @@ impl Extractor<'_> {
     /// containerd resolves the parent's path inside the root first, symlinks included (a
     /// symlink to `/x` means the root's `x`), and then creates what is missing of the resolved
     /// path. When it all exists, one `openat2(RESOLVE_IN_ROOT)` does that resolution; when not,
-    /// [`Extractor::walk`] does it a component at a time.
+    /// [`Extractor::walk`] does it a component at a time. The last entry's directory is
+    /// answered again without either (see `last_dir`).
     fn parent(&mut self, components: &[&[u8]]) -> Result<Rc<OwnedFd>> {
         if let Some((name, fd)) = &self.last_dir {
             if name.len() == components.len() && name.iter().zip(components).all(|(a, b)| a == b) {
@@ -721,13 +725,30 @@ impl Extractor<'_> {
             Err(Errno::EEXIST) => {}
             made => return made.map(Some).map_err(failed),
         }
-        let existing = lstat(dir, name).map_err(|e| os(e, "looking at", raw_name))?;
-        if is_dir && existing.is_some_and(|st| at::is_dir(&st)) {
+        if self.clear(dir, name, raw_name, is_dir)? {
             return Ok(None);
+        }
+        create().map(Some).map_err(failed)
+    }
+
+    /// Deletes what `name` in `dir` holds (a whole tree if a directory), but a directory when
+    /// the entry is one (`is_dir`): that one is kept, and the answer is true.
+    fn clear(
+        &mut self,
+        dir: &OwnedFd,
+        name: &OsStr,
+        raw_name: &[u8],
+        is_dir: bool,
+    ) -> Result<bool> {
+        let Some(st) = lstat(dir, name).map_err(|e| os(e, "looking at", raw_name))? else {
+            return Ok(false);
+        };
+        if is_dir && at::is_dir(&st) {
+            return Ok(true);
         }
         self.forget_dir();
         remove_all(dir, name).map_err(|e| os(e, "replacing", raw_name))?;
-        create().map(Some).map_err(failed)
+        Ok(false)
     }
 
     /// Forgets the cached directory before anything is deleted: it may be what goes, or lie
@@ -1443,6 +1464,21 @@ pub(super) mod tests {
         );
         assert_eq!(fs::read(up.join("b/y")).unwrap(), b"y");
         assert!(!up.join("b/x").exists());
+
+        // A hardlink whose target is reached through the name it replaces: containerd clears
+        // the name first, and then finds no target.
+        let tmp = tempfile::tempdir().unwrap();
+        let up = tmp.path();
+        let entries = [
+            dir("d"),
+            file("d/f", b"f"),
+            link(T::Symlink, "l", "d"),
+            link(T::Link, "l", "l/f"),
+        ];
+        let err = run(up, &[], Whiteouts::Delete, &entries).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
+        assert!(err.to_string().contains("hardlink target"), "{err}");
+        assert_eq!(meta(&up.join("d/f")).nlink(), 1);
     }
 
     /// Each crafted layer, and whether containerd's applier takes it: whatever it does, nothing
